@@ -1,0 +1,3 @@
+from loratool.cli import run
+
+run()

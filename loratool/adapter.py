@@ -1,0 +1,160 @@
+"""The canonical adapter schema every layout reads into and writes out of.
+
+An :class:`Adapter` is a set of :class:`LoraModule` objects keyed by ``(component, path)``:
+``component`` is the model part the module belongs to (``unet``, ``text_encoder``,
+``text_encoder_2``, ``text_encoder_3``, ``transformer`` or ``model`` for a plain
+transformers/torch model) and ``path`` is the dotted module path *inside* that component in
+the naming of the HF / diffusers implementation (``down_blocks.0.attentions.0.proj_in``,
+``text_model.encoder.layers.0.self_attn.q_proj``, ``model.layers.0.mlp.up_proj``).
+
+Tensors keep the dtype they were stored in; maths upcasts (see :mod:`loratool.delta`).
+
+Module kinds and the tensors each one holds (``LoraModule.tensors``):
+
+=========  =====================================================================
+kind       tensors
+=========  =====================================================================
+``lora``   ``down`` [r, in] or [r, in, kh, kw]; ``up`` [out, r] or [out, r, 1, 1];
+           optional ``mid`` [r, r, kh, kw] (LoCon Tucker core, then ``down`` is
+           [r, in, 1, 1]); optional ``bias`` [out] (PEFT ``lora_bias``).
+``loha``   ``w1a`` [out, r], ``w1b`` [r, in·k·k], ``w2a``, ``w2b`` likewise;
+           optional ``t1``, ``t2`` [r, r, kh, kw] Tucker cores (then ``w1b`` is [r, in]).
+``lokr``   ``w1`` or (``w1a``, ``w1b``); ``w2`` or (``w2a``, ``w2b``); optional ``t2``.
+``full``   ``diff`` (shaped like the weight), optional ``diff_b`` (bias delta).
+=========  =====================================================================
+
+``magnitude`` is the DoRA magnitude vector when the module is a DoRA module.
+
+``layer`` is what the module adapts: ``linear``, ``conv`` or ``embedding``. For ``embedding``
+(PEFT ``lora_embedding_A`` / ``_B``, loralib ``Embedding``) ``down`` is [r, num_embeddings]
+and ``up`` is [dim, r]; ΔW = (up @ down)ᵀ. ``fan_in_fan_out`` marks a base weight stored as
+[in, out] (GPT-2 ``Conv1D``): ΔW is transposed to match it.
+
+Scale: for ``lora`` modules ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``);
+``alpha`` None means alpha = r (scale 1). Readers resolve ``rank_pattern`` /
+``alpha_pattern`` so every module carries its own alpha.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+KINDS = ("lora", "loha", "lokr", "full")
+LAYERS = ("linear", "conv", "embedding")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "model")
+
+
+@dataclass(eq=False)
+class LoraModule:
+    component: str
+    path: str
+    kind: str = "lora"
+    layer: str = "linear"
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    alpha: float | None = None
+    rslora: bool = False
+    magnitude: torch.Tensor | None = None
+    fan_in_fan_out: bool = False
+    # Layout-specific hints that let a writer reproduce its own file bit for bit
+    # (e.g. loralib's ``enable_lora`` groups). Never needed for the maths.
+    hints: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.component, self.path)
+
+    @property
+    def rank(self) -> int:
+        t = self.tensors
+        if self.kind == "lora":
+            return int(t["down"].shape[0])
+        if self.kind == "loha":
+            return int(t["w1b"].shape[0])
+        if self.kind == "lokr":
+            if "w2b" in t:
+                return int(t["w2b"].shape[0])
+            if "w1b" in t:
+                return int(t["w1b"].shape[0])
+            return 0  # both factors stored whole: no rank, scale is 1
+        return 0  # full
+
+    @property
+    def scale(self) -> float:
+        """The multiplier applied to the product of the factors."""
+        r = self.rank
+        if self.kind == "full" or r == 0:
+            return 1.0
+        if self.kind == "lokr" and "w1" in self.tensors and "w2" in self.tensors:
+            return 1.0
+        alpha = float(r) if self.alpha is None or self.alpha == 0 else float(self.alpha)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    @property
+    def effective_alpha(self) -> float:
+        """alpha as kohya means it: scale · r (so alpha/r reproduces the scale)."""
+        return self.scale * self.rank if self.rank else 1.0
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight_shape[0])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the base weight this module adapts (as the base stores it)."""
+        from loratool.delta import weight_shape
+
+        return weight_shape(self)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.tensors.values())).dtype
+
+    def all_tensors(self) -> dict[str, torch.Tensor]:
+        out = dict(self.tensors)
+        if self.magnitude is not None:
+            out["magnitude"] = self.magnitude
+        return out
+
+
+@dataclass(eq=False)
+class Adapter:
+    modules: dict[tuple[str, str], LoraModule] = field(default_factory=dict)
+    # Header metadata (kohya ``ss_*`` / ``modelspec.*``; string values only).
+    metadata: dict[str, str] = field(default_factory=dict)
+    # The layout it was read from (``kohya``, ``diffusers``, ``peft``, ``loralib``, ``lycoris``).
+    source_format: str | None = None
+    # Per-component layout configuration worth keeping (PEFT ``adapter_config.json`` minus the
+    # fields the modules now carry: ``target_modules``, ``task_type``, ``base_model_name_or_path``...).
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Whole tensors that are not LoRA factors but belong to the adapter (PEFT
+    # ``modules_to_save``, trained embeddings): {(component, tensor name): tensor}.
+    extras: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+
+    def add(self, module: LoraModule) -> None:
+        if module.key in self.modules:
+            from loratool.errors import FormatError
+
+            raise FormatError(f"module {module.component}:{module.path} appears twice")
+        self.modules[module.key] = module
+
+    @property
+    def components(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for comp, _ in self.modules:
+            seen[comp] = None
+        for comp, _ in self.extras:
+            seen[comp] = None
+        return list(seen)
+
+    def by_component(self, component: str) -> list[LoraModule]:
+        return [m for (c, _), m in self.modules.items() if c == component]
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __iter__(self):
+        return iter(self.modules.values())

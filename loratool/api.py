@@ -1,0 +1,56 @@
+"""The Python API: ``load`` any layout into an :class:`Adapter`, ``save`` it in any layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loratool import formats
+from loratool.adapter import Adapter
+from loratool.errors import FormatError
+from loratool.formats.source import open_source
+
+
+def base_vocabulary(base: str | os.PathLike) -> dict[str, set[str]]:
+    """{component: dotted module paths} of a base model, from its tensor names only."""
+    from loratool.io.checkpoint import open_checkpoint
+
+    return open_checkpoint(base).module_vocabulary()
+
+
+def load(
+    path: str | os.PathLike,
+    format: str | None = None,
+    *,
+    base: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
+    family: str | None = None,
+) -> Adapter:
+    """Read an adapter file or folder (or ``hf://`` reference) into the canonical schema.
+
+    ``format`` overrides detection; ``base`` gives kohya names a vocabulary to be restored
+    from; ``config`` is a loralib sidecar or PEFT ``adapter_config.json``.
+    """
+    src = open_source(path, config=config)
+    name = format or formats.detect(src)
+    opts = formats.ReadOptions(vocabulary=base_vocabulary(base) if base else None, family=family)
+    adapter = formats.layout(name).read(src, opts)
+    if not len(adapter) and not adapter.extras:
+        raise FormatError(f"{path}: no LoRA modules found")
+    return adapter
+
+
+def save(
+    adapter: Adapter,
+    path: str | os.PathLike,
+    format: str,
+    *,
+    force: bool = False,
+    inputs: tuple = (),
+    family: str | None = None,
+) -> list[Path]:
+    """Write ``adapter`` in layout ``format``; returns the files written."""
+    if format not in formats.WRITABLE:
+        raise FormatError(f"cannot write layout {format!r}; writable: {', '.join(formats.WRITABLE)}")
+    opts = formats.WriteOptions(force=force, inputs=tuple(inputs), family=family)
+    return formats.layout(format).write(adapter, Path(path), opts)

@@ -1,0 +1,174 @@
+"""The one place that turns a module into ΔW, and ΔW into a merged weight.
+
+Formulas (s = module.scale, shapes as the base stores the weight):
+
+* lora linear:       ΔW = s · up @ down                              [out, in]
+  fan_in_fan_out:    ΔW = (s · up @ down)ᵀ                           [in, out]
+* lora conv k×k:     ΔW = s · (up.view(out, r) @ down.view(r, in·k·k)).view(out, in, k, k)
+  with Tucker mid:   ΔW[o, i, :, :] = s · Σ_pq up[o, p] · mid[p, q, :, :] · down[q, i]
+* lora embedding:    ΔW = (s · up @ down)ᵀ                           [num, dim]
+* loha:              ΔW = s · (w1a @ w1b) ⊙ (w2a @ w2b)   (Tucker: each half rebuilt from t·a·b)
+* lokr:              ΔW = s · kron(w1, w2), w1 = w1a @ w1b and w2 = w2a @ w2b when factorised
+* full:              ΔW = diff
+
+Merging with strength λ: W' = W + λ·ΔW. DoRA (PEFT semantics, magnitude m):
+W' = m / ‖W + λ·ΔW‖ ⊙ (W + λ·ΔW), the norm taken per output feature (rows of a Linear
+weight, output channels of a conv, embedding dimensions of an embedding table).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loratool.adapter import LoraModule
+from loratool.errors import MatchError
+
+
+def weight_shape(module: LoraModule) -> tuple[int, ...]:
+    """The shape of the base weight the module adapts, as far as the factors tell."""
+    t = module.tensors
+    hint = module.hints.get("weight_shape")
+    if hint is not None:
+        return tuple(int(x) for x in hint)
+    if module.kind == "full":
+        return tuple(t["diff"].shape)
+    if module.kind == "lora":
+        down, up = t["down"], t["up"]
+        if module.layer == "embedding":
+            return (int(down.shape[1]), int(up.shape[0]))
+        if module.layer == "conv":
+            kernel = tuple(t["mid"].shape[2:]) if "mid" in t else tuple(down.shape[2:])
+            return (int(up.shape[0]), int(down.shape[1]), *kernel)
+        shape = (int(up.shape[0]), int(down.shape[1]))
+        return shape[::-1] if module.fan_in_fan_out else shape
+    # loha / lokr: compute the product once; the reader sets a hint when it knows better.
+    return tuple(_lycoris_delta(module, torch.float32, None).shape)
+
+
+def _rebuild_tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Σ_pq up[o, p] · core[p, q, ...] · down[q, i] -> [o, i, ...]."""
+    return torch.einsum("pq...,op,qi->oi...", core, up, down)
+
+
+def _lora_delta(module: LoraModule, dtype: torch.dtype, device) -> torch.Tensor:
+    t = module.tensors
+    down = t["down"].to(device=device, dtype=dtype)
+    up = t["up"].to(device=device, dtype=dtype)
+    r = down.shape[0]
+    up2 = up.reshape(up.shape[0], r)
+    if "mid" in t:
+        mid = t["mid"].to(device=device, dtype=dtype)
+        return _rebuild_tucker(mid, up2, down.reshape(r, -1)) * module.scale
+    delta = (up2 @ down.reshape(r, -1)) * module.scale
+    if module.layer == "conv":
+        return delta.reshape(up.shape[0], *down.shape[1:])
+    if module.layer == "embedding" or module.fan_in_fan_out:
+        return delta.T
+    return delta
+
+
+def _half(t: dict, a: str, b: str, core: str | None, dtype, device) -> torch.Tensor:
+    wa = t[a].to(device=device, dtype=dtype)
+    wb = t[b].to(device=device, dtype=dtype)
+    if core is not None and core in t:
+        return _rebuild_tucker(t[core].to(device=device, dtype=dtype), wa.reshape(wa.shape[0], -1),
+                               wb.reshape(wb.shape[0], -1))
+    return wa.reshape(wa.shape[0], -1) @ wb.reshape(wb.shape[0], -1)
+
+
+def _lycoris_delta(module: LoraModule, dtype: torch.dtype, device) -> torch.Tensor:
+    t = module.tensors
+    if module.kind == "loha":
+        return _half(t, "w1a", "w1b", "t1", dtype, device) * _half(t, "w2a", "w2b", "t2", dtype, device) \
+            * module.scale
+    if module.kind == "lokr":
+        w1 = t["w1"].to(device=device, dtype=dtype) if "w1" in t else _half(t, "w1a", "w1b", None, dtype, device)
+        w2 = t["w2"].to(device=device, dtype=dtype) if "w2" in t else _half(t, "w2a", "w2b", "t2", dtype, device)
+        if w2.dim() > 2 and w1.dim() == 2:
+            w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
+        return torch.kron(w1, w2) * module.scale
+    raise ValueError(f"not a LyCORIS product kind: {module.kind}")
+
+
+def delta_weight(
+    module: LoraModule,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """ΔW of one module in ``dtype`` on ``device``, shaped like the base weight.
+
+    ``shape`` (the base weight's shape) resolves layouts the factors alone cannot tell apart
+    (LoHa/LoKr conv products are stored flattened); a mismatch is a :class:`MatchError`.
+    """
+    if module.kind == "lora":
+        delta = _lora_delta(module, dtype, device)
+    elif module.kind == "full":
+        delta = module.tensors["diff"].to(device=device, dtype=dtype)
+    else:
+        delta = _lycoris_delta(module, dtype, device)
+        hint = module.hints.get("weight_shape")
+        target = shape or hint
+        if target is not None and tuple(delta.shape) != tuple(target) and delta.numel() == _numel(target):
+            delta = delta.reshape(*target)
+    if shape is not None and tuple(delta.shape) != tuple(shape):
+        if delta.numel() == _numel(shape) and _same_matrix(delta.shape, shape):
+            delta = delta.reshape(*shape)
+        else:
+            raise MatchError(
+                f"{module.component}:{module.path}: adapter gives shape {tuple(delta.shape)}, "
+                f"base weight is {tuple(shape)}"
+            )
+    return delta
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _same_matrix(a, b) -> bool:
+    """Conv 1×1 weights and Linear weights hold the same matrix: [o, i, 1, 1] == [o, i]."""
+    squeeze = [tuple(s for i, s in enumerate(x) if i < 2 or s != 1) for x in (a, b)]
+    return squeeze[0] == squeeze[1]
+
+
+def _output_major(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
+    """View ``weight`` with output features on dim 0 (how DoRA norms are taken)."""
+    if module.layer == "embedding" or (module.layer == "linear" and module.fan_in_fan_out):
+        return weight.T
+    return weight
+
+
+def merge_weight(
+    weight: torch.Tensor,
+    module: LoraModule,
+    strength: float = 1.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    delta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W + λ·ΔW (or the DoRA re-normalised form) in ``dtype`` on ``weight``'s device.
+
+    The result is not cast back: callers cast to the stored dtype once, at the end.
+    """
+    w = weight.to(dtype=dtype)
+    if delta is None:
+        delta = delta_weight(module, dtype=dtype, device=w.device, shape=tuple(w.shape))
+    merged = w + strength * delta.to(device=w.device, dtype=dtype)
+    if module.magnitude is None:
+        return merged
+    wo = _output_major(merged, module)
+    norm = wo.reshape(wo.shape[0], -1).norm(p=2, dim=1)
+    mag = module.magnitude.to(device=w.device, dtype=dtype).reshape(-1)
+    if mag.numel() != norm.numel():
+        raise MatchError(
+            f"{module.component}:{module.path}: DoRA magnitude has {mag.numel()} entries, "
+            f"the weight has {norm.numel()} output features"
+        )
+    factor = (mag / norm).reshape(-1, *([1] * (wo.dim() - 1)))
+    out = wo * factor
+    return _output_major(out, module)

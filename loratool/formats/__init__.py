@@ -1,0 +1,54 @@
+"""Layout registry: each layout module exposes ``NAME``, ``detect``, ``read`` and ``write``.
+
+* ``detect(src: Source) -> bool`` looks only at ``src.keys`` / ``src.metadata`` / ``src.config``.
+* ``read(src: Source, opts: ReadOptions) -> Adapter``.
+* ``write(adapter: Adapter, out: Path, opts: WriteOptions) -> list[Path]`` writes atomically
+  (through :mod:`loratool.io.atomic`) and returns what it wrote.
+
+Detection tries layouts in ``DETECT_ORDER``; the first that claims the file wins.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from loratool.errors import FormatError
+
+LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris")
+# LyCORIS before kohya (same key naming, more kinds); PEFT before diffusers (diffusers'
+# current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B).
+DETECT_ORDER = ("peft", "lycoris", "kohya", "diffusers", "loralib")
+WRITABLE = ("kohya", "diffusers", "peft", "loralib")
+
+
+@dataclass
+class ReadOptions:
+    # Module-path vocabulary from a base model: {component: set of dotted module paths}.
+    vocabulary: dict[str, set[str]] | None = None
+    # Model family to assume when restoring names (``sd1``, ``sd2``, ``sdxl``, ``flux``, ``llm``...).
+    family: str | None = None
+
+
+@dataclass
+class WriteOptions:
+    force: bool = False
+    inputs: tuple[Any, ...] = ()  # paths the output must not overwrite
+    family: str | None = None
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+
+def layout(name: str) -> ModuleType:
+    if name not in LAYOUTS:
+        raise FormatError(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
+    return importlib.import_module(f"loratool.formats.{name}")
+
+
+def detect(src) -> str:
+    for name in DETECT_ORDER:
+        if layout(name).detect(src):
+            return name
+    sample = ", ".join(src.keys[:3]) or "no tensors"
+    raise FormatError(f"{src.path}: unknown LoRA layout (first keys: {sample})")

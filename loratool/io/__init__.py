@@ -1,0 +1,1 @@
+"""Bytes in and out: validated safetensors, safe pickles, atomic outputs, hub references."""

@@ -1,0 +1,2 @@
+"""Operations on adapters and base models. They never print: they return results and report
+progress through a ``progress(description, done, total)`` callback."""
