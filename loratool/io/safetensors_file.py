@@ -124,7 +124,7 @@ def parse_header(raw: bytes, file_size: int, path: Path) -> Header:
             )
         tensors[name] = TensorInfo(name, dtype, tuple(shape), start, end)
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise InputError(f"{where} tensors {n0!r} and {n1!r} overlap (bytes {s1}..{e0})")
     return Header(path, metadata, tensors, data_offset, file_size)
