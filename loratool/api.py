@@ -7,8 +7,12 @@ from pathlib import Path
 
 from loratool import formats
 from loratool.adapter import Adapter
-from loratool.errors import FormatError
+from loratool.errors import FormatError, InputError
 from loratool.formats.source import open_source
+from loratool.validate import check_adapter
+
+# Exceptions a reader raises when a file breaks its assumptions; anything else stays a bug.
+_READER_SLIPS = (KeyError, IndexError, ValueError, RuntimeError, TypeError)
 
 
 def base_vocabulary(base: str | os.PathLike) -> dict[str, set[str]]:
@@ -34,9 +38,18 @@ def load(
     src = open_source(path, config=config)
     name = format or formats.detect(src)
     opts = formats.ReadOptions(vocabulary=base_vocabulary(base) if base else None, family=family)
-    adapter = formats.layout(name).read(src, opts)
+    try:
+        adapter = formats.layout(name).read(src, opts)
+    except _READER_SLIPS as exc:
+        # A malformed but parseable file (missing partner key, odd shape, non-tensor value)
+        # tripped a reader: the file is at fault, so say which file, not where the reader fell.
+        detail = " ".join(str(exc).split())[:160]
+        raise InputError(
+            f"{path}: malformed {name} adapter ({exc.__class__.__name__}: {detail}); run with --debug for details"
+        ) from exc
     if not len(adapter) and not adapter.extras:
         raise FormatError(f"{path}: no LoRA modules found")
+    check_adapter(adapter, str(path))
     return adapter
 
 

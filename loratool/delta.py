@@ -13,7 +13,8 @@ Formulas (s = module.scale, shapes as the base stores the weight):
 
 Merging with strength λ: W' = W + λ·ΔW. DoRA (PEFT semantics, magnitude m):
 W' = m / ‖W + λ·ΔW‖ ⊙ (W + λ·ΔW), the norm taken per output feature (rows of a Linear
-weight, output channels of a conv, embedding dimensions of an embedding table).
+weight, output channels of a conv, embedding dimensions of an embedding table); with
+``hints["dora_axis"] == "in"`` (LyCORIS ``wd_on_out=False``) per input column instead.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _lycoris_delta(module: LoraModule, dtype: torch.dtype, device) -> torch.Tens
         w2 = t["w2"].to(device=device, dtype=dtype) if "w2" in t else _half(t, "w2a", "w2b", "t2", dtype, device)
         if w2.dim() > 2 and w1.dim() == 2:
             w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
-        return torch.kron(w1, w2) * module.scale
+        return torch.kron(w1.contiguous(), w2.contiguous()) * module.scale  # kron fails on Tucker views
     raise ValueError(f"not a LyCORIS product kind: {module.kind}")
 
 
@@ -143,6 +144,15 @@ def _output_major(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
     return weight
 
 
+def _plain_linear(module: LoraModule, shape: tuple[int, ...]) -> bool:
+    """A rank-r Linear module whose ΔW = s·up @ down already has the weight's [out, in] shape."""
+    t = module.tensors
+    return (
+        module.kind == "lora" and module.layer == "linear" and not module.fan_in_fan_out and "mid" not in t
+        and t["down"].dim() == 2 and len(shape) == 2 and shape == (int(t["up"].shape[0]), int(t["down"].shape[1]))
+    )
+
+
 def merge_weight(
     weight: torch.Tensor,
     module: LoraModule,
@@ -156,11 +166,20 @@ def merge_weight(
     The result is not cast back: callers cast to the stored dtype once, at the end.
     """
     w = weight.to(dtype=dtype)
-    if delta is None:
-        delta = delta_weight(module, dtype=dtype, device=w.device, shape=tuple(w.shape))
-    merged = w + strength * delta.to(device=w.device, dtype=dtype)
+    if delta is None and _plain_linear(module, tuple(w.shape)):
+        # Same formula, one fused pass: W + (λ·s)·up @ down without materialising ΔW.
+        t = module.tensors
+        up = t["up"].to(device=w.device, dtype=dtype).reshape(t["up"].shape[0], -1)
+        down = t["down"].to(device=w.device, dtype=dtype)
+        merged = torch.addmm(w, up, down, alpha=strength * module.scale)
+    else:
+        if delta is None:
+            delta = delta_weight(module, dtype=dtype, device=w.device, shape=tuple(w.shape))
+        merged = w + strength * delta.to(device=w.device, dtype=dtype)
     if module.magnitude is None:
         return merged
+    if module.hints.get("dora_axis") == "in":
+        return _dora_input_axis(merged, module)
     wo = _output_major(merged, module)
     norm = wo.reshape(wo.shape[0], -1).norm(p=2, dim=1)
     mag = module.magnitude.to(device=w.device, dtype=dtype).reshape(-1)
@@ -172,3 +191,31 @@ def merge_weight(
     factor = (mag / norm).reshape(-1, *([1] * (wo.dim() - 1)))
     out = wo * factor
     return _output_major(out, module)
+
+
+def delta_bias(
+    module: LoraModule, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor | None:
+    """Δb of a module that also adapts its layer's bias, else None.
+
+    lora with ``bias`` (PEFT ``lora_bias``, stored on lora_B): Δb = s · bias (PEFT merges
+    ``bias + lora_B.bias * scaling``); full: Δb = diff_b.
+    """
+    t = module.tensors
+    if module.kind == "lora" and "bias" in t:
+        return t["bias"].to(device=device, dtype=dtype) * module.scale
+    if module.kind == "full" and "diff_b" in t:
+        return t["diff_b"].to(device=device, dtype=dtype)
+    return None
+
+
+def _dora_input_axis(merged: torch.Tensor, module: LoraModule) -> torch.Tensor:
+    """LyCORIS ``wd_on_out=False`` DoRA (``dora_scale`` [1, in, ...]): W' = m ⊙ W / ‖W‖ per input column."""
+    cols = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(p=2, dim=1)
+    mag = module.magnitude.to(device=merged.device, dtype=merged.dtype).reshape(-1)
+    if mag.numel() != cols.numel():
+        raise MatchError(
+            f"{module.component}:{module.path}: DoRA scale has {mag.numel()} entries, "
+            f"the weight has {cols.numel()} input features"
+        )
+    return merged * (mag / cols).reshape(1, -1, *([1] * (merged.dim() - 2)))

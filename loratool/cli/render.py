@@ -24,7 +24,9 @@ def print_json(data: Any) -> None:
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Any]:
     """Yield a callback ``(description, done, total)`` that drives a rich progress bar on stderr."""
-    if not enabled:
+    if not enabled or not err_console.is_terminal:
+        # Off a terminal a bar is noise, and rich's transient bar still leaves a blank line
+        # on stderr (an error would no longer be the one line a script reads).
         yield lambda description, done, total: None
         return
     bar = Progress(

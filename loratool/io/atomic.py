@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from loratool.errors import OutputError
+from loratool.errors import LoratoolError, OutputError
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -25,8 +26,19 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Path:
-    """Refuse an output that is an input (or lies inside an input folder) or exists without --force."""
+def check_output(
+    out: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike] = (),
+    force: bool = False,
+    *,
+    folder: bool | None = None,
+) -> Path:
+    """Refuse an output that is an input (or lies inside an input folder) or exists without --force.
+
+    ``folder`` says whether the output will be a folder (None: the caller does not say). Even
+    with ``force`` a folder is replaced only by a folder output, and never when it holds
+    subfolders: a mistyped path must not cost the user a directory tree.
+    """
     out = Path(out)
     resolved = out.resolve()
     for src in inputs:
@@ -42,6 +54,11 @@ def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (
             raise OutputError(f"{out}: output folder holds the input {src}; choose another path")
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists (use --force to replace it)")
+    if out.is_dir() and not out.is_symlink():
+        if folder is False:
+            raise OutputError(f"{out}: is a folder; give a file path for this output")
+        if any(p.is_dir() for p in out.iterdir()):
+            raise OutputError(f"{out}: is a folder holding subfolders; refusing to replace it, choose another path")
     if not out.parent.exists():
         raise OutputError(f"{out.parent}: output folder does not exist")
     return out
@@ -55,46 +72,142 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _translate(exc: OSError, out: Path) -> OutputError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return OutputError(f"{out}: cannot write: {os.strerror(exc.errno)}; nothing was written")
-    return OutputError(f"{out}: cannot write: {exc.strerror or exc}; nothing was written")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# How libraries that wrap the OS error in their own exception (safetensors' Rust writer,
+# torch's zip writer) spell a full disk or a file-size limit.
+_NO_SPACE_TEXT = ("no space left", "file too large", "filetoolarge", "storagefull", "quota exceeded",
+                  "disk quota", "file write failed")
+
+
+def _no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) means the disk or a file-size limit is full."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, OSError) and cur.errno in _NO_SPACE:
+            return True
+        text = str(cur).lower()
+        if any(t in text for t in _NO_SPACE_TEXT):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
+def _size_limit_reached(tmp: Path) -> bool:
+    """Whether a file under ``tmp`` has grown to the process's file-size limit (RLIMIT_FSIZE)."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    except (ImportError, OSError, ValueError):
+        return False
+    if soft == resource.RLIM_INFINITY:
+        return False
+    files = [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+    return any(f.stat().st_size >= soft - 8192 for f in files)
+
+
+def _disk_full(parent: Path) -> bool:
+    """Whether the filesystem of ``parent`` has (almost) no room left for us."""
+    try:
+        st = os.statvfs(parent)
+    except (AttributeError, OSError):
+        return False
+    free = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return free * st.f_frsize < 1024 * 1024
+
+
+def _translate(exc: BaseException, out: Path, tmp: Path | None = None) -> OutputError | None:
+    """An OutputError for a failed write, or None when ``exc`` is not about writing.
+
+    Some writers (torch's zip writer) report a full disk only as "iostream error", so when the
+    exception itself does not say, the disk and the file-size limit are asked directly.
+    """
+    full = _no_space(exc) or (tmp is not None and (_size_limit_reached(tmp) or _disk_full(tmp.parent)))
+    if full:
+        detail = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "write failed"
+        return OutputError(f"{out}: cannot write: no space left ({detail}); nothing was written")
+    if isinstance(exc, OSError):
+        return OutputError(f"{out}: cannot write: {exc.strerror or exc}; nothing was written")
+    return None
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _make_temp(out: Path, parent: Path, folder: bool) -> Path:
+    try:
+        if folder:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+            mode = 0o777
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+            os.close(fd)
+            tmp = Path(name)
+            mode = 0o666
+        # mkstemp makes 0600 files; the output should get the permissions any new file gets.
+        os.chmod(tmp, mode & ~_umask())
+    except OSError as exc:
+        raise _translate(exc, out) from exc  # type: ignore[misc]  # OSError always translates
+    return tmp
+
+
+def _fsync_file(path: Path) -> None:
+    if path.is_file():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _install(tmp: Path, out: Path, parent: Path) -> None:
+    """Move the finished ``tmp`` onto ``out`` (atomically for files)."""
+    if out.is_dir() and not out.is_symlink() and not tmp.is_dir():
+        raise OutputError(f"{out}: is a folder; give a file path for this output")
+    if out.is_dir() and not out.is_symlink():
+        # A folder cannot be replaced atomically: move the old one aside first.
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+        os.rmdir(aside)
+        os.replace(out, aside)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(aside, out)
+            raise
+        _remove(aside)
+    else:
+        if tmp.is_dir() and (out.exists() or out.is_symlink()):
+            out.unlink()
+        os.replace(tmp, out)
 
 
 @contextlib.contextmanager
 def atomic_path(out: str | os.PathLike, *, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; rename it onto ``out`` on success.
 
-    With ``folder=True`` the temporary path is an (empty, existing) folder.
+    With ``folder=True`` the temporary path is an (empty, existing) folder. On any exception
+    (KeyboardInterrupt and SystemExit included) the temporary path is removed and ``out`` is
+    left as it was. A full disk or a file-size limit (ENOSPC, EDQUOT, EFBIG, also when a
+    library wraps it) becomes an :class:`OutputError` saying "no space left".
     """
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
-    if folder:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        tmp = Path(name)
+    tmp = _make_temp(out, parent, folder)
     try:
         try:
             yield tmp
-        except OSError as exc:
-            raise _translate(exc, out) from exc
-        if out.is_dir() and not out.is_symlink():
-            # A folder cannot be replaced atomically: move the old one aside first.
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            os.rmdir(aside)
-            os.replace(out, aside)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(aside, out)
+            _fsync_file(tmp)
+            _install(tmp, out, parent)
+        except LoratoolError:
+            raise
+        except Exception as exc:
+            translated = _translate(exc, out, tmp)
+            if translated is None:
                 raise
-            _remove(aside)
-        else:
-            if out.exists() and tmp.is_dir():
-                out.unlink()
-            os.replace(tmp, out)
+            raise translated from exc
     except BaseException:
         _remove(tmp)
         raise

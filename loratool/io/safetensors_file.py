@@ -71,13 +71,53 @@ class Header:
     file_size: int
 
 
+# A dimension product above this cannot be a tensor torch can describe (strides are int64).
+_MAX_ELEMENTS = 2**62
+# More dimensions than any weight has; bounds the work a hostile shape list can cause.
+_MAX_DIMS = 32
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """JSON object hook: a repeated key is ambiguous (readers disagree on which wins)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_header(raw: bytes, file_size: int, path: Path) -> Header:
-    """Validate a header (the bytes after the 8-byte length) for a file of ``file_size``."""
+    """Validate a header (the bytes after the 8-byte length) for a file of ``file_size``.
+
+    Checks, in the order a reader would trust them: UTF-8 JSON object without repeated keys;
+    ``__metadata__`` maps strings to strings; every tensor has a known dtype, a shape of at most
+    32 non-negative ints whose product fits int64, and ``data_offsets`` [start, end] with
+    end - start = prod(shape) · itemsize; the spans lie inside the data area, do not overlap,
+    and cover it exactly with no gap and no trailing bytes (as the reference implementation
+    demands, so nothing can hide between or after tensors).
+    """
     where = f"{path}: not a valid safetensors file:"
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{where} header is not UTF-8 JSON ({exc.__class__.__name__})") from None
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise InputError(f"{where} header repeats the key {exc.key[:200]!r}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{where} header is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where} header is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:  # int literals past the digit limit, deep nesting
+        raise InputError(f"{where} header is not usable JSON ({exc.__class__.__name__})") from None
     if not isinstance(obj, dict):
         raise InputError(f"{where} header is not a JSON object")
     data_offset = 8 + len(raw)
@@ -86,55 +126,72 @@ def parse_header(raw: bytes, file_size: int, path: Path) -> Header:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in obj.items():
         if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in entry.items()
-            ):
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
                 raise InputError(f"{where} __metadata__ must map strings to strings")
             metadata = dict(entry)
             continue
+        label = name if len(name) <= 200 else name[:200] + "..."
         if not isinstance(entry, dict):
-            raise InputError(f"{where} entry {name!r} is not an object")
+            raise InputError(f"{where} entry {label!r} is not an object")
         dtype_name = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
-        if dtype_name not in DTYPES:
-            raise InputError(f"{where} tensor {name!r} has unknown dtype {dtype_name!r}")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise InputError(f"{where} tensor {name!r} has an invalid shape {shape!r}")
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            raise InputError(f"{where} tensor {label!r} has unknown dtype {str(dtype_name)[:40]!r}")
         if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            not isinstance(shape, list)
+            or len(shape) > _MAX_DIMS
+            or not all(_is_int(s) and s >= 0 for s in shape)
         ):
-            raise InputError(f"{where} tensor {name!r} has invalid data_offsets {offsets!r}")
+            raise InputError(f"{where} tensor {label!r} has an invalid shape {str(shape)[:100]}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise InputError(f"{where} tensor {label!r} has invalid data_offsets {str(offsets)[:100]}")
         start, end = offsets
         dtype = DTYPES[dtype_name]
         numel = 1
+        strides = 1  # what torch needs to describe the shape, zero-sized dims counted as 1
         for s in shape:
             numel *= s
+            strides *= max(s, 1)
+        if strides > _MAX_ELEMENTS:
+            raise InputError(f"{where} tensor {label!r} has an impossible shape {str(shape)[:100]}")
         if start < 0 or end < start or end > data_size:
             raise InputError(
-                f"{where} tensor {name!r} spans bytes {start}..{end}, outside the data area "
+                f"{where} tensor {label!r} spans bytes {start}..{end}, outside the data area "
                 f"of {data_size} bytes (truncated file?)"
             )
         if end - start != numel * itemsize(dtype):
             raise InputError(
-                f"{where} tensor {name!r} claims shape {shape} {dtype_name} "
+                f"{where} tensor {label!r} claims shape {shape} {dtype_name} "
                 f"({numel * itemsize(dtype)} bytes) but spans {end - start} bytes"
             )
         tensors[name] = TensorInfo(name, dtype, tuple(shape), start, end)
-    spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
-    for (_s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise InputError(f"{where} tensors {n0!r} and {n1!r} overlap (bytes {s1}..{e0})")
+    covered = 0
+    last = None
+    for start, end, tname in sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start):
+        if start < covered:
+            raise InputError(f"{where} tensors {last!r} and {tname!r} overlap (bytes {start}..{covered})")
+        if start > covered:
+            raise InputError(f"{where} {start - covered} unclaimed bytes before tensor {tname!r} (at {covered})")
+        covered, last = end, tname
+    if covered != data_size:
+        raise InputError(
+            f"{where} {data_size - covered} bytes after the last tensor belong to no tensor "
+            "(trailing data, or a corrupt header)"
+        )
     return Header(path, metadata, tensors, data_offset, file_size)
 
 
 def read_header(path: str | os.PathLike) -> Header:
+    """Read and validate the header of ``path``; never reads tensor data."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder, expected a .safetensors file")
+        if path.exists() and not path.is_file():
+            raise InputError(f"{path}: not a regular file")
         with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) < 8:
                 raise InputError(f"{path}: not a valid safetensors file: only {size} bytes")
@@ -150,12 +207,16 @@ def read_header(path: str | os.PathLike) -> Header:
                     f"end of the file ({size} bytes; truncated?)"
                 )
             raw = fh.read(n)
+            if len(raw) != n:
+                raise InputError(f"{path}: file shrank while its header was read")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a folder, expected a .safetensors file") from None
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     return parse_header(raw, size, path)
 
 
@@ -181,9 +242,12 @@ class SafetensorsFile:
 
     def raw_bytes(self, name: str) -> bytes:
         info = self.header.tensors[name]
-        with open(self.path, "rb") as fh:
-            fh.seek(self.header.data_offset + info.start)
-            data = fh.read(info.nbytes)
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.header.data_offset + info.start)
+                data = fh.read(info.nbytes)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read tensor {name!r} ({exc.strerror or exc})") from None
         if len(data) != info.nbytes:
             raise InputError(f"{self.path}: tensor {name!r} is cut short (file changed while reading?)")
         return data

@@ -1,0 +1,93 @@
+"""Model families: naming knowledge as data, one :class:`Family` per architecture.
+
+A family says how kohya names a model (prefix → component, the module paths its keys are
+built from) and how those native names map to the canonical HF / diffusers naming. Family
+modules (``sd``, ``llm`` here; ``sdxl``, ``sd3``, ``flux`` when present) expose ``FAMILY`` or
+``FAMILIES``; :func:`families` collects them once. Module-path tables are generated from the
+real models by ``python -m loratool.arch.generate`` and shipped as JSON beside this file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from loratool.adapter import LoraModule
+from loratool.errors import FormatError
+
+DATA = Path(__file__).parent
+# Family modules in detection-tie order; the optional ones are written by others and may be absent.
+FAMILY_MODULES = ("sd", "sdxl", "sd3", "flux", "llm")
+
+
+@dataclass
+class Family:
+    name: str  # "sd1", "sd2", "sdxl", "sd3", "flux", "llm"
+    kohya_prefixes: dict[str, str]  # "lora_unet" -> "unet", "lora_te1" -> "text_encoder", ...
+    # component -> dotted module paths in the naming kohya uses for this family (SDXL: SGM names)
+    native_paths: Callable[[str], set[str]]
+    to_canonical: Callable[[list[LoraModule]], list[LoraModule]]  # native -> HF/diffusers naming
+    from_canonical: Callable[[list[LoraModule]], list[LoraModule]]  # inverse, exact
+    # score from kohya keys + metadata (ss_base_model_version, modelspec.architecture); highest wins
+    detect: Callable[[list[str], dict[str, str]], int]
+
+    @property
+    def components(self) -> list[str]:
+        return list(dict.fromkeys(self.kohya_prefixes.values()))
+
+
+def identity(modules: list[LoraModule]) -> list[LoraModule]:
+    """to/from_canonical of a family whose kohya names already are the HF / diffusers names."""
+    return list(modules)
+
+
+@cache
+def load_table(name: str) -> Any:
+    """A JSON table shipped in ``loratool/arch`` (``sd``, ``llm``, ...)."""
+    path = DATA / f"{name}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FormatError(f"{path}: naming table missing from the installation ({exc.strerror})") from None
+
+
+@cache
+def families() -> dict[str, Family]:
+    """Every registered family by name, in :data:`FAMILY_MODULES` order."""
+    found: dict[str, Family] = {}
+    for mod_name in FAMILY_MODULES:
+        full = f"loratool.arch.{mod_name}"
+        try:
+            mod = importlib.import_module(full)
+        except ModuleNotFoundError as exc:
+            if exc.name != full:
+                raise
+            continue
+        fams = list(getattr(mod, "FAMILIES", ()))
+        if getattr(mod, "FAMILY", None) is not None:
+            fams.append(mod.FAMILY)
+        for fam in fams:
+            found[fam.name] = fam
+    return found
+
+
+def get(name: str) -> Family:
+    fams = families()
+    if name not in fams:
+        raise FormatError(f"unknown model family {name!r}; known: {', '.join(fams)}")
+    return fams[name]
+
+
+def detect(keys: list[str], metadata: dict[str, str]) -> Family | None:
+    """The family scoring highest on these kohya keys and metadata (None when all score 0)."""
+    best, best_score = None, 0
+    for fam in families().values():
+        score = fam.detect(keys, metadata)
+        if score > best_score:
+            best, best_score = fam, score
+    return best

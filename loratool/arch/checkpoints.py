@@ -1,0 +1,249 @@
+"""Key maps for the single-file checkpoints A1111, ComfyUI and CivitAI distribute.
+
+:func:`canonical_targets` maps every canonical parameter ``(component, diffusers/HF name)`` of
+a single file to the stored key holding it and, for fused weights, the row range inside it:
+
+===========  =========================================  ===========================================
+family       stored prefix                              component (canonical naming)
+===========  =========================================  ===========================================
+sd1          ``model.diffusion_model.`` (LDM U-Net)     ``unet`` (diffusers ``UNet2DConditionModel``)
+             ``cond_stage_model.transformer.``          ``text_encoder`` (HF CLIP, ``text_model.*``)
+sd2          ``model.diffusion_model.``                 ``unet``
+             ``cond_stage_model.model.`` (OpenCLIP-H)   ``text_encoder``
+sdxl         ``model.diffusion_model.`` (SGM U-Net)     ``unet``
+             ``conditioner.embedders.0.transformer.``   ``text_encoder`` (CLIP-L)
+             ``conditioner.embedders.1.model.``         ``text_encoder_2`` (OpenCLIP-G, with projection)
+sdxl refiner ``conditioner.embedders.0.model.``         ``text_encoder_2``
+flux         BFL names, bare or ``model.diffusion_model.``  ``transformer`` (``FluxTransformer2DModel``)
+===========  =========================================  ===========================================
+
+OpenCLIP stores attention as one ``in_proj_weight`` = rows [q; k; v] (q_proj/k_proj/v_proj get
+row thirds) and ``text_projection`` as [in, out] (the transpose of HF's ``text_projection.weight``).
+Flux fuses q/k/v (and the single-block MLP) by rows and stores the final modulation with its
+halves swapped (see :mod:`loratool.arch.flux`).
+
+A :class:`Target` unpacks as ``(stored key, rows)``. The two placements a row range cannot
+express (``transpose``: OpenCLIP ``text_projection``; ``swap_halves``: Flux ``norm_out.linear``)
+carry ``Target.transform`` and are only returned with ``transforms=True``; callers that
+handle them place ΔW with :func:`to_stored`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from loratool.arch import flux, sdxl
+
+UNET_PREFIX = "model.diffusion_model."
+CLIP_PREFIXES = {
+    "cond_stage_model.transformer.": "text_encoder",  # SD 1.x
+    "conditioner.embedders.0.transformer.": "text_encoder",  # SDXL CLIP-L
+}
+OPEN_CLIP_PREFIXES = {
+    "cond_stage_model.model.": "text_encoder",  # SD 2.x OpenCLIP-H
+    "conditioner.embedders.1.model.": "text_encoder_2",  # SDXL OpenCLIP-G
+    "conditioner.embedders.0.model.": "text_encoder_2",  # SDXL refiner OpenCLIP-G
+}
+# Prefixes whose canonical text encoder has a projection (SD 2.x's diffusers text encoder has none).
+OPEN_CLIP_PROJECTION = ("conditioner.embedders.1.model.", "conditioner.embedders.0.model.")
+# OpenCLIP widths when no shapes are given (the released models).
+OPEN_CLIP_WIDTH = {"cond_stage_model.model.": 1024, "conditioner.embedders.1.model.": 1280,
+                   "conditioner.embedders.0.model.": 1280}
+# OpenCLIP parameter -> HF CLIP parameter (outside the resblocks).
+OPEN_CLIP_TOP = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+# OpenCLIP resblock part -> HF CLIP encoder-layer part.
+OPEN_CLIP_LAYER = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
+QKV = ("q_proj", "k_proj", "v_proj")
+FLUX_MARK = "double_blocks.0.img_attn.qkv.weight"
+FLUX_DEFAULT_WIDTH = 3072  # Flux.1 hidden size when shapes are not given
+
+
+class Target(tuple):
+    """``(stored key, rows)``; ``rows`` is a ``(start, stop)`` range along dim 0 or None for the
+    whole tensor. ``transform`` is None, ``"transpose"`` or ``"swap_halves"``."""
+
+    transform: str | None
+
+    def __new__(cls, key: str, rows: tuple[int, int] | None = None, transform: str | None = None):
+        obj = super().__new__(cls, (key, rows))
+        obj.transform = transform
+        return obj
+
+    @property
+    def key(self) -> str:
+        return self[0]
+
+    @property
+    def rows(self) -> tuple[int, int] | None:
+        return self[1]
+
+
+def to_stored(delta: torch.Tensor, target: Target) -> torch.Tensor:
+    """A canonical-shaped ΔW laid out as the stored tensor (or its row range) holds it."""
+    if target.transform == "transpose":
+        return delta.T
+    if target.transform == "swap_halves":
+        return flux.swap_halves(delta)
+    return delta
+
+
+def _shapes(keys: Iterable[str] | Mapping[str, tuple[int, ...]], shapes) -> tuple[list[str], dict]:
+    if isinstance(keys, Mapping):
+        return list(keys), {k: tuple(v) for k, v in keys.items()}
+    return list(keys), dict(shapes or {})
+
+
+def checkpoint_family(keys: Iterable[str] | Mapping) -> str | None:
+    """``sd1``, ``sd2``, ``sdxl``, ``sdxl_refiner``, ``flux`` or ``sd3`` for a single-file base; None otherwise."""
+    ks = set(keys)
+    if FLUX_MARK in ks or UNET_PREFIX + FLUX_MARK in ks:
+        return "flux"
+    if any(k.startswith(UNET_PREFIX + "joint_blocks.") or k.startswith("joint_blocks.") for k in ks):
+        return "sd3"
+    if any(k.startswith("conditioner.embedders.1.") for k in ks) or UNET_PREFIX + "label_emb.0.0.weight" in ks:
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in ks):
+        return "sdxl_refiner"
+    if any(k.startswith("cond_stage_model.model.") for k in ks):
+        return "sd2"
+    if any(k.startswith(("cond_stage_model.transformer.", UNET_PREFIX + "input_blocks.")) for k in ks):
+        return "sd1"
+    return None
+
+
+def layers_per_block(unet_keys: Iterable[str]) -> int:
+    """L from the first downsampler's position: it is ``input_blocks.{L+1}.0.op``."""
+    ops, inputs = [], []
+    for k in unet_keys:
+        m = re.match(r"input_blocks\.(\d+)\.0\.op\.", k)
+        if m:
+            ops.append(int(m.group(1)))
+        m = re.match(r"input_blocks\.(\d+)\.", k)
+        if m:
+            inputs.append(int(m.group(1)))
+    if ops:
+        return min(ops) - 1
+    return max(inputs) if inputs else 0
+
+
+def _unet_targets(keys: list[str]) -> dict:
+    inner = [k[len(UNET_PREFIX):] for k in keys if k.startswith(UNET_PREFIX)]
+    lpb = layers_per_block(inner)
+    out = {}
+    for k in inner:
+        name = sdxl.sgm_to_diffusers(k, lpb)
+        if name is not None:
+            out[("unet", name)] = Target(UNET_PREFIX + k)
+    return out
+
+
+def _clip_targets(keys: list[str]) -> dict:
+    out = {}
+    for k in keys:
+        for prefix, comp in CLIP_PREFIXES.items():
+            if k.startswith(prefix):
+                name = k[len(prefix):]
+                if not name.startswith("text_model."):  # old transformers layouts without the wrapper
+                    name = "text_model." + name
+                out[(comp, name)] = Target(k)
+    return out
+
+
+def _open_clip_targets(keys: list[str], shapes: dict, transforms: bool) -> dict:
+    out = {}
+    for k in keys:
+        for prefix, comp in OPEN_CLIP_PREFIXES.items():
+            if not k.startswith(prefix):
+                continue
+            name = k[len(prefix):]
+            if name in OPEN_CLIP_TOP:
+                out[(comp, OPEN_CLIP_TOP[name])] = Target(k)
+            elif name == "text_projection":
+                if transforms and prefix in OPEN_CLIP_PROJECTION:
+                    out[(comp, "text_projection.weight")] = Target(k, None, "transpose")
+            else:
+                m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", name)
+                m2 = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", name)
+                if m2:
+                    layer = f"text_model.encoder.layers.{m2.group(1)}.self_attn"
+                    width = shapes[k][0] // 3 if k in shapes else OPEN_CLIP_WIDTH[prefix]
+                    for j, proj in enumerate(QKV):
+                        out[(comp, f"{layer}.{proj}.{m2.group(2)}")] = Target(k, (j * width, (j + 1) * width))
+                elif m and m.group(2) in OPEN_CLIP_LAYER:
+                    part = OPEN_CLIP_LAYER[m.group(2)]
+                    out[(comp, f"text_model.encoder.layers.{m.group(1)}.{part}.{m.group(3)}")] = Target(k)
+    return out
+
+
+def _flux_targets(keys: list[str], shapes: dict, transforms: bool) -> dict:
+    prefix = UNET_PREFIX if UNET_PREFIX + FLUX_MARK in set(keys) else ""
+    inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    doubles = {int(m.group(1)) for k in inner if (m := re.match(r"double_blocks\.(\d+)\.", k))}
+    singles = {int(m.group(1)) for k in inner if (m := re.match(r"single_blocks\.(\d+)\.", k))}
+    table = flux.module_table(max(doubles, default=-1) + 1, max(singles, default=-1) + 1)
+    out = {}
+    for native, targets in table.items():
+        for suffix in (".weight", ".bias"):
+            stored = inner.get(native + suffix)
+            if stored is None:
+                continue
+            if native in flux.SWAPPED:
+                if transforms:
+                    out[("transformer", targets[0] + suffix)] = Target(stored, None, "swap_halves")
+                continue
+            if len(targets) == 1:
+                out[("transformer", targets[0] + suffix)] = Target(stored)
+                continue
+            shape = shapes.get(inner.get(native + ".weight", "")) or shapes.get(stored)
+            if shape is not None and len(shape) == 2:
+                rows_n, width = shape
+            elif shape is not None:  # a bias: width follows from the weight's row count
+                rows_n = shape[0]
+                width = FLUX_DEFAULT_WIDTH if native.endswith("linear1") else rows_n // 3
+            else:
+                width = FLUX_DEFAULT_WIDTH
+                rows_n = width * (3 + flux.MLP_RATIO) if native.endswith("linear1") else 3 * width
+            for path, rows in zip(targets, flux.split_rows(native, rows_n, width)):
+                out[("transformer", path + suffix)] = Target(stored, rows)
+    for native, param in flux.norm_table(len(doubles), len(singles)).items():
+        if native in inner:
+            out[("transformer", param)] = Target(inner[native])
+    return out
+
+
+def canonical_targets(
+    keys: Iterable[str] | Mapping[str, tuple[int, ...]],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    transforms: bool = False,
+) -> dict[tuple[str, str], Target] | None:
+    """{(component, canonical parameter name): Target(stored key, rows)} for a single-file
+    checkpoint, or None when ``keys`` are not one.
+
+    Pass shapes (a {key: shape} mapping as ``keys`` or as ``shapes``) so fused rows follow the
+    file; without them the released widths are assumed (Flux.1 3072, OpenCLIP-H 1024, -G 1280).
+    """
+    keys, shapes = _shapes(keys, shapes)
+    family = checkpoint_family(keys)
+    if family is None or family == "sd3":
+        return None
+    if family == "flux":
+        return _flux_targets(keys, shapes, transforms)
+    out = _unet_targets(keys)
+    out.update(_clip_targets(keys))
+    out.update(_open_clip_targets(keys, shapes, transforms))
+    return out

@@ -1,0 +1,55 @@
+"""Hugging Face transformers language models (LLaMA, Mistral, Qwen2, Gemma, Phi, GPT-2, T5).
+
+There is no agreed kohya prefix for LLM adapters; the ones seen from kohya-style tools are
+accepted (``lora_model``, ``lora_llm``, ``lora_transformer``, bare ``lora``), all mapping to the
+``model`` component, and with a base vocabulary any prefix works (see
+:mod:`loratool.formats.kohya_names`). Paths come from ``llm.json`` (generated from tiny
+configs of each architecture by ``arch/generate.py``; name templates generalise the layer
+indices). Native names are the HF names; the one thing names alone do not carry is GPT-2's
+``Conv1D`` (weights stored [in, out]), so :func:`to_canonical` marks those modules
+``fan_in_fan_out`` (the factors are the usual down [r, in] / up [out, r]).
+
+:func:`paths` also serves other families: SD3 / Flux T5 text encoders use ``t5_encoder``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from loratool.adapter import LoraModule
+from loratool.arch import Family, identity, load_table
+
+PREFIXES = {"lora_model": "model", "lora_llm": "model", "lora_transformer": "model", "lora": "model"}
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "t5")
+# GPT-2 modules that are transformers ``Conv1D`` (weight [in, out]).
+CONV1D = re.compile(r"^transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$")
+_LLM_BODY = re.compile(r"_(layers_\d+_(self_attn|mlp)|h_\d+_(attn|mlp)|block_\d+_layer_\d+)_")
+
+
+def paths(architecture: str) -> set[str]:
+    """Dotted weight-module paths of one architecture (``llama``, ``t5_encoder``, ...)."""
+    return set(load_table("llm")[architecture])
+
+
+def native_paths(component: str) -> set[str]:
+    if component != "model":
+        return set()
+    out: set[str] = set()
+    for name in ARCHITECTURES:
+        out |= paths(name)
+    return out
+
+
+def to_canonical(modules: list[LoraModule]) -> list[LoraModule]:
+    return [replace(m, fan_in_fan_out=True) if m.kind == "lora" and CONV1D.match(m.path) else m for m in modules]
+
+
+def detect(keys: list[str], metadata: dict[str, str]) -> int:
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")) for k in keys):
+        return 0
+    return 30 if any(_LLM_BODY.search(k) for k in keys) else 0
+
+
+FAMILY = Family(name="llm", kohya_prefixes=dict(PREFIXES), native_paths=native_paths, to_canonical=to_canonical,
+                from_canonical=identity, detect=detect)

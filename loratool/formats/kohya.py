@@ -1,0 +1,337 @@
+"""kohya / A1111 / ComfyUI layout (one ``.safetensors``), LyCORIS kinds included.
+
+Key = ``head + "." + suffix`` where ``head = prefix + "_" + native module path`` with dots
+turned into ``_`` (name restoration: :mod:`loratool.formats.kohya_names`, family tables:
+:mod:`loratool.arch`). Suffixes and the canonical tensor each one holds:
+
+=================================================  =========================================
+``lora_down.weight`` / ``lora_up.weight``          ``down`` [r, in(, k, k)] / ``up`` [out, r(, 1, 1)]
+``lora_mid.weight``                                ``mid`` [r, r, k, k] (LoCon Tucker core)
+``hada_w1_a`` ``hada_w1_b`` ``hada_w2_a`` ...      LoHa ``w1a`` [out, r], ``w1b`` [r, in·k·k], ...
+``hada_t1`` / ``hada_t2``                          LoHa Tucker cores; then ``hada_w?_a`` is stored
+                                                   [r, out] and transposed to canonical [out, r]
+``lokr_w1`` / ``lokr_w1_a`` / ``lokr_w1_b``        LoKr first factor, whole or factorised
+``lokr_w2`` / ``lokr_w2_a`` / ``lokr_w2_b``        LoKr second factor; with ``lokr_t2`` (Tucker)
+                                                   ``lokr_w2_a`` is stored [r, out_k] (transposed)
+``diff`` / ``diff_b``                              full weight / bias delta
+``alpha``                                          0-dim, weights' dtype; missing or 0 → alpha = r
+``dora_scale``                                     DoRA magnitude (see below)
+=================================================  =========================================
+
+``dora_scale`` (LyCORIS ``weight_decompose``; ComfyUI reads it the same way): shaped
+[out, 1(, 1, 1)] when the norm is taken per output row (LyCORIS ``wd_on_out=True``, the
+default) and [1, in(, 1, 1)] when per input column. The merged weight is
+``W' = dora_scale · (W + ΔW) / ‖W + ΔW‖`` with the norm over that axis; the reader records
+the axis as ``hints["dora_axis"]`` ("out" / "in") and keeps the tensor as stored.
+
+Writing keeps every header entry, updates ``ss_network_dim`` / ``ss_network_alpha`` (a
+number, or ``Dynamic`` when modules differ) and recomputes ``sshs_model_hash`` /
+``sshs_legacy_hash`` as sd-scripts does (:mod:`loratool.formats.kohya_hash`). alpha tensors
+are written in the dtype they were read in, else in the dtype of the module's factors.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from loratool import arch
+from loratool.adapter import Adapter, LoraModule
+from loratool.errors import FormatError, UsageError
+from loratool.formats.kohya_hash import HASH_KEYS, kohya_hashes
+from loratool.formats.kohya_names import HeadResolver, to_head
+from loratool.io.atomic import atomic_path, check_output
+
+NAME = "kohya"
+
+# suffix -> (kind, canonical tensor name)
+SUFFIXES: dict[str, tuple[str, str]] = {
+    "lora_down.weight": ("lora", "down"),
+    "lora_up.weight": ("lora", "up"),
+    "lora_mid.weight": ("lora", "mid"),
+    "hada_w1_a": ("loha", "w1a"),
+    "hada_w1_b": ("loha", "w1b"),
+    "hada_w2_a": ("loha", "w2a"),
+    "hada_w2_b": ("loha", "w2b"),
+    "hada_t1": ("loha", "t1"),
+    "hada_t2": ("loha", "t2"),
+    "lokr_w1": ("lokr", "w1"),
+    "lokr_w1_a": ("lokr", "w1a"),
+    "lokr_w1_b": ("lokr", "w1b"),
+    "lokr_w2": ("lokr", "w2"),
+    "lokr_w2_a": ("lokr", "w2a"),
+    "lokr_w2_b": ("lokr", "w2b"),
+    "lokr_t2": ("lokr", "t2"),
+    "diff": ("full", "diff"),
+    "diff_b": ("full", "diff_b"),
+}
+SHARED = ("alpha", "dora_scale")
+SUFFIX_OF = {kind_name: suffix for suffix, kind_name in SUFFIXES.items()}
+# Canonical tensors a kind cannot do without: alternatives separated by "|".
+REQUIRED = {"lora": ("down", "up"), "loha": ("w1a", "w1b", "w2a", "w2b"), "lokr": ("w1|w1a", "w2|w2a"),
+            "full": ("diff",)}
+PAIRS = (("w1a", "w1b"), ("w2a", "w2b"))
+# Tucker cores whose "a" factor LyCORIS stores as [r, out] instead of [out, r].
+TUCKER_A = {"loha": (("t1", "w1a"), ("t2", "w2a")), "lokr": (("t2", "w2a"),)}
+LYCORIS_ONLY = ("hada_", "lokr_", "diff", "lora_mid.weight")
+_HEAD = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(head, suffix) for a kohya-shaped key, else None."""
+    head, dot, suffix = key.partition(".")
+    if not dot or not _HEAD.match(head) or (suffix not in SUFFIXES and suffix not in SHARED):
+        return None
+    return head, suffix
+
+
+def _shaped(keys: list[str]) -> list[tuple[str, str]]:
+    return [s for s in (split_key(k) for k in keys) if s is not None]
+
+
+def claims(keys: list[str]) -> bool:
+    """More than half the keys are kohya-shaped and some carry factors (the rest fail loudly on read)."""
+    shaped = _shaped(keys)
+    return bool(keys) and 2 * len(shaped) > len(keys) and any(s in SUFFIXES for _, s in shaped)
+
+
+def has_lycoris_keys(keys: list[str]) -> bool:
+    return any(suffix.startswith(LYCORIS_ONLY) for _, suffix in _shaped(keys))
+
+
+def detect(src) -> bool:
+    return claims(src.keys)
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def _family_for_read(src, opts):
+    if opts.family:
+        return arch.get(opts.family)
+    fam = arch.detect(src.keys, src.metadata)
+    if fam is None and not opts.vocabulary:
+        raise FormatError(
+            f"{src.path}: cannot tell which model family this kohya file is for "
+            f"(no ss_base_model_version / modelspec.architecture, key names not recognised); "
+            f"pass --family ({', '.join(arch.families())}) or --base <model>"
+        )
+    return fam
+
+
+def _group(src) -> dict[str, dict[str, str]]:
+    groups: dict[str, dict[str, str]] = {}
+    for key in src.keys:
+        parts = split_key(key)
+        if parts is None:
+            raise FormatError(f"{src.path}: key {key!r} is not a kohya/LyCORIS key this reader knows")
+        head, suffix = parts
+        groups.setdefault(head, {})[suffix] = key
+    return groups
+
+
+def _dora_axis(scale: torch.Tensor, out_features: int) -> str:
+    """ComfyUI's rule: the output axis when dim 0 matches the weight's output features."""
+    if scale.dim() <= 1 or (scale.shape[0] == out_features and (out_features != 1 or scale.numel() == 1)):
+        return "out"
+    return "in"
+
+
+def build_module(where: str, component: str, path: str, parts: dict[str, torch.Tensor]) -> LoraModule:
+    """One canonical module from the tensors of one kohya head ({suffix: tensor})."""
+    kinds = {SUFFIXES[s][0] for s in parts if s in SUFFIXES}
+    if len(kinds) != 1:
+        what = "no factor tensors" if not kinds else f"tensors of several kinds ({', '.join(sorted(kinds))})"
+        raise FormatError(f"{where}: {what} ({', '.join(sorted(parts))})")
+    kind = kinds.pop()
+    tensors = {SUFFIXES[s][1]: t for s, t in parts.items() if s in SUFFIXES}
+    for need in REQUIRED[kind]:
+        if not any(n in tensors for n in need.split("|")):
+            raise FormatError(f"{where}: {kind} module lacks {SUFFIX_OF[(kind, need.split('|')[0])]}")
+    for a, b in PAIRS:
+        if kind == "lokr" and (a in tensors) != (b in tensors):
+            raise FormatError(f"{where}: {SUFFIX_OF[(kind, a)]} and {SUFFIX_OF[(kind, b)]} come in pairs")
+    hints: dict = {}
+    for core, a in TUCKER_A.get(kind, ()):
+        if core in tensors and a in tensors:
+            tensors[a] = tensors[a].T.contiguous()
+    if kind == "lora":
+        down, up = tensors["down"], tensors["up"]
+        if up.dim() < 2 or down.shape[0] != up.shape[1]:
+            raise FormatError(f"{where}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
+                              f"disagree on the rank")
+        layer = "conv" if down.dim() == 4 else "linear"
+    elif kind == "full":
+        layer = "conv" if tensors["diff"].dim() > 2 else "linear"
+    else:
+        layer = "conv" if any(t.dim() > 2 for t in tensors.values()) else "linear"
+    alpha = None
+    if "alpha" in parts:
+        a = parts["alpha"]
+        if a.numel() != 1:
+            raise FormatError(f"{where}: alpha must hold one number, has shape {tuple(a.shape)}")
+        alpha = float(a.float().reshape(()).item())
+        hints["alpha_dtype"] = a.dtype
+        hints["alpha_shape"] = tuple(a.shape)
+    module = LoraModule(component=component, path=path, kind=kind, layer=layer, tensors=tensors, alpha=alpha,
+                        hints=hints)
+    if "dora_scale" in parts:
+        module.magnitude = parts["dora_scale"]
+        hints["dora_axis"] = _dora_axis(parts["dora_scale"], module.out_features)
+    return module
+
+
+def read(src, opts, source_format: str = NAME) -> Adapter:
+    family = _family_for_read(src, opts)
+    resolver = HeadResolver(family, opts.vocabulary)
+    tensors = src.tensors
+    modules: list[LoraModule] = []
+    for head, parts in _group(src).items():
+        try:
+            component, path, prefix, _ = resolver.resolve(head)
+        except FormatError as exc:
+            raise FormatError(f"{src.path}: {exc}") from None
+        module = build_module(f"{src.path}: {head}", component, path,
+                              {suffix: tensors[key] for suffix, key in parts.items()})
+        module.hints.update(kohya_head=head, kohya_prefix=prefix)
+        if family is not None:
+            module.hints["kohya_family"] = family.name
+        modules.append(module)
+    if family is not None:
+        modules = family.to_canonical(modules)
+    adapter = Adapter(metadata=dict(src.metadata), source_format=source_format)
+    for m in modules:
+        m.hints["kohya_canonical"] = (m.component, m.path)
+        adapter.add(m)
+    return adapter
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def _family_for_write(adapter: Adapter, opts):
+    if opts.family:
+        return arch.get(opts.family)
+    names = {m.hints.get("kohya_family") for m in adapter} - {None}
+    if len(names) == 1:
+        return arch.get(names.pop())
+    fam = arch.detect([], adapter.metadata)
+    if fam is not None:
+        return fam
+    comps = set(adapter.components)
+    if comps <= {"model"}:
+        return arch.get("llm")
+    if comps <= {"unet", "text_encoder"}:
+        return arch.get("sd1")
+    raise UsageError(f"cannot tell which model family to name kohya keys for (components: "
+                     f"{', '.join(sorted(comps))}); pass --family ({', '.join(arch.families())})")
+
+
+def _alpha_value(m: LoraModule) -> float | None:
+    """The alpha to store (None: store none). rsLoRA is folded in: kohya scales by alpha/r."""
+    if m.kind == "full" or (m.alpha is None and "alpha_dtype" not in m.hints and m.rank == 0):
+        return None
+    if m.rslora:
+        return m.effective_alpha
+    if m.alpha is None:
+        return float(m.rank) if m.rank else None
+    return m.alpha
+
+
+def _magnitude_tensor(m: LoraModule) -> torch.Tensor:
+    mag = m.magnitude
+    assert mag is not None
+    if mag.dim() == 1:
+        # PEFT keeps one entry per output feature: LyCORIS' wd_on_out layout [out, 1(, 1, 1)].
+        ndim = len(m.weight_shape) if m.layer != "embedding" else 2
+        mag = mag.reshape(mag.shape[0], *([1] * (ndim - 1)))
+    return mag.contiguous()
+
+
+def module_tensors(m: LoraModule, where: str) -> dict[str, torch.Tensor]:
+    """{suffix: tensor} of one module in kohya / LyCORIS layout."""
+    if m.layer == "embedding":
+        raise FormatError(f"{where}: kohya files cannot hold an embedding LoRA")
+    if "bias" in m.tensors:
+        raise FormatError(f"{where}: kohya files cannot hold a LoRA bias (PEFT lora_bias)")
+    out: dict[str, torch.Tensor] = {}
+    tensors = dict(m.tensors)
+    for core, a in TUCKER_A.get(m.kind, ()):
+        if core in tensors and a in tensors:
+            tensors[a] = tensors[a].T
+    for name, t in tensors.items():
+        suffix = SUFFIX_OF.get((m.kind, name))
+        if suffix is None:
+            raise FormatError(f"{where}: {m.kind} tensor {name!r} has no kohya key")
+        out[suffix] = t.contiguous()
+    alpha = _alpha_value(m)
+    if alpha is not None:
+        dtype = m.hints.get("alpha_dtype") or m.dtype
+        out["alpha"] = torch.tensor(alpha, dtype=torch.float64).to(dtype).reshape(m.hints.get("alpha_shape", ()))
+    if m.magnitude is not None:
+        out["dora_scale"] = _magnitude_tensor(m)
+    return out
+
+
+def _number_text(old: str | None, value: float | int | None, as_int: bool) -> str | None:
+    if value is None:
+        return old
+    try:
+        if old is not None and float(old) == float(value):
+            return old  # keep the producer's spelling ("8" vs "8.0")
+    except ValueError:
+        pass
+    return str(int(value)) if as_int else str(float(value))
+
+
+def network_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> dict[str, str]:
+    """``ss_network_dim`` / ``ss_network_alpha`` for these modules ("Dynamic" when they differ)."""
+    factored = [m for m in modules if m.rank > 0]
+    if not factored:
+        return {}
+    out: dict[str, str] = {}
+    ranks = {m.rank for m in factored}
+    alphas = {a for a in (_alpha_value(m) for m in factored)}
+    for key, values, as_int in (("ss_network_dim", ranks, True), ("ss_network_alpha", alphas, False)):
+        if len(values) == 1:
+            text = _number_text(metadata.get(key), next(iter(values)), as_int)
+        else:
+            text = "Dynamic"
+        if text is not None:
+            out[key] = text
+    return out
+
+
+def write(adapter: Adapter, out: Path, opts) -> list[Path]:
+    out = check_output(out, opts.inputs, opts.force)
+    if adapter.extras:
+        names = ", ".join(f"{c}:{n}" for c, n in list(adapter.extras)[:3])
+        raise FormatError(f"{out}: kohya files hold only LoRA modules; this adapter also has whole tensors "
+                          f"({names}); write it as peft instead")
+    family = _family_for_write(adapter, opts)
+    canonical = list(adapter)
+    native = family.from_canonical(canonical)
+    resolver = HeadResolver(family, None)
+    tensors: dict[str, torch.Tensor] = {}
+    for canon, nat in zip(canonical, native):
+        where = f"{out}: {canon.component}:{canon.path}"
+        head = canon.hints.get("kohya_head")
+        if head is None or canon.hints.get("kohya_canonical") != canon.key or \
+                canon.hints.get("kohya_family") not in (None, family.name):
+            head = to_head(resolver.prefix_for(nat.component), nat.path)
+        for suffix, t in module_tensors(nat, where).items():
+            key = f"{head}.{suffix}"
+            if key in tensors:
+                raise FormatError(f"{where}: two modules map to the kohya key {key!r}")
+            tensors[key] = t
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in HASH_KEYS}
+    metadata.update(opts.extra_metadata)
+    metadata.update(network_metadata(metadata, canonical))
+    metadata.update(kohya_hashes(tensors, metadata))
+    data = save(tensors, metadata)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    return [out]

@@ -1,0 +1,369 @@
+"""What ``loratool info`` reports about an adapter: a dataclass, never printed here.
+
+Without ``stats`` no tensor data of a safetensors file is read: the layout's own ``read`` runs on
+a header-only :class:`~loratool.formats.source.Source` whose tensors are ``meta`` tensors
+(shape and dtype, no storage). Only tensors with at most one element (kohya ``.alpha`` scalars)
+are read for real, since alpha values are data. Pickled files (``.pt``/``.bin``) have no header
+and are loaded whole (restricted unpickler) either way.
+
+With ``stats`` every module's ΔW is described by its singular values σ₁ ≥ σ₂ ≥ … computed from
+the factors (:func:`loratool.ops.factor_form.to_factor_form` + :func:`loratool.ops.linalg.factor_svd`:
+QR of up and downᵀ and an SVD of the small core; dense SVD only for modules with no smaller
+exact form, e.g. ``full``), in float64:
+
+* ``norm``            ‖ΔW‖_F = √(Σ σᵢ²)
+* ``effective_rank``  exp(−Σ pᵢ log pᵢ) with pᵢ = σᵢ / Σ σⱼ (Roy & Vetterli 2007; between 1
+                      and the rank; 0 for ΔW = 0)
+* ``numerical_rank``  #{σᵢ > σ₁ · max(m, n) · eps(float64)} (numpy's ``matrix_rank`` rule)
+* ``sigma_max``       σ₁ (spectral norm)
+
+DoRA modules are described by their ΔW; the magnitude re-normalisation is not in these numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratool import formats
+from loratool.adapter import Adapter, LoraModule
+from loratool.errors import FormatError, InputError
+from loratool.formats.source import Source, open_source
+from loratool.validate import check_adapter
+
+_READER_SLIPS = (KeyError, IndexError, ValueError, RuntimeError, TypeError, NotImplementedError)
+Progress = Callable[[str, int, int], None] | None
+
+# Metadata keys holding bulky JSON: kept in ``metadata``, left out of the training table.
+BULKY_KEYS = frozenset({
+    "ss_tag_frequency", "ss_dataset_dirs", "ss_datasets", "ss_reg_dataset_dirs", "ss_bucket_info",
+    "lora_adapter_metadata", "modelspec.thumbnail",
+})
+TOP_TAGS = 20
+
+# ss_base_model_version / modelspec.architecture prefixes -> family name (longest match first).
+_FAMILY_HINTS = (
+    ("sdxl", "sdxl"), ("stable-diffusion-xl", "sdxl"), ("sd_v1", "sd1"), ("stable-diffusion-v1", "sd1"),
+    ("sd_v2", "sd2"), ("stable-diffusion-v2", "sd2"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"),
+    ("flux", "flux"),
+)
+
+
+@dataclass
+class ModuleStats:
+    norm: float
+    effective_rank: float
+    numerical_rank: int
+    sigma_max: float
+
+
+@dataclass
+class ModuleInfo:
+    name: str  # dotted module path inside the component (canonical naming)
+    component: str
+    kind: str
+    layer: str
+    rank: int
+    alpha: float | None  # as stored; alpha = rank when the layout stores none
+    scale: float
+    shape: list[int]  # the adapted base weight's shape
+    dtype: str
+    dora: bool = False
+    rslora: bool = False
+    fan_in_fan_out: bool = False
+    alpha_assumed: bool = False
+    stats: ModuleStats | None = None
+
+
+@dataclass
+class InfoReport:
+    path: str
+    format: str
+    size_bytes: int
+    files: list[str]
+    family: str | None
+    base_model: dict[str, str]
+    components: list[str]
+    modules: list[ModuleInfo]
+    extras: list[dict[str, Any]]
+    metadata: dict[str, str]
+    training: dict[str, str]
+    modelspec: dict[str, str]
+    tags: list[tuple[str, int]]
+    warnings: list[str] = field(default_factory=list)
+    header_only: bool = True
+    stats: bool = False
+
+    @property
+    def ranks(self) -> dict[int, int]:
+        return dict(sorted(Counter(m.rank for m in self.modules).items()))
+
+    @property
+    def component_modules(self) -> dict[str, int]:
+        return {c: sum(1 for m in self.modules if m.component == c) for c in self.components}
+
+    def counts(self, attr: str) -> dict[str, int]:
+        return dict(Counter(str(getattr(m, attr)) for m in self.modules).most_common())
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable ``--json`` contract."""
+        ranks = [m.rank for m in self.modules]
+        return {
+            "path": self.path,
+            "format": self.format,
+            "size_bytes": self.size_bytes,
+            "files": self.files,
+            "family": self.family,
+            "base_model": self.base_model,
+            "components": self.components,
+            "component_modules": self.component_modules,
+            "module_count": len(self.modules),
+            "kinds": self.counts("kind"),
+            "layers": self.counts("layer"),
+            "ranks": {
+                "min": min(ranks) if ranks else None,
+                "max": max(ranks) if ranks else None,
+                "histogram": {str(k): v for k, v in self.ranks.items()},
+            },
+            "alphas": self.counts("alpha"),
+            "scales": self.counts("scale"),
+            "dtypes": self.counts("dtype"),
+            "dora_modules": sum(m.dora for m in self.modules),
+            "extras": self.extras,
+            "metadata": self.metadata,
+            "training": self.training,
+            "modelspec": self.modelspec,
+            "tags": [{"tag": t, "count": c} for t, c in self.tags],
+            "warnings": self.warnings,
+            "header_only": self.header_only,
+            "stats": self.stats,
+            "modules": [_module_json(m) for m in self.modules],
+        }
+
+
+def _module_json(m: ModuleInfo) -> dict[str, Any]:
+    out = asdict(m)
+    if m.stats is None:
+        out.pop("stats")
+    return out
+
+
+# ---------------------------------------------------------------- header-only reading
+
+
+def header_only_source(src: Source) -> Source:
+    """``src`` with meta tensors standing in for the data (scalars read for real)."""
+    if src._safetensors is None:
+        return src  # a pickle is already in memory
+    file = src._safetensors
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in file.header.tensors.items():
+        if math.prod(info.shape) <= 1:
+            tensors[name] = file.get(name)
+        else:
+            tensors[name] = torch.empty(info.shape, dtype=info.dtype, device="meta")
+    return Source(path=src.path, folder=src.folder, config=src.config, config_path=src.config_path,
+                  metadata=dict(src.metadata), _tensors=tensors)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# ---------------------------------------------------------------- stats
+
+
+def module_stats(module: LoraModule) -> ModuleStats:
+    """σ-based description of ΔW from the factors (see the module docstring for definitions)."""
+    from loratool.ops.factor_form import to_factor_form
+    from loratool.ops.linalg import dense_svd, factor_svd
+
+    form = to_factor_form(module, dtype=torch.float64)
+    if form.is_dense:
+        svd = dense_svd(form.dense, dtype=torch.float64)
+    else:
+        svd = factor_svd(form.up, form.down, form.scale, dtype=torch.float64)
+    s = svd.S.clamp(min=0)
+    total = float(s.sum())
+    smax = float(s[0]) if s.numel() else 0.0
+    if total == 0.0:
+        return ModuleStats(norm=0.0, effective_rank=0.0, numerical_rank=0, sigma_max=0.0)
+    p = s[s > 0] / total
+    erank = math.exp(float(-(p * p.log()).sum()))
+    tol = smax * max(form.shape) * torch.finfo(torch.float64).eps
+    return ModuleStats(
+        norm=float(s.pow(2).sum().sqrt()),
+        effective_rank=erank,
+        numerical_rank=int((s > tol).sum()),
+        sigma_max=smax,
+    )
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str | None) -> str | None:
+    if given:
+        return given
+    try:
+        from loratool import arch
+
+        fam = arch.detect(src.keys, metadata)
+        if fam is not None:
+            return fam.name
+    except ImportError:  # naming tables not installed: metadata alone decides
+        pass
+    for key in ("ss_base_model_version", "modelspec.architecture"):
+        value = metadata.get(key, "").lower()
+        for prefix, name in _FAMILY_HINTS:
+            if value.startswith(prefix):
+                return name
+    return None
+
+
+def _base_model(src: Source, adapter: Adapter, metadata: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in ("ss_base_model_version", "ss_sd_model_name", "modelspec.architecture", "modelspec.title"):
+        if metadata.get(key):
+            out[key] = metadata[key]
+    configs = [src.config or {}, *adapter.config.values()]
+    for cfg in configs:
+        name = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+        if isinstance(name, str) and name:
+            out.setdefault("base_model_name_or_path", name)
+    return out
+
+
+def _tags(metadata: dict[str, str], warnings: list[str]) -> list[tuple[str, int]]:
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return []
+    try:
+        freq = json.loads(raw)
+        total: Counter[str] = Counter()
+        for per_dir in freq.values():
+            for tag, count in per_dir.items():
+                total[str(tag).strip()] += int(count)
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        warnings.append("ss_tag_frequency is not the JSON sd-scripts writes; tags not shown")
+        return []
+    return total.most_common(TOP_TAGS)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _module_info(m: LoraModule) -> ModuleInfo:
+    rank = m.rank
+    alpha = m.alpha if m.alpha not in (None, 0) else (float(rank) if rank else None)
+    return ModuleInfo(
+        name=m.path,
+        component=m.component,
+        kind=m.kind,
+        layer=m.layer,
+        rank=rank,
+        alpha=None if alpha is None else _num(alpha),
+        scale=_num(m.scale),
+        shape=[int(x) for x in m.weight_shape],
+        dtype=_dtype_name(m.dtype),
+        dora=m.magnitude is not None,
+        rslora=m.rslora,
+        fan_in_fan_out=m.fan_in_fan_out,
+        alpha_assumed=bool(m.hints.get("alpha_assumed")),
+    )
+
+
+def _files(src: Source) -> list[str]:
+    files = [src.path]
+    if src.config_path is not None:
+        files.append(src.config_path)
+    return [str(f) for f in files]
+
+
+def inspect(
+    path: str | os.PathLike,
+    format: str | None = None,
+    *,
+    base: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
+    family: str | None = None,
+    stats: bool = False,
+    progress: Progress = None,
+) -> InfoReport:
+    """Describe an adapter; reads tensor data only for ``stats`` (or for a pickle)."""
+    src = open_source(path, config=config)
+    name = format or formats.detect(src)
+    vocabulary = None
+    if base is not None:
+        from loratool.api import base_vocabulary
+
+        vocabulary = base_vocabulary(base)
+    opts = formats.ReadOptions(vocabulary=vocabulary, family=family)
+    read_src = src if stats else header_only_source(src)
+    try:
+        adapter = formats.layout(name).read(read_src, opts)
+    except _READER_SLIPS as exc:
+        # As in api.load: a malformed but parseable file tripped the reader; name the file.
+        detail = " ".join(str(exc).split())[:160]
+        raise InputError(
+            f"{path}: malformed {name} adapter ({exc.__class__.__name__}: {detail}); run with --debug for details"
+        ) from exc
+    if not len(adapter) and not adapter.extras:
+        raise FormatError(f"{path}: no LoRA modules found")
+    check_adapter(adapter, str(path))
+    header_only = not stats and src._safetensors is not None
+    metadata = dict(adapter.metadata or src.metadata)
+    warnings: list[str] = []
+    modules = [_module_info(m) for m in adapter]
+    if stats:
+        total = len(adapter)
+        for i, (info, module) in enumerate(zip(modules, adapter)):
+            if progress:
+                progress("stats", i, total)
+            info.stats = module_stats(module)
+        if progress:
+            progress("stats", total, total)
+    assumed = sum(m.alpha_assumed for m in modules)
+    if name == "loralib" and src.config is None:
+        warnings.append(
+            "no loralib sidecar JSON (<file>.json or --config): assumed alpha = r (scale 1), no fan_in_fan_out, "
+            "embeddings recognised by name"
+        )
+    elif assumed:
+        warnings.append(f"{assumed} module(s) store no alpha: assumed alpha = r (scale 1)")
+    if stats and any(m.dora for m in modules):
+        warnings.append("stats describe ΔW of DoRA modules without the magnitude re-normalisation")
+    extras = [
+        {"component": c, "name": n, "shape": [int(x) for x in t.shape], "dtype": _dtype_name(t.dtype)}
+        for (c, n), t in adapter.extras.items()
+    ]
+    return InfoReport(
+        path=str(path),
+        format=name,
+        size_bytes=sum(Path(f).stat().st_size for f in _files(src)),
+        files=_files(src),
+        family=_family(src, adapter, metadata, family),
+        base_model=_base_model(src, adapter, metadata),
+        components=adapter.components,
+        modules=modules,
+        extras=extras,
+        metadata=metadata,
+        training={k: v for k, v in metadata.items() if k.startswith("ss_") and k not in BULKY_KEYS},
+        modelspec={k: v for k, v in metadata.items() if k.startswith("modelspec.") and k not in BULKY_KEYS},
+        tags=_tags(metadata, warnings),
+        warnings=warnings,
+        header_only=header_only,
+        stats=stats,
+    )

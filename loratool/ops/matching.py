@@ -1,0 +1,239 @@
+"""Which base tensor each adapter module changes.
+
+A module ``(component, path)`` adapts the parameter ``<path>.weight`` of that component (and
+``<path>.bias`` when it carries a bias delta). The checkpoint says where that parameter is
+stored (:meth:`loratool.io.checkpoint.Checkpoint.resolve`): a file, a key, and for fused
+tensors of single-file SD / Flux checkpoints a block of rows.
+
+A group whose component is unknown (a bare ``model.safetensors``) takes the adapter component
+whose modules it holds most of; modules of the other components are reported unmatched. When
+names differ only by a leading prefix (an adapter trained on ``LlamaModel`` — ``layers.0...`` —
+merged into a ``LlamaForCausalLM`` file — ``model.layers.0...``), the one prefix change that
+places most modules is applied to the modules that did not match as they are.
+
+Shapes are checked here, before anything is written, with the reshape rules of
+:func:`loratool.delta.delta_weight` (the ``meta`` device would do it too, but its first use
+imports torch's compiler stack: seconds per run).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratool.adapter import Adapter, LoraModule
+from loratool.delta import _numel, _same_matrix, weight_shape
+from loratool.errors import MatchError
+from loratool.io.checkpoint import Checkpoint, Group, Part, RowSlice
+
+
+@dataclass
+class Application:
+    """One module applied to one stored tensor (in adapter order)."""
+
+    adapter: int
+    module: LoraModule
+    strength: float
+    rows: RowSlice | None = None
+    bias: bool = False  # this application adds Δb to a bias tensor
+
+
+@dataclass
+class MatchPlan:
+    # (file path, stored key) -> what to apply, in order
+    applications: dict[tuple[Path, str], list[Application]] = field(default_factory=dict)
+    # (file path, stored key) -> whole tensor replacing it (PEFT modules_to_save)
+    replacements: dict[tuple[Path, str], tuple[int, str, torch.Tensor]] = field(default_factory=dict)
+    matched: dict[str, int] = field(default_factory=dict)  # adapter component -> modules placed
+    unmatched: list[str] = field(default_factory=list)  # "component:path" (with the adapter when several)
+
+    @property
+    def total_matched(self) -> int:
+        return sum(self.matched.values())
+
+
+def _keys_by_suffix(keys) -> dict[str, list[str]]:
+    """Every dotted suffix of every key -> keys ending with it (``a.b.w`` gives ``b.w`` and ``w``)."""
+    out: dict[str, list[str]] = {}
+    for key in keys:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            out.setdefault(".".join(parts[i:]), []).append(key)
+    return out
+
+
+def _prefix_rule(group: Group, paths: list[str]) -> tuple[int, str] | None:
+    """The (strip n leading segments, then prepend P) rule that places most ``paths`` on distinct keys.
+
+    Counting distinct keys keeps a rule such as "prepend ``model.layers.0.``" (every ``q_proj``
+    onto one tensor) from winning; at least two modules and half of them must be placed.
+    """
+    keys = group.key_to_part
+    suffixes = _keys_by_suffix(keys)
+    hits: dict[tuple[int, str], set[str]] = {}
+    for path in paths:
+        segs = path.split(".")
+        for strip in range(len(segs) - 1):
+            tail = ".".join(segs[strip:]) + ".weight"
+            if strip and tail in keys:
+                hits.setdefault((strip, ""), set()).add(tail)
+            for key in suffixes.get(tail, ()):
+                hits.setdefault((strip, key[: -len(tail)]), set()).add(key)
+    if not hits:
+        return None
+    rule = max(hits, key=lambda r: (len(hits[r]), -r[0]))
+    count = len(hits[rule])
+    return rule if count >= 2 and count * 2 >= len(paths) else None
+
+
+def _apply_rule(path: str, rule: tuple[int, str]) -> str:
+    strip, prefix = rule
+    return prefix + ".".join(path.split(".")[strip:])
+
+
+def match(
+    adapters: list[Adapter],
+    strengths: list[float],
+    ckpt: Checkpoint,
+    *,
+    names: list[str] | None = None,
+) -> MatchPlan:
+    """Place every module of every adapter; raise :class:`MatchError` on a shape mismatch or zero matches."""
+    names = names or [f"adapter {i + 1}" for i in range(len(adapters))]
+    plan = MatchPlan()
+
+    # Unknown-component groups take the adapter component they hold most modules of.
+    assigned: dict[int, str | None] = {}
+    for gi, group in enumerate(ckpt.groups):
+        if group.component is not None or group.targets is not None:
+            continue
+        score: Counter = Counter()
+        for adapter in adapters:
+            for m in adapter:
+                score[m.component] += f"{m.path}.weight" in group.key_to_part
+        if not any(score.values()):
+            # nothing matches as named: fall back to the component the prefix rule places most
+            for comp in dict.fromkeys(m.component for a in adapters for m in a):
+                rule = _prefix_rule(group, [m.path for a in adapters for m in a if m.component == comp])
+                if rule is not None:
+                    score[comp] += 1
+        assigned[gi] = score.most_common(1)[0][0] if score and any(score.values()) else None
+
+    def owner(group_index: int, group: Group, component: str) -> bool:
+        if group_index in assigned:
+            return assigned[group_index] == component
+        return group.serves(component)
+
+    def lookup(component: str, param: str) -> tuple[Part, str, RowSlice | None] | None:
+        for gi, group in enumerate(ckpt.groups):
+            if not owner(gi, group, component):
+                continue
+            hit = group.lookup(group.component or component, param) if group.targets is None \
+                else group.lookup(component, param)
+            if hit is not None:
+                return hit
+        return None
+
+    # First pass: names as they are; then one prefix rule per (group, component) for the rest.
+    placed: dict[tuple[int, str], tuple[Part, str, RowSlice | None]] = {}
+    missing: dict[str, list[tuple[int, LoraModule]]] = {}
+    for ai, adapter in enumerate(adapters):
+        for m in adapter:
+            hit = lookup(m.component, f"{m.path}.weight")
+            if hit is not None:
+                placed[(ai, m.path + "\0" + m.component)] = hit
+            else:
+                missing.setdefault(m.component, []).append((ai, m))
+    placed_comps = {m.component for a in adapters for m in a} - set(missing)
+    placed_comps |= {c for c, mods in missing.items()
+                     if len(mods) < sum(1 for a in adapters for m in a if m.component == c)}
+    for comp, mods in missing.items():
+        if comp in placed_comps:
+            continue  # names work for this component: the missing ones are really missing
+        for gi, group in enumerate(ckpt.groups):
+            if group.targets is not None or not owner(gi, group, comp):
+                continue
+            rule = _prefix_rule(group, [m.path for _, m in mods])
+            if rule is None:
+                continue
+            for ai, m in mods:
+                hit = group.lookup(group.component or comp, _apply_rule(m.path, rule) + ".weight")
+                if hit is not None:
+                    placed[(ai, m.path + "\0" + m.component)] = hit
+
+    errors: list[str] = []
+    for ai, adapter in enumerate(adapters):
+        for m in adapter:
+            hit = placed.get((ai, m.path + "\0" + m.component))
+            label = f"{m.component}:{m.path}" + (f" ({names[ai]})" if len(adapters) > 1 else "")
+            if hit is None:
+                plan.unmatched.append(label)
+                continue
+            part, key, rows = hit
+            info = part.file.info(key)
+            shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+            if rows is not None and not (0 <= rows[0] < rows[1] <= info.shape[0]):
+                errors.append(f"{label}: rows {rows} lie outside {key} {info.shape}")
+                continue
+            err = _check_shapes(m, shape, strengths[ai], names[ai], key)
+            if err:
+                errors.append(err)
+                continue
+            plan.applications.setdefault((part.path, key), []).append(Application(ai, m, strengths[ai], rows))
+            bias_key = key[: -len("weight")] + "bias" if key.endswith("weight") else None
+            if _has_bias_delta(m):
+                if bias_key is None or bias_key not in part.file:
+                    where = bias_key or f"bias for {key}"
+                    errors.append(f"{label}: the adapter changes a bias but the base has no {where}")
+                    continue
+                plan.applications.setdefault((part.path, bias_key), []).append(
+                    Application(ai, m, strengths[ai], rows, bias=True))
+            plan.matched[m.component] = plan.matched.get(m.component, 0) + 1
+    for ai, adapter in enumerate(adapters):
+        for (comp, name), tensor in adapter.extras.items():
+            hit = lookup(comp, name)
+            label = f"{comp}:{name}" + (f" ({names[ai]})" if len(adapters) > 1 else "")
+            if hit is None:
+                plan.unmatched.append(label)
+                continue
+            part, key, rows = hit
+            info = part.file.info(key)
+            if rows is not None or tuple(tensor.shape) != info.shape:
+                errors.append(f"{label}: saved tensor is {tuple(tensor.shape)}, base {key} is {info.shape}")
+                continue
+            plan.replacements[(part.path, key)] = (ai, label, tensor)
+            plan.matched[comp] = plan.matched.get(comp, 0) + 1
+    if errors:
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise MatchError("; ".join(errors[:3]) + more)
+    if not plan.total_matched:
+        comps = ", ".join(str(g.component or "unknown") for g in ckpt.groups)
+        sample = ", ".join(plan.unmatched[:3])
+        raise MatchError(
+            f"{ckpt.root}: no adapter module matches a base weight (base components: {comps}; "
+            f"adapter modules such as {sample}); is this the right base model?"
+        )
+    return plan
+
+
+def _has_bias_delta(m: LoraModule) -> bool:
+    return (m.kind == "lora" and "bias" in m.tensors) or (m.kind == "full" and "diff_b" in m.tensors)
+
+
+def _check_shapes(m: LoraModule, shape: tuple[int, ...], strength: float, name: str, key: str) -> str | None:
+    """Whether ΔW fits the base tensor under the same reshape rules :func:`delta_weight` applies.
+
+    (lora / full shapes come from the factors' shapes; LoHa / LoKr from their product.)
+    """
+    try:
+        got = tuple(weight_shape(m))
+    except (RuntimeError, ValueError, IndexError, KeyError) as exc:
+        return f"{m.component}:{m.path} ({name}): cannot form ΔW ({exc.__class__.__name__}: {str(exc)[:160]})"
+    if got == tuple(shape):
+        return None
+    if _numel(got) == _numel(shape) and (m.kind in ("loha", "lokr") or _same_matrix(got, shape)):
+        return None
+    return f"{m.component}:{m.path}: adapter gives shape {got}, base weight {key} is {tuple(shape)}"

@@ -1,0 +1,292 @@
+"""Re-rank every module of an adapter to its best rank-k approximation (Eckart–Young).
+
+Per module: ΔM = s · up @ down (see :mod:`loratool.ops.factor_form`) → exact SVD from the
+factors (:func:`loratool.ops.linalg.factor_svd`, no dense ΔW) → k by the rank rule → the
+first k triplets. Modules with no useful factor form (``full``, large LoHa/LoKr products)
+take a dense SVD of their ΔM.
+
+Scale rule: the output keeps the module's scale s' = s (alpha/r keeps its meaning, as kohya
+users expect), so alpha' = s · k (s · √k with rsLoRA) and
+
+    up' = U_k · √S_k / √s,   down' = √S_k · Vh_k / √s,   s' · up' @ down' = ΔM_k.
+
+A module whose scale is not positive (alpha ≤ 0) is written with scale 1 (alpha' = k).
+A bias delta Δb (PEFT ``lora_bias``, a full module's ``diff_b``) is stored as bias' = Δb / s'.
+A DoRA magnitude is kept as is: the merged weight is still m ⊙ (W + ΔW_k) / ‖W + ΔW_k‖
+(the truncated ΔW only changes its direction).
+Modules already at or below the target rank are copied untouched (bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratool.adapter import Adapter, LoraModule
+from loratool.delta import delta_bias
+from loratool.errors import NonFiniteError, UsageError
+from loratool.ops.device import pick_device
+from loratool.ops.factor_form import to_factor_form, to_module
+from loratool.ops.linalg import compute_dtype, dense_svd, factor_svd, split_factors
+from loratool.ops.rank_rules import RankRule, select_rank
+
+Progress = Callable[[str, int, int], None]
+STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
+
+
+@dataclass
+class ModuleResize:
+    component: str
+    path: str
+    kind: str
+    layer: str
+    rank_in: int
+    rank_out: int
+    fro_kept: float  # ‖ΔW_k‖_F / ‖ΔW‖_F
+    method: str  # "factor", "dense" or "unchanged"
+    norm: float = 0.0  # ‖ΔW‖_F = √(Σ σᵢ²)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "module": f"{self.component}:{self.path}", "kind": self.kind, "layer": self.layer,
+            "rank_in": self.rank_in, "rank_out": self.rank_out, "fro_kept": self.fro_kept, "method": self.method,
+            "norm": self.norm,
+        }
+
+
+@dataclass
+class ResizeResult:
+    adapter: Adapter
+    modules: list[ModuleResize]
+    rank: int
+    conv_rank: int
+    rule: RankRule
+    device: str
+    mean_fro_kept: float  # mean over modules of ‖ΔW_k‖/‖ΔW‖
+    total_fro_kept: float  # √(Σ ‖ΔW_k‖² / Σ ‖ΔW‖²) over all modules
+    output: Path | None = None
+    files: list[Path] = field(default_factory=list)
+    output_format: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output) if self.output else None,
+            "format": self.output_format,
+            "files": [str(f) for f in self.files],
+            "rank": self.rank,
+            "conv_rank": self.conv_rank,
+            "dynamic": self.rule.method,
+            "param": self.rule.param,
+            "device": self.device,
+            "modules": [m.to_json() for m in self.modules],
+            "mean_fro_kept": self.mean_fro_kept,
+            "total_fro_kept": self.total_fro_kept,
+            "rank_min": min((m.rank_out for m in self.modules), default=0),
+            "rank_max": max((m.rank_out for m in self.modules), default=0),
+            "warnings": list(self.warnings),
+        }
+
+
+def is_kxk_conv(module: LoraModule) -> bool:
+    """Conv modules with a spatial kernel (3×3 …): the ones ``--conv-rank`` applies to."""
+    if module.layer != "conv":
+        return False
+    shape = module.weight_shape
+    return math.prod(int(x) for x in shape[2:]) > 1
+
+
+def _target_scale(module: LoraModule) -> float:
+    s = module.scale
+    return s if math.isfinite(s) and s > 0 else 1.0
+
+
+def resize_module(
+    module: LoraModule,
+    max_rank: int,
+    rule: RankRule | None = None,
+    *,
+    device: torch.device | None = None,
+) -> tuple[LoraModule, ModuleResize]:
+    """The best rank-k version of one module (k from ``rule`` capped at ``max_rank``)."""
+    device = device or torch.device("cpu")
+    name = f"{module.component}:{module.path}"
+    probe_dtype = compute_dtype(device, 0)
+    form = to_factor_form(module, dtype=probe_dtype, device=device)
+    if form.is_dense:
+        if not torch.isfinite(form.dense).all():
+            raise NonFiniteError(f"{name}: ΔW holds NaN or Inf")
+        svd = dense_svd(form.dense, dtype=compute_dtype(device, form.dense.numel()))
+        method = "dense"
+    else:
+        if not (torch.isfinite(form.up).all() and torch.isfinite(form.down).all()):
+            raise NonFiniteError(f"{name}: LoRA factors hold NaN or Inf")
+        svd = factor_svd(form.up, form.down, form.scale,
+                         dtype=compute_dtype(device, (sum(form.shape)) * form.rank))
+        method = "factor"
+    k = select_rank(svd.S, max_rank, rule)
+    kept = svd.fro_kept(k)
+    report = ModuleResize(module.component, module.path, module.kind, module.layer, module.rank or form.rank,
+                          k, kept, method, float((svd.S.double() ** 2).sum()) ** 0.5)
+    if module.kind == "lora" and "mid" not in module.tensors and k >= module.rank:
+        report.rank_out = module.rank
+        report.fro_kept = 1.0
+        report.method = "unchanged"
+        return module, report
+    scale = _target_scale(module)
+    up, down = split_factors(svd.truncate(k), scale)
+    out = to_module(module, form.weight_shape, up, down, scale=scale,
+                    rslora=module.rslora if module.kind == "lora" else False, dtype=module.dtype)
+    db = delta_bias(module, dtype=torch.float64)
+    if db is not None:  # stored so that s' · bias' = Δb (PEFT lora_bias; a full module's diff_b)
+        out.tensors["bias"] = (db / scale).to(module.dtype)
+    return out, report
+
+
+def resize(
+    adapter: Adapter,
+    rank: int,
+    *,
+    conv_rank: int | None = None,
+    dynamic: str | None = None,
+    param: float | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> ResizeResult:
+    """Resize every module; ``conv_rank`` (default ``rank``) caps conv k×k modules."""
+    if rank is None or int(rank) < 1:
+        raise UsageError(f"--rank {rank}: must be a positive integer")
+    if conv_rank is not None and int(conv_rank) < 1:
+        raise UsageError(f"--conv-rank {conv_rank}: must be a positive integer")
+    rule = RankRule(dynamic, param)
+    conv_rank = int(conv_rank) if conv_rank is not None else int(rank)
+    dev = pick_device(device)
+    out = Adapter(metadata=dict(adapter.metadata), source_format=adapter.source_format,
+                  config={k: dict(v) for k, v in adapter.config.items()}, extras=dict(adapter.extras))
+    reports: list[ModuleResize] = []
+    total = len(adapter.modules)
+    warnings: list[str] = []
+    for i, module in enumerate(adapter.modules.values()):
+        cap = conv_rank if is_kxk_conv(module) else int(rank)
+        new, report = resize_module(module, cap, rule, device=dev)
+        out.add(new)
+        reports.append(report)
+        if progress is not None:
+            progress("resizing", i + 1, total)
+    if any(m.magnitude is not None for m in adapter.modules.values()):
+        warnings.append("DoRA magnitudes are kept unchanged; the resized ΔW changes the merged weight's direction only")
+    result = ResizeResult(
+        adapter=out, modules=reports, rank=int(rank), conv_rank=conv_rank, rule=rule, device=str(dev),
+        mean_fro_kept=_mean([r.fro_kept for r in reports]),
+        total_fro_kept=_total_kept(reports),
+        warnings=warnings,
+    )
+    _update_metadata(out, adapter, result)
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else 1.0
+
+
+def _total_kept(reports: list[ModuleResize]) -> float:
+    """√(Σ ‖ΔW_k‖² / Σ ‖ΔW‖²) over all modules."""
+    num = sum((r.norm * r.fro_kept) ** 2 for r in reports)
+    den = sum(r.norm ** 2 for r in reports)
+    return math.sqrt(num / den) if den > 0 else 1.0
+
+
+def _ranks_text(values: list[float]) -> str:
+    uniq = {round(float(v), 6) for v in values}
+    if len(uniq) != 1:
+        return "Dynamic"
+    v = uniq.pop()
+    return str(int(v)) if v.is_integer() else f"{v:g}"
+
+
+def network_metadata(out: Adapter) -> None:
+    """ss_network_dim / ss_network_alpha from the modules ("Dynamic" when they differ).
+
+    Every module written by resize / stack is a plain LoRA, so a LyCORIS ``ss_network_module``
+    becomes ``networks.lora``.
+    """
+    meta = out.metadata
+    modules = list(out.modules.values())
+    if not modules:
+        return
+    meta["ss_network_dim"] = _ranks_text([m.rank for m in modules])
+    meta["ss_network_alpha"] = _ranks_text([m.effective_alpha for m in modules])
+    if "lycoris" in meta.get("ss_network_module", "") and all(m.kind == "lora" for m in modules):
+        meta["ss_network_module"] = "networks.lora"
+        meta.pop("ss_network_args", None)
+
+
+def _update_metadata(out: Adapter, source: Adapter, result: ResizeResult) -> None:
+    meta = out.metadata
+    for key in STALE_KEYS:  # the writer recomputes them from the new bytes
+        meta.pop(key, None)
+    old_dim = meta.get("ss_network_dim") or _ranks_text([m.rank for m in source.modules.values()])
+    network_metadata(out)
+    what = (f"dynamic resize ({result.rule.describe()}, max rank {result.rank})" if result.rule.method
+            else f"resized to rank {result.rank}")
+    comment = f"{what} from rank {old_dim} by loratool (mean Frobenius norm kept {result.mean_fro_kept:.4f})"
+    previous = meta.get("ss_training_comment")
+    meta["ss_training_comment"] = f"{comment}; {previous}" if previous and previous != "None" else comment
+    meta["loratool_resize"] = json.dumps({
+        "rank": result.rank, "conv_rank": result.conv_rank, "dynamic": result.rule.method,
+        "param": result.rule.param, "from_rank": old_dim, "mean_fro_kept": round(result.mean_fro_kept, 6),
+        "total_fro_kept": round(result.total_fro_kept, 6),
+    }, sort_keys=True)
+
+
+def output_layout(source_format: str | None, to: str | None) -> str:
+    """The layout to write: ``to``, else the input's (LyCORIS results are plain LoRA → kohya)."""
+    from loratool import formats
+
+    name = to or source_format or "kohya"
+    if name == "lycoris" and to is None:
+        name = "kohya"
+    if name not in formats.WRITABLE:
+        raise UsageError(f"--to {name}: cannot write that layout; writable: {', '.join(formats.WRITABLE)}")
+    return name
+
+
+def resize_file(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    rank: int,
+    *,
+    conv_rank: int | None = None,
+    dynamic: str | None = None,
+    param: float | None = None,
+    device: str = "auto",
+    to: str | None = None,
+    force: bool = False,
+    format: str | None = None,
+    base: str | os.PathLike | None = None,
+    family: str | None = None,
+    config: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> ResizeResult:
+    """load → :func:`resize` → save, in the input's layout unless ``to`` says otherwise."""
+    from loratool.api import load, save
+    from loratool.io.atomic import check_output
+
+    RankRule(dynamic, param)  # argument errors before any reading
+    layout = output_layout(None, to) if to else None
+    check_output(out, inputs=(path,), force=force)
+    adapter = load(path, format=format, base=base, config=config, family=family)
+    layout = layout or output_layout(adapter.source_format, None)
+    result = resize(adapter, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
+                    progress=progress)
+    result.files = save(result.adapter, out, layout, force=force, inputs=(path,), family=family)
+    result.output = Path(out)
+    result.output_format = layout
+    return result

@@ -1,0 +1,280 @@
+"""Add several adapters into one: ΔW = Σᵢ wᵢ · ΔWᵢ, module by module over the union of modules.
+
+Every contribution is first brought to its exact factor form ΔMᵢ = sᵢ · upᵢ @ downᵢ
+(:mod:`loratool.ops.factor_form`); a dense one (``full``, large LoHa/LoKr products) is factored
+exactly by its SVD, keeping every singular value above the usual rounding tolerance.
+
+* ``concat`` (exact): up = [c₁·up₁ | c₂·up₂ | …], down = [down₁; down₂; …] with
+  cᵢ = wᵢ · sᵢ / s', so s' · up @ down = Σ wᵢ sᵢ upᵢ downᵢ. Ranks add up; the weight is applied
+  once, to the up side only (never to both factors, never by summing factors of equal rank,
+  which would create cross terms). Negative weights subtract.
+* ``svd``: the best rank-N approximation of the same sum, from the SVD of the stacked factors
+  (QR of the stacked up and downᵀ, then a small core SVD; ΔW is never formed).
+
+Output scale s': the common scale when every contribution is a plain LoRA with the same scale
+(so alpha/r keeps its meaning, alpha' = s' · R); otherwise 1 (alpha' = R). rsLoRA is kept
+when every contribution uses it (alpha' = s' · √R). Bias deltas (PEFT ``lora_bias``,
+a full module's ``diff_b``) become bias' = Σ wᵢ Δbᵢ / s'.
+DoRA modules cannot be added (their magnitudes are absolute, not deltas) unless only one
+input has that module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratool.adapter import Adapter, LoraModule
+from loratool.delta import delta_bias
+from loratool.errors import MatchError, NonFiniteError, UsageError
+from loratool.ops.device import pick_device
+from loratool.ops.factor_form import FactorForm, to_factor_form, to_module, transposed
+from loratool.ops.linalg import compute_dtype, dense_svd, numerical_rank, split_factors, stacked_factor_svd
+from loratool.ops.rank_rules import select_rank
+from loratool.ops.resize import STALE_KEYS, network_metadata, output_layout
+
+Progress = Callable[[str, int, int], None]
+METHODS = ("concat", "svd")
+
+
+@dataclass
+class ModuleStack:
+    component: str
+    path: str
+    sources: list[int]  # indexes of the inputs that hold this module
+    rank_out: int
+    fro_kept: float  # ‖result‖ / ‖Σ wᵢ ΔWᵢ‖ (1.0 for concat)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"module": f"{self.component}:{self.path}", "sources": self.sources,
+                "rank_out": self.rank_out, "fro_kept": self.fro_kept}
+
+
+@dataclass
+class StackResult:
+    adapter: Adapter
+    modules: list[ModuleStack]
+    method: str
+    rank: int | None
+    weights: list[float]
+    labels: list[str]
+    device: str
+    output: Path | None = None
+    files: list[Path] = field(default_factory=list)
+    output_format: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def mean_fro_kept(self) -> float:
+        return float(sum(m.fro_kept for m in self.modules) / len(self.modules)) if self.modules else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output) if self.output else None,
+            "format": self.output_format,
+            "files": [str(f) for f in self.files],
+            "method": self.method,
+            "rank": self.rank,
+            "inputs": [{"file": lab, "weight": w} for lab, w in zip(self.labels, self.weights)],
+            "device": self.device,
+            "modules": [m.to_json() for m in self.modules],
+            "mean_fro_kept": self.mean_fro_kept,
+            "warnings": list(self.warnings),
+        }
+
+
+def _contribution_factors(form: FactorForm) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up, down, scale) of one contribution; a dense ΔM is factored exactly by its SVD."""
+    if not form.is_dense:
+        return form.up, form.down, form.scale
+    svd = dense_svd(form.dense, dtype=form.dense.dtype)
+    k = numerical_rank(svd, form.shape)
+    svd = svd.truncate(k)
+    return svd.U * svd.S, svd.Vh, 1.0
+
+
+def _check_same_target(key: tuple[str, str], entries: list[tuple[int, LoraModule, FactorForm]],
+                       labels: list[str]) -> None:
+    i0, m0, f0 = entries[0]
+    for i, m, f in entries[1:]:
+        if m.layer != m0.layer or transposed(m) != transposed(m0) or f.shape != f0.shape \
+                or tuple(f.weight_shape[2:]) != tuple(f0.weight_shape[2:]):
+            raise MatchError(
+                f"{key[0]}:{key[1]}: {labels[i0]} adapts a {m0.layer} weight of shape {tuple(f0.weight_shape)}, "
+                f"{labels[i]} a {m.layer} weight of shape {tuple(f.weight_shape)}; they cannot be added"
+            )
+
+
+def _output_scale(modules: list[LoraModule]) -> tuple[float, bool]:
+    """(s', rslora) for the output module (see the module docstring)."""
+    rslora = all(m.kind == "lora" and m.rslora for m in modules)
+    scales = [m.scale for m in modules]
+    if all(m.kind == "lora" for m in modules) and all(math.isfinite(s) and s > 0 for s in scales):
+        if max(scales) - min(scales) <= 1e-12 * max(scales):
+            return scales[0], rslora
+    return 1.0, rslora
+
+
+def stack_module(
+    key: tuple[str, str],
+    entries: list[tuple[int, LoraModule]],
+    weights: list[float],
+    method: str,
+    rank: int | None,
+    labels: list[str],
+    device: torch.device,
+) -> tuple[LoraModule, ModuleStack]:
+    """One output module from the inputs' modules at ``key``."""
+    work = compute_dtype(device, 0)
+    forms = [(i, m, to_factor_form(m, dtype=work, device=device)) for i, m in entries]
+    _check_same_target(key, forms, labels)
+    modules = [m for _, m, _ in forms]
+    scale, rslora = _output_scale(modules)
+    ups, downs, coefs = [], [], []
+    for i, _m, form in forms:
+        up, down, s = _contribution_factors(form)
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise NonFiniteError(f"{key[0]}:{key[1]} in {labels[i]}: factors hold NaN or Inf")
+        ups.append(up)
+        downs.append(down)
+        coefs.append(weights[i] * s)
+    template = modules[0]
+    shape = forms[0][2].weight_shape
+    if method == "concat":
+        up = torch.cat([u * (c / scale) for u, c in zip(ups, coefs)], dim=1)
+        down = torch.cat(downs, dim=0)
+        kept = 1.0
+    else:
+        svd = stacked_factor_svd(ups, downs, coefs, dtype=work)
+        k = select_rank(svd.S, rank)
+        kept = svd.fro_kept(k)
+        up, down = split_factors(svd.truncate(k), scale)
+    out = to_module(template, shape, up, down, scale=scale, rslora=rslora, dtype=template.dtype)
+    biases = [(weights[i], delta_bias(m, dtype=torch.float64)) for i, m in entries]
+    biases = [(w, b) for w, b in biases if b is not None]
+    if biases:  # s' · bias' = Σ wᵢ Δbᵢ
+        out.tensors["bias"] = (sum(w * b for w, b in biases) / scale).to(template.dtype)
+    report = ModuleStack(key[0], key[1], [i for i, _ in entries], int(up.shape[1]), kept)
+    return out, report
+
+
+def stack(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float] | None = None,
+    *,
+    method: str = "concat",
+    rank: int | None = None,
+    labels: Sequence[str] | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> StackResult:
+    """Σ wᵢ ΔWᵢ of ``adapters`` over the union of their modules (see the module docstring)."""
+    n = len(adapters)
+    if n < 1:
+        raise UsageError("stack needs at least one adapter")
+    weights = [1.0] * n if weights is None or len(weights) == 0 else [float(w) for w in weights]
+    if len(weights) != n:
+        raise UsageError(f"--weights: {len(weights)} weights for {n} adapters; give one per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"--weights {weights}: weights must be finite numbers")
+    if method not in METHODS:
+        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    if method == "svd" and (rank is None or int(rank) < 1):
+        raise UsageError("--method svd needs --rank N (N ≥ 1)")
+    if method == "concat" and rank is not None:
+        raise UsageError("--rank applies to --method svd only (concat is exact: ranks add up)")
+    labels = list(labels) if labels is not None else [f"adapter {i + 1}" for i in range(n)]
+    dev = pick_device(device)
+
+    keys: dict[tuple[str, str], list[tuple[int, LoraModule]]] = {}
+    for i, adapter in enumerate(adapters):
+        for key, module in adapter.modules.items():
+            keys.setdefault(key, []).append((i, module))
+
+    warnings: list[str] = []
+    out = Adapter(metadata=dict(adapters[0].metadata), source_format=adapters[0].source_format)
+    for adapter in adapters:
+        for comp, cfg in adapter.config.items():
+            out.config.setdefault(comp, dict(cfg))
+        for key, tensor in adapter.extras.items():
+            if key in out.extras:
+                if not torch.equal(out.extras[key], tensor):
+                    warnings.append(f"{key[0]}:{key[1]}: whole tensor differs between inputs; kept the first")
+                continue
+            out.extras[key] = tensor
+
+    reports: list[ModuleStack] = []
+    for done, (key, all_entries) in enumerate(keys.items(), start=1):
+        entries = [(i, m) for i, m in all_entries if weights[i] != 0.0]
+        if not entries:
+            warnings.append(f"{key[0]}:{key[1]}: every input holding it has weight 0; left out")
+            continue
+        if len(entries) > 1 and any(m.magnitude is not None for _, m in entries):
+            raise UsageError(
+                f"{key[0]}:{key[1]}: DoRA module in {', '.join(labels[i] for i, _ in entries)}; "
+                "DoRA magnitudes are absolute, not deltas, and cannot be added"
+            )
+        module, report = stack_module(key, entries, weights, method, rank, labels, dev)
+        out.add(module)
+        reports.append(report)
+        if progress is not None:
+            progress("stacking", done, len(keys))
+
+    result = StackResult(adapter=out, modules=reports, method=method, rank=int(rank) if rank else None,
+                         weights=weights, labels=labels, device=str(dev), warnings=warnings)
+    _update_metadata(out, result)
+    return result
+
+
+def _update_metadata(out: Adapter, result: StackResult) -> None:
+    meta = out.metadata
+    for key in STALE_KEYS:
+        meta.pop(key, None)
+    network_metadata(out)
+    parts = ", ".join(f"{w:g} × {lab}" for lab, w in zip(result.labels, result.weights))
+    what = "concatenated" if result.method == "concat" else f"SVD rank {result.rank}"
+    meta["ss_training_comment"] = f"stacked by loratool ({what}): {parts}"
+    meta["loratool_stack"] = json.dumps({
+        "method": result.method, "rank": result.rank,
+        "inputs": [{"file": lab, "weight": w} for lab, w in zip(result.labels, result.weights)],
+        "mean_fro_kept": round(result.mean_fro_kept, 6),
+    }, sort_keys=True)
+
+
+def stack_files(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    *,
+    method: str = "concat",
+    rank: int | None = None,
+    to: str | None = None,
+    device: str = "auto",
+    force: bool = False,
+    base: str | os.PathLike | None = None,
+    family: str | None = None,
+    progress: Progress | None = None,
+) -> StackResult:
+    """load each → :func:`stack` → save in ``to`` or the first input's layout."""
+    from loratool.api import load, save
+    from loratool.io.atomic import check_output
+
+    if weights and len(weights) != len(paths):
+        raise UsageError(f"--weights: {len(weights)} weights for {len(paths)} adapters; give one per adapter")
+    layout = output_layout(None, to) if to else None
+    check_output(out, inputs=tuple(paths), force=force)
+    adapters = [load(p, base=base, family=family) for p in paths]
+    layout = layout or output_layout(adapters[0].source_format, None)
+    labels = [Path(str(p)).name for p in paths]
+    result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress)
+    result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
+    result.output = Path(out)
+    result.output_format = layout
+    return result

@@ -1,0 +1,90 @@
+"""Regenerate the SDXL / Flux / SD3 tables shipped in ``loratool/arch`` (``sdxl_*.json``, ``flux_*.json``,
+``sd3_*.json``) from the real model classes on the ``meta`` device (no weights, no network).
+
+Run ``python scripts/gen_arch_tables.py``. Configs are the published ones, hard-coded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+ARCH = Path(__file__).resolve().parents[1] / "loratool" / "arch"
+
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+              num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu")
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
+
+
+def weight_paths(model, prefix: str = "") -> list[str]:
+    """Dotted paths of every module that owns a ``weight`` parameter."""
+    return sorted(prefix + name for name, mod in model.named_modules()
+                  if name and "weight" in dict(mod.named_parameters(recurse=False)))
+
+
+def _meta(factory):
+    with torch.device("meta"):
+        return factory()
+
+
+def clip_paths(cfg: dict, projection: bool) -> list[str]:
+    """HF CLIP text-model paths as stored on disk (``text_model.`` prefix; transformers 5's bare
+    ``CLIPTextModel`` drops it in memory, files and kohya keys keep it)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    model = _meta(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg)))
+    paths = weight_paths(model)
+    return paths if projection else [p for p in paths if p != "text_projection"]
+
+
+def sdxl_tables() -> dict[str, dict]:
+    from diffusers import UNet2DConditionModel
+
+    from loratool.arch.sdxl import diffusers_to_sgm
+
+    unet = _meta(lambda: UNet2DConditionModel(**SDXL_UNET))
+    up_attn = {i for i, t in enumerate(SDXL_UNET["up_block_types"]) if t.startswith("CrossAttn")}
+    table = {}
+    for path in weight_paths(unet):
+        sgm = diffusers_to_sgm(path, SDXL_UNET["layers_per_block"], up_attn)
+        if sgm is None:
+            raise SystemExit(f"no SGM name for {path}")
+        table[sgm] = path
+    te = {"text_encoder": clip_paths(CLIP_L, False), "text_encoder_2": clip_paths(CLIP_G, True)}
+    return {"sdxl_unet.json": {"sgm_to_diffusers": dict(sorted(table.items()))}, "sdxl_text_encoders.json": te}
+
+
+def flux_tables() -> dict[str, dict]:
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = _meta(lambda: T5EncoderModel(T5Config(**T5_XXL)))
+    data = {"num_layers": FLUX_DEV["num_layers"], "num_single_layers": FLUX_DEV["num_single_layers"],
+            "text_encoder": clip_paths(CLIP_L, False), "text_encoder_2": weight_paths(t5)}
+    return {"flux_modules.json": data}
+
+
+def main() -> None:
+    for tables in (sdxl_tables(), flux_tables()):
+        for fname, data in tables.items():
+            (ARCH / fname).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+            print(f"wrote {ARCH / fname}")
+
+
+if __name__ == "__main__":
+    main()
