@@ -107,8 +107,8 @@ def main() -> None:
         per_module = {name: total for name, _, total in SHAPES[family]}
         scale = sum(per_module.values()) / max(1, len(fast.modules))
         print(f"whole-model estimate (×{scale:.0f}): randomized {t_fast * scale:7.0f} s, full {t_slow * scale:7.0f} s")
-        print(f"peak RSS: {rss0:.0f} MB before, {rss_fast:.0f} MB after the randomized run "
-              f"(the pair files are read one tensor at a time)")
+        print(f"peak RSS: {rss0:.0f} MB after building the pair in memory, {rss_fast:.0f} MB after the "
+              f"randomized run (extraction reads one pair at a time, so it should not raise the peak)")
 
 
 if __name__ == "__main__":

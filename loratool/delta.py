@@ -219,3 +219,63 @@ def _dora_input_axis(merged: torch.Tensor, module: LoraModule) -> torch.Tensor:
             f"the weight has {cols.numel()} input features"
         )
     return merged * (mag / cols).reshape(1, -1, *([1] * (merged.dim() - 2)))
+
+
+class RowMerge:
+    """``merge_weight`` restricted to a block of rows, for modules whose merge is row-separable.
+
+    For a plain Linear LoRA (``_plain_linear``: ΔW = s·up @ down, weight [out, in]) row i of the
+    merged weight depends on row i of W only:
+
+        W'[a:b] = W[a:b] + (λ·s) · up[a:b] @ down
+        DoRA:    W'[a:b] = m[a:b] / ‖W'[a:b]‖_row ⊙ W'[a:b]      (norm per output row)
+
+    so a big weight can be merged block by block with the same float ops as
+    :func:`merge_weight` (one addmm with the same alpha, the same per-row norm), keeping the work
+    in cache. Build with :func:`row_merge`; factors are converted to ``dtype`` once.
+    """
+
+    def __init__(self, module: LoraModule, strength: float, dtype: torch.dtype, device) -> None:
+        t = module.tensors
+        self.module = module
+        self.up = t["up"].to(device=device, dtype=dtype).reshape(t["up"].shape[0], -1)
+        self.down = t["down"].to(device=device, dtype=dtype)
+        self.alpha = strength * module.scale
+        self.magnitude = None
+        if module.magnitude is not None:
+            self.magnitude = module.magnitude.to(device=device, dtype=dtype).reshape(-1)
+            if self.magnitude.numel() != self.up.shape[0]:
+                raise MatchError(
+                    f"{module.component}:{module.path}: DoRA magnitude has {self.magnitude.numel()} entries, "
+                    f"the weight has {self.up.shape[0]} output features"
+                )
+
+    def apply_(self, block: torch.Tensor, start: int) -> torch.Tensor:
+        """Merge rows ``start .. start + len(block)`` of the weight, in place on ``block`` (already ``dtype``)."""
+        stop = start + block.shape[0]
+        block.addmm_(self.up[start:stop], self.down, alpha=self.alpha)
+        if self.magnitude is not None:
+            norm = block.norm(p=2, dim=1)
+            block.mul_((self.magnitude[start:stop] / norm).reshape(-1, 1))
+        return block
+
+
+def row_merge(
+    module: LoraModule,
+    strength: float,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> RowMerge | None:
+    """A :class:`RowMerge` when merging ``module`` into a weight of ``shape`` is row-separable, else None.
+
+    Row-separable: a plain Linear LoRA, without DoRA or with output-axis DoRA (the PEFT form).
+    Everything else (conv, embedding, fan_in_fan_out, LyCORIS products, input-axis DoRA) needs
+    the whole weight: use :func:`merge_weight`.
+    """
+    if not _plain_linear(module, tuple(int(s) for s in shape)):
+        return None
+    if module.magnitude is not None and module.hints.get("dora_axis") == "in":
+        return None
+    return RowMerge(module, strength, dtype, device)

@@ -93,13 +93,23 @@ def check_adapter(adapter: Adapter, where: str) -> None:
             raise InputError(f"{where}: extra {component}:{tname} is a {type(tensor).__name__}, not a tensor")
 
 
+def _nonfinite_parts(module: LoraModule) -> list[str]:
+    bad = [k for k, v in module.all_tensors().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if module.alpha is not None and not math.isfinite(float(module.alpha)):
+        bad.append("alpha")
+    return bad
+
+
+def nonfinite_modules(adapter: Adapter) -> list[str]:
+    """``component:path`` of every module whose tensors or alpha hold NaN or Inf."""
+    return [f"{m.component}:{m.path}" for m in adapter if _nonfinite_parts(m)]
+
+
 def nonfinite(adapter: Adapter) -> list[str]:
     """``component:path (tensor)`` for every module tensor or alpha holding NaN or Inf."""
     found = []
     for module in adapter:
-        bad = [k for k, v in module.all_tensors().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if module.alpha is not None and not math.isfinite(float(module.alpha)):
-            bad.append("alpha")
+        bad = _nonfinite_parts(module)
         if bad:
             found.append(f"{module.component}:{module.path} ({', '.join(bad)})")
     return found

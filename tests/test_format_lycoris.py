@@ -9,6 +9,8 @@ a second time, unlike its ``forward``; those cases compare against ``forward``'s
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny_models import randomize_lora, tiny_clip_text, tiny_unet
@@ -19,6 +21,17 @@ from loratool.delta import delta_weight, merge_weight
 from loratool.formats.source import open_source
 
 lycoris = pytest.importorskip("lycoris")
+
+
+@pytest.fixture(scope="module")
+def _unet_once():
+    return tiny_unet()
+
+
+@pytest.fixture
+def unet(_unet_once):
+    """A fresh copy per test (lycoris wraps the model's modules); building one is the slow part."""
+    return copy.deepcopy(_unet_once)
 
 
 def _network(model, algo: str, **kw):
@@ -72,8 +85,8 @@ def _compare_all(net, adapter, expected_kinds):
 
 
 @pytest.mark.parametrize("tucker", [False, True])
-def test_locon_matches_lycoris(tmp_path, tucker):
-    net = _network(tiny_unet(), "locon", conv_dim=4, conv_alpha=1.0, use_tucker=tucker)
+def test_locon_matches_lycoris(tmp_path, tucker, unet):
+    net = _network(unet, "locon", conv_dim=4, conv_alpha=1.0, use_tucker=tucker)
     adapter, _ = _save_and_read(net, tmp_path)
     _compare_all(net, adapter, {"lora"})
     has_mid = any("mid" in m.tensors for m in adapter)
@@ -82,8 +95,8 @@ def test_locon_matches_lycoris(tmp_path, tucker):
 
 
 @pytest.mark.parametrize("tucker", [False, True])
-def test_loha_matches_lycoris_forward(tmp_path, tucker):
-    net = _network(tiny_unet(), "loha", conv_dim=4, conv_alpha=1.0, use_tucker=tucker)
+def test_loha_matches_lycoris_forward(tmp_path, tucker, unet):
+    net = _network(unet, "loha", conv_dim=4, conv_alpha=1.0, use_tucker=tucker)
     adapter, _ = _save_and_read(net, tmp_path)
     _compare_all(net, adapter, {"loha"})
     assert any("t1" in m.tensors for m in adapter) == tucker
@@ -95,8 +108,8 @@ def test_loha_matches_lycoris_forward(tmp_path, tucker):
     dict(factor=4, full_matrix=True),                 # both whole: scale 1
     dict(factor=4, use_tucker=True, dim=2),           # conv w2 through a Tucker core
 ])
-def test_lokr_matches_lycoris_forward(tmp_path, kw):
-    net = _network(tiny_unet(), "lokr", conv_dim=kw.get("dim", 4), conv_alpha=1.0, **kw)
+def test_lokr_matches_lycoris_forward(tmp_path, kw, unet):
+    net = _network(unet, "lokr", conv_dim=kw.get("dim", 4), conv_alpha=1.0, **kw)
     adapter, _ = _save_and_read(net, tmp_path)
     _compare_all(net, adapter, {"lokr"})
     names = set().union(*(m.tensors for m in adapter))
@@ -108,8 +121,7 @@ def test_lokr_matches_lycoris_forward(tmp_path, kw):
         assert "w2a" in names
 
 
-def test_full_matches_lycoris(tmp_path):
-    unet = tiny_unet()
+def test_full_matches_lycoris(tmp_path, unet):
     originals = {n: m.weight.detach().clone() for n, m in unet.named_modules() if hasattr(m, "weight")}
     net = _network(unet, "full")
     adapter, _ = _save_and_read(net, tmp_path)
@@ -138,8 +150,7 @@ def test_loha_forward_on_linear_is_the_oracle(tmp_path):
 
 
 @pytest.mark.parametrize("wd_on_output", [True, False])
-def test_dora_scale_merge_matches_lycoris(tmp_path, wd_on_output):
-    unet = tiny_unet()
+def test_dora_scale_merge_matches_lycoris(tmp_path, wd_on_output, unet):
     net = _network(unet, "locon", dora_wd=True, wd_on_output=wd_on_output)
     gen = torch.Generator().manual_seed(9)
     with torch.no_grad():
@@ -158,10 +169,10 @@ def test_dora_scale_merge_matches_lycoris(tmp_path, wd_on_output):
                                    rtol=1e-7, atol=1e-9)
 
 
-def test_lycoris_kohya_roundtrip_keeps_every_key(tmp_path):
+def test_lycoris_kohya_roundtrip_keeps_every_key(tmp_path, unet):
     from safetensors.torch import load_file
 
-    net = _network(tiny_unet(), "loha", conv_dim=4, conv_alpha=1.0, use_tucker=True)
+    net = _network(unet, "loha", conv_dim=4, conv_alpha=1.0, use_tucker=True)
     adapter, path = _save_and_read(net, tmp_path)
     out = tmp_path / "again.safetensors"
     loratool.save(adapter, out, "kohya")

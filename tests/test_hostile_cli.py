@@ -341,10 +341,6 @@ def test_nonfinite_result_of_a_finite_merge_fails(workspace, capsys):
     assert "q_proj" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in loratool/ops/inspect.py module_stats: factor_svd of NaN factors raises _LinAlgError",
-)
 def test_nonfinite_adapter_info_stats_names_the_module(workspace, capsys):
     """``info --stats`` on a NaN adapter must report it, not crash in the SVD."""
     require("info")

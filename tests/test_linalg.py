@@ -171,8 +171,9 @@ def _modules() -> list[LoraModule]:
                    tensors={"w1a": _rand(40, 2, seed=31), "w1b": _rand(2, 36, seed=32),
                             "w2a": _rand(40, 3, seed=33), "w2b": _rand(3, 36, seed=34)}),
         LoraModule("unet", "loha_tucker", kind="loha", layer="conv", alpha=2.0,
-                   tensors={"w1a": _rand(30, 2, seed=35), "w1b": _rand(2, 20, seed=36), "t1": _rand(2, 2, 3, 3, seed=37),
-                            "w2a": _rand(30, 2, seed=38), "w2b": _rand(2, 20, seed=39), "t2": _rand(2, 2, 3, 3, seed=40)}),
+                   tensors={"w1a": _rand(30, 2, seed=35), "w1b": _rand(2, 20, seed=36),
+                            "t1": _rand(2, 2, 3, 3, seed=37), "w2a": _rand(30, 2, seed=38),
+                            "w2b": _rand(2, 20, seed=39), "t2": _rand(2, 2, 3, 3, seed=40)}),
         LoraModule("unet", "lokr", kind="lokr", alpha=3.0,
                    tensors={"w1": _rand(4, 8, seed=41), "w2a": _rand(12, 3, seed=42), "w2b": _rand(3, 10, seed=43)}),
         LoraModule("unet", "lokr_conv", kind="lokr", layer="conv",
@@ -226,3 +227,18 @@ def test_to_module_round_trips_through_delta_weight(module):
     assert out.layer == module.layer and out.fan_in_fan_out == module.fan_in_fan_out
     assert tuple(out.weight_shape) == tuple(delta_weight(module).shape)
     assert _rel(delta_weight(out, dtype=torch.float64), delta_weight(module, dtype=torch.float64)) < 1e-12
+
+
+def test_rank_deficient_factors_take_the_qr_route_and_stay_exact():
+    # Duplicate columns make the Gram matrix singular: the Householder QR route must take over.
+    up = _rand(50, 6, seed=15)
+    up[:, 3] = up[:, 0]
+    up[:, 5] = 2 * up[:, 1]
+    down = _rand(6, 40, seed=16)
+    delta = up.numpy() @ down.numpy()
+    for k in (2, 4):
+        svd = factor_svd(up, down, 1.0, rank=k)
+        assert _rel((svd.U * svd.S) @ svd.Vh, _np_truncated(delta, k)) < TOL
+    chosen = factor_svd(up, down, 1.0, choose=lambda s: 3)
+    assert chosen.rank == 3 and chosen.fro_kept(3) == pytest.approx(
+        math.sqrt(sum(np.linalg.svd(delta, compute_uv=False)[:3] ** 2) / np.linalg.norm(delta) ** 2))

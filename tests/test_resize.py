@@ -21,8 +21,8 @@ from loratool.cli import main
 from loratool.delta import delta_bias, delta_weight
 from loratool.errors import UsageError
 from loratool.ops.factor_form import transposed
-from loratool.ops.resize import resize, resize_module
 from loratool.ops.rank_rules import RankRule
+from loratool.ops.resize import resize, resize_module
 
 TOL = 1e-5
 
@@ -265,7 +265,8 @@ def test_kohya_file_cli_resize_loads_in_diffusers_converter(tmp_path, capsys):
     checked = 0
     for key, module in src.modules.items():
         # diffusers' old text-encoder style: q_proj → to_q_lora, mlp.fc1 → fc1.lora_linear_layer
-        path = key[1].replace("self_attn.q_proj", "self_attn.to_q_lora").replace("self_attn.v_proj", "self_attn.to_v_lora")
+        path = key[1].replace("self_attn.q_proj", "self_attn.to_q_lora")
+        path = path.replace("self_attn.v_proj", "self_attn.to_v_lora")
         stem = f"text_encoder.{path}" + (".lora_linear_layer" if path.endswith("fc1") else "")
         a = converted[f"{stem}.down.weight"].double()
         b = converted[f"{stem}.up.weight"].double()
@@ -287,7 +288,8 @@ def test_kohya_file_cli_resize_loads_in_diffusers_converter(tmp_path, capsys):
 
 def test_cli_refuses_overwriting_the_input_and_bad_params(tmp_path, capsys):
     loratool.save(_kohya_te_adapter(), tmp_path / "in.safetensors", "kohya")
-    assert main(["resize", str(tmp_path / "in.safetensors"), "--rank", "3", "-o", str(tmp_path / "in.safetensors")]) == 2
+    src = str(tmp_path / "in.safetensors")
+    assert main(["resize", src, "--rank", "3", "-o", src]) == 2
     assert main(["resize", str(tmp_path / "in.safetensors"), "--rank", "3", "--dynamic", "sv_ratio", "--param", "0.5",
                  "-o", str(tmp_path / "o.safetensors")]) == 2
     err = capsys.readouterr().err

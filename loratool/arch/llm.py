@@ -1,13 +1,17 @@
 """Hugging Face transformers language models (LLaMA, Mistral, Qwen2, Gemma, Phi, GPT-2, T5).
 
-There is no agreed kohya prefix for LLM adapters; the ones seen from kohya-style tools are
-accepted (``lora_model``, ``lora_llm``, ``lora_transformer``, bare ``lora``), all mapping to the
-``model`` component, and with a base vocabulary any prefix works (see
-:mod:`loratool.formats.kohya_names`). Paths come from ``llm.json`` (generated from tiny
-configs of each architecture by ``arch/generate.py``; name templates generalise the layer
-indices). Native names are the HF names; the one thing names alone do not carry is GPT-2's
-``Conv1D`` (weights stored [in, out]), so :func:`to_canonical` marks those modules
-``fan_in_fan_out`` (the factors are the usual down [r, in] / up [out, r]).
+There is no agreed kohya prefix for LLM adapters. sd-scripts names LLM text encoders of
+image models ``lora_te`` (Lumina's Gemma2, Anima's Qwen3:
+``lora_te_model_layers_0_self_attn_q_proj``, or ``lora_te_layers_0_...`` on a bare ``*Model``);
+``lora_model`` and ``lora_llm`` are accepted too, all mapping to the ``model`` component, and
+with a base vocabulary any prefix works (see :mod:`loratool.formats.kohya_names`).
+
+Paths come from ``llm.json`` (generated from tiny configs of each architecture by
+``arch/generate.py``; name templates generalise the layer indices): those of the
+``*ForCausalLM`` models plus the same without the leading ``model.`` (bare ``*Model``). Native
+names are the HF names; the one thing names alone do not carry is GPT-2's ``Conv1D`` (weights
+stored [in, out]), so :func:`to_canonical` marks those modules ``fan_in_fan_out`` (the factors
+are the usual down [r, in] / up [out, r]).
 
 :func:`paths` also serves other families: SD3 / Flux T5 text encoders use ``t5_encoder``.
 """
@@ -20,7 +24,8 @@ from dataclasses import replace
 from loratool.adapter import LoraModule
 from loratool.arch import Family, identity, load_table
 
-PREFIXES = {"lora_model": "model", "lora_llm": "model", "lora_transformer": "model", "lora": "model"}
+# No bare "lora": "lora_model_layers_0" would read both as lora + model.layers.0 and lora_model + layers.0.
+PREFIXES = {"lora_te": "model", "lora_model": "model", "lora_llm": "model"}
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "t5")
 # GPT-2 modules that are transformers ``Conv1D`` (weight [in, out]).
 CONV1D = re.compile(r"^transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$")
@@ -38,7 +43,7 @@ def native_paths(component: str) -> set[str]:
     out: set[str] = set()
     for name in ARCHITECTURES:
         out |= paths(name)
-    return out
+    return out | {p[len("model."):] for p in out if p.startswith("model.")}
 
 
 def to_canonical(modules: list[LoraModule]) -> list[LoraModule]:
@@ -46,7 +51,7 @@ def to_canonical(modules: list[LoraModule]) -> list[LoraModule]:
 
 
 def detect(keys: list[str], metadata: dict[str, str]) -> int:
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")) for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te_text_model_", "lora_te1_", "lora_te2_", "lora_te3_")) for k in keys):
         return 0
     return 30 if any(_LLM_BODY.search(k) for k in keys) else 0
 

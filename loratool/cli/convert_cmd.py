@@ -14,7 +14,7 @@ from loratool.ops.convert import convert
 def convert_command(
     path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference."),
     to: str = typer.Option(..., "--to", help="Output layout: kohya, diffusers, peft or loralib."),
-    out: str = typer.Option(..., "-o", "--out", help="Output file (PEFT: folder)."),
+    out: str = typer.Option(..., "-o", "--output", "--out", help="Output file (PEFT: folder)."),
     from_: str = typer.Option(None, "--from", help="Layout to assume instead of detecting it."),
     base: str = typer.Option(None, "--base", help="Base model, to restore kohya module names."),
     config: str = typer.Option(None, "--config", help="loralib sidecar JSON or PEFT adapter_config.json."),

@@ -12,7 +12,6 @@ from loratool.cli.render import console, print_json, progress_bar, warn
 from loratool.ops.inspect import InfoReport, inspect
 
 MAX_VALUE_CHARS = 120
-PIPE_WIDTH = 200
 
 
 def human_size(n: int) -> str:
@@ -92,9 +91,6 @@ def _print(table: Table) -> None:
 
 
 def render(report: InfoReport) -> None:
-    if not console.is_terminal and console.width < PIPE_WIDTH:
-        # Piped output is not cut to 80 columns: module paths are the point of the table.
-        console.width = PIPE_WIDTH
     _print(_summary(report))
     if report.modules:
         _print(_modules(report))

@@ -11,7 +11,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+# Piped output is not cut to 80 columns: module paths are the point of most tables.
+PIPE_WIDTH = 200
 console = Console()
+if not console.is_terminal and console.width < PIPE_WIDTH:
+    console.width = PIPE_WIDTH
 err_console = Console(stderr=True)
 
 

@@ -27,7 +27,8 @@ the axis as ``hints["dora_axis"]`` ("out" / "in") and keeps the tensor as stored
 Writing keeps every header entry, updates ``ss_network_dim`` / ``ss_network_alpha`` (a
 number, or ``Dynamic`` when modules differ) and recomputes ``sshs_model_hash`` /
 ``sshs_legacy_hash`` as sd-scripts does (:mod:`loratool.formats.kohya_hash`). alpha tensors
-are written in the dtype they were read in, else in the dtype of the module's factors.
+are written in the dtype they were read in, else in the dtype of the module's factors when
+that holds alpha exactly (else float32, else float64).
 """
 
 from __future__ import annotations
@@ -231,14 +232,27 @@ def _family_for_write(adapter: Adapter, opts):
 
 
 def _alpha_value(m: LoraModule) -> float | None:
-    """The alpha to store (None: store none). rsLoRA is folded in: kohya scales by alpha/r."""
-    if m.kind == "full" or (m.alpha is None and "alpha_dtype" not in m.hints and m.rank == 0):
+    """The alpha to store (None: store none). rsLoRA is folded in: kohya scales by alpha/r.
+
+    A module read from a kohya file without an alpha key is written without one again (same
+    meaning, alpha = r); others get an explicit alpha, since some loaders (diffusers) give an
+    alpha-less module the file's most common alpha instead of r.
+    """
+    if m.kind == "full" or (m.alpha is None and (m.rank == 0 or "kohya_head" in m.hints)):
         return None
     if m.rslora:
         return m.effective_alpha
     if m.alpha is None:
         return float(m.rank) if m.rank else None
     return m.alpha
+
+
+def _alpha_dtype(alpha: float, factors: torch.dtype) -> torch.dtype:
+    """The factors' dtype, as sd-scripts writes it, unless that would round alpha (fp16 16.77 → 16.78)."""
+    for dtype in (factors, torch.float32):
+        if float(torch.tensor(alpha, dtype=torch.float64).to(dtype).double()) == alpha:
+            return dtype
+    return torch.float64
 
 
 def _magnitude_tensor(m: LoraModule) -> torch.Tensor:
@@ -269,7 +283,7 @@ def module_tensors(m: LoraModule, where: str) -> dict[str, torch.Tensor]:
         out[suffix] = t.contiguous()
     alpha = _alpha_value(m)
     if alpha is not None:
-        dtype = m.hints.get("alpha_dtype") or m.dtype
+        dtype = m.hints.get("alpha_dtype") or _alpha_dtype(alpha, m.dtype)
         out["alpha"] = torch.tensor(alpha, dtype=torch.float64).to(dtype).reshape(m.hints.get("alpha_shape", ()))
     if m.magnitude is not None:
         out["dora_scale"] = _magnitude_tensor(m)

@@ -214,16 +214,33 @@ class Checkpoint:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        with open(file.path, "rb", buffering=0) as fh:
-            fh.seek(file.header.data_offset + info.start)
-            got = 0
-            while got < info.nbytes:
+        fd = os.open(file.path, os.O_RDONLY)
+        try:
+            read_into(fd, memoryview(buf.numpy()), file.header.data_offset + info.start, file.path, key)
+        finally:
+            os.close(fd)
+        return buf.view(info.dtype).reshape(info.shape)
+
+
+def read_into(fd: int, view: memoryview, offset: int, path: Path, key: str) -> None:
+    """Fill ``view`` with the bytes of ``fd`` from absolute ``offset`` (pread: no seek, no copy)."""
+    got = 0
+    if hasattr(os, "preadv"):
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if not n:
+                break
+            got += n
+    else:  # Windows: no positional reads in os
+        with open(fd, "rb", buffering=0, closefd=False) as fh:
+            fh.seek(offset)
+            while got < len(view):
                 n = fh.readinto(view[got:])
                 if not n:
-                    raise InputError(f"{file.path}: tensor {key!r} is cut short (file changed while reading?)")
+                    break
                 got += n
-        return buf.view(info.dtype).reshape(info.shape)
+    if got < len(view):
+        raise InputError(f"{path}: tensor {key!r} is cut short (file changed while reading?)")
 
 
 # --- opening ---------------------------------------------------------------------------------

@@ -6,6 +6,12 @@ known up front), then each tensor's bytes in data order: either new bytes from a
 byte range copied from a source file without decoding (``os.copy_file_range`` when the kernel
 offers it, so untouched tensors never pass through user memory).
 
+Writing runs on one background thread, in submission order, so the caller computes the next
+tensor while the previous bytes go to the kernel (file I/O releases the GIL). New bytes come
+either as a whole tensor (:meth:`StreamingWriter.write_tensor`, at most one in flight) or as
+segments of a tensor filled in buffers lent by the writer (:meth:`StreamingWriter.segment`,
+a small fixed pool, so memory stays bounded whatever the tensor sizes).
+
 File layout (the format's own definition): 8-byte little-endian header length N, N bytes of
 UTF-8 JSON padded with spaces to a multiple of 8, then the data area where each tensor occupies
 ``data_offsets = [start, end)`` relative to the data area, little-endian, C order.
@@ -15,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +34,12 @@ from loratool.errors import OutputError
 from loratool.io.safetensors_file import DTYPE_NAMES, itemsize, parse_header
 
 _CHUNK = 16 * 1024 * 1024
+# copy_file_range per call: big calls keep the per-call overhead negligible.
+_COPY_CALL = 1 << 30
+# Segment buffers lent to callers (bytes each, how many): enough to keep the writer busy while
+# the caller fills the next one, small next to any model.
+SEGMENT_BYTES = 8 * 1024 * 1024
+_POOL = 3
 
 
 @dataclass(frozen=True)
@@ -102,12 +116,47 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
+class _Worker:
+    """One thread running write / copy jobs in order; the first error is kept and re-raised by the owner."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.thread = threading.Thread(target=self._run, name="safetensors-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            work, after = job
+            try:
+                if self.error is None and not self.cancelled:
+                    work()
+            except BaseException as exc:  # handed to the owner thread
+                self.error = exc
+            finally:
+                if after is not None:
+                    after()
+
+    def submit(self, work, after=None) -> None:
+        self.jobs.put((work, after))
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+
 class StreamingWriter:
     """Write a safetensors file tensor by tensor, in the order given by ``specs``.
 
     ``header`` may be the stored prefix (8-byte length + JSON) of a source file with the same
     layout: it is then written verbatim, so metadata, key order and padding survive exactly.
     Use as a context manager; leaving it without having written every tensor is an error.
+    Bytes are written by a background thread; any write error is raised by the next call or
+    on leaving the context.
     """
 
     def __init__(
@@ -128,28 +177,55 @@ class StreamingWriter:
         self._fd: int | None = None
         self._pending: tuple[int, int, int] | None = None  # (src fd, src offset, length) not yet copied
         self._sources: dict[Path, int] = {}
+        self._open: tuple[str, int] | None = None  # (tensor being written in segments, bytes still due)
+        self._worker: _Worker | None = None
+        self._free: queue.Queue = queue.Queue()
+        self._lent = 0
+        self._whole = threading.Semaphore(1)  # whole tensors in flight
 
     def __enter__(self) -> StreamingWriter:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _write_all(self._fd, memoryview(self._prefix))
+        # 0o666: the process umask decides, as for any new file
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(self._fd, memoryview(self._prefix))
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            raise
+        self._worker = _Worker()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
                 self._flush_copy()
+                self._close_open()
                 if self._next != len(self.specs):
                     missing = self.specs[self._next].name
                     raise OutputError(f"{self.path}: tensor {missing!r} was never written")
         finally:
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                if exc_type is not None:
+                    worker.cancelled = True  # the file is being thrown away: skip what is queued
+                worker.stop()
             for fd in self._sources.values():
                 os.close(fd)
             self._sources.clear()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+        if worker is not None and worker.error is not None and exc_type is None:
+            raise worker.error
+
+    def _check(self) -> None:
+        if self._worker is not None and self._worker.error is not None:
+            error, self._worker.error = self._worker.error, None
+            self._worker.cancelled = True
+            raise error
 
     def _expect(self, name: str, nbytes: int) -> None:
+        self._close_open()
         if self._next >= len(self.specs):
             raise ValueError(f"{self.path}: tensor {name!r} is not in the header")
         spec = self.specs[self._next]
@@ -158,6 +234,13 @@ class StreamingWriter:
         if nbytes != spec.nbytes:
             raise ValueError(f"{self.path}: tensor {name!r} needs {spec.nbytes} bytes, got {nbytes}")
         self._next += 1
+
+    def _close_open(self) -> None:
+        if self._open is not None:
+            name, due = self._open
+            if due:
+                raise ValueError(f"{self.path}: tensor {name!r} is missing its last {due} bytes")
+            self._open = None
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs[self._next] if self._next < len(self.specs) else None
@@ -169,11 +252,61 @@ class StreamingWriter:
         self.write_bytes(name, tensor_bytes(tensor))
 
     def write_bytes(self, name: str, data) -> None:
+        """Queue ``data`` (kept referenced until written) as the bytes of tensor ``name``."""
         view = memoryview(data).cast("B")
         self._expect(name, len(view))
         self._flush_copy()
-        _write_all(self._fd, view)
+        self._check()
+        # One whole tensor in flight: the caller computes the next while this one is written,
+        # and memory holds at most two.
+        self._whole.acquire()
+        fd = self._fd
+        self._worker.submit(lambda: _write_all(fd, view), self._whole.release)
 
+    # --- a tensor in segments -------------------------------------------------------------
+    def begin_tensor(self, name: str) -> int:
+        """Start tensor ``name``; its bytes follow through :meth:`write_segment`. Returns its size."""
+        spec = self.specs[self._next] if self._next < len(self.specs) else None
+        nbytes = spec.nbytes if spec is not None else 0
+        self._expect(name, nbytes)
+        self._flush_copy()
+        self._open = (name, nbytes)
+        return nbytes
+
+    def segment(self, nbytes: int = SEGMENT_BYTES) -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes`` to fill; hand it back with :meth:`write_segment`.
+
+        At most a few are out at once: this waits for the writer to finish one when needed.
+        """
+        self._check()
+        if self._free.empty() and self._lent < _POOL:
+            self._lent += 1
+            buf = torch.empty(max(nbytes, SEGMENT_BYTES), dtype=torch.uint8)
+        else:
+            buf = self._free.get()
+            self._check()
+            if buf.numel() < nbytes:
+                buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def write_segment(self, buf: torch.Tensor, nbytes: int) -> None:
+        """Queue the first ``nbytes`` of ``buf`` (from :meth:`segment`) as the next bytes of the open tensor."""
+        if self._open is None:
+            raise ValueError(f"{self.path}: write_segment without begin_tensor")
+        name, due = self._open
+        if nbytes > due:
+            raise ValueError(f"{self.path}: tensor {name!r} gets {nbytes - due} bytes too many")
+        self._open = (name, due - nbytes)
+        self._check()
+        fd = self._fd
+        view = memoryview(buf.numpy())[:nbytes]
+        self._worker.submit(lambda: _write_all(fd, view), lambda: self._free.put(buf))
+
+    def give_back(self, buf: torch.Tensor) -> None:
+        """Return an unused buffer from :meth:`segment`."""
+        self._free.put(buf)
+
+    # --- byte ranges of source files ------------------------------------------------------
     def copy_tensor(self, name: str, src: str | os.PathLike, offset: int, nbytes: int) -> None:
         """Copy ``nbytes`` at absolute ``offset`` of file ``src`` as the bytes of tensor ``name``."""
         self._expect(name, nbytes)
@@ -194,7 +327,9 @@ class StreamingWriter:
             return
         fd, offset, length = self._pending
         self._pending = None
-        copy_range(fd, offset, length, self._fd, self.path)
+        self._check()
+        dst, where = self._fd, self.path
+        self._worker.submit(lambda: copy_range(fd, offset, length, dst, where))
 
 
 def copy_range(src_fd: int, offset: int, length: int, dst_fd: int, where: Path) -> None:
@@ -203,15 +338,21 @@ def copy_range(src_fd: int, offset: int, length: int, dst_fd: int, where: Path) 
     if hasattr(os, "copy_file_range"):
         try:
             while done < length:
-                n = os.copy_file_range(src_fd, dst_fd, min(length - done, 1 << 30), offset + done)
+                n = os.copy_file_range(src_fd, dst_fd, min(length - done, _COPY_CALL), offset + done)
                 if n == 0:
                     break
                 done += n
         except OSError:
-            pass  # e.g. across filesystems on old kernels: fall back to reading
+            pass  # e.g. across filesystems on old kernels: go on from ``done`` by reading
     while done < length:
         chunk = os.pread(src_fd, min(_CHUNK, length - done), offset + done)
         if not chunk:
             raise OutputError(f"{where}: source file ended early while copying (changed while reading?)")
         _write_all(dst_fd, memoryview(chunk))
         done += len(chunk)
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a whole file kernel-side (``copy_file_range`` in 1 GiB calls), else by reading."""
+    with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
+        copy_range(fi.fileno(), 0, os.fstat(fi.fileno()).st_size, fo.fileno(), Path(dst))

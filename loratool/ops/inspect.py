@@ -37,7 +37,7 @@ from loratool import formats
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, InputError
 from loratool.formats.source import Source, open_source
-from loratool.validate import check_adapter
+from loratool.validate import check_adapter, nonfinite_modules
 
 _READER_SLIPS = (KeyError, IndexError, ValueError, RuntimeError, TypeError, NotImplementedError)
 Progress = Callable[[str, int, int], None] | None
@@ -328,11 +328,16 @@ def inspect(
     warnings: list[str] = []
     modules = [_module_info(m) for m in adapter]
     if stats:
+        # NaN/Inf factors have no SVD: name those modules instead of computing stats for them.
+        broken = set(nonfinite_modules(adapter))
+        if broken:
+            warnings.append(f"{len(broken)} module(s) hold NaN or Inf, no stats for them: {', '.join(sorted(broken))}")
         total = len(adapter)
         for i, (info, module) in enumerate(zip(modules, adapter)):
             if progress:
                 progress("stats", i, total)
-            info.stats = module_stats(module)
+            if f"{module.component}:{module.path}" not in broken:
+                info.stats = module_stats(module)
         if progress:
             progress("stats", total, total)
     assumed = sum(m.alpha_assumed for m in modules)

@@ -126,15 +126,17 @@ def resize_module(
         svd = dense_svd(form.dense, dtype=compute_dtype(device, form.dense.numel()))
         method = "dense"
     else:
-        if not (torch.isfinite(form.up).all() and torch.isfinite(form.down).all()):
-            raise NonFiniteError(f"{name}: LoRA factors hold NaN or Inf")
-        svd = factor_svd(form.up, form.down, form.scale,
-                         dtype=compute_dtype(device, (sum(form.shape)) * form.rank))
+        try:
+            svd = factor_svd(form.up, form.down, form.scale,
+                             dtype=compute_dtype(device, (sum(form.shape)) * form.rank),
+                             choose=lambda S: select_rank(S, max_rank, rule))
+        except FloatingPointError:
+            raise NonFiniteError(f"{name}: LoRA factors hold NaN or Inf") from None
         method = "factor"
-    k = select_rank(svd.S, max_rank, rule)
+    k = select_rank(svd.S, max_rank, rule) if method == "dense" else svd.rank
     kept = svd.fro_kept(k)
     report = ModuleResize(module.component, module.path, module.kind, module.layer, module.rank or form.rank,
-                          k, kept, method, float((svd.S.double() ** 2).sum()) ** 0.5)
+                          k, kept, method, float(svd.energy) ** 0.5)
     if module.kind == "lora" and "mid" not in module.tensors and k >= module.rank:
         report.rank_out = module.rank
         report.fro_kept = 1.0
