@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from loratool.adapter import Adapter
+from loratool.arch.clip import CLIP_COMPONENTS, TEXT_MODEL, canonical_clip_path
 from loratool.errors import FormatError
 from loratool.formats import ReadOptions, WriteOptions
 from loratool.formats import peft as peft_layout
@@ -47,9 +48,6 @@ NAME = "diffusers"
 PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 METADATA_KEY = "lora_adapter_metadata"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-CLIP_COMPONENTS = ("text_encoder", "text_encoder_2")
-CLIP_FLAT_STARTS = ("encoder.layers.", "embeddings.", "final_layer_norm")
-TEXT_MODEL = "text_model."
 
 # diffusers-style suffixes (before PEFT's lora_A / lora_B existed in files)
 OLD_SUFFIXES = {
@@ -79,9 +77,7 @@ def _canonical(component: str, path: str) -> str:
     path = path.replace(".processor.", ".")
     if component not in CLIP_COMPONENTS and (path == "to_out" or path.endswith(".to_out")):
         path += ".0"  # diffusers Attention.to_out is a ModuleList; its Linear is .0
-    if component in CLIP_COMPONENTS and path.startswith(CLIP_FLAT_STARTS):
-        path = TEXT_MODEL + path
-    return path
+    return canonical_clip_path(component, path)
 
 
 def _parse(component: str, rest: str) -> tuple[str, str, str | None] | None:

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from loratool.adapter import COMPONENTS, Adapter, LoraModule
+from loratool.arch.clip import canonical_clip_path
 from loratool.errors import FormatError
 from loratool.formats import ReadOptions, WriteOptions
 from loratool.formats import peft_config as pc
@@ -169,10 +170,13 @@ def read(src, opts: ReadOptions | None = None) -> Adapter:
         tensors = {k[len(PREFIX):]: v for k, v in tensors.items()}
     groups, whole = group_tensors(tensors, where)
     adapter = Adapter(source_format=NAME)
-    for path, group in groups.items():
+    for fpath, group in groups.items():
+        path = canonical_clip_path(component, fpath)
         module = build_module(component, path, group, where)
+        if path != fpath:
+            module.hints["file_path"] = fpath
         if config:
-            apply_config(module, config, path, where)
+            apply_config(module, config, fpath, where)
         else:
             module.hints["alpha_assumed"] = True  # no adapter_config.json: alpha = r
         adapter.add(module)

@@ -123,6 +123,7 @@ class _Worker:
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.cancelled = False
+        self.on_progress = None
         self.thread = threading.Thread(target=self._run, name="safetensors-writer", daemon=True)
         self.thread.start()
 
@@ -135,6 +136,8 @@ class _Worker:
             try:
                 if self.error is None and not self.cancelled:
                     work()
+                    if self.on_progress is not None:
+                        self.on_progress()
             except BaseException as exc:  # handed to the owner thread
                 self.error = exc
             finally:
@@ -184,15 +187,36 @@ class StreamingWriter:
         self._whole = threading.Semaphore(1)  # whole tensors in flight
 
     def __enter__(self) -> StreamingWriter:
-        # 0o666: the process umask decides, as for any new file
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        # 0o666: the process umask decides, as for any new file. No O_TRUNC on an empty file:
+        # ext4 treats truncate-to-zero + rewrite as "replace" and flushes the whole file on close.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666)
         try:
+            if os.fstat(self._fd).st_size:
+                os.ftruncate(self._fd, 0)
             _write_all(self._fd, memoryview(self._prefix))
         except BaseException:
             os.close(self._fd)
             self._fd = None
             raise
         self._worker = _Worker()
+        mode = os.environ.get("LT_WB")
+        if mode:
+            fd = self._fd
+            state = {"done": 0}
+            step = int(os.environ.get("LT_WB_STEP", "64")) << 20
+
+            def kick() -> None:
+                pos = os.lseek(fd, 0, os.SEEK_CUR)
+                if pos - state["done"] >= step:
+                    if mode == "fadvise":
+                        os.posix_fadvise(fd, state["done"], pos - state["done"], os.POSIX_FADV_DONTNEED)
+                    elif mode == "sfr":
+                        _sfr(fd, state["done"], pos - state["done"], 2)
+                    elif mode == "fdatasync":
+                        os.fdatasync(fd)
+                    state["done"] = pos
+
+            self._worker.on_progress = kick
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -356,3 +380,11 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy a whole file kernel-side (``copy_file_range`` in 1 GiB calls), else by reading."""
     with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
         copy_range(fi.fileno(), 0, os.fstat(fi.fileno()).st_size, fo.fileno(), Path(dst))
+
+
+def _sfr(fd, off, n, flags):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    f = libc.sync_file_range
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    f(fd, off, n, flags)
