@@ -167,3 +167,116 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
     assert main(["info", str(bad)]) == 2
     assert "not a valid safetensors file" in capsys.readouterr().err
+
+
+# ---- base checkpoints: family, tensors, dtypes, size from the headers alone ------------------------
+
+
+def _sd_single_file(tmp_path, family: str):
+    """Tiny single-file checkpoints built with loratool's key maps (themselves checked against
+    diffusers' single-file converters in test_arch_checkpoints)."""
+    from test_arch_checkpoints import hf_state, ldm_state_dict, open_clip_state_dict, tiny_clip, tiny_sdxl_unet
+    from tiny_models import tiny_unet
+
+    unet = tiny_sdxl_unet() if family == "sdxl" else tiny_unet()
+    ckpt = ldm_state_dict(unet, {k: v.contiguous() for k, v in unet.state_dict().items()})
+    clip = hf_state(tiny_clip(projection=family != "sd1"))
+    if family == "sd1":
+        ckpt.update({"cond_stage_model.transformer." + k: v.half() for k, v in clip.items()})
+    elif family == "sd2":
+        ckpt.update(open_clip_state_dict(clip, "cond_stage_model.model.", 2))
+    else:
+        clip_l = hf_state(tiny_clip(projection=False))
+        ckpt.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.items()})
+        ckpt.update(open_clip_state_dict(clip, "conditioner.embedders.1.model.", 2))
+    ckpt["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    path = tmp_path / f"{family}.safetensors"
+    save_file(ckpt, str(path), metadata={"modelspec.title": "tiny"})
+    return path, ckpt
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_single_file_sd_checkpoint_names_its_family(tmp_path, data_reads, family):
+    path, ckpt = _sd_single_file(tmp_path, family)
+    report = inspect(path)
+    assert data_reads == []  # header only
+    assert report.format == "checkpoint" and report.kind == "file" and report.family == family
+    assert report.tensor_count == len(ckpt)
+    assert report.parameter_count == sum(v.numel() for v in ckpt.values())
+    want_dtypes: dict[str, int] = {}
+    for v in ckpt.values():
+        name = str(v.dtype).removeprefix("torch.")
+        want_dtypes[name] = want_dtypes.get(name, 0) + 1
+    assert report.dtypes == want_dtypes
+    assert report.size_bytes == path.stat().st_size
+    # the VAE has no key map; nor does OpenCLIP's text_projection (SD2's diffusers text encoder has none,
+    # SDXL's needs a transpose that the plain row map cannot express)
+    assert "first_stage_model.decoder.conv_in.weight" in report.unmapped and report.warnings
+    assert all(k.startswith("first_stage_model.") or k.endswith(".text_projection") for k in report.unmapped)
+    assert report.metadata == {"modelspec.title": "tiny"}
+    want_components = {"sd1": {"unet", "text_encoder"}, "sd2": {"unet", "text_encoder"},
+                       "sdxl": {"unet", "text_encoder", "text_encoder_2"}}[family]
+    assert set(report.components) == want_components
+
+
+def test_single_file_flux_checkpoint(tmp_path):
+    from test_family_merge import bfl_from_diffusers, tiny_flux
+
+    ckpt = bfl_from_diffusers(tiny_flux().state_dict())
+    save_file({k: v.to(torch.bfloat16) for k, v in ckpt.items()}, str(tmp_path / "flux1.safetensors"))
+    report = inspect(tmp_path / "flux1.safetensors")
+    assert (report.format, report.family, report.architecture) == ("checkpoint", "flux", "BFL single file")
+    assert report.dtypes == {"bfloat16": len(ckpt)} and report.unmapped == []
+    assert report.components == {"transformer": report.mapped}
+
+
+def test_diffusers_component_pipeline_and_transformers_models(tmp_path):
+    from test_arch_checkpoints import tiny_sdxl_unet
+    from test_family_merge import tiny_flux
+    from tiny_models import tiny_llama, tiny_unet
+
+    tiny_unet().save_pretrained(tmp_path / "sd" / "unet")
+    tiny_sdxl_unet().save_pretrained(tmp_path / "xl" / "unet")
+    (tmp_path / "xl" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    tiny_flux().save_pretrained(tmp_path / "flux" / "transformer")
+    llama = tiny_llama()
+    llama.save_pretrained(tmp_path / "llama")
+    llama.save_pretrained(tmp_path / "llama_sharded", max_shard_size="20KB")
+    cases = [
+        (tmp_path / "sd" / "unet", "component", "sd1", "UNet2DConditionModel"),
+        (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors", "file", "sd1", "UNet2DConditionModel"),
+        (tmp_path / "xl", "pipeline", "sdxl", "StableDiffusionXLPipeline"),
+        (tmp_path / "xl" / "unet", "component", "sdxl", "UNet2DConditionModel"),
+        (tmp_path / "flux" / "transformer", "component", "flux", "FluxTransformer2DModel"),
+        (tmp_path / "llama", "component", "llm", "LlamaForCausalLM"),
+        (tmp_path / "llama_sharded", "sharded", "llm", "LlamaForCausalLM"),
+    ]
+    n_llama = len(llama.state_dict())
+    for path, kind, family, architecture in cases:
+        report = inspect(path)
+        assert (report.format, report.kind, report.family, report.architecture) == \
+            ("checkpoint", kind, family, architecture), path
+        assert report.tensor_count > 0 and report.size_bytes > 0 and report.mapped is None
+    sharded = inspect(tmp_path / "llama_sharded")
+    assert sharded.tensor_count == n_llama and len(sharded.files) > 2  # shards + index
+    assert sharded.size_bytes == sum(p.stat().st_size for p in (tmp_path / "llama_sharded").glob("model*"))
+    assert inspect(tmp_path / "llama_sharded" / "model.safetensors.index.json").kind == "sharded"
+
+
+def test_cli_checkpoint_json_and_table(tmp_path, capsys):
+    path, ckpt = _sd_single_file(tmp_path, "sdxl")
+    assert main(["info", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["format"] == "checkpoint" and data["family"] == "sdxl" and data["tensor_count"] == len(ckpt)
+    assert data["kind"] == "file" and data["header_only"] and data["unmapped_count"] >= 1
+    assert set(data) >= {"size_bytes", "dtypes", "parameter_count", "components", "architecture", "files"}
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "base checkpoint" in out and "sdxl" in out
+
+
+def test_unknown_lora_like_file_is_still_an_error(tmp_path, capsys):
+    save_file({"weird.lora_thing.weight": torch.zeros(2, 2)}, str(tmp_path / "odd.safetensors"))
+    assert main(["info", str(tmp_path / "odd.safetensors")]) == 2
+    assert "unknown LoRA layout" in capsys.readouterr().err

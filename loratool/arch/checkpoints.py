@@ -247,3 +247,82 @@ def canonical_targets(
     out.update(_clip_targets(keys))
     out.update(_open_clip_targets(keys, shapes, transforms))
     return out
+
+
+# --- naming the family of any base checkpoint (``info``) -------------------------------------------
+
+# diffusers pipeline class (model_index.json ``_class_name``) prefix -> family.
+PIPELINE_FAMILIES = (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("Flux", "flux"),
+                     ("StableDiffusion", "sd1"))
+# ``cross_attention_dim`` of the released U-Nets -> family.
+CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
+# First path segments of HF transformers language models (``model.layers.0...``, GPT-2's ``transformer.h.0``...).
+_LLM_BODY = re.compile(r"^(model\.|transformer\.|)(layers|h|decoder\.layers|encoder\.block|block)\.\d+\.")
+SINGLE_FILE_ARCHITECTURES = {"sd1": "LDM single file", "sd2": "LDM single file (OpenCLIP-H)",
+                             "sdxl": "SGM single file", "sdxl_refiner": "SGM single file (refiner)",
+                             "flux": "BFL single file", "sd3": "MMDiT single file"}
+
+
+def _unet_family(shapes: Mapping[str, tuple[int, ...]], config: Mapping | None) -> str:
+    """SD1 / SD2 / SDXL for a diffusers ``UNet2DConditionModel`` state dict (and its config when given)."""
+    cfg = dict(config or {})
+    if cfg.get("addition_embed_type") == "text_time" or "add_embedding.linear_1.weight" in shapes:
+        ctx = cfg.get("cross_attention_dim")
+        return "sdxl_refiner" if ctx == 1280 else "sdxl"
+    ctx = cfg.get("cross_attention_dim")
+    if ctx is None:
+        for k, shape in shapes.items():
+            if k.endswith("attn2.to_k.weight") and len(shape) == 2:
+                ctx = shape[1]
+                break
+    if ctx in CROSS_ATTENTION_FAMILIES:
+        return CROSS_ATTENTION_FAMILIES[ctx]
+    # other widths (tiny or custom U-Nets): SD2 projects attention with Linear, SD1 with a 1×1 conv
+    linear = cfg.get("use_linear_projection")
+    if linear is None:
+        proj = next((s for k, s in shapes.items() if k.endswith("attentions.0.proj_in.weight")), None)
+        linear = proj is not None and len(proj) == 2
+    return "sd2" if linear else "sd1"
+
+
+def base_family(
+    shapes: Mapping[str, tuple[int, ...]],
+    config: Mapping | None = None,
+    pipeline: Mapping | None = None,
+) -> tuple[str | None, str | None]:
+    """(family, architecture) of a base model from its tensor names and shapes, plus the diffusers /
+    transformers ``config.json`` of a component (``config``) or the ``model_index.json`` of a pipeline
+    folder (``pipeline``) when there is one. Header data only; (None, None) when nothing is recognised.
+
+    Families are those of :func:`checkpoint_family` plus ``llm`` (HF transformers language models)
+    and ``clip`` / ``t5`` (text encoders on their own: several families share them).
+    """
+    if pipeline:
+        cls = str(pipeline.get("_class_name", ""))
+        for prefix, fam in PIPELINE_FAMILIES:
+            if cls.startswith(prefix):
+                return fam, cls
+        return None, cls or None
+    single = checkpoint_family(shapes)
+    if single is not None:
+        return single, SINGLE_FILE_ARCHITECTURES[single]
+    cfg = dict(config or {})
+    cls = cfg.get("_class_name") or next(iter(cfg.get("architectures") or ()), None)
+    keys = list(shapes)
+    if cls == "UNet2DConditionModel" or (cls is None and any(k.startswith("down_blocks.") for k in keys)
+                                         and any(".attn2." in k for k in keys)):
+        return _unet_family(shapes, cfg), "UNet2DConditionModel"
+    if cls == "FluxTransformer2DModel" or (cls is None and any(k.startswith("single_transformer_blocks.")
+                                                               for k in keys)):
+        return "flux", "FluxTransformer2DModel"
+    if cls == "SD3Transformer2DModel" or (cls is None and "pos_embed.proj.weight" in shapes
+                                          and any(k.startswith("transformer_blocks.") for k in keys)):
+        return "sd3", "SD3Transformer2DModel"
+    if cls is not None and str(cls).startswith("CLIPText") or any(k.startswith("text_model.encoder.") for k in keys):
+        name = cls or ("CLIPTextModelWithProjection" if "text_projection.weight" in shapes else "CLIPTextModel")
+        return "clip", name
+    if cls is not None and str(cls).startswith("T5") or any(".SelfAttention.q.weight" in k for k in keys):
+        return "t5", cls or "T5EncoderModel"
+    if cfg.get("model_type") or cfg.get("architectures") or any(_LLM_BODY.match(k) for k in keys):
+        return "llm", cls
+    return None, cls

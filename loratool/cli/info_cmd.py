@@ -1,4 +1,5 @@
-"""``loratool info``: what an adapter holds (header only unless ``--stats``)."""
+"""``loratool info``: what an adapter holds (header only unless ``--stats``), or which model family a
+base checkpoint is."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rich.table import Table
 
 from loratool.cli.app import app
 from loratool.cli.render import console, print_json, progress_bar, warn
-from loratool.ops.inspect import InfoReport, inspect
+from loratool.ops.inspect import CheckpointReport, InfoReport, inspect
 
 MAX_VALUE_CHARS = 120
 
@@ -90,6 +91,28 @@ def _print(table: Table) -> None:
     console.print(table)
 
 
+def render_checkpoint(report: CheckpointReport) -> None:
+    table = Table(title=Path(report.path).name, show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("format", f"base checkpoint ({report.kind})")
+    table.add_row("family", report.family or "unknown")
+    if report.architecture:
+        table.add_row("architecture", report.architecture)
+    table.add_row("size", f"{human_size(report.size_bytes)} ({len(report.files)} file(s))")
+    table.add_row("tensors", str(report.tensor_count))
+    table.add_row("parameters", f"{report.parameter_count:,}")
+    table.add_row("dtypes", _counts(report.dtypes))
+    table.add_row("components", _counts(report.components))
+    if report.mapped is not None:
+        table.add_row("key map", f"{report.mapped} canonical parameters, {len(report.unmapped)} stored keys unmapped")
+    _print(table)
+    if report.metadata:
+        _print(_kv("metadata", report.metadata))
+    for w in report.warnings:
+        warn(w)
+
+
 def render(report: InfoReport) -> None:
     _print(_summary(report))
     if report.modules:
@@ -122,7 +145,7 @@ def render(report: InfoReport) -> None:
 
 @app.command("info")
 def info_command(
-    path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference."),
+    path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference (or a base checkpoint)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (stable contract)."),
     stats: bool = typer.Option(False, "--stats", help="Read the tensors: per-module ‖ΔW‖F and effective rank."),
     from_: str = typer.Option(None, "--from", help="Layout to assume instead of detecting it."),
@@ -130,12 +153,17 @@ def info_command(
     config: str = typer.Option(None, "--config", help="loralib sidecar JSON or PEFT adapter_config.json."),
     family: str = typer.Option(None, "--family", help="Model family to assume (sd1, sdxl, flux, llm, ...)."),
 ) -> None:
-    """Show format, modules, ranks, alphas, dtypes, base model hints and training metadata."""
+    """Show format, modules, ranks, alphas, dtypes, base model hints and training metadata.
+
+    On a base checkpoint (single-file SD/SDXL/Flux/SD3, diffusers component or pipeline folder, HF
+    model): its model family, tensor count, dtype mix and size, from the headers alone."""
     with progress_bar(enabled=stats and not json_out) as progress:
         report = inspect(path, from_, base=base, config=config, family=family, stats=stats, progress=progress)
     if json_out:
         print_json(report.to_json())
         for w in report.warnings:
             warn(w)
+    elif isinstance(report, CheckpointReport):
+        render_checkpoint(report)
     else:
         render(report)

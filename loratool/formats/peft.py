@@ -184,6 +184,7 @@ def read(src, opts: ReadOptions | None = None) -> Adapter:
         adapter.extras[(component, name)] = tensor
     if config:
         adapter.config[component] = config
+    adapter.metadata = {k: v for k, v in src.metadata.items() if k not in ("format", COMPONENT_KEY)}
     return adapter
 
 
@@ -251,12 +252,24 @@ def check_dora(modules: list[LoraModule], layout: str) -> None:
         )
 
 
+def check_fan_in_fan_out(modules: list[LoraModule], layout: str) -> None:
+    linear = [m for m in modules if m.layer == "linear"]
+    flags = {m.fan_in_fan_out for m in linear}
+    if len(flags) > 1:
+        odd = next(m for m in linear if m.fan_in_fan_out)
+        raise FormatError(
+            f"{odd.component}:{odd.path} stores its base weight transposed (fan_in_fan_out) while other linear "
+            f"modules do not; one {layout} config cannot mix them (fan_in_fan_out applies to every module)"
+        )
+
+
 def component_payload(adapter: Adapter, component: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors without prefix, adapter_config dict) for one component."""
     modules = adapter.by_component(component)
     for m in modules:
         check_writable(m, "PEFT")
     check_dora(modules, "PEFT")
+    check_fan_in_fan_out(modules, "PEFT")
     names = [file_path(m) for m in modules]
     original = adapter.config.get(component) if adapter.source_format in (NAME, "diffusers") else None
     config = pc.build_config(modules, names, original) if modules else {**pc.DEFAULT_CONFIG, **(original or {})}
@@ -299,7 +312,9 @@ def write(adapter: Adapter, out: Path, opts: WriteOptions) -> list[Path]:
         for comp, (tensors, config) in payloads.items():
             folder = tmp if len(components) == 1 else tmp / comp
             folder.mkdir(exist_ok=True)
-            metadata = {"format": "pt"}
+            # PEFT reads only "format"; the rest keeps provenance (kohya ss_*, extract/resize records).
+            metadata = {k: v for k, v in adapter.metadata.items() if isinstance(v, str) and k != COMPONENT_KEY}
+            metadata["format"] = "pt"
             if comp != "model":
                 metadata[COMPONENT_KEY] = comp
             (folder / WEIGHTS_NAME).write_bytes(serialise({PREFIX + k: v for k, v in tensors.items()}, metadata))

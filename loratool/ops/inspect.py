@@ -18,6 +18,12 @@ exact form, e.g. ``full``), in float64:
 * ``sigma_max``       σ₁ (spectral norm)
 
 DoRA modules are described by their ΔW; the magnitude re-normalisation is not in these numbers.
+
+A base model (a single-file SD / SDXL / Flux / SD3 checkpoint, a diffusers component file or
+folder, a diffusers pipeline folder, an HF transformers model, sharded or not) is not an
+adapter: :func:`inspect` recognises it when no LoRA layout claims the file and its keys carry
+no LoRA markers, and returns a :class:`CheckpointReport` (family, tensor count, dtype mix,
+parameter count, size) read from the safetensors headers alone.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,6 +44,7 @@ from loratool import formats
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, InputError
 from loratool.formats.source import Source, open_source
+from loratool.io import hub
 from loratool.validate import check_adapter, nonfinite_modules
 
 _READER_SLIPS = (KeyError, IndexError, ValueError, RuntimeError, TypeError, NotImplementedError)
@@ -154,6 +162,130 @@ def _module_json(m: ModuleInfo) -> dict[str, Any]:
     if m.stats is None:
         out.pop("stats")
     return out
+
+
+# ---------------------------------------------------------------- base checkpoints
+
+# Key fragments no base model has and every LoRA-like layout does (LoRA, LoHa, LoKr, OFT, DoRA, alphas).
+_LORA_MARKERS = re.compile(r"(lora|hada_|lokr_|oft_|dora_scale|magnitude_vector|\.alpha$)", re.IGNORECASE)
+
+
+@dataclass
+class CheckpointReport:
+    """What ``info`` says about a base model (not an adapter)."""
+
+    path: str
+    kind: str  # file | sharded | component | pipeline
+    family: str | None
+    architecture: str | None
+    size_bytes: int
+    files: list[str]
+    components: dict[str, int]  # component -> tensors (canonical components for single files)
+    tensor_count: int
+    parameter_count: int
+    dtypes: dict[str, int]  # dtype -> tensors
+    metadata: dict[str, str]
+    mapped: int | None = None  # single files: canonical parameters the family's key map finds
+    unmapped: list[str] = field(default_factory=list)  # single files: stored keys with no canonical name
+    warnings: list[str] = field(default_factory=list)
+    header_only: bool = True
+    format: str = "checkpoint"
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable ``--json`` contract for base checkpoints (``format: "checkpoint"``)."""
+        return {
+            "path": self.path,
+            "format": self.format,
+            "kind": self.kind,
+            "family": self.family,
+            "architecture": self.architecture,
+            "size_bytes": self.size_bytes,
+            "files": self.files,
+            "components": self.components,
+            "tensor_count": self.tensor_count,
+            "parameter_count": self.parameter_count,
+            "dtypes": self.dtypes,
+            "mapped": self.mapped,
+            "unmapped_count": len(self.unmapped),
+            "unmapped": self.unmapped[:20],
+            "metadata": self.metadata,
+            "warnings": self.warnings,
+            "header_only": self.header_only,
+        }
+
+
+def _json_beside(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / name
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def looks_like_base(keys: list[str]) -> bool:
+    """True for a weights file that is no adapter: tensors, none of them named like a LoRA part."""
+    return bool(keys) and not any(_LORA_MARKERS.search(k) for k in keys)
+
+
+def is_base_folder(folder: Path) -> bool:
+    """A diffusers pipeline folder or a sharded model folder (no adapter files in it)."""
+    if not folder.is_dir() or any((folder / n).is_file() for n in ("adapter_config.json", "adapter_model.safetensors",
+                                                                    "adapter_model.bin")):
+        return False
+    return (folder / "model_index.json").is_file() or any(folder.glob("*.safetensors.index.json"))
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
+    """Describe a base model from its safetensors headers (no tensor data is read)."""
+    from loratool.arch.checkpoints import base_family
+    from loratool.io.checkpoint import guess_component, open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    root = ckpt.root
+    folder = root if ckpt.is_folder else root.parent
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: Counter[str] = Counter()
+    components: Counter[str] = Counter()
+    metadata: dict[str, str] = {}
+    parameters = 0
+    mapped: int | None = None
+    unmapped: list[str] = []
+    for group in ckpt.groups:
+        used: set[str] = set()
+        if group.targets is not None:
+            mapped = (mapped or 0) + len(group.targets)
+            for (comp, _), target in group.targets.items():
+                components[comp] += 1
+                used.add(target[0])
+        for part in group.parts:
+            metadata.update(part.file.metadata)
+            for key in part.file.keys():
+                info = part.file.info(key)
+                shapes[key] = tuple(info.shape)
+                dtypes[_dtype_name(info.dtype)] += 1
+                parameters += math.prod(info.shape)
+        if group.targets is not None:
+            unmapped += sorted(k for k in group.key_to_part if k not in used)
+        else:
+            components[group.component or guess_component(group.key_to_part)] += len(group.key_to_part)
+    if ckpt.kind == "pipeline":
+        family, architecture = base_family(shapes, pipeline=_json_beside(root, "model_index.json"))
+    else:
+        family, architecture = base_family(shapes, config=_json_beside(folder, "config.json"))
+    files = sorted(str(f) for f in ckpt.weight_files())
+    warnings = []
+    if unmapped:
+        warnings.append(f"{len(unmapped)} stored tensor(s) have no {family} key map entry (VAE, buffers, ...): "
+                        "merge and extract leave them as they are")
+    return CheckpointReport(
+        path=str(path), kind=ckpt.kind, family=family, architecture=architecture,
+        size_bytes=sum(Path(f).stat().st_size for f in files), files=files,
+        components=dict(sorted(components.items())), tensor_count=len(shapes), parameter_count=parameters,
+        dtypes=dict(dtypes.most_common()), metadata=metadata, mapped=mapped, unmapped=unmapped, warnings=warnings,
+    )
 
 
 # ---------------------------------------------------------------- header-only reading
@@ -301,10 +433,24 @@ def inspect(
     family: str | None = None,
     stats: bool = False,
     progress: Progress = None,
-) -> InfoReport:
-    """Describe an adapter; reads tensor data only for ``stats`` (or for a pickle)."""
+) -> InfoReport | CheckpointReport:
+    """Describe an adapter; reads tensor data only for ``stats`` (or for a pickle).
+
+    A base model instead of an adapter gives a :class:`CheckpointReport` (see the module docstring).
+    """
+    if format is None and not hub.is_hub_ref(path):
+        p = Path(path)
+        if is_base_folder(p) or p.name.endswith(".safetensors.index.json"):
+            return inspect_checkpoint(path)
     src = open_source(path, config=config)
-    name = format or formats.detect(src)
+    name = format
+    if name is None:
+        try:
+            name = formats.detect(src)
+        except FormatError:
+            if src._safetensors is not None and looks_like_base(src.keys):
+                return inspect_checkpoint(path)
+            raise
     vocabulary = None
     if base is not None:
         from loratool.api import base_vocabulary
