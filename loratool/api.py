@@ -8,7 +8,7 @@ from pathlib import Path
 from loratool import formats
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, InputError
-from loratool.formats.source import open_source
+from loratool.formats.source import Source, open_source
 from loratool.validate import check_adapter
 
 # Exceptions a reader raises when a file breaks its assumptions; anything else stays a bug.
@@ -38,11 +38,19 @@ def load(
     src = open_source(path, config=config)
     name = format or formats.detect(src)
     opts = formats.ReadOptions(vocabulary=base_vocabulary(base) if base else None, family=family)
+    return read_source(src, name, opts, path)
+
+
+def read_source(src: Source, name: str, opts: formats.ReadOptions, path: str | os.PathLike) -> Adapter:
+    """Run layout ``name``'s reader on an opened source and check what it built.
+
+    Readers map keys; a malformed but parseable file (missing partner key, odd shape,
+    non-tensor value) can still trip one, and then the file is at fault: the error names the
+    file, not the line where the reader fell.
+    """
     try:
         adapter = formats.layout(name).read(src, opts)
     except _READER_SLIPS as exc:
-        # A malformed but parseable file (missing partner key, odd shape, non-tensor value)
-        # tripped a reader: the file is at fault, so say which file, not where the reader fell.
         detail = " ".join(str(exc).split())[:160]
         raise InputError(
             f"{path}: malformed {name} adapter ({exc.__class__.__name__}: {detail}); run with --debug for details"
