@@ -28,6 +28,19 @@ CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hi
               num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu")
+# SD3 / SD3.5 transformers (diffusers configs); depth and dual-attention layers decide the names.
+SD3_VARIANTS = {
+    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                       num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+    "sd3.5-medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                         dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
+}
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
 
@@ -79,8 +92,30 @@ def flux_tables() -> dict[str, dict]:
     return {"flux_modules.json": data}
 
 
+def sd3_tables() -> dict[str, dict]:
+    """Depths per variant (checked: the MMDiT map covers every Linear / Conv of the diffusers model)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from loratool.arch import sd3
+
+    variants = {}
+    for name, cfg in SD3_VARIANTS.items():
+        model = _meta(lambda c=cfg: SD3Transformer2DModel(**c))
+        layers = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        dual = list(cfg.get("dual_attention_layers", ()))
+        covered = {t for ts in sd3.module_table(cfg["num_layers"], dual).values() for t in ts}
+        if layers != covered:
+            raise SystemExit(f"{name}: MMDiT map differs from diffusers: {sorted(layers ^ covered)[:5]}")
+        variants[name] = {"num_layers": cfg["num_layers"], "dual_attention_layers": dual}
+    t5 = _meta(lambda: T5EncoderModel(T5Config(**T5_XXL)))
+    data = {"variants": variants, "text_encoder": clip_paths(CLIP_L, True), "text_encoder_2": clip_paths(CLIP_G, True),
+            "text_encoder_3": weight_paths(t5)}
+    return {"sd3_modules.json": data}
+
+
 def main() -> None:
-    for tables in (sdxl_tables(), flux_tables()):
+    for tables in (sdxl_tables(), flux_tables(), sd3_tables()):
         for fname, data in tables.items():
             (ARCH / fname).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
             print(f"wrote {ARCH / fname}")

@@ -136,10 +136,9 @@ def sdxl_kohya_file(tmp_path, unet) -> tuple:
     return path, lora
 
 
-def _model_path(model, canonical: str) -> str:
+def _model_path(state: dict, canonical: str) -> str:
     """transformers 5 drops ``text_model.`` from a bare CLIPTextModel's parameter names."""
-    names = dict(model.named_parameters())
-    return canonical if canonical + ".weight" in names else canonical.removeprefix("text_model.")
+    return canonical if canonical + ".weight" in state else canonical.removeprefix("text_model.")
 
 
 def test_kohya_sdxl_to_diffusers_loads_and_fuses_in_diffusers(tmp_path, incompatible):
@@ -163,12 +162,14 @@ def test_kohya_sdxl_to_diffusers_loads_and_fuses_in_diffusers(tmp_path, incompat
     assert check_fused(unet, base, adapter, "unet") == len(SDXL_UNET)
 
     for te, prefix, tb in ((te1, "text_encoder", te_base[0]), (te2, "text_encoder_2", te_base[1])):
-        incompatible.clear()
         StableDiffusionXLPipeline.load_lora_into_text_encoder(state, alphas, te, prefix=prefix, metadata=metadata)
-        assert incompatible and all(not u and not m for u, m in incompatible), incompatible
-        injected = {k for k in lora_params(te) if "lora_A" in k}
-        assert len(injected) == sum(1 for m in adapter if m.component == prefix)
-        te.fuse_lora() if hasattr(te, "fuse_lora") else None
+        # transformers 5 names a bare CLIPTextModel's parameters without ``text_model.``: compare without it
+        got = {k.replace(".default_0", "").replace(".default", "").removeprefix("text_model."): v
+               for k, v in lora_params(te).items()}
+        want = {k[len(prefix) + 1:].removeprefix("text_model."): v for k, v in file_state.items()
+                if k.startswith(prefix + ".")}
+        assert set(got) == set(want), sorted(set(got) ^ set(want))[:6]
+        assert all(torch.equal(got[k].to(v.dtype), v) for k, v in want.items())
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         for mod in te.modules():
@@ -176,9 +177,9 @@ def test_kohya_sdxl_to_diffusers_loads_and_fuses_in_diffusers(tmp_path, incompat
                 mod.merge()
         fused = fused_state(te)
         for m in (m for m in adapter if m.component == prefix):
-            name = _model_path(te, m.path) if m.path + ".weight" not in fused else m.path
-            want = merge_weight(tb[name + ".weight"].double(), m, dtype=torch.float64)
-            err = ((fused[name + ".weight"].double() - want).norm() / want.norm()).item()
+            name = _model_path(tb, m.path)
+            want_w = merge_weight(tb[name + ".weight"].double(), m, dtype=torch.float64)
+            err = ((fused[name + ".weight"].double() - want_w).norm() / want_w.norm()).item()
             assert err <= 1e-5, (prefix, m.path, err)
 
     # and back: diffusers -> kohya reproduces the original file

@@ -228,7 +228,8 @@ def test_single_file_flux_checkpoint(tmp_path):
     assert (report.format, report.family, report.architecture) == ("checkpoint", "flux", "BFL single file")
     assert report.dtypes == {"bfloat16": len(ckpt)}
     # norm_out.linear is stored with its halves swapped: only callers applying transforms place it
-    assert [k.rsplit(".", 1)[0] for k in report.unmapped] == ["model.diffusion_model.final_layer.adaLN_modulation.1"] * 2
+    final = "model.diffusion_model.final_layer.adaLN_modulation.1"
+    assert [k.rsplit(".", 1)[0] for k in report.unmapped] == [final] * 2
     assert report.components == {"transformer": report.mapped}
 
 
@@ -282,3 +283,14 @@ def test_unknown_lora_like_file_is_still_an_error(tmp_path, capsys):
     save_file({"weird.lora_thing.weight": torch.zeros(2, 2)}, str(tmp_path / "odd.safetensors"))
     assert main(["info", str(tmp_path / "odd.safetensors")]) == 2
     assert "unknown LoRA layout" in capsys.readouterr().err
+
+
+def test_single_file_sd3_checkpoint(tmp_path):
+    from test_arch_sd3 import mmdit_state_dict, tiny_sd3
+
+    ckpt = mmdit_state_dict(tiny_sd3().state_dict())
+    ckpt["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.ones(4, dtype=torch.float64)
+    save_file(ckpt, str(tmp_path / "sd3.safetensors"))
+    report = inspect(tmp_path / "sd3.safetensors")
+    assert (report.format, report.family, report.architecture) == ("checkpoint", "sd3", "MMDiT single file")
+    assert report.components["text_encoder"] == 1 and report.dtypes == {"float64": len(ckpt)}

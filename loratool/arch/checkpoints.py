@@ -15,12 +15,17 @@ sdxl         ``model.diffusion_model.`` (SGM U-Net)     ``unet``
              ``conditioner.embedders.1.model.``         ``text_encoder_2`` (OpenCLIP-G, with projection)
 sdxl refiner ``conditioner.embedders.0.model.``         ``text_encoder_2``
 flux         BFL names, bare or ``model.diffusion_model.``  ``transformer`` (``FluxTransformer2DModel``)
+sd3          MMDiT names, bare or ``model.diffusion_model.``  ``transformer`` (``SD3Transformer2DModel``)
+             ``text_encoders.clip_l.transformer.``      ``text_encoder`` (HF CLIP-L)
+             ``text_encoders.clip_g.transformer.``      ``text_encoder_2`` (HF CLIP-G)
+             ``text_encoders.t5xxl.transformer.``       ``text_encoder_3`` (HF T5)
 ===========  =========================================  ===========================================
 
 OpenCLIP stores attention as one ``in_proj_weight`` = rows [q; k; v] (q_proj/k_proj/v_proj get
 row thirds) and ``text_projection`` as [in, out] (the transpose of HF's ``text_projection.weight``).
 Flux fuses q/k/v (and the single-block MLP) by rows and stores the final modulation with its
-halves swapped (see :mod:`loratool.arch.flux`).
+halves swapped (see :mod:`loratool.arch.flux`); SD3's MMDiT fuses q/k/v likewise and swaps the halves
+of the final modulation and of the last block's context modulation (:mod:`loratool.arch.sd3`).
 
 A :class:`Target` unpacks as ``(stored key, rows)``. The two placements a row range cannot
 express (``transpose``: OpenCLIP ``text_projection``; ``swap_halves``: Flux ``norm_out.linear``)
@@ -35,7 +40,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from loratool.arch import flux, sdxl
+from loratool.arch import flux, sd3, sdxl
+from loratool.errors import FormatError
 
 UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIXES = {
@@ -225,6 +231,45 @@ def _flux_targets(keys: list[str], shapes: dict, transforms: bool) -> dict:
     return out
 
 
+def _sd3_targets(keys: list[str], shapes: dict, transforms: bool) -> dict:
+    prefix = UNET_PREFIX if any(k.startswith(UNET_PREFIX + "joint_blocks.") for k in keys) else ""
+    inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    layers = {int(m.group(1)) for k in inner if (m := re.match(r"joint_blocks\.(\d+)\.", k))}
+    dual = {int(m.group(1)) for k in inner if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k))}
+    depth = max(layers, default=-1) + 1
+    out = {}
+    for native, targets in sd3.module_table(depth, dual).items():
+        weight = inner.get(native + ".weight")
+        shape = shapes.get(weight) if weight is not None else None
+        for suffix in (".weight", ".bias"):
+            stored = inner.get(native + suffix)
+            if stored is None:
+                continue
+            # the last block's context modulation is the pre-only one (2·D rows) by construction
+            swapped = native == sd3.ALWAYS_SWAPPED or native == f"joint_blocks.{depth - 1}.{sd3.CONTEXT_MOD}"
+            if swapped:
+                if transforms:
+                    out[("transformer", targets[0] + suffix)] = Target(stored, None, "swap_halves")
+                continue
+            if len(targets) == 1:
+                out[("transformer", targets[0] + suffix)] = Target(stored)
+                continue
+            rows_n = shape[0] if shape else (shapes[stored][0] if stored in shapes else None)
+            if rows_n is None:
+                raise FormatError(f"{stored}: placing q/k/v rows of an SD3 file needs its tensor shapes")
+            width = rows_n // 3
+            for path, rows in zip(targets, [(0, width), (width, 2 * width), (2 * width, 3 * width)]):
+                out[("transformer", path + suffix)] = Target(stored, rows)
+    for native, param in sd3.norm_table(depth, dual).items():
+        if native in inner:
+            out[("transformer", param)] = Target(inner[native])
+    for k in keys:
+        for te_prefix, comp in sd3.TEXT_ENCODER_PREFIXES.items():
+            if k.startswith(te_prefix):
+                out[(comp, k[len(te_prefix):])] = Target(k)
+    return out
+
+
 def canonical_targets(
     keys: Iterable[str] | Mapping[str, tuple[int, ...]],
     shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -235,14 +280,17 @@ def canonical_targets(
     checkpoint, or None when ``keys`` are not one.
 
     Pass shapes (a {key: shape} mapping as ``keys`` or as ``shapes``) so fused rows follow the
-    file; without them the released widths are assumed (Flux.1 3072, OpenCLIP-H 1024, -G 1280).
+    file; without them the released widths are assumed (Flux.1 3072, OpenCLIP-H 1024, -G 1280). SD3's
+    fused q/k/v need the shapes (its widths differ between SD3 / SD3.5 models).
     """
     keys, shapes = _shapes(keys, shapes)
     family = checkpoint_family(keys)
-    if family is None or family == "sd3":
+    if family is None:
         return None
     if family == "flux":
         return _flux_targets(keys, shapes, transforms)
+    if family == "sd3":
+        return _sd3_targets(keys, shapes, transforms)
     out = _unet_targets(keys)
     out.update(_clip_targets(keys))
     out.update(_open_clip_targets(keys, shapes, transforms))

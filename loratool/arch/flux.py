@@ -196,8 +196,9 @@ def _as_full(module: LoraModule) -> LoraModule:
     return _copy(module, module.path, {"diff": diff}, kind="full", magnitude=module.magnitude)
 
 
-def _split(module: LoraModule, targets: tuple[str, ...], native: str) -> list[LoraModule]:
-    """One fused native module -> one module per diffusers part, exactly."""
+def _split(module: LoraModule, targets: tuple[str, ...], native: str, swapped: bool | None = None) -> list[LoraModule]:
+    """One fused native module -> one module per diffusers part, exactly (``swapped``: row halves
+    stored swapped; default: ``native`` is in :data:`SWAPPED`). Shared with :mod:`loratool.arch.sd3`."""
     if module.kind not in ("lora", "full") or "mid" in module.tensors:
         module = _as_full(module)
     t = module.tensors
@@ -206,7 +207,8 @@ def _split(module: LoraModule, targets: tuple[str, ...], native: str) -> list[Lo
     else:
         out_rows, in_features = t["up"].shape[0], t["down"].shape[1]
     rows = split_rows(native, int(out_rows), int(in_features))
-    swapped = native in SWAPPED
+    if swapped is None:
+        swapped = native in SWAPPED
 
     def rowwise(x: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
         if x is None:
@@ -260,11 +262,13 @@ def to_canonical(modules: list[LoraModule]) -> list[LoraModule]:
     return out
 
 
-def _fuse(native: str, parts: list[LoraModule | None], targets: tuple[str, ...]) -> LoraModule:
+def _fuse(native: str, parts: list[LoraModule | None], targets: tuple[str, ...],
+          swapped: bool | None = None) -> LoraModule:
     """Several diffusers part modules (None = part not adapted) -> one fused native module."""
     present = [p for p in parts if p is not None]
     first = present[0]
-    swapped = native in SWAPPED
+    if swapped is None:
+        swapped = native in SWAPPED
     if any(p.magnitude is not None for p in present) and (
         any(p is None or p.magnitude is None for p in parts)
     ):

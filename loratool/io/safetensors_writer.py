@@ -40,6 +40,9 @@ _COPY_CALL = 1 << 30
 # the caller fills the next one, small next to any model.
 SEGMENT_BYTES = 8 * 1024 * 1024
 _POOL = 3
+# Start writeback every this many bytes written (see StreamingWriter._kick_writeback).
+_KICK_BYTES = 64 * 1024 * 1024
+_CAN_KICK = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ class StreamingWriter:
         self._free: queue.Queue = queue.Queue()
         self._lent = 0
         self._whole = threading.Semaphore(1)  # whole tensors in flight
+        self._kicked = 0  # bytes whose writeback was started
 
     def __enter__(self) -> StreamingWriter:
         # 0o666: the process umask decides, as for any new file. No O_TRUNC on an empty file:
@@ -199,24 +203,8 @@ class StreamingWriter:
             self._fd = None
             raise
         self._worker = _Worker()
-        mode = os.environ.get("LT_WB")
-        if mode:
-            fd = self._fd
-            state = {"done": 0}
-            step = int(os.environ.get("LT_WB_STEP", "64")) << 20
-
-            def kick() -> None:
-                pos = os.lseek(fd, 0, os.SEEK_CUR)
-                if pos - state["done"] >= step:
-                    if mode == "fadvise":
-                        os.posix_fadvise(fd, state["done"], pos - state["done"], os.POSIX_FADV_DONTNEED)
-                    elif mode == "sfr":
-                        _sfr(fd, state["done"], pos - state["done"], 2)
-                    elif mode == "fdatasync":
-                        os.fdatasync(fd)
-                    state["done"] = pos
-
-            self._worker.on_progress = kick
+        if _CAN_KICK:
+            self._worker.on_progress = self._kick_writeback
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -241,6 +229,24 @@ class StreamingWriter:
                 self._fd = None
         if worker is not None and worker.error is not None and exc_type is None:
             raise worker.error
+
+    def _kick_writeback(self) -> None:
+        """Start writing out each further ``_KICK_BYTES`` written (runs on the writer thread).
+
+        The output is fsynced before it is renamed (:func:`loratool.io.atomic.atomic_path`);
+        without this the kernel begins writeback only past its dirty threshold (10% of RAM), so
+        most of the file would wait for that final fsync instead of streaming out meanwhile.
+        POSIX_FADV_DONTNEED on a freshly written range starts its writeback without waiting;
+        the pages, still dirty then, stay cached.
+        """
+        try:
+            pos = os.lseek(self._fd, 0, os.SEEK_CUR)
+            if pos - self._kicked >= _KICK_BYTES:
+                os.posix_fadvise(self._fd, self._kicked, pos - self._kicked, os.POSIX_FADV_DONTNEED)
+                self._kicked = pos
+        except OSError:  # only advice: a filesystem that refuses it loses nothing
+            if self._worker is not None:
+                self._worker.on_progress = None
 
     def _check(self) -> None:
         if self._worker is not None and self._worker.error is not None:
@@ -367,7 +373,16 @@ def copy_range(src_fd: int, offset: int, length: int, dst_fd: int, where: Path) 
                     break
                 done += n
         except OSError:
-            pass  # e.g. across filesystems on old kernels: go on from ``done`` by reading
+            pass  # across filesystems (EXDEV on Linux >= 5.19), or unsupported: go on from ``done``
+    if done < length and hasattr(os, "sendfile"):
+        try:  # still kernel-side, and file to file works across filesystems
+            while done < length:
+                n = os.sendfile(dst_fd, src_fd, offset + done, min(length - done, _COPY_CALL))
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            pass  # e.g. a platform where only sockets may be the destination: read and write
     while done < length:
         chunk = os.pread(src_fd, min(_CHUNK, length - done), offset + done)
         if not chunk:
@@ -381,10 +396,3 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
         copy_range(fi.fileno(), 0, os.fstat(fi.fileno()).st_size, fo.fileno(), Path(dst))
 
-
-def _sfr(fd, off, n, flags):
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    f = libc.sync_file_range
-    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    f(fd, off, n, flags)

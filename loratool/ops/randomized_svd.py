@@ -130,9 +130,9 @@ def randomized_svd(
         steps += 1
         captured = float(torch.linalg.svdvals(r)[:rank].square().sum())
         remaining = total - captured
-        if steps >= min_steps and (remaining <= floor or tol > 0 and captured - prev <= tol * remaining):
+        if steps >= min_steps and (tol <= 0 or remaining <= floor or captured - prev <= tol * remaining):
             break
-        if steps >= max_steps and tol > 0:
+        if steps >= max_steps:
             out = exact_svd(a, keep, total)
             out.power_iters = steps
             return out

@@ -1,0 +1,235 @@
+"""Stable Diffusion 3 / 3.5: the MMDiT naming (SAI single files, kohya SD3 LoRAs from sd-scripts'
+``networks/lora_sd3.py``) and its map to diffusers' ``SD3Transformer2DModel``.
+
+kohya names SD3 LoRAs ``lora_unet_`` + the MMDiT module path (``lora_unet_joint_blocks_0_x_block_attn_qkv``,
+``lora_unet_context_embedder``, ``lora_unet_final_layer_adaLN_modulation_1``); text encoders are
+``lora_te1`` (CLIP-L), ``lora_te2`` (CLIP-G), ``lora_te3`` (T5-XXL), in HF naming.
+
+MMDiT fuses what diffusers keeps apart, exactly like Flux (:mod:`loratool.arch.flux` does the maths):
+
+* ``joint_blocks.i.x_block.attn.qkv`` = rows [to_q; to_k; to_v], ``x_block.attn2.qkv`` (SD3.5 medium's
+  dual attention) = [attn2.to_q; to_k; to_v], ``context_block.attn.qkv`` = [add_q_proj; add_k_proj; add_v_proj];
+  a LoRA on them splits by rows of ``up`` with ``down`` shared (``split_qkv`` files: block-diagonal
+  ``up`` splits into rank-r parts), and fuses back with ``down = cat(down_g)``, ``up = blockdiag(up_g)``.
+* ``final_layer.adaLN_modulation.1`` stores [shift; scale] where diffusers' ``norm_out.linear`` holds
+  [scale; shift], and so does the last block's ``context_block.adaLN_modulation.1`` (a "pre-only"
+  context block: 2·D output rows instead of 6·D), diffusers' ``norm1_context.linear`` there. Which
+  block is last depends on the model's depth, so the swap is decided by shape: output rows = 2 × input.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+from loratool.adapter import LoraModule
+from loratool.arch import flux
+from loratool.arch.sdxl import Family
+from loratool.errors import MatchError
+
+DATA = Path(__file__).parent
+
+# native module inside ``joint_blocks.{i}.`` -> diffusers module(s) inside ``transformer_blocks.{i}.``
+BLOCK = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "x_block.attn.proj": ("attn.to_out.0",),
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "x_block.attn2.proj": ("attn2.to_out.0",),
+    "x_block.mlp.fc1": ("ff.net.0.proj",),
+    "x_block.mlp.fc2": ("ff.net.2",),
+    "x_block.adaLN_modulation.1": ("norm1.linear",),
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block.attn.proj": ("attn.to_add_out",),
+    "context_block.mlp.fc1": ("ff_context.net.0.proj",),
+    "context_block.mlp.fc2": ("ff_context.net.2",),
+    "context_block.adaLN_modulation.1": ("norm1_context.linear",),
+}
+# Modules the last ("pre-only") context block lacks.
+PRE_ONLY_ABSENT = ("context_block.attn.proj", "context_block.mlp.fc1", "context_block.mlp.fc2")
+DUAL_ATTENTION = ("x_block.attn2.qkv", "x_block.attn2.proj")
+TOP = {
+    "x_embedder.proj": ("pos_embed.proj",),
+    "context_embedder": ("context_embedder",),
+    "t_embedder.mlp.0": ("time_text_embed.timestep_embedder.linear_1",),
+    "t_embedder.mlp.2": ("time_text_embed.timestep_embedder.linear_2",),
+    "y_embedder.mlp.0": ("time_text_embed.text_embedder.linear_1",),
+    "y_embedder.mlp.2": ("time_text_embed.text_embedder.linear_2",),
+    "final_layer.linear": ("proj_out",),
+    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
+}
+# RMSNorm scales (SD3.5 qk_norm) and the positional table: parameters, not LoRA targets.
+BLOCK_NORMS = {
+    "x_block.attn.ln_q.weight": "attn.norm_q.weight",
+    "x_block.attn.ln_k.weight": "attn.norm_k.weight",
+    "context_block.attn.ln_q.weight": "attn.norm_added_q.weight",
+    "context_block.attn.ln_k.weight": "attn.norm_added_k.weight",
+    "x_block.attn2.ln_q.weight": "attn2.norm_q.weight",
+    "x_block.attn2.ln_k.weight": "attn2.norm_k.weight",
+}
+TOP_PARAMS = {"pos_embed": "pos_embed.pos_embed"}
+ALWAYS_SWAPPED = "final_layer.adaLN_modulation.1"
+CONTEXT_MOD = "context_block.adaLN_modulation.1"
+# Single-file text encoders: HF names behind these prefixes.
+TEXT_ENCODER_PREFIXES = {
+    "text_encoders.clip_l.transformer.": "text_encoder",
+    "text_encoders.clip_g.transformer.": "text_encoder_2",
+    "text_encoders.t5xxl.transformer.": "text_encoder_3",
+}
+
+
+def module_table(num_layers: int, dual_attention_layers=(), pre_only_last: bool = True) -> dict[str, tuple[str, ...]]:
+    """{native module path: diffusers module paths} for an MMDiT of this depth.
+
+    ``pre_only_last=False`` keeps the last block's context attention / MLP names (a vocabulary that
+    serves every depth, for kohya name restoration)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for i in range(num_layers):
+        last = pre_only_last and i == num_layers - 1
+        for k, v in BLOCK.items():
+            if (last and k in PRE_ONLY_ABSENT) or (k in DUAL_ATTENTION and i not in dual_attention_layers):
+                continue
+            out[f"joint_blocks.{i}.{k}"] = tuple(f"transformer_blocks.{i}.{x}" for x in v)
+    out.update(TOP)
+    return out
+
+
+def norm_table(num_layers: int, dual_attention_layers=()) -> dict[str, str]:
+    """{native parameter: diffusers parameter} for the qk-norm scales and the positional table."""
+    out = dict(TOP_PARAMS)
+    for i in range(num_layers):
+        for k, v in BLOCK_NORMS.items():
+            if k.startswith("x_block.attn2.") and i not in dual_attention_layers:
+                continue
+            out[f"joint_blocks.{i}.{k}"] = f"transformer_blocks.{i}.{v}"
+    return out
+
+
+def is_swapped(native: str, out_rows: int, in_features: int) -> bool:
+    """Row halves stored [shift; scale] against diffusers' [scale; shift] (see the module doc)."""
+    if native == ALWAYS_SWAPPED:
+        return True
+    return native.endswith(CONTEXT_MOD) and out_rows == 2 * in_features
+
+
+# --- shipped vocabulary (scripts/gen_arch_tables.py, published SD3 / SD3.5 configs) ---
+
+
+@cache
+def _data() -> dict:
+    return json.loads((DATA / "sd3_modules.json").read_text())
+
+
+def native_paths(component: str) -> set[str]:
+    data = _data()
+    if component == "transformer":
+        depth = max(v["num_layers"] for v in data["variants"].values())
+        return set(module_table(depth, range(depth), pre_only_last=False))
+    if component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        return set(data[component])
+    return set()
+
+
+def _native_of(path: str) -> tuple[str, int] | None:
+    """(native module, part index) of a diffusers SD3 transformer module path."""
+    parts = path.split(".")
+    if len(parts) > 2 and parts[0] == "transformer_blocks" and parts[1].isdigit():
+        rest = ".".join(parts[2:])
+        for native, targets in BLOCK.items():
+            if rest in targets:
+                return f"joint_blocks.{parts[1]}.{native}", targets.index(rest)
+        return None
+    for native, targets in TOP.items():
+        if path in targets:
+            return native, targets.index(path)
+    return None
+
+
+def _diffusers_of(native: str) -> tuple[str, ...] | None:
+    parts = native.split(".")
+    if len(parts) > 2 and parts[0] == "joint_blocks" and parts[1].isdigit():
+        targets = BLOCK.get(".".join(parts[2:]))
+        return None if targets is None else tuple(f"transformer_blocks.{parts[1]}.{t}" for t in targets)
+    return TOP.get(native)
+
+
+def _shape(m: LoraModule) -> tuple[int, int]:
+    if m.kind == "full":
+        return int(m.tensors["diff"].shape[0]), int(m.tensors["diff"].shape[1])
+    shape = m.weight_shape
+    return int(shape[0]), int(shape[1])
+
+
+def to_canonical(modules: list[LoraModule]) -> list[LoraModule]:
+    """MMDiT transformer paths -> diffusers paths; fused qkv split exactly, swapped halves restored."""
+    out: list[LoraModule] = []
+    for m in modules:
+        if m.component != "transformer":
+            out.append(m)
+            continue
+        targets = _diffusers_of(m.path)
+        if targets is None:
+            if _native_of(m.path) is not None:  # already a diffusers name
+                out.append(m)
+                continue
+            raise MatchError(f"transformer:{m.path}: not an SD3 MMDiT module")
+        swapped = is_swapped(m.path, *_shape(m))
+        if len(targets) == 1 and not swapped:
+            out.append(flux._copy(m, targets[0], dict(m.tensors), alpha=m.alpha, magnitude=m.magnitude, hints=m.hints))
+        else:
+            out.extend(flux._split(m, targets, m.path, swapped=swapped))
+    return out
+
+
+def from_canonical(modules: list[LoraModule]) -> list[LoraModule]:
+    """diffusers SD3 transformer paths -> MMDiT paths; split q/k/v parts fuse exactly."""
+    out: list[LoraModule] = []
+    groups: dict[str, dict[int, LoraModule]] = {}
+    order: list[str] = []
+    for m in modules:
+        if m.component != "transformer":
+            out.append(m)
+            continue
+        hit = _native_of(m.path)
+        if hit is None:
+            if _diffusers_of(m.path) is not None:  # already native
+                out.append(m)
+                continue
+            raise MatchError(f"transformer:{m.path}: not an SD3 transformer module")
+        native, idx = hit
+        targets = _diffusers_of(native)
+        if len(targets) == 1:
+            if is_swapped(native, *_shape(m)):
+                out.append(flux._fuse(native, [m], targets, swapped=True))
+            else:
+                out.append(flux._copy(m, native, dict(m.tensors), alpha=m.alpha, magnitude=m.magnitude,
+                                      hints=m.hints))
+            continue
+        if native not in groups:
+            groups[native] = {}
+            order.append(native)
+        groups[native][idx] = m
+    for native in order:
+        targets = _diffusers_of(native)
+        out.append(flux._fuse(native, [groups[native].get(i) for i in range(len(targets))], targets, swapped=False))
+    return out
+
+
+def detect(keys: list[str], metadata: dict[str, str]) -> int:
+    version = (metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")).lower()
+    if "sd3" in version or "stable-diffusion-3" in version:
+        return 100
+    if any(k.startswith("lora_unet_joint_blocks_") for k in keys):
+        return 90
+    return 0
+
+
+FAMILY = Family(
+    name="sd3",
+    kohya_prefixes={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
+                    "lora_te3": "text_encoder_3"},
+    native_paths=native_paths,
+    to_canonical=to_canonical,
+    from_canonical=from_canonical,
+    detect=detect,
+)
