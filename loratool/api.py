@@ -12,7 +12,7 @@ from loratool.formats.source import Source, open_source
 from loratool.validate import check_adapter
 
 # Exceptions a reader raises when a file breaks its assumptions; anything else stays a bug.
-_READER_SLIPS = (KeyError, IndexError, ValueError, RuntimeError, TypeError)
+_READER_SLIPS = (KeyError, IndexError, ValueError, RuntimeError, TypeError, NotImplementedError)
 
 
 def base_vocabulary(base: str | os.PathLike) -> dict[str, set[str]]:

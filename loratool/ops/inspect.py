@@ -42,12 +42,12 @@ import torch
 
 from loratool import formats
 from loratool.adapter import Adapter, LoraModule
-from loratool.errors import FormatError, InputError
+from loratool.api import base_vocabulary, read_source
+from loratool.errors import FormatError
 from loratool.formats.source import Source, open_source
 from loratool.io import hub
-from loratool.validate import check_adapter, nonfinite_modules
+from loratool.validate import nonfinite_modules
 
-_READER_SLIPS = (KeyError, IndexError, ValueError, RuntimeError, TypeError, NotImplementedError)
 Progress = Callable[[str, int, int], None] | None
 
 # Metadata keys holding bulky JSON: kept in ``metadata``, left out of the training table.
@@ -451,24 +451,8 @@ def inspect(
             if src._safetensors is not None and looks_like_base(src.keys):
                 return inspect_checkpoint(path)
             raise
-    vocabulary = None
-    if base is not None:
-        from loratool.api import base_vocabulary
-
-        vocabulary = base_vocabulary(base)
-    opts = formats.ReadOptions(vocabulary=vocabulary, family=family)
-    read_src = src if stats else header_only_source(src)
-    try:
-        adapter = formats.layout(name).read(read_src, opts)
-    except _READER_SLIPS as exc:
-        # As in api.load: a malformed but parseable file tripped the reader; name the file.
-        detail = " ".join(str(exc).split())[:160]
-        raise InputError(
-            f"{path}: malformed {name} adapter ({exc.__class__.__name__}: {detail}); run with --debug for details"
-        ) from exc
-    if not len(adapter) and not adapter.extras:
-        raise FormatError(f"{path}: no LoRA modules found")
-    check_adapter(adapter, str(path))
+    opts = formats.ReadOptions(vocabulary=base_vocabulary(base) if base is not None else None, family=family)
+    adapter = read_source(src if stats else header_only_source(src), name, opts, path)
     header_only = not stats and src._safetensors is not None
     metadata = dict(adapter.metadata or src.metadata)
     warnings: list[str] = []
