@@ -1,19 +1,36 @@
 """Time ``loratool extract`` on SDXL- and Flux-shaped weight pairs: randomized solver vs full SVD.
 
-Each pair is written to two safetensors files (base, fine-tune = base + a delta with a slowly
-decaying spectrum plus noise, like real fine-tune deltas), then extracted twice in the same run:
-with loratool's randomized solver and with ``exact=True`` (full SVD). Reports wall time, the
-speed-up, every module's error against the optimal rank-N error (from the full SVD's singular
-values) and the peak resident memory. It prints; it never asserts a time.
+Two parts, both printed with the machine's load average (``uptime``) next to the timings:
 
-    python bench/bench_extract.py                 # a representative subset (minutes on 2 cores)
-    python bench/bench_extract.py --family flux --count 2 --rank 16
+1. Whole model, solver only (in memory). Every 2-D/4-D weight of the SDXL U-Net (794 weights,
+   2.57 B parameters) or the Flux.1 transformer (504 weights, 11.9 B), with their real shapes
+   (table below, read off diffusers' ``UNet2DConditionModel`` with the SDXL config and
+   ``FluxTransformer2DModel``), gets a fine-tune-like ΔW and goes through the per-module maths
+   of ``extract``: ‖ΔW‖², the truncated SVD, up/down and the error of up·down. Every module is
+   timed with the randomized solver (``--fraction`` < 1 takes an evenly spread subset and says
+   it extrapolates). The full SVD runs on ``--full-per-shape`` weights of every distinct shape
+   and is extrapolated by shape counts (labelled as such; ``--full-per-shape 0`` skips it).
+   ΔW per module: a random signed permutation of rows and columns of one of two reference
+   deltas per shape, so its singular values are exactly the reference's and every module's
+   optimal rank-k error is known from one full SVD of each reference (computed once, untimed):
+   "steep" σᵢ ∝ i^-1 on a 256-dim subspace + a flat Gaussian bulk with 20 % of the energy, and
+   "flat" σᵢ ∝ i^-0.4 + a bulk with 50 % of the energy (rank 16 keeps ~35–70 % of ‖ΔW‖, like
+   real full fine-tunes).
+2. End to end (files): one weight of every distinct SDXL shape as fp16 safetensors pairs, run
+   through ``extract()`` with the randomized solver and with ``exact=True`` (reading, dtype
+   conversion, ΔW, SVD, error check): shows what the file side adds.
+
+It prints; it never asserts a time. Peak RSS is the process's high-water mark (getrusage).
+
+    python bench/bench_extract.py                      # SDXL whole model + files (~10 min on 2 cores)
+    python bench/bench_extract.py --family flux --fraction 0.1 --no-files
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import tempfile
 import time
@@ -23,92 +40,188 @@ import torch
 from safetensors.torch import save_file
 
 from loratool.ops.extract import extract
+from loratool.ops.randomized_svd import exact_svd, frobenius_sq, truncated_svd
 
-# (name, shape, how many the whole model holds) — SDXL U-Net and Flux.1 transformer weights.
-SHAPES = {
-    "sdxl": [
-        ("attn 640", (640, 640), 140),
-        ("attn 1280", (1280, 1280), 560),
-        ("cross k/v 640x2048", (640, 2048), 40),
-        ("cross k/v 1280x2048", (1280, 2048), 140),
-        ("ff GEGLU proj 10240x1280", (10240, 1280), 70),
-        ("ff out 1280x5120", (1280, 5120), 70),
-        ("conv 3x3 1280", (1280, 1280, 3, 3), 20),
-        ("conv 3x3 640", (640, 640, 3, 3), 10),
-    ],
-    "flux": [
-        ("attn 3072", (3072, 3072), 152),
-        ("qkv 9216x3072", (9216, 3072), 57),
-        ("mlp in 12288x3072", (12288, 3072), 38),
-        ("mlp out 3072x12288", (3072, 12288), 38),
-    ],
-}
+# (shape, how many the model holds): all weights with ≥ 2 dims (what extract factors).
+SDXL_UNET = [
+    ((10240, 1280), 60), ((1280, 1280), 381), ((1280, 5120), 60), ((1280, 2048), 120), ((1280, 1280, 3, 3), 11),
+    ((1280, 2560, 3, 3), 2), ((5120, 640), 10), ((640, 640, 3, 3), 8), ((640, 640), 70), ((640, 2048), 20),
+    ((1280, 1920, 3, 3), 1), ((640, 2560), 10), ((640, 1920, 3, 3), 1), ((320, 320, 3, 3), 8),
+    ((1280, 640, 3, 3), 1), ((640, 1280, 3, 3), 1), ((1280, 2560, 1, 1), 2), ((640, 960, 3, 3), 1), ((640, 1280), 5),
+    ((320, 640, 3, 3), 2), ((1280, 2816), 1), ((320, 960, 3, 3), 1), ((1280, 1920, 1, 1), 1), ((320, 1280), 5),
+    ((640, 320, 3, 3), 1), ((640, 1920, 1, 1), 1), ((1280, 640, 1, 1), 1), ((640, 1280, 1, 1), 1),
+    ((640, 960, 1, 1), 1), ((1280, 320), 1), ((320, 640, 1, 1), 2), ((320, 960, 1, 1), 1), ((640, 320, 1, 1), 1),
+    ((320, 4, 3, 3), 1), ((4, 320, 3, 3), 1),
+]
+FLUX = [
+    ((12288, 3072), 76), ((3072, 3072), 269), ((18432, 3072), 38), ((3072, 15360), 38), ((3072, 12288), 38),
+    ((9216, 3072), 38), ((6144, 3072), 1), ((3072, 4096), 1), ((3072, 768), 1), ((3072, 256), 2), ((3072, 64), 1),
+    ((64, 3072), 1),
+]
+FAMILIES = {"sdxl": SDXL_UNET, "flux": FLUX}
+SPECTRA = {"steep": (1.0, 0.2), "flat": (0.4, 0.5)}  # name: (power-law exponent, bulk energy share)
 
 
-def planted_delta(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """A fine-tune-like ΔW: σᵢ ∝ i^-0.7 over a 128-dim subspace, plus small dense noise."""
-    out = shape[0]
-    inner = math.prod(shape[1:])
-    k = min(128, out, inner)
-    u = torch.randn(out, k, generator=gen) / math.sqrt(out)
-    v = torch.randn(k, inner, generator=gen) / math.sqrt(inner)
-    s = torch.arange(1, k + 1, dtype=torch.float32) ** -0.7
-    delta = (u * s) @ v * 1e-2 + torch.randn(out, inner, generator=gen) * 1e-5
-    return delta.reshape(shape)
+def uptime() -> str:
+    try:
+        return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average n/a"
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_pair(folder: Path, family: str, count: int, seed: int) -> tuple[Path, Path]:
+def reference_delta(m: int, n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """[m, n] float32: a power law on a 256-dim random subspace plus a Gaussian bulk (see the module doc)."""
+    alpha, bulk_share = SPECTRA[kind]
+    r = min(256, m, n)
+    u = torch.randn(m, r, generator=gen) / math.sqrt(m)
+    v = torch.randn(r, n, generator=gen) / math.sqrt(n)
+    s = torch.arange(1, r + 1, dtype=torch.float32) ** -alpha
+    planted = (u * s) @ v
+    bulk = torch.randn(m, n, generator=gen)
+    e_p, e_b = frobenius_sq(planted), frobenius_sq(bulk)
+    scale = math.sqrt(bulk_share / (1 - bulk_share) * e_p / e_b)
+    return planted.add_(bulk, alpha=scale).mul_(1e-3)
+
+
+def signed_permutation(d: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """P_r D P_c with random signs: the same singular values, other singular vectors."""
+    m, n = d.shape
+    rows, cols = torch.randperm(m, generator=gen), torch.randperm(n, generator=gen)
+    sign = torch.randint(0, 2, (m, 1), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
+    return d[rows][:, cols].mul_(sign)
+
+
+def module_work(matrix: torch.Tensor, rank: int, exact: bool, gen: torch.Generator) -> tuple[float, int, str]:
+    """What extract does per weight after ΔW: energy, SVD, factors, error of the factors. (error, steps, solver)"""
+    total = frobenius_sq(matrix)
+    svd = truncated_svd(matrix, rank, exact=exact, generator=gen, total_energy=total)
+    root = svd.S[:rank].sqrt()
+    up, down = svd.U[:, :rank] * root, root[:, None] * svd.Vh[:rank]
+    err = math.sqrt(frobenius_sq((up @ down).sub_(matrix)))
+    return err, svd.power_iters, svd.solver
+
+
+def whole_model(family: str, rank: int, fraction: float, seed: int) -> None:
+    shapes = FAMILIES[family]
     gen = torch.Generator().manual_seed(seed)
-    base, ft = {}, {}
-    for name, shape, total in SHAPES[family]:
-        for j in range(min(count, total)):
-            key = f"{name.replace(' ', '_').replace('/', '_')}.{j}.weight"
+    n_all = sum(c for _, c in shapes)
+    params = sum(math.prod(s) * c for s, c in shapes)
+    print(f"\n== {family}: whole model, solver only, rank {rank}: {n_all} weights, {params / 1e9:.2f} B parameters")
+    print(f"   before: {uptime()}")
+    t_rand = t_rand_all = t_full_est = 0.0
+    n_rand = n_full = 0
+    worst, worst_at = 0.0, ""
+    steps: list[int] = []
+    fallbacks = 0
+    print(f"{'shape':>22} {'count':>5} {'timed':>5} {'rand s':>8} {'full s/w':>9} {'steps':>9} {'worst err/opt':>14}")
+    for shape, count in shapes:
+        m, n = shape[0], math.prod(shape[1:])
+        # Full SVD, timed on one weight per reference spectrum (2 per shape), extrapolated to `count`;
+        # its singular values (float32 LAPACK, ~1e-7·σ₁) give every module's optimal rank-k error.
+        refs, optimal, full_times = {}, {}, []
+        for kind in SPECTRA:
+            refs[kind] = reference_delta(m, n, kind, gen)
+            d = signed_permutation(refs[kind], gen)
+            t0 = time.perf_counter()
+            svd = exact_svd(d, min(m, n), frobenius_sq(d))
+            root = svd.S[:rank].sqrt()
+            err = math.sqrt(frobenius_sq(((svd.U[:, :rank] * root) @ (root[:, None] * svd.Vh[:rank])).sub_(d)))
+            full_times.append(time.perf_counter() - t0)
+            optimal[kind] = float(svd.S.double()[rank:].square().sum().sqrt())
+            del d, svd
+            assert err <= 1.0001 * optimal[kind] + 1e-9, "the full SVD itself is off"
+        full_each = sum(full_times) / len(full_times)
+        # randomized: every weight (or an evenly spread `fraction` of them)
+        timed = max(1, round(count * fraction))
+        picks = sorted({int(i * count / timed) for i in range(timed)})
+        t_shape, s_shape, w_shape = 0.0, [], 0.0
+        for j in picks:
+            kind = list(SPECTRA)[j % 2]
+            d = signed_permutation(refs[kind], gen)
+            t0 = time.perf_counter()
+            err, st, solver = module_work(d, rank, False, gen)
+            t_shape += time.perf_counter() - t0
+            fallbacks += solver == "exact" and min(m, n) > 256
+            s_shape.append(st)
+            ratio = err / optimal[kind] if optimal[kind] > 0 else 1.0
+            w_shape = max(w_shape, ratio)
+            if ratio > worst:
+                worst, worst_at = ratio, f"{list(shape)} {kind}"
+        del refs
+        t_rand += t_shape
+        t_rand_all += t_shape * count / len(picks)
+        n_rand += len(picks)
+        n_full += len(full_times)
+        t_full_est += full_each * count
+        steps += s_shape
+        print(f"{str(list(shape)):>22} {count:5d} {len(picks):5d} {t_shape:8.2f} {full_each:9.2f} "
+              f"{min(s_shape):4d}-{max(s_shape):<4d} {w_shape:14.5f}")
+    print(f"   after: {uptime()}")
+    label = "measured" if n_rand == n_all else f"extrapolated from {n_rand} timed weights"
+    print(f"randomized: {t_rand:.1f} s for {n_rand} weights; whole model {t_rand_all:.1f} s ({label})")
+    print(f"   half steps (products with ΔW) per weight: mean {sum(steps) / len(steps):.2f}, max {max(steps)}; "
+          f"full-SVD fallbacks: {fallbacks}")
+    print(f"full SVD: timed on {n_full} weights (one per reference spectrum and shape); whole model "
+          f"{t_full_est:.0f} s (extrapolated by shape counts)")
+    print(f"speed-up (whole model, full SVD / randomized): {t_full_est / t_rand_all:.1f}x")
+    print(f"worst module error / optimal rank-{rank} error: {worst:.5f} at {worst_at} (target ≤ 1.01)")
+    print(f"peak RSS so far: {peak_rss_mb():.0f} MB (largest ΔW here: "
+          f"{max(math.prod(s) for s, _ in shapes) * 4 / 2**20:.0f} MB in float32)")
+
+
+def files_end_to_end(rank: int, seed: int) -> None:
+    """One weight of every distinct SDXL shape in fp16 files, through extract() twice."""
+    gen = torch.Generator().manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        base, ft = {}, {}
+        for i, (shape, _) in enumerate(SDXL_UNET):
+            m, n = shape[0], math.prod(shape[1:])
             w = torch.randn(shape, generator=gen) * 0.02
-            base[key] = w
-            ft[key] = w + planted_delta(shape, gen)
-    save_file(base, str(folder / "base.safetensors"))
-    save_file(ft, str(folder / "ft.safetensors"))
-    return folder / "ft.safetensors", folder / "base.safetensors"
+            base[f"w{i}.weight"] = w.half()
+            ft[f"w{i}.weight"] = (w + reference_delta(m, n, "flat", gen).reshape(shape) * 10).half()
+        f_base, f_ft = Path(tmp) / "base.safetensors", Path(tmp) / "ft.safetensors"
+        save_file(base, str(f_base))
+        save_file(ft, str(f_ft))
+        mb = f_base.stat().st_size / 2**20
+        del base, ft
+        print(f"\n== files: one weight of each of the {len(SDXL_UNET)} SDXL shapes, fp16, {mb:.0f} MB per file, "
+              f"rank {rank}")
+        print(f"   before: {uptime()}")
+        t0 = time.perf_counter()
+        fast = extract(f_ft, f_base, rank=rank, device="cpu", seed=seed)
+        t_fast = time.perf_counter() - t0
+        rss = peak_rss_mb()
+        print(f"   randomized done: {uptime()}")
+        t0 = time.perf_counter()
+        slow = extract(f_ft, f_base, rank=rank, device="cpu", exact=True)
+        t_slow = time.perf_counter() - t0
+        print(f"   full SVD done: {uptime()}")
+    worst = max(a.rel_error / b.rel_error for a, b in zip(fast.modules, slow.modules) if b.rel_error > 0)
+    print(f"extract() randomized {t_fast:.1f} s, full SVD {t_slow:.1f} s: {t_slow / t_fast:.1f}x; "
+          f"worst error / full-SVD error {worst:.5f}; peak RSS after the randomized run {rss:.0f} MB")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", choices=["sdxl", "flux", "both"], default="both")
-    ap.add_argument("--count", type=int, default=1, help="weights of each shape (the real models hold more)")
+    ap.add_argument("--family", choices=["sdxl", "flux", "both"], default="sdxl")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fraction", type=float, default=1.0, help="share of each shape's weights run randomized")
+    ap.add_argument("--no-files", action="store_true", help="skip the end-to-end file run")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    families = ["sdxl", "flux"] if args.family == "both" else [args.family]
-    for family in families:
-        with tempfile.TemporaryDirectory() as tmp:
-            ft, base = build_pair(Path(tmp), family, args.count, seed=0)
-            rss0 = peak_rss_mb()
-            t0 = time.perf_counter()
-            fast = extract(ft, base, rank=args.rank, device=args.device)
-            t_fast = time.perf_counter() - t0
-            rss_fast = peak_rss_mb()
-            t0 = time.perf_counter()
-            slow = extract(ft, base, rank=args.rank, device=args.device, exact=True)
-            t_slow = time.perf_counter() - t0
-        print(f"\n== {family}: {len(fast.modules)} weight pairs, rank {args.rank}, device {fast.device}")
-        print(f"{'module':34} {'shape':>22} {'err/optimal':>12} {'captured':>9}")
-        worst = 0.0
-        for m_fast, m_slow in zip(fast.modules, slow.modules):
-            # the exact run's relative error is the optimal one (Eckart–Young, up to float32 rounding)
-            ratio = m_fast.rel_error / m_slow.rel_error if m_slow.rel_error > 0 else 1.0
-            worst = max(worst, ratio)
-            print(f"{m_fast.path:34} {str(list(m_fast.shape)):>22} {ratio:12.5f} {m_fast.captured:9.4f}")
-        print(f"randomized: {t_fast:8.2f} s   full SVD: {t_slow:8.2f} s   speed-up {t_slow / t_fast:6.1f}x")
-        print(f"worst module error / optimal: {worst:.5f} (target ≤ 1.01)")
-        per_module = {name: total for name, _, total in SHAPES[family]}
-        scale = sum(per_module.values()) / max(1, len(fast.modules))
-        print(f"whole-model estimate (×{scale:.0f}): randomized {t_fast * scale:7.0f} s, full {t_slow * scale:7.0f} s")
-        print(f"peak RSS: {rss0:.0f} MB after building the pair in memory, {rss_fast:.0f} MB after the "
-              f"randomized run (extraction reads one pair at a time, so it should not raise the peak)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; {uptime()}")
+    for family in (["sdxl", "flux"] if args.family == "both" else [args.family]):
+        whole_model(family, args.rank, args.fraction, args.seed)
+    if not args.no_files:
+        files_end_to_end(args.rank, args.seed)
+    print(f"\npeak RSS: {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,19 @@ Usage: ``python bench/bench_merge.py [--gb 4.2] [--touch 0.5] [--rank 16] [--dir
 
 The base (``--gb`` of 4096×5120 fp16 tensors) is written with the streaming writer, so this
 script never holds it in memory. ``cp`` runs before and after the merge (the first run also
-warms the page cache for both); the ratio uses the mean of the two. Peak RSS of the merge
-process is read from ``getrusage(RUSAGE_CHILDREN)`` after it exits. Everything is removed at
-the end. Targets: ratio ≤ 1.5, peak RSS < 1 GB.
+warms the page cache for both); the ratio uses the mean of the two. The merge fsyncs its output
+before renaming it (``loratool.io.atomic``) and ``cp`` does not, so a second ratio compares with
+``cp`` followed by ``sync FILE`` (the same durability). Peak RSS of the merge process is read
+from ``getrusage(RUSAGE_CHILDREN)`` after it exits. The load average is printed before and
+after: on a shared machine compare runs at similar load. Everything is removed at the end.
+Targets: ratio to ``cp`` ≤ 1.5, peak RSS < 1 GB.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -63,6 +67,10 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=4.2, help="base size in GB (default 4.2)")
@@ -86,7 +94,10 @@ def main() -> int:
         size = base.stat().st_size
         print(f"base: {n} tensors {ROWS}x{COLS} fp16, {size / 1e9:.2f} GB "
               f"(written in {time.perf_counter() - t0:.1f} s); LoRA rank {args.rank} on {touched} tensors")
+        print(f"load average before: {load()}")
         cp1 = timed(["cp", str(base), str(copy)])
+        copy.unlink()
+        cp_sync = timed(["sh", "-c", 'cp "$1" "$2" && sync "$2"', "cp+sync", str(base), str(copy)])
         copy.unlink()
         merge_cmd = [sys.executable, "-m", "loratool", "merge", str(base), str(lora), "-o", str(out),
                      "--device", "cpu", "--json"]
@@ -100,11 +111,13 @@ def main() -> int:
         copy.unlink()
         cp_mean = (cp1 + cp2) / 2
         ratio = merge_s / cp_mean
-        print(f"cp: {cp1:.2f} s then {cp2:.2f} s (mean {cp_mean:.2f} s)")
+        print(f"cp: {cp1:.2f} s then {cp2:.2f} s (mean {cp_mean:.2f} s); cp + sync FILE: {cp_sync:.2f} s")
         print(f"loratool merge: {merge_s:.2f} s wall (internal {summary['seconds']:.2f} s), "
               f"{summary['merged_tensors']} tensors merged, {summary['skipped']} copied")
         print(f"ratio merge/cp: {ratio:.2f} (target <= 1.5)  {'OK' if ratio <= 1.5 else 'OVER'}")
+        print(f"ratio merge/(cp + sync): {merge_s / cp_sync:.2f} (same durability as the merge's fsync)")
         print(f"peak RSS of the merge process: {peak_mb:.0f} MB (target < 1024)  {'OK' if peak_mb < 1024 else 'OVER'}")
+        print(f"load average after: {load()}")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from loratool.arch.generate import meta_model, weight_paths
+
 ARCH = Path(__file__).resolve().parents[1] / "loratool" / "arch"
 
 SDXL_UNET = dict(
@@ -45,23 +47,12 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
 
 
-def weight_paths(model, prefix: str = "") -> list[str]:
-    """Dotted paths of every module that owns a ``weight`` parameter."""
-    return sorted(prefix + name for name, mod in model.named_modules()
-                  if name and "weight" in dict(mod.named_parameters(recurse=False)))
-
-
-def _meta(factory):
-    with torch.device("meta"):
-        return factory()
-
-
 def clip_paths(cfg: dict, projection: bool) -> list[str]:
     """HF CLIP text-model paths as stored on disk (``text_model.`` prefix; transformers 5's bare
     ``CLIPTextModel`` drops it in memory, files and kohya keys keep it)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    model = _meta(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg)))
+    model = meta_model(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg)))
     paths = weight_paths(model)
     return paths if projection else [p for p in paths if p != "text_projection"]
 
@@ -71,7 +62,7 @@ def sdxl_tables() -> dict[str, dict]:
 
     from loratool.arch.sdxl import diffusers_to_sgm
 
-    unet = _meta(lambda: UNet2DConditionModel(**SDXL_UNET))
+    unet = meta_model(lambda: UNet2DConditionModel(**SDXL_UNET))
     up_attn = {i for i, t in enumerate(SDXL_UNET["up_block_types"]) if t.startswith("CrossAttn")}
     table = {}
     for path in weight_paths(unet):
@@ -86,7 +77,7 @@ def sdxl_tables() -> dict[str, dict]:
 def flux_tables() -> dict[str, dict]:
     from transformers import T5Config, T5EncoderModel
 
-    t5 = _meta(lambda: T5EncoderModel(T5Config(**T5_XXL)))
+    t5 = meta_model(lambda: T5EncoderModel(T5Config(**T5_XXL)))
     data = {"num_layers": FLUX_DEV["num_layers"], "num_single_layers": FLUX_DEV["num_single_layers"],
             "text_encoder": clip_paths(CLIP_L, False), "text_encoder_2": weight_paths(t5)}
     return {"flux_modules.json": data}
@@ -101,14 +92,14 @@ def sd3_tables() -> dict[str, dict]:
 
     variants = {}
     for name, cfg in SD3_VARIANTS.items():
-        model = _meta(lambda c=cfg: SD3Transformer2DModel(**c))
+        model = meta_model(lambda c=cfg: SD3Transformer2DModel(**c))
         layers = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         dual = list(cfg.get("dual_attention_layers", ()))
         covered = {t for ts in sd3.module_table(cfg["num_layers"], dual).values() for t in ts}
         if layers != covered:
             raise SystemExit(f"{name}: MMDiT map differs from diffusers: {sorted(layers ^ covered)[:5]}")
         variants[name] = {"num_layers": cfg["num_layers"], "dual_attention_layers": dual}
-    t5 = _meta(lambda: T5EncoderModel(T5Config(**T5_XXL)))
+    t5 = meta_model(lambda: T5EncoderModel(T5Config(**T5_XXL)))
     data = {"variants": variants, "text_encoder": clip_paths(CLIP_L, True), "text_encoder_2": clip_paths(CLIP_G, True),
             "text_encoder_3": weight_paths(t5)}
     return {"sd3_modules.json": data}

@@ -223,3 +223,15 @@ def test_kohya_sd3_lora_merged_into_mmdit_single_file(tmp_path, targets):
     for k, v in want.items():
         err = ((merged[k] - v).norm() / v.norm().clamp_min(1e-30)).item()
         assert err <= 1e-10, (k, err)
+
+
+def test_kohya_sd3_file_written_back_as_kohya_is_identical(tmp_path):
+    """Fused q/k/v modules split on read and fuse on write: kohya → kohya gives the same tensors."""
+    native = mmdit_state_dict(tiny_sd3().state_dict())
+    lora = kohya_sd3_lora(native)
+    save_file(lora, tmp_path / "k.safetensors", metadata={"ss_base_model_version": "sd3"})
+    (written,) = loratool.save(loratool.load(tmp_path / "k.safetensors"), tmp_path / "kk.safetensors", "kohya")
+    back = load_file(written)
+    assert set(back) == set(lora)
+    for key, t in lora.items():
+        assert back[key].shape == t.shape and torch.equal(back[key].to(t.dtype), t), key

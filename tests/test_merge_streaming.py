@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
+import types
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from tiny_models import randomize_lora, tiny_llama
 from loratool.adapter import Adapter, LoraModule
 from loratool.delta import merge_weight, row_merge
 from loratool.errors import NonFiniteError, OutputError
+from loratool.io import checkpoint as ckmod
 from loratool.io import safetensors_writer as writer_mod
 from loratool.io.safetensors_file import SafetensorsFile
 from loratool.io.safetensors_writer import StreamingWriter, TensorSpec
@@ -91,6 +94,40 @@ def test_row_blocks_of_an_fp16_base_with_two_adapters(tmp_path, tiny_blocks):
             want.double().abs().max(), key
 
 
+def test_fused_rows_across_block_edges_equal_peft(tmp_path, tiny_blocks, monkeypatch):
+    """q/k/v stored fused in one tensor (row slices), DoRA, 3-row blocks straddling the slice edges."""
+    monkeypatch.setattr(merge_mod, "_BLOCK_BYTES", 3 * 32 * 8)
+    monkeypatch.setattr(merge_mod, "SEGMENT_BYTES", 7 * 32 * 8)
+    monkeypatch.setattr(writer_mod, "SEGMENT_BYTES", 7 * 32 * 8)
+    model = tiny_llama().double()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    fused = torch.cat([base[n] for n in names])  # 32 + 16 + 16 rows
+    path = save_base({"qkv": fused, "other": torch.ones(2)}, tmp_path / "sd.safetensors")
+    edges = [0, 32, 48, 64]
+    targets = {("model", n): ("qkv", (a, b)) for n, a, b in zip(names, edges, edges[1:])}
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "k_proj",
+                                                                                             "v_proj"]))
+    randomize_lora(pm, seed=9)
+    adapter = Adapter()
+    for m in adapter_from_peft(pm):
+        if ".layers.0." in m.path:
+            adapter.add(m)
+    merged = pm.merge_and_unload().state_dict()
+    # PEFT asks find_spec about optional packages: fake the arch knowledge only now
+    fake = types.ModuleType("loratool.arch.checkpoints")
+    fake.canonical_targets = lambda keys: targets
+    monkeypatch.setitem(sys.modules, "loratool.arch.checkpoints", fake)
+    monkeypatch.setattr(ckmod.importlib.util, "find_spec", lambda name: object())
+    out = tmp_path / "o.safetensors"
+    merge(path, [adapter], out, device="cpu")
+    got = load_file(str(out))
+    assert tiny_blocks == ["qkv"]
+    want = torch.cat([merged[n] for n in names])
+    err = (got["qkv"] - want).norm() / (want - fused).norm()
+    assert err < 1e-10 and torch.equal(got["other"], torch.ones(2))
+
+
 def _linear(out_f: int, in_f: int, r: int, dora: bool, seed: int) -> LoraModule:
     g = torch.Generator().manual_seed(seed)
     t = {"down": torch.randn(r, in_f, generator=g), "up": torch.randn(out_f, r, generator=g)}
@@ -149,16 +186,15 @@ def test_output_files_get_the_mode_new_files_get(tmp_path):
     ad = Adapter()
     ad.add(LoraModule("model", "model.layers.0.self_attn.q_proj",
                       tensors={"down": torch.ones(1, 32), "up": torch.ones(32, 1)}))
-    old = os.umask(0o027)
-    try:
-        merge(folder / "model.safetensors", [ad], tmp_path / "o.safetensors")
-        merge(folder, [ad], tmp_path / "o_dir")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE((tmp_path / "o.safetensors").stat().st_mode) == 0o640
-    assert stat.S_IMODE((tmp_path / "o_dir").stat().st_mode) == 0o750
+    mask = os.umask(0o022)  # read the process umask (loratool.io.atomic reads it once per process)
+    os.umask(mask)
+    merge(folder / "model.safetensors", [ad], tmp_path / "o.safetensors")
+    merge(folder, [ad], tmp_path / "o_dir")
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    assert stat.S_IMODE((tmp_path / "o.safetensors").stat().st_mode) == file_mode  # not mkstemp's 0600
+    assert stat.S_IMODE((tmp_path / "o_dir").stat().st_mode) == dir_mode
     for name in ("model.safetensors", "config.json"):
-        assert stat.S_IMODE((tmp_path / "o_dir" / name).stat().st_mode) == 0o640, name
+        assert stat.S_IMODE((tmp_path / "o_dir" / name).stat().st_mode) == file_mode, name
 
 
 def _source(tmp_path):

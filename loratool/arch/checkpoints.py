@@ -36,11 +36,12 @@ handle them place ΔW with :func:`to_stored`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from loratool.arch import flux, sd3, sdxl
+from loratool.arch.fused import swap_halves
 from loratool.errors import FormatError
 
 UNET_PREFIX = "model.diffusion_model."
@@ -103,7 +104,7 @@ def to_stored(delta: torch.Tensor, target: Target) -> torch.Tensor:
     if target.transform == "transpose":
         return delta.T
     if target.transform == "swap_halves":
-        return flux.swap_halves(delta)
+        return swap_halves(delta)
     return delta
 
 
@@ -195,36 +196,49 @@ def _open_clip_targets(keys: list[str], shapes: dict, transforms: bool) -> dict:
     return out
 
 
-def _flux_targets(keys: list[str], shapes: dict, transforms: bool) -> dict:
-    prefix = UNET_PREFIX if UNET_PREFIX + FLUX_MARK in set(keys) else ""
-    inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
-    doubles = {int(m.group(1)) for k in inner if (m := re.match(r"double_blocks\.(\d+)\.", k))}
-    singles = {int(m.group(1)) for k in inner if (m := re.match(r"single_blocks\.(\d+)\.", k))}
-    table = flux.module_table(max(doubles, default=-1) + 1, max(singles, default=-1) + 1)
+def _fused_targets(table: dict[str, tuple[str, ...]], inner: dict[str, str], transforms: bool,
+                   swapped: Callable[[str], bool], rows_of: Callable[[str, str], list[tuple[int, int]]]) -> dict:
+    """Targets of the transformer weights and biases of ``table`` (native module -> diffusers modules)
+    stored in ``inner`` (native name -> stored key): whole, a row range of a fused tensor
+    (``rows_of(native, stored key)``, one range per diffusers module) or halves swapped."""
     out = {}
     for native, targets in table.items():
         for suffix in (".weight", ".bias"):
             stored = inner.get(native + suffix)
             if stored is None:
                 continue
-            if native in flux.SWAPPED:
+            if swapped(native):
                 if transforms:
                     out[("transformer", targets[0] + suffix)] = Target(stored, None, "swap_halves")
                 continue
             if len(targets) == 1:
                 out[("transformer", targets[0] + suffix)] = Target(stored)
                 continue
-            shape = shapes.get(inner.get(native + ".weight", "")) or shapes.get(stored)
-            if shape is not None and len(shape) == 2:
-                rows_n, width = shape
-            elif shape is not None:  # a bias: width follows from the weight's row count
-                rows_n = shape[0]
-                width = FLUX_DEFAULT_WIDTH if native.endswith("linear1") else rows_n // 3
-            else:
-                width = FLUX_DEFAULT_WIDTH
-                rows_n = width * (3 + flux.MLP_RATIO) if native.endswith("linear1") else 3 * width
-            for path, rows in zip(targets, flux.split_rows(native, rows_n, width)):
+            for path, rows in zip(targets, rows_of(native, stored)):
                 out[("transformer", path + suffix)] = Target(stored, rows)
+    return out
+
+
+def _flux_targets(keys: list[str], shapes: dict, transforms: bool) -> dict:
+    prefix = UNET_PREFIX if UNET_PREFIX + FLUX_MARK in set(keys) else ""
+    inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    doubles = {int(m.group(1)) for k in inner if (m := re.match(r"double_blocks\.(\d+)\.", k))}
+    singles = {int(m.group(1)) for k in inner if (m := re.match(r"single_blocks\.(\d+)\.", k))}
+    table = flux.module_table(max(doubles, default=-1) + 1, max(singles, default=-1) + 1)
+
+    def rows_of(native: str, stored: str) -> list[tuple[int, int]]:
+        shape = shapes.get(inner.get(native + ".weight", "")) or shapes.get(stored)
+        if shape is not None and len(shape) == 2:
+            rows_n, width = shape
+        elif shape is not None:  # a bias: width follows from the weight's row count
+            rows_n = shape[0]
+            width = FLUX_DEFAULT_WIDTH if native.endswith("linear1") else rows_n // 3
+        else:
+            width = FLUX_DEFAULT_WIDTH
+            rows_n = width * (3 + flux.MLP_RATIO) if native.endswith("linear1") else 3 * width
+        return flux.split_rows(native, rows_n, width)
+
+    out = _fused_targets(table, inner, transforms, lambda native: native in flux.SWAPPED, rows_of)
     for native, param in flux.norm_table(len(doubles), len(singles)).items():
         if native in inner:
             out[("transformer", param)] = Target(inner[native])
@@ -237,29 +251,21 @@ def _sd3_targets(keys: list[str], shapes: dict, transforms: bool) -> dict:
     layers = {int(m.group(1)) for k in inner if (m := re.match(r"joint_blocks\.(\d+)\.", k))}
     dual = {int(m.group(1)) for k in inner if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k))}
     depth = max(layers, default=-1) + 1
-    out = {}
-    for native, targets in sd3.module_table(depth, dual).items():
+
+    def swapped(native: str) -> bool:
+        # the last block's context modulation is the pre-only one (2·D rows) by construction
+        return native == sd3.ALWAYS_SWAPPED or native == f"joint_blocks.{depth - 1}.{sd3.CONTEXT_MOD}"
+
+    def rows_of(native: str, stored: str) -> list[tuple[int, int]]:
         weight = inner.get(native + ".weight")
         shape = shapes.get(weight) if weight is not None else None
-        for suffix in (".weight", ".bias"):
-            stored = inner.get(native + suffix)
-            if stored is None:
-                continue
-            # the last block's context modulation is the pre-only one (2·D rows) by construction
-            swapped = native == sd3.ALWAYS_SWAPPED or native == f"joint_blocks.{depth - 1}.{sd3.CONTEXT_MOD}"
-            if swapped:
-                if transforms:
-                    out[("transformer", targets[0] + suffix)] = Target(stored, None, "swap_halves")
-                continue
-            if len(targets) == 1:
-                out[("transformer", targets[0] + suffix)] = Target(stored)
-                continue
-            rows_n = shape[0] if shape else (shapes[stored][0] if stored in shapes else None)
-            if rows_n is None:
-                raise FormatError(f"{stored}: placing q/k/v rows of an SD3 file needs its tensor shapes")
-            width = rows_n // 3
-            for path, rows in zip(targets, [(0, width), (width, 2 * width), (2 * width, 3 * width)]):
-                out[("transformer", path + suffix)] = Target(stored, rows)
+        rows_n = shape[0] if shape else (shapes[stored][0] if stored in shapes else None)
+        if rows_n is None:
+            raise FormatError(f"{stored}: placing q/k/v rows of an SD3 file needs its tensor shapes")
+        width = rows_n // 3
+        return [(0, width), (width, 2 * width), (2 * width, 3 * width)]
+
+    out = _fused_targets(sd3.module_table(depth, dual), inner, transforms, swapped, rows_of)
     for native, param in sd3.norm_table(depth, dual).items():
         if native in inner:
             out[("transformer", param)] = Target(inner[native])

@@ -14,23 +14,17 @@ A LoRA on a fused weight, ΔW = s · up @ down, splits exactly into one LoRA per
 down = [down_q; down_k; down_v] (rank G·r') and a block-diagonal up; those split into
 (down_g, up[rows_g, cols_g]) with rank r' and alpha' = alpha · r'/r (same scale). The reverse
 fuses with down = cat(down_g) and up = blockdiag(up_g) (scales folded so one alpha serves), or
-with a shared down when every part shares it — never a lossy refit.
+with a shared down when every part shares it — never a lossy refit. The maths and the
+to/from-canonical driver live in :mod:`loratool.arch.fused` (shared with SD3); this module holds
+the BFL names (:data:`NAMING`).
 """
 
 from __future__ import annotations
 
-import json
-import math
-from functools import cache
-from pathlib import Path
-
-import torch
-
 from loratool.adapter import LoraModule
-from loratool.arch.sdxl import Family
-from loratool.errors import FormatError, MatchError
-
-DATA = Path(__file__).parent
+from loratool.arch import Family, fused, load_table
+from loratool.arch.fused import swap_halves as swap_halves  # BFL shift/scale <-> diffusers scale/shift
+from loratool.errors import MatchError
 
 # native module (``{i}`` = block index) -> diffusers module(s); several = row-fused, in row order.
 DOUBLE_BLOCK = {
@@ -108,264 +102,46 @@ def split_rows(native: str, out_rows: int, in_features: int) -> list[tuple[int, 
         if out_rows <= 3 * d:
             raise MatchError(f"{native}: {out_rows} rows cannot hold q, k, v of width {d} and an MLP")
         return [(0, d), (d, 2 * d), (2 * d, 3 * d), (3 * d, out_rows)]
-    if native.endswith(".qkv"):
-        if out_rows % 3:
-            raise MatchError(f"{native}: {out_rows} rows do not split into q, k, v")
-        d = out_rows // 3
-        return [(0, d), (d, 2 * d), (2 * d, 3 * d)]
-    return [(0, out_rows)]
+    return fused.qkv_rows(native, out_rows, in_features)
 
 
-def swap_halves(t: torch.Tensor) -> torch.Tensor:
-    """[a; b] -> [b; a] along dim 0 (BFL shift/scale <-> diffusers scale/shift; its own inverse)."""
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
+def part_widths(native: str, in_features: int, parts: int) -> list[int]:
+    """Nominal rows of each part (D = in-features): D for q, k, v, MLP_RATIO·D for ``linear1``'s MLP."""
+    d = in_features
+    return [d, d, d, MLP_RATIO * d] if native.endswith(".linear1") else [d] * parts
+
+
+NAMING = fused.FusedNaming(
+    what="a Flux transformer module",
+    blocks=(fused.Block("double_blocks", "transformer_blocks", DOUBLE_BLOCK),
+            fused.Block("single_blocks", "single_transformer_blocks", SINGLE_BLOCK)),
+    top=TOP,
+    swapped=lambda native, module: native in SWAPPED,
+    split_rows=split_rows,
+    part_widths=part_widths,
+)
+
+
+def to_canonical(modules: list[LoraModule]) -> list[LoraModule]:
+    """BFL transformer paths -> diffusers paths; fused modules split exactly (see module doc)."""
+    return fused.to_canonical(modules, NAMING)
+
+
+def from_canonical(modules: list[LoraModule]) -> list[LoraModule]:
+    """diffusers transformer paths -> BFL paths; split parts fuse exactly (see module doc)."""
+    return fused.from_canonical(modules, NAMING)
 
 
 # --- shipped vocabularies (scripts/gen_arch_tables.py, Flux.1-dev config) ---
 
 
-@cache
-def _data() -> dict:
-    return json.loads((DATA / "flux_modules.json").read_text())
-
-
 def native_paths(component: str) -> set[str]:
-    data = _data()
+    data = load_table("flux_modules")
     if component == "transformer":
         return set(module_table(data["num_layers"], data["num_single_layers"]))
     if component in ("text_encoder", "text_encoder_2"):
         return set(data[component])
     return set()
-
-
-def _native_of(path: str) -> tuple[str, int] | None:
-    """(native module, part index) of a diffusers transformer module path."""
-    parts = path.split(".")
-    if len(parts) > 2 and parts[0] in ("transformer_blocks", "single_transformer_blocks") and parts[1].isdigit():
-        i, rest = parts[1], ".".join(parts[2:])
-        table, prefix = (DOUBLE_BLOCK, "double_blocks") if parts[0] == "transformer_blocks" else \
-            (SINGLE_BLOCK, "single_blocks")
-        for native, targets in table.items():
-            if rest in targets:
-                return f"{prefix}.{i}.{native}", targets.index(rest)
-        return None
-    for native, targets in TOP.items():
-        if path in targets:
-            return native, targets.index(path)
-    return None
-
-
-def _diffusers_of(native: str) -> tuple[str, ...] | None:
-    parts = native.split(".")
-    if len(parts) > 2 and parts[0] in ("double_blocks", "single_blocks") and parts[1].isdigit():
-        i, rest = parts[1], ".".join(parts[2:])
-        table, prefix = (DOUBLE_BLOCK, "transformer_blocks") if parts[0] == "double_blocks" else \
-            (SINGLE_BLOCK, "single_transformer_blocks")
-        targets = table.get(rest)
-        return None if targets is None else tuple(f"{prefix}.{i}.{t}" for t in targets)
-    return TOP.get(native)
-
-
-def _copy(module: LoraModule, path: str, tensors: dict[str, torch.Tensor], *, kind: str | None = None,
-          alpha: float | None = None, magnitude: torch.Tensor | None = None, hints: dict | None = None) -> LoraModule:
-    return LoraModule(
-        component=module.component, path=path, kind=kind or module.kind, layer=module.layer, tensors=tensors,
-        alpha=alpha, rslora=module.rslora, magnitude=magnitude, fan_in_fan_out=module.fan_in_fan_out,
-        hints=hints if hints is not None else {k: v for k, v in module.hints.items() if k != "weight_shape"},
-    )
-
-
-def _block_diagonal(up: torch.Tensor, rows: list[tuple[int, int]]) -> bool:
-    """True when ``up`` [out, G·r'] is zero outside the diagonal blocks (rows_g × cols_g)."""
-    g = len(rows)
-    if up.shape[1] % g:
-        return False
-    rr = up.shape[1] // g
-    mask = torch.ones_like(up, dtype=torch.bool)
-    for k, (a, b) in enumerate(rows):
-        mask[a:b, k * rr:(k + 1) * rr] = False
-    return not bool(up[mask].any())
-
-
-def _as_full(module: LoraModule) -> LoraModule:
-    """A module whose factors cannot be row-split (LoHa/LoKr/Tucker) as its exact dense ΔW."""
-    from loratool.delta import delta_weight
-
-    diff = delta_weight(module, dtype=torch.float32).to(module.dtype)
-    return _copy(module, module.path, {"diff": diff}, kind="full", magnitude=module.magnitude)
-
-
-def _split(module: LoraModule, targets: tuple[str, ...], native: str, swapped: bool | None = None) -> list[LoraModule]:
-    """One fused native module -> one module per diffusers part, exactly (``swapped``: row halves
-    stored swapped; default: ``native`` is in :data:`SWAPPED`). Shared with :mod:`loratool.arch.sd3`."""
-    if module.kind not in ("lora", "full") or "mid" in module.tensors:
-        module = _as_full(module)
-    t = module.tensors
-    if module.kind == "full":
-        out_rows, in_features = t["diff"].shape[0], t["diff"].shape[1]
-    else:
-        out_rows, in_features = t["up"].shape[0], t["down"].shape[1]
-    rows = split_rows(native, int(out_rows), int(in_features))
-    if swapped is None:
-        swapped = native in SWAPPED
-
-    def rowwise(x: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
-        if x is None:
-            return None
-        return (swap_halves(x) if swapped else x)[a:b].clone()
-
-    out = []
-    if module.kind == "full":
-        for path, (a, b) in zip(targets, rows):
-            tensors = {"diff": rowwise(t["diff"], a, b)}
-            if "diff_b" in t:
-                tensors["diff_b"] = rowwise(t["diff_b"], a, b)
-            out.append(_copy(module, path, tensors, alpha=module.alpha, magnitude=rowwise(module.magnitude, a, b)))
-        return out
-    down, up = t["down"], t["up"]
-    r = down.shape[0]
-    diagonal = len(rows) > 1 and _block_diagonal(up, rows)
-    for g, (path, (a, b)) in enumerate(zip(targets, rows)):
-        if diagonal:
-            rr = r // len(rows)
-            tensors = {"down": down[g * rr:(g + 1) * rr].clone(), "up": up[a:b, g * rr:(g + 1) * rr].clone()}
-            # keep scale = alpha/r (or alpha/√r) unchanged at the smaller rank
-            base = module.scale
-            alpha = base * math.sqrt(rr) if module.rslora else base * rr
-        else:
-            tensors = {"down": down.clone(), "up": rowwise(up, a, b)}
-            alpha = module.alpha
-        if "bias" in t:
-            tensors["bias"] = rowwise(t["bias"], a, b)
-        out.append(_copy(module, path, tensors, alpha=alpha, magnitude=rowwise(module.magnitude, a, b)))
-    return out
-
-
-def to_canonical(modules: list[LoraModule]) -> list[LoraModule]:
-    """BFL transformer paths -> diffusers paths; fused modules split exactly (see module doc)."""
-    out: list[LoraModule] = []
-    for m in modules:
-        if m.component != "transformer":
-            out.append(m)
-            continue
-        targets = _diffusers_of(m.path)
-        if targets is None:
-            if _native_of(m.path) is not None:  # already a diffusers name
-                out.append(m)
-                continue
-            raise MatchError(f"transformer:{m.path}: not a Flux transformer module")
-        if len(targets) == 1 and m.path not in SWAPPED:
-            out.append(_copy(m, targets[0], dict(m.tensors), alpha=m.alpha, magnitude=m.magnitude, hints=m.hints))
-        else:
-            out.extend(_split(m, targets, m.path))
-    return out
-
-
-def _fuse(native: str, parts: list[LoraModule | None], targets: tuple[str, ...],
-          swapped: bool | None = None) -> LoraModule:
-    """Several diffusers part modules (None = part not adapted) -> one fused native module."""
-    present = [p for p in parts if p is not None]
-    first = present[0]
-    if swapped is None:
-        swapped = native in SWAPPED
-    if any(p.magnitude is not None for p in present) and (
-        any(p is None or p.magnitude is None for p in parts)
-    ):
-        raise FormatError(f"transformer:{native}: DoRA on only some of {', '.join(targets)} cannot be fused "
-                          "(the other rows' magnitudes are unknown)")
-    in_features = _in_features(first)
-    widths = [_out_rows(p) if p is not None else None for p in parts]
-    if None in widths:
-        d = in_features
-        guess = [d, d, d, MLP_RATIO * d] if native.endswith(".linear1") else [d] * len(parts)
-        widths = [w if w is not None else guess[i] for i, w in enumerate(widths)]
-
-    def cat_rows(xs: list[torch.Tensor]) -> torch.Tensor:
-        y = torch.cat(xs, dim=0)
-        return swap_halves(y) if swapped else y
-
-    magnitude = cat_rows([p.magnitude for p in parts]) if first.magnitude is not None else None
-    if any(p.kind != "lora" or "mid" in p.tensors for p in present):
-        from loratool.delta import delta_weight
-
-        dtype = first.dtype
-        diffs = [delta_weight(p, dtype=torch.float32) if p is not None else torch.zeros(w, in_features)
-                 for p, w in zip(parts, widths)]
-        tensors = {"diff": cat_rows(diffs).to(dtype)}
-        return _copy(first, native, tensors, kind="full", magnitude=magnitude, hints={})
-    dtype = first.dtype
-    downs = [p.tensors["down"] for p in present]
-    same = (len(present) == len(parts) and all(torch.equal(d, downs[0]) for d in downs)
-            and len({(p.scale, p.rank) for p in present}) == 1 and not any("bias" in p.tensors for p in present))
-    if same and len(parts) > 1:
-        up = cat_rows([p.tensors["up"] for p in parts])
-        return _copy(first, native, {"down": downs[0].clone(), "up": up}, alpha=first.alpha, magnitude=magnitude,
-                     hints={})
-    scales = {p.scale for p in present}
-    rank = sum(p.rank for p in present)
-    if len(scales) == 1:
-        # one shared scale: keep the factors untouched, choose alpha so alpha/R (or /√R) gives it
-        s = scales.pop()
-        fold = [1.0] * len(parts)
-        alpha = s * math.sqrt(rank) if first.rslora else s * rank
-    else:
-        # scales differ: fold each part's scale into its up block, scale 1 overall
-        fold = [p.scale if p is not None else 1.0 for p in parts]
-        alpha = math.sqrt(rank) if first.rslora else float(rank)
-    down = torch.cat(downs, dim=0)
-    work = torch.promote_types(dtype, torch.float32)  # fold in at least float32, never below the input
-    up = torch.zeros(sum(widths), rank, dtype=work)
-    row = col = 0
-    for p, w, f in zip(parts, widths, fold):
-        if p is not None:
-            up[row:row + w, col:col + p.rank] = p.tensors["up"].to(work) * f
-            col += p.rank
-        row += w
-    tensors = {"down": down, "up": (swap_halves(up) if swapped else up).to(dtype)}
-    if any("bias" in p.tensors for p in present):
-        tensors["bias"] = cat_rows([p.tensors["bias"] if p is not None and "bias" in p.tensors
-                                    else torch.zeros(w, dtype=dtype) for p, w in zip(parts, widths)])
-    return _copy(first, native, tensors, alpha=alpha, magnitude=magnitude, hints={})
-
-
-def _in_features(m: LoraModule) -> int:
-    return int(m.tensors["diff"].shape[1]) if m.kind == "full" else int(m.weight_shape[1])
-
-
-def _out_rows(m: LoraModule) -> int:
-    return int(m.weight_shape[0])
-
-
-def from_canonical(modules: list[LoraModule]) -> list[LoraModule]:
-    """diffusers transformer paths -> BFL paths; split parts fuse exactly (see module doc)."""
-    out: list[LoraModule] = []
-    groups: dict[str, dict[int, LoraModule]] = {}
-    order: list[str] = []
-    for m in modules:
-        if m.component != "transformer":
-            out.append(m)
-            continue
-        hit = _native_of(m.path)
-        if hit is None:
-            if _diffusers_of(m.path) is not None:  # already native
-                out.append(m)
-                continue
-            raise MatchError(f"transformer:{m.path}: not a Flux transformer module")
-        native, idx = hit
-        targets = _diffusers_of(native)
-        if len(targets) == 1 and native not in SWAPPED:
-            out.append(_copy(m, native, dict(m.tensors), alpha=m.alpha, magnitude=m.magnitude, hints=m.hints))
-            continue
-        if native not in groups:
-            groups[native] = {}
-            order.append(native)
-        groups[native][idx] = m
-    for native in order:
-        targets = _diffusers_of(native)
-        parts = [groups[native].get(i) for i in range(len(targets))]
-        out.append(_fuse(native, parts, targets))
-    return out
 
 
 def detect(keys: list[str], metadata: dict[str, str]) -> int:

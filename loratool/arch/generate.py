@@ -33,11 +33,13 @@ OPENCLIP_H = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, nu
 
 
 def weight_paths(model) -> list[str]:
+    """Dotted paths of every module that owns a ``weight`` parameter."""
     return sorted(name for name, mod in model.named_modules()
                   if name and "weight" in dict(mod.named_parameters(recurse=False)))
 
 
-def _meta(factory):
+def meta_model(factory):
+    """``factory()`` built on the ``meta`` device: module names without allocating weights."""
     import torch
 
     with torch.device("meta"):
@@ -50,8 +52,8 @@ def sd_tables() -> dict:
 
     out = {}
     for fam, unet_cfg, te_cfg in (("sd1", SD15_UNET, CLIP_L), ("sd2", SD2_UNET, OPENCLIP_H)):
-        unet = _meta(lambda c=unet_cfg: UNet2DConditionModel(**c))
-        te = _meta(lambda c=te_cfg: CLIPTextModel(CLIPTextConfig(**c)))
+        unet = meta_model(lambda c=unet_cfg: UNet2DConditionModel(**c))
+        te = meta_model(lambda c=te_cfg: CLIPTextModel(CLIPTextConfig(**c)))
         # transformers >= 5 strips ``text_model.`` from CLIPTextModel; checkpoints, kohya and
         # diffusers files keep it, and so does the canonical naming.
         te_paths = [p if p.startswith("text_model.") else f"text_model.{p}" for p in weight_paths(te)]
@@ -79,7 +81,7 @@ def llm_tables() -> dict:
     }
     out = {}
     for name, (cfg_cls, model_cls, kwargs) in specs.items():
-        model = _meta(lambda c=cfg_cls, m=model_cls, k=kwargs: m(c(**k)))
+        model = meta_model(lambda c=cfg_cls, m=model_cls, k=kwargs: m(c(**k)))
         out[name] = weight_paths(model)
     return out
 

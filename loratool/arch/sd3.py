@@ -5,7 +5,7 @@ kohya names SD3 LoRAs ``lora_unet_`` + the MMDiT module path (``lora_unet_joint_
 ``lora_unet_context_embedder``, ``lora_unet_final_layer_adaLN_modulation_1``); text encoders are
 ``lora_te1`` (CLIP-L), ``lora_te2`` (CLIP-G), ``lora_te3`` (T5-XXL), in HF naming.
 
-MMDiT fuses what diffusers keeps apart, exactly like Flux (:mod:`loratool.arch.flux` does the maths):
+MMDiT fuses what diffusers keeps apart, like Flux (:mod:`loratool.arch.fused` does the maths for both):
 
 * ``joint_blocks.i.x_block.attn.qkv`` = rows [to_q; to_k; to_v], ``x_block.attn2.qkv`` (SD3.5 medium's
   dual attention) = [attn2.to_q; to_k; to_v], ``context_block.attn.qkv`` = [add_q_proj; add_k_proj; add_v_proj];
@@ -19,16 +19,8 @@ MMDiT fuses what diffusers keeps apart, exactly like Flux (:mod:`loratool.arch.f
 
 from __future__ import annotations
 
-import json
-from functools import cache
-from pathlib import Path
-
 from loratool.adapter import LoraModule
-from loratool.arch import flux
-from loratool.arch.sdxl import Family
-from loratool.errors import MatchError
-
-DATA = Path(__file__).parent
+from loratool.arch import Family, fused, load_table
 
 # native module inside ``joint_blocks.{i}.`` -> diffusers module(s) inside ``transformer_blocks.{i}.``
 BLOCK = {
@@ -112,107 +104,35 @@ def is_swapped(native: str, out_rows: int, in_features: int) -> bool:
     return native.endswith(CONTEXT_MOD) and out_rows == 2 * in_features
 
 
+NAMING = fused.FusedNaming(
+    what="an SD3 transformer module",
+    blocks=(fused.Block("joint_blocks", "transformer_blocks", BLOCK),),
+    top=TOP,
+    swapped=lambda native, module: is_swapped(native, *fused.module_shape(module)),
+)
+
+
+def to_canonical(modules: list[LoraModule]) -> list[LoraModule]:
+    """MMDiT transformer paths -> diffusers paths; fused qkv split exactly, swapped halves restored."""
+    return fused.to_canonical(modules, NAMING)
+
+
+def from_canonical(modules: list[LoraModule]) -> list[LoraModule]:
+    """diffusers SD3 transformer paths -> MMDiT paths; split q/k/v parts fuse exactly."""
+    return fused.from_canonical(modules, NAMING)
+
+
 # --- shipped vocabulary (scripts/gen_arch_tables.py, published SD3 / SD3.5 configs) ---
 
 
-@cache
-def _data() -> dict:
-    return json.loads((DATA / "sd3_modules.json").read_text())
-
-
 def native_paths(component: str) -> set[str]:
-    data = _data()
+    data = load_table("sd3_modules")
     if component == "transformer":
         depth = max(v["num_layers"] for v in data["variants"].values())
         return set(module_table(depth, range(depth), pre_only_last=False))
     if component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         return set(data[component])
     return set()
-
-
-def _native_of(path: str) -> tuple[str, int] | None:
-    """(native module, part index) of a diffusers SD3 transformer module path."""
-    parts = path.split(".")
-    if len(parts) > 2 and parts[0] == "transformer_blocks" and parts[1].isdigit():
-        rest = ".".join(parts[2:])
-        for native, targets in BLOCK.items():
-            if rest in targets:
-                return f"joint_blocks.{parts[1]}.{native}", targets.index(rest)
-        return None
-    for native, targets in TOP.items():
-        if path in targets:
-            return native, targets.index(path)
-    return None
-
-
-def _diffusers_of(native: str) -> tuple[str, ...] | None:
-    parts = native.split(".")
-    if len(parts) > 2 and parts[0] == "joint_blocks" and parts[1].isdigit():
-        targets = BLOCK.get(".".join(parts[2:]))
-        return None if targets is None else tuple(f"transformer_blocks.{parts[1]}.{t}" for t in targets)
-    return TOP.get(native)
-
-
-def _shape(m: LoraModule) -> tuple[int, int]:
-    if m.kind == "full":
-        return int(m.tensors["diff"].shape[0]), int(m.tensors["diff"].shape[1])
-    shape = m.weight_shape
-    return int(shape[0]), int(shape[1])
-
-
-def to_canonical(modules: list[LoraModule]) -> list[LoraModule]:
-    """MMDiT transformer paths -> diffusers paths; fused qkv split exactly, swapped halves restored."""
-    out: list[LoraModule] = []
-    for m in modules:
-        if m.component != "transformer":
-            out.append(m)
-            continue
-        targets = _diffusers_of(m.path)
-        if targets is None:
-            if _native_of(m.path) is not None:  # already a diffusers name
-                out.append(m)
-                continue
-            raise MatchError(f"transformer:{m.path}: not an SD3 MMDiT module")
-        swapped = is_swapped(m.path, *_shape(m))
-        if len(targets) == 1 and not swapped:
-            out.append(flux._copy(m, targets[0], dict(m.tensors), alpha=m.alpha, magnitude=m.magnitude, hints=m.hints))
-        else:
-            out.extend(flux._split(m, targets, m.path, swapped=swapped))
-    return out
-
-
-def from_canonical(modules: list[LoraModule]) -> list[LoraModule]:
-    """diffusers SD3 transformer paths -> MMDiT paths; split q/k/v parts fuse exactly."""
-    out: list[LoraModule] = []
-    groups: dict[str, dict[int, LoraModule]] = {}
-    order: list[str] = []
-    for m in modules:
-        if m.component != "transformer":
-            out.append(m)
-            continue
-        hit = _native_of(m.path)
-        if hit is None:
-            if _diffusers_of(m.path) is not None:  # already native
-                out.append(m)
-                continue
-            raise MatchError(f"transformer:{m.path}: not an SD3 transformer module")
-        native, idx = hit
-        targets = _diffusers_of(native)
-        if len(targets) == 1:
-            if is_swapped(native, *_shape(m)):
-                out.append(flux._fuse(native, [m], targets, swapped=True))
-            else:
-                out.append(flux._copy(m, native, dict(m.tensors), alpha=m.alpha, magnitude=m.magnitude,
-                                      hints=m.hints))
-            continue
-        if native not in groups:
-            groups[native] = {}
-            order.append(native)
-        groups[native][idx] = m
-    for native in order:
-        targets = _diffusers_of(native)
-        out.append(flux._fuse(native, [groups[native].get(i) for i in range(len(targets))], targets, swapped=False))
-    return out
 
 
 def detect(keys: list[str], metadata: dict[str, str]) -> int:

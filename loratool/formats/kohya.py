@@ -197,7 +197,9 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
             raise FormatError(f"{src.path}: {exc}") from None
         module = build_module(f"{src.path}: {head}", component, path,
                               {suffix: tensors[key] for suffix, key in parts.items()})
-        module.hints.update(kohya_head=head, kohya_prefix=prefix)
+        # The native key lets a writer reuse the file's own spelling of the head (case, prefix)
+        # for a module that still has that native name after a round trip through canonical names.
+        module.hints.update(kohya_head=head, kohya_prefix=prefix, kohya_native=(component, path))
         if family is not None:
             module.hints["kohya_family"] = family.name
         modules.append(module)
@@ -326,15 +328,16 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
         raise FormatError(f"{out}: kohya files hold only LoRA modules; this adapter also has whole tensors "
                           f"({names}); write it as peft instead")
     family = _family_for_write(adapter, opts)
-    canonical = list(adapter)
-    native = family.from_canonical(canonical)
+    # from_canonical may fuse several canonical modules into one native module (Flux / SD3 q, k, v),
+    # so heads are derived from the native modules themselves, never by pairing the two lists.
+    native = family.from_canonical(list(adapter))
     resolver = HeadResolver(family, None)
     tensors: dict[str, torch.Tensor] = {}
-    for canon, nat in zip(canonical, native):
-        where = f"{out}: {canon.component}:{canon.path}"
-        head = canon.hints.get("kohya_head")
-        if head is None or canon.hints.get("kohya_canonical") != canon.key or \
-                canon.hints.get("kohya_family") not in (None, family.name):
+    for nat in native:
+        where = f"{out}: {nat.component}:{nat.path}"
+        head = nat.hints.get("kohya_head")
+        if head is None or nat.hints.get("kohya_native") != nat.key or \
+                nat.hints.get("kohya_family") not in (None, family.name):
             head = to_head(resolver.prefix_for(nat.component), nat.path)
         for suffix, t in module_tensors(nat, where).items():
             key = f"{head}.{suffix}"
@@ -343,7 +346,7 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
             tensors[key] = t
     metadata = {k: v for k, v in adapter.metadata.items() if k not in HASH_KEYS}
     metadata.update(opts.extra_metadata)
-    metadata.update(network_metadata(metadata, canonical))
+    metadata.update(network_metadata(metadata, native))
     metadata.update(kohya_hashes(tensors, metadata))
     data = save(tensors, metadata)
     with atomic_path(out) as tmp:

@@ -191,12 +191,8 @@ class StreamingWriter:
         self._kicked = 0  # bytes whose writeback was started
 
     def __enter__(self) -> StreamingWriter:
-        # 0o666: the process umask decides, as for any new file. No O_TRUNC on an empty file:
-        # ext4 treats truncate-to-zero + rewrite as "replace" and flushes the whole file on close.
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666)
+        self._fd = open_output(self.path)
         try:
-            if os.fstat(self._fd).st_size:
-                os.ftruncate(self._fd, 0)
             _write_all(self._fd, memoryview(self._prefix))
         except BaseException:
             os.close(self._fd)
@@ -391,8 +387,29 @@ def copy_range(src_fd: int, offset: int, length: int, dst_fd: int, where: Path) 
         done += len(chunk)
 
 
+def open_output(path: str | os.PathLike) -> int:
+    """An fd writing ``path`` from its start: created with mode 0o666 (the umask decides, as for any new file).
+
+    An existing empty file (the temporary file of ``atomic_path``) is not truncated: on ext4
+    (``auto_da_alloc``) truncate-to-zero marks the file as being replaced, and closing it then
+    flushes the whole file to disk, seconds for a large model, before the final fsync anyway.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy a whole file kernel-side (``copy_file_range`` in 1 GiB calls), else by reading."""
-    with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
-        copy_range(fi.fileno(), 0, os.fstat(fi.fileno()).st_size, fo.fileno(), Path(dst))
+    """Copy a whole file kernel-side (``copy_file_range`` in 1 GiB calls, else ``sendfile``, else reading)."""
+    fo = open_output(dst)
+    try:
+        with open(src, "rb", buffering=0) as fi:
+            copy_range(fi.fileno(), 0, os.fstat(fi.fileno()).st_size, fo, Path(dst))
+    finally:
+        os.close(fo)
 

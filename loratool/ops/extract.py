@@ -40,7 +40,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import MatchError, UsageError
 from loratool.ops.device import pick_device
-from loratool.ops.randomized_svd import TruncatedSVD, exact_svd, truncated_svd
+from loratool.ops.randomized_svd import TruncatedSVD, exact_svd, frobenius_sq, truncated_svd
 
 Progress = Callable[[str, int, int], None] | None
 
@@ -226,10 +226,11 @@ def _factor(delta: torch.Tensor, layer: str, fan_in_fan_out: bool, s: _Settings)
         matrix = delta
     max_rank = max(1, min(s.conv_rank if layer == "conv" else s.rank, *matrix.shape))
     method = getattr(s.rule, "method", None)
+    total = frobenius_sq(matrix)
     if method == "sv_cumulative":  # needs Σσ over the whole spectrum: only a full SVD has it
-        svd = exact_svd(matrix, min(matrix.shape))
+        svd = exact_svd(matrix, min(matrix.shape), total)
     else:
-        svd = truncated_svd(matrix, max_rank, exact=s.exact, generator=s.generator)
+        svd = truncated_svd(matrix, max_rank, exact=s.exact, generator=s.generator, total_energy=total)
     k = max_rank
     if method is not None:
         from loratool.ops.rank_rules import select_rank
@@ -361,9 +362,10 @@ def extract(
             else:
                 result.unchanged += 1
             continue
-        delta = a.to(device=dev, dtype=dtype) - b.to(device=dev, dtype=dtype)
+        # In place: `a` is a buffer of our own (Checkpoint.read_tensor), never the file's memory.
+        delta = a.to(device=dev, dtype=dtype).sub_(b.to(device=dev, dtype=dtype))
         del a, b
-        max_abs = float(delta.abs().max()) if delta.numel() else 0.0
+        max_abs = float(torch.linalg.vector_norm(delta, float("inf"))) if delta.numel() else 0.0
         if not math.isfinite(max_abs):
             from loratool.errors import NonFiniteError
 
@@ -379,12 +381,13 @@ def extract(
         fan_in_fan_out = layer == "linear" and comp == "model" and bool(_CONV1D_NAME.search(path))
         up, down, svd, k, matrix = _factor(delta, layer, fan_in_fan_out, settings)
         up, down = up.to(out_dtype), down.to(out_dtype)
-        norm = float(torch.linalg.vector_norm(matrix))
-        approx = up.to(dtype) @ down.to(dtype)
-        err = float(torch.linalg.vector_norm(matrix - approx))
+        norm = math.sqrt(svd.total_energy)
+        # ‖ΔW − up·down‖ of the factors as written; the residual overwrites the product (one buffer).
+        residual = (up.to(dtype) @ down.to(dtype)).sub_(matrix)
+        err = math.sqrt(frobenius_sq(residual))
         captured = math.sqrt(min(1.0, float(svd.S[:k].double().square().sum()) / svd.total_energy)) \
             if svd.total_energy > 0 else 1.0
-        del delta, matrix, approx
+        del delta, matrix, residual
         adapter.add(_make_module(comp, path, layer, fan_in_fan_out, shape_f, up.cpu(), down.cpu(), k))
         result.modules.append(ModuleReport(
             comp, path, layer, shape_f, k, svd.solver, svd.power_iters, norm, captured,

@@ -5,7 +5,9 @@ For every stored tensor W that modules touch, in adapter order (strength λᵢ):
     W ← merge_weight(W, moduleᵢ, λᵢ)        (W + λ·ΔW, or the DoRA form m ⊙ (W+λΔW)/‖W+λΔW‖)
 
 computed in float32 (float64 for float64 bases) on the chosen device and cast back to the
-stored dtype (or ``dtype``) once at the end. Plain modules therefore sum (W + Σ λᵢ·ΔWᵢ); DoRA
+stored dtype (or ``dtype``) once at the end (on the CPU, weights whose modules are all
+row-separable go through the same ops a block of rows at a time: :class:`loratool.delta.RowMerge`).
+Plain modules therefore sum (W + Σ λᵢ·ΔWᵢ); DoRA
 modules apply one after another as PEFT does when merging adapters in turn. A module with a
 bias delta adds λ·Δb to ``<path>.bias``. PEFT ``modules_to_save`` tensors replace the base's.
 
