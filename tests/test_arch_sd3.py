@@ -204,9 +204,7 @@ SWAPPED_TARGETS = ["final_layer.adaLN_modulation.1", f"joint_blocks.{LAYERS - 1}
 
 @pytest.mark.parametrize("targets", [
     [t for t in LORA_TARGETS + [SPLIT_QKV] if t not in SWAPPED_TARGETS],
-    pytest.param(SWAPPED_TARGETS, marks=pytest.mark.xfail(
-        strict=True, reason="io/checkpoint._arch_targets drops Target.transform (swap_halves): merge reports "
-                            "these modules unmatched instead of merging them")),
+    SWAPPED_TARGETS,  # stored [shift; scale]: merged on the diffusers [scale; shift] orientation and swapped back
 ], ids=["rows", "swapped_halves"])
 def test_kohya_sd3_lora_merged_into_mmdit_single_file(tmp_path, targets):
     """loratool ``merge`` into the MMDiT single file == the sd-scripts-style merge on the native names."""

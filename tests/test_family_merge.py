@@ -166,3 +166,129 @@ def test_kohya_flux_lora_into_bfl_single_file_equals_diffusers_fuse(tmp_path):
     touched = {k for k in oracle if not torch.equal(oracle[k], base_state[k])}
     assert len(touched) == 13  # 9 modules, two of them fused q/k/v (3 each)
     compare(merged, targets, oracle, "transformer", touched)
+
+
+# ------------------------------------------------------------------ weights stored transposed / halves swapped
+
+def test_kohya_flux_final_modulation_into_bfl_single_file_equals_diffusers_fuse(tmp_path):
+    """BFL stores ``final_layer.adaLN_modulation.1`` as [shift; scale], diffusers' ``norm_out.linear`` as
+    [scale; shift]: the merge happens on the diffusers orientation and is swapped back."""
+    from diffusers import FluxPipeline
+
+    model = tiny_flux()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = bfl_from_diffusers(base_state)
+    save_file(ckpt, tmp_path / "flux.safetensors")
+    paths = ["final_layer.adaLN_modulation.1", "final_layer.linear"]
+    lora = kohya_lora({p: tuple(ckpt["model.diffusion_model." + p + ".weight"].shape) for p in paths}, seed=7)
+    save_file(lora, tmp_path / "lora.safetensors", metadata={"ss_base_model_version": "flux1"})
+
+    result = merge(tmp_path / "flux.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
+    assert not result.unmatched and sum(result.matched.values()) == 2, result.unmatched
+    merged = load_file(tmp_path / "out.safetensors")
+
+    state = FluxPipeline.lora_state_dict(dict(lora))
+    state = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in state.items()}
+    model.load_lora_adapter(state, prefix="transformer")
+    model.fuse_lora()
+    oracle = fused_state(model)
+    targets = checkpoints.canonical_targets({k: tuple(v.shape) for k, v in merged.items()}, transforms=True)
+    touched = {k for k in oracle if not torch.equal(oracle[k], base_state[k])}
+    assert touched == {"norm_out.linear.weight", "proj_out.weight"}
+    assert targets[("transformer", "norm_out.linear.weight")].transform == "swap_halves"
+    compare(merged, targets, oracle, "transformer", touched)
+    # by the BFL definition too: the stored [shift; scale] rows are diffusers' [scale; shift] swapped
+    stored = merged["model.diffusion_model.final_layer.adaLN_modulation.1.weight"]
+    scale, shift = oracle["norm_out.linear.weight"].chunk(2)
+    assert torch.allclose(stored, torch.cat([shift, scale]), atol=1e-6)
+    for k in ckpt:  # everything else is copied as it was
+        if "final_layer" not in k:
+            assert torch.equal(merged[k], ckpt[k]), k
+
+
+OPEN_CLIP_G = "conditioner.embedders.1.model."
+
+
+def tiny_clip_g():
+    """A CLIP text encoder with projection whose projection is not square ([24, 32]): a transposed
+    placement would fail on shapes, not only on values."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(2)
+    cfg = CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, projection_dim=24)
+    return CLIPTextModelWithProjection(cfg).double().eval()
+
+
+def sgm_file_with_open_clip_g(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from test_arch_checkpoints import open_clip_state_dict
+
+    ckpt = open_clip_state_dict(hf, OPEN_CLIP_G, 2)  # text_projection stored [in, out]
+    ckpt["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(4, dtype=torch.float64)
+    return ckpt
+
+
+def te2_kohya_lora(hf: dict[str, torch.Tensor], paths: list[str], seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for n, path in enumerate(paths):
+        out, inp = hf[path + ".weight"].shape
+        key, r = "lora_te2_" + path.replace(".", "_"), 2  # one rank for all (see diffusers_fused_te2)
+        sd[key + ".lora_down.weight"] = torch.randn(r, inp, generator=gen, dtype=torch.float64) * 0.1
+        sd[key + ".lora_up.weight"] = torch.randn(out, r, generator=gen, dtype=torch.float64) * 0.1
+        sd[key + ".alpha"] = torch.tensor(float(1 + n), dtype=torch.float64)
+    return sd
+
+
+def diffusers_fused_te2(te2, lora: dict[str, torch.Tensor], paths: list[str]) -> dict[str, torch.Tensor]:
+    """diffusers' SDXL text-encoder loader puts the ``lora_te2_*`` modules into ``text_encoder_2``; PEFT merges them.
+
+    diffusers' kohya converter leaves ``lora_te2_text_projection`` as ``text_projection.lora.down``,
+    a name its loader then cannot place; so the test renames kohya's keys to diffusers' own spelling
+    (lora_down -> lora_linear_layer.down, lora_up -> lora_linear_layer.up, alpha per module), which
+    the loader turns into PEFT's lora_A / lora_B. Its text-encoder loader reads ranks only from
+    q/k/v/out_proj/fc1/fc2 modules, so ``text_projection`` needs one of those beside it, of the same rank."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state, alphas = {}, {}
+    for path in paths:
+        head = "lora_te2_" + path.replace(".", "_")
+        state[f"text_encoder_2.{path}.lora_linear_layer.down.weight"] = lora[head + ".lora_down.weight"]
+        state[f"text_encoder_2.{path}.lora_linear_layer.up.weight"] = lora[head + ".lora_up.weight"]
+        alphas[f"text_encoder_2.{path}.alpha"] = float(lora[head + ".alpha"])
+    StableDiffusionXLPipeline.load_lora_into_text_encoder(state, alphas, te2, prefix="text_encoder_2")
+    layers = [m for m in te2.modules() if isinstance(m, BaseTunerLayer)]
+    assert len(layers) == len([k for k in lora if k.endswith(".lora_down.weight")])
+    for layer in layers:
+        layer.merge()
+    from test_arch_checkpoints import hf_state
+
+    return {k.replace(".base_layer", ""): v for k, v in hf_state(te2).items() if "lora_" not in k}
+
+
+def test_kohya_sdxl_te2_text_projection_into_sgm_single_file_equals_diffusers_fuse(tmp_path):
+    """OpenCLIP-G stores ``text_projection`` as [in, out], HF's ``text_projection.weight`` as [out, in]."""
+    from test_arch_checkpoints import hf_state
+
+    te2 = tiny_clip_g()
+    hf = {k: v.clone() for k, v in hf_state(te2).items()}
+    ckpt = sgm_file_with_open_clip_g(hf)
+    save_file(ckpt, tmp_path / "sdxl.safetensors")
+    paths = ["text_projection", "text_model.encoder.layers.1.self_attn.k_proj"]
+    lora = te2_kohya_lora(hf, paths, seed=11)
+    save_file(lora, tmp_path / "lora.safetensors", metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+
+    result = merge(tmp_path / "sdxl.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
+    assert not result.unmatched and result.matched == {"text_encoder_2": 2}, (result.unmatched, result.matched)
+    merged = load_file(tmp_path / "out.safetensors")
+
+    oracle = diffusers_fused_te2(te2, lora, paths)
+    touched = {k for k in oracle if not torch.equal(oracle[k], hf[k])}
+    assert touched == {"text_projection.weight", "text_model.encoder.layers.1.self_attn.k_proj.weight"}
+    targets = checkpoints.canonical_targets({k: tuple(v.shape) for k, v in merged.items()}, transforms=True)
+    compare(merged, targets, {k: oracle[k] for k in hf}, "text_encoder_2", touched)
+    # by the OpenCLIP definition: the stored projection is the HF weight transposed
+    assert merged[OPEN_CLIP_G + "text_projection"].shape == (32, 24)
+    err = (merged[OPEN_CLIP_G + "text_projection"] - oracle["text_projection.weight"].T).abs().max().item()
+    assert err <= 1e-12, err

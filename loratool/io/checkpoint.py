@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -71,6 +72,27 @@ class Part:
         return self.file.path
 
 
+class Hit(tuple):
+    """Where a canonical parameter is stored: unpacks as ``(part, stored key, row slice)``.
+
+    ``target`` is the arch ``Target`` of a single-file checkpoint (None otherwise); ``transform``
+    (None, ``"transpose"`` or ``"swap_halves"``) says the stored tensor is the canonical one
+    transposed or with its two row halves swapped: ``loratool.arch.checkpoints.to_stored`` turns
+    one orientation into the other (each transform is its own inverse).
+    """
+
+    target: tuple | None
+
+    def __new__(cls, part: Part, key: str, rows: RowSlice | None, target: tuple | None = None):
+        obj = super().__new__(cls, (part, key, rows))
+        obj.target = target
+        return obj
+
+    @property
+    def transform(self) -> str | None:
+        return getattr(self.target, "transform", None)
+
+
 @dataclass(eq=False)
 class Group:
     """The weights of one component: one file, or the shards named by an index."""
@@ -79,7 +101,8 @@ class Group:
     parts: list[Part]
     index_rel: Path | None = None  # the shard index, relative to the root
     index: dict | None = None
-    # For single-file SD / Flux checkpoints: (component, param) -> (stored key, row slice).
+    # For single-file SD / Flux checkpoints: (component, param) -> (stored key, row slice), a
+    # ``loratool.arch.checkpoints.Target`` (whose ``transform`` says how the stored tensor is laid out).
     targets: dict[tuple[str, str], tuple[str, RowSlice | None]] | None = None
     key_to_part: dict[str, Part] = field(default_factory=dict)
 
@@ -93,18 +116,18 @@ class Group:
             return any(c == component for c, _ in self.targets)
         return self.component is None or self.component == component
 
-    def lookup(self, component: str, param: str) -> tuple[Part, str, RowSlice | None] | None:
+    def lookup(self, component: str, param: str) -> Hit | None:
         if self.targets is not None:
             hit = self.targets.get((component, param))
             if hit is None:
                 return None
             key, rows = hit
             part = self.key_to_part.get(key)
-            return (part, key, rows) if part is not None else None
+            return Hit(part, key, rows, hit) if part is not None else None
         if self.component is not None and self.component != component:
             return None
         part = self.key_to_part.get(param)
-        return (part, param, None) if part is not None else None
+        return Hit(part, param, None) if part is not None else None
 
     def params(self) -> dict[str, list[str]]:
         """{component: parameter names} this group holds, as canonical names."""
@@ -137,10 +160,19 @@ def _arch_targets(keys: list[str]):
     fn = getattr(mod, "canonical_targets", None)
     if fn is None:
         return None
-    result = fn(keys)
+    # transforms=True also maps the weights stored transposed / with swapped halves (callers
+    # place ΔW through Hit.transform); an older map without the keyword leaves them out.
+    takes_transforms = "transforms" in inspect.signature(fn).parameters
+    result = fn(keys, transforms=True) if takes_transforms else fn(keys)
     if not result:
         return None
-    return {(c, p): (k, tuple(rows) if rows is not None else None) for (c, p), (k, rows) in result.items()}
+    out = {}
+    for (c, p), target in result.items():
+        key, rows = target
+        if getattr(target, "transform", None) is None:
+            target = (key, tuple(rows) if rows is not None else None)
+        out[(c, p)] = target
+    return out
 
 
 def _pick(candidates: list[Path], what: str, folder: Path) -> Path:
@@ -178,7 +210,8 @@ class Checkpoint:
 
         ``row slice`` (start, stop) is set when the parameter is a block of rows of a fused
         stored tensor (OpenCLIP ``in_proj_weight``, Flux fused qkv). Groups whose component is
-        unknown answer for any component.
+        unknown answer for any component. Weights stored transposed / with swapped halves are
+        answered too: use :meth:`Group.lookup` (its ``Hit.transform``) to read them the right way.
         """
         for group in self.groups:
             hit = group.lookup(component, param)

@@ -2,8 +2,10 @@
 
 A module ``(component, path)`` adapts the parameter ``<path>.weight`` of that component (and
 ``<path>.bias`` when it carries a bias delta). The checkpoint says where that parameter is
-stored (:meth:`loratool.io.checkpoint.Checkpoint.resolve`): a file, a key, and for fused
-tensors of single-file SD / Flux checkpoints a block of rows.
+stored (:meth:`loratool.io.checkpoint.Group.lookup`): a file, a key, for fused tensors of
+single-file SD / Flux checkpoints a block of rows, and for weights such files store transposed or
+with their two row halves swapped the transform (shapes are then checked on the canonical
+orientation: a transposed [in, out] tensor holds an [out, in] weight).
 
 A group whose component is unknown (a bare ``model.safetensors``) takes the adapter component
 whose modules it holds most of; modules of the other components are reported unmatched. When
@@ -27,7 +29,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule
 from loratool.delta import _numel, _same_matrix, weight_shape
 from loratool.errors import MatchError
-from loratool.io.checkpoint import Checkpoint, Group, Part, RowSlice
+from loratool.io.checkpoint import Checkpoint, Group, Hit, RowSlice
 
 
 @dataclass
@@ -39,6 +41,9 @@ class Application:
     strength: float
     rows: RowSlice | None = None
     bias: bool = False  # this application adds Δb to a bias tensor
+    # How the stored tensor (or its rows) holds the canonical weight: None, "transpose" (OpenCLIP
+    # text_projection) or "swap_halves" (Flux / SD3 final modulation); see arch.checkpoints.to_stored.
+    transform: str | None = None
 
 
 @dataclass
@@ -127,7 +132,7 @@ def match(
             return assigned[group_index] == component
         return group.serves(component)
 
-    def lookup(component: str, param: str) -> tuple[Part, str, RowSlice | None] | None:
+    def lookup(component: str, param: str) -> Hit | None:
         for gi, group in enumerate(ckpt.groups):
             if not owner(gi, group, component):
                 continue
@@ -138,7 +143,7 @@ def match(
         return None
 
     # First pass: names as they are; then one prefix rule per (group, component) for the rest.
-    placed: dict[tuple[int, str], tuple[Part, str, RowSlice | None]] = {}
+    placed: dict[tuple[int, str], Hit] = {}
     missing: dict[str, list[tuple[int, LoraModule]]] = {}
     for ai, adapter in enumerate(adapters):
         for m in adapter:
@@ -173,24 +178,32 @@ def match(
                 plan.unmatched.append(label)
                 continue
             part, key, rows = hit
+            transform = getattr(hit, "transform", None)
             info = part.file.info(key)
             shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
             if rows is not None and not (0 <= rows[0] < rows[1] <= info.shape[0]):
                 errors.append(f"{label}: rows {rows} lie outside {key} {info.shape}")
                 continue
+            if transform == "transpose":
+                shape = tuple(shape)[::-1]  # the canonical weight is the stored tensor transposed
+            elif transform == "swap_halves" and shape[0] % 2:
+                errors.append(f"{label}: {key} {info.shape} has an odd row count; its halves cannot be swapped")
+                continue
             err = _check_shapes(m, shape, strengths[ai], names[ai], key)
             if err:
                 errors.append(err)
                 continue
-            plan.applications.setdefault((part.path, key), []).append(Application(ai, m, strengths[ai], rows))
+            plan.applications.setdefault((part.path, key), []).append(
+                Application(ai, m, strengths[ai], rows, transform=transform))
             bias_key = key[: -len("weight")] + "bias" if key.endswith("weight") else None
             if _has_bias_delta(m):
                 if bias_key is None or bias_key not in part.file:
                     where = bias_key or f"bias for {key}"
                     errors.append(f"{label}: the adapter changes a bias but the base has no {where}")
                     continue
-                plan.applications.setdefault((part.path, bias_key), []).append(
-                    Application(ai, m, strengths[ai], rows, bias=True))
+                # a bias has no transpose; swapped halves apply to it as to the weight's rows
+                plan.applications.setdefault((part.path, bias_key), []).append(Application(
+                    ai, m, strengths[ai], rows, bias=True, transform=transform if transform == "swap_halves" else None))
             plan.matched[m.component] = plan.matched.get(m.component, 0) + 1
     for ai, adapter in enumerate(adapters):
         for (comp, name), tensor in adapter.extras.items():
@@ -201,6 +214,10 @@ def match(
                 continue
             part, key, rows = hit
             info = part.file.info(key)
+            if getattr(hit, "transform", None) is not None:
+                from loratool.arch.checkpoints import to_stored
+
+                tensor = to_stored(tensor, hit.target)  # the file holds this weight transposed / halves swapped
             if rows is not None or tuple(tensor.shape) != info.shape:
                 errors.append(f"{label}: saved tensor is {tuple(tensor.shape)}, base {key} is {info.shape}")
                 continue

@@ -7,6 +7,10 @@ For every stored tensor W that modules touch, in adapter order (strength λᵢ):
 computed in float32 (float64 for float64 bases) on the chosen device and cast back to the
 stored dtype (or ``dtype``) once at the end (on the CPU, weights whose modules are all
 row-separable go through the same ops a block of rows at a time: :class:`loratool.delta.RowMerge`).
+Single-file weights stored transposed (OpenCLIP ``text_projection``) or with their two row halves
+swapped (Flux / SD3 final modulation) are merged in the canonical orientation:
+W_stored ← T(merge_weight(T(W_stored), module, λ)) with T the transpose / half swap (T∘T = id),
+so DoRA norms are taken over the canonical weight's rows.
 Plain modules therefore sum (W + Σ λᵢ·ΔWᵢ); DoRA
 modules apply one after another as PEFT does when merging adapters in turn. A module with a
 bias delta adds λ·Δb to ``<path>.bias``. PEFT ``modules_to_save`` tensors replace the base's.
@@ -158,6 +162,13 @@ def _check_adapter_finite(adapter: Adapter, name: str) -> None:
             raise NonFiniteError(f"{name}: saved tensor {comp}:{tname} holds NaN/Inf (use --allow-nonfinite)")
 
 
+def _oriented(tensor: torch.Tensor, transform: str) -> torch.Tensor:
+    """``tensor`` transposed or with its row halves swapped (:func:`loratool.arch.checkpoints.to_stored`)."""
+    from loratool.arch.checkpoints import Target, to_stored
+
+    return to_stored(tensor, Target("", None, transform))
+
+
 class _Merger:
     """Writes the parts of one checkpoint; counts progress over every stored tensor."""
 
@@ -236,8 +247,8 @@ class _Merger:
         work_dtype = torch.float64 if info.dtype == torch.float64 else torch.float32
         out: list[tuple[int, int, RowMerge]] = []
         for app in self.plan.applications.get(key, ()):
-            if app.bias or len(info.shape) != 2:
-                return None
+            if app.bias or len(info.shape) != 2 or app.transform is not None:
+                return None  # a transposed / half-swapped weight is not merged row block by row block
             lo, hi = app.rows if app.rows is not None else (0, info.shape[0])
             rm = row_merge(app.module, app.strength, (hi - lo, info.shape[1]), dtype=work_dtype)
             if rm is None:
@@ -316,10 +327,14 @@ class _Merger:
             m = app.module
             labels.append(f"{m.component}:{m.path}")
             region = work if app.rows is None else work[app.rows[0]:app.rows[1]]
+            if app.transform is not None:
+                region = _oriented(region, app.transform)  # stored -> canonical orientation
             if app.bias:
                 new = region + app.strength * delta_bias(m, dtype=work_dtype, device=self.device)
             else:
                 new = merge_weight(region, m, app.strength, dtype=work_dtype)
+            if app.transform is not None:
+                new = _oriented(new, app.transform)  # canonical -> stored (each transform is its own inverse)
             if app.rows is None:
                 work = new
             else:
