@@ -131,9 +131,10 @@ def whole_model(family: str, rank: int, fraction: float, seed: int) -> None:
             root = svd.S[:rank].sqrt()
             err = math.sqrt(frobenius_sq(((svd.U[:, :rank] * root) @ (root[:, None] * svd.Vh[:rank])).sub_(d)))
             full_times.append(time.perf_counter() - t0)
-            optimal[kind] = float(svd.S.double()[rank:].square().sum().sqrt())
+            # below ~1e-6·‖ΔW‖ (rank ≥ the short side) float32 rounding is all there is: count as optimal
+            optimal[kind] = max(float(svd.S.double()[rank:].square().sum().sqrt()), 1e-6 * math.sqrt(svd.total_energy))
             del d, svd
-            assert err <= 1.0001 * optimal[kind] + 1e-9, "the full SVD itself is off"
+            assert err <= 1.0001 * optimal[kind], "the full SVD itself is off"
         full_each = sum(full_times) / len(full_times)
         # randomized: every weight (or an evenly spread `fraction` of them)
         timed = max(1, round(count * fraction))
@@ -147,7 +148,7 @@ def whole_model(family: str, rank: int, fraction: float, seed: int) -> None:
             t_shape += time.perf_counter() - t0
             fallbacks += solver == "exact" and min(m, n) > 256
             s_shape.append(st)
-            ratio = err / optimal[kind] if optimal[kind] > 0 else 1.0
+            ratio = err / optimal[kind]
             w_shape = max(w_shape, ratio)
             if ratio > worst:
                 worst, worst_at = ratio, f"{list(shape)} {kind}"

@@ -206,6 +206,21 @@ def test_merging_back_is_within_1pct_of_the_optimal_rank_error(finetuned_pair, t
     assert "--embeddings" in reasons["model.embed_tokens.weight"]
 
 
+@pytest.mark.parametrize("rank", [4, 16, 32])
+def test_float32_default_solver_on_a_real_finetune_is_within_1pct(finetuned_pair, rank):
+    """The default path (float32 compute, randomized solver) against float64 full-SVD optima."""
+    d = finetuned_pair
+    res = extract(d / "ft", d / "base", rank=rank)
+    ft, base = _weights(d / "ft"), _weights(d / "base")
+    assert len(res.modules) == 8 and all(m.solver == "randomized" for m in res.modules if min(m.shape) > 256)
+    for m in res.modules:
+        mod = res.adapter.modules[("model", m.path)]
+        delta = ft[m.path + ".weight"].double() - base[m.path + ".weight"].double()
+        err = float(torch.linalg.vector_norm(delta - mod.tensors["up"].double() @ mod.tensors["down"].double()))
+        assert err <= 1.01 * optimal_error(delta, rank) + 1e-6 * float(delta.norm()), (m.path, rank)
+        assert math.isclose(m.rel_error, err / float(delta.norm()), rel_tol=1e-3)
+
+
 def test_embeddings_flag_makes_peft_embedding_modules(tmp_path):
     base, ft = tiny_llama(), finetune(tiny_llama(), lr=1e-2)
     base.save_pretrained(tmp_path / "base")

@@ -136,7 +136,9 @@ class _Weights:
 
         self.ref = ref
         self.ckpt = open_checkpoint(ref)
-        self.params: dict[tuple[str, str], tuple[Any, str, tuple[int, int] | None]] = {}
+        # (component, param) -> (file, stored key, row slice, arch Target when stored transposed /
+        # with swapped halves, else None)
+        self.params: dict[tuple[str, str], tuple[Any, str, tuple[int, int] | None, Any]] = {}
         self.unmapped: list[str] = []  # stored keys no canonical parameter reads
         for group in self.ckpt.groups:
             used: set[str] = set()
@@ -145,28 +147,38 @@ class _Weights:
                     hit = group.lookup(comp, name) if group.targets is not None else None
                     if group.targets is None:
                         part = group.key_to_part[name]
-                        self.params[(comp, name)] = (part.file, name, None)
+                        self.params[(comp, name)] = (part.file, name, None, None)
                     elif hit is not None:
                         part, key, rows = hit
-                        self.params[(comp, name)] = (part.file, key, rows)
+                        transformed = getattr(hit, "transform", None) is not None
+                        self.params[(comp, name)] = (part.file, key, rows, hit.target if transformed else None)
                         used.add(key)
             if group.targets is not None:
                 self.unmapped += [k for k in group.key_to_part if k not in used]
 
     def shape_dtype(self, key: tuple[str, str]) -> tuple[tuple[int, ...], torch.dtype]:
-        file, stored, rows = self.params[key]
+        file, stored, rows, target = self.params[key]
         info = file.info(stored)
         shape = tuple(info.shape)
         if rows is not None:
             shape = (rows[1] - rows[0], *shape[1:])
+        if target is not None and target.transform == "transpose":
+            shape = shape[::-1]
         return shape, info.dtype
 
     def read(self, key: tuple[str, str]) -> torch.Tensor:
         from loratool.io.checkpoint import Checkpoint
 
-        file, stored, rows = self.params[key]
+        file, stored, rows, target = self.params[key]
         tensor = Checkpoint.read_tensor(file, stored)
-        return tensor[rows[0]:rows[1]] if rows is not None else tensor
+        if rows is not None:
+            tensor = tensor[rows[0]:rows[1]]
+        if target is not None:
+            from loratool.arch.checkpoints import to_stored
+
+            # the canonical orientation (to_stored is its own inverse); a copy, so ΔW may be formed in place
+            tensor = to_stored(tensor, target).contiguous()
+        return tensor
 
 
 # ------------------------------------------------------------------------------- maths per module
