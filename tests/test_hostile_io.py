@@ -244,6 +244,25 @@ def test_file_output_never_replaces_a_folder(tmp_path):
         check_output(out, force=True, folder=True)
 
 
+def test_force_replaces_a_model_output_folder_only(tmp_path):
+    """A pipeline or multi-component PEFT folder loratool wrote may be replaced; other trees may not."""
+    pipe = tmp_path / "merged"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    assert check_output(pipe, force=True, folder=True) == pipe
+    peft = tmp_path / "peft"
+    for comp in ("unet", "text_encoder"):
+        (peft / comp).mkdir(parents=True)
+        (peft / comp / "adapter_config.json").write_text("{}")
+    assert check_output(peft, force=True, folder=True) == peft
+    (pipe / "unet" / "deeper").mkdir()
+    with pytest.raises(OutputError, match="subfolders"):
+        check_output(pipe, force=True, folder=True)
+    (peft / "notes").mkdir()
+    with pytest.raises(OutputError, match="subfolders"):
+        check_output(peft, force=True, folder=True)
+
+
 def test_check_output_refusals(tmp_path):
     src = tmp_path / "in.safetensors"
     src.write_bytes(b"x")

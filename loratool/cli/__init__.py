@@ -15,7 +15,6 @@ import sys
 import traceback
 from collections.abc import Iterator
 
-import click
 import typer
 
 from loratool.cli.app import app, state
@@ -42,7 +41,7 @@ def _classes(attr: str) -> tuple[type[BaseException], ...]:
 
 
 _EXIT = _classes("Exit") + (typer.Exit,)
-_ABORT = _classes("Abort") + (click.exceptions.Abort,)
+_ABORT = _classes("Abort")
 _NO_ARGS = _classes("NoArgsIsHelpError")
 _CLICK_ERRORS = _classes("ClickException")
 

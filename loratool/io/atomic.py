@@ -57,11 +57,22 @@ def check_output(
     if out.is_dir() and not out.is_symlink():
         if folder is False:
             raise OutputError(f"{out}: is a folder; give a file path for this output")
-        if any(p.is_dir() for p in out.iterdir()):
+        if any(p.is_dir() for p in out.iterdir()) and not _is_model_output(out):
             raise OutputError(f"{out}: is a folder holding subfolders; refusing to replace it, choose another path")
     if not out.parent.exists():
         raise OutputError(f"{out.parent}: output folder does not exist")
     return out
+
+
+def _is_model_output(folder: Path) -> bool:
+    """A diffusers pipeline or a multi-component PEFT folder, one level deep: what loratool writes.
+
+    Such a folder may be replaced with --force; any other tree of folders is refused.
+    """
+    subs = [p for p in folder.iterdir() if p.is_dir()]
+    if any(q.is_dir() for p in subs for q in p.iterdir()):
+        return False
+    return (folder / "model_index.json").is_file() or all((p / "adapter_config.json").is_file() for p in subs)
 
 
 def _remove(path: Path) -> None:
