@@ -29,6 +29,18 @@ def fused_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def flux_fused_by_diffusers(model, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The oracle: diffusers converts the kohya Flux LoRA, loads it into ``model`` and fuses it."""
+    from diffusers import FluxPipeline
+
+    state = FluxPipeline.lora_state_dict(dict(lora))
+    # diffusers' converter leaves the embedders (txt_in, time_in, ...) without the component prefix
+    state = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in state.items()}
+    model.load_lora_adapter(state, prefix="transformer")
+    model.fuse_lora()
+    return fused_state(model)
+
+
 def kohya_lora(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     sd = {}
@@ -136,7 +148,6 @@ FLUX_TARGETS = ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", 
 
 
 def test_kohya_flux_lora_into_bfl_single_file_equals_diffusers_fuse(tmp_path):
-    from diffusers import FluxPipeline
 
     model = tiny_flux()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -156,12 +167,7 @@ def test_kohya_flux_lora_into_bfl_single_file_equals_diffusers_fuse(tmp_path):
     merge(tmp_path / "flux.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
     merged = load_file(tmp_path / "out.safetensors")
 
-    state = FluxPipeline.lora_state_dict(dict(lora))
-    # diffusers' converter leaves the embedders (txt_in, time_in, ...) without the component prefix
-    state = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in state.items()}
-    model.load_lora_adapter(state, prefix="transformer")
-    model.fuse_lora()
-    oracle = fused_state(model)
+    oracle = flux_fused_by_diffusers(model, lora)
     targets = checkpoints.canonical_targets({k: tuple(v.shape) for k, v in merged.items()}, transforms=True)
     touched = {k for k in oracle if not torch.equal(oracle[k], base_state[k])}
     assert len(touched) == 13  # 9 modules, two of them fused q/k/v (3 each)
@@ -173,7 +179,6 @@ def test_kohya_flux_lora_into_bfl_single_file_equals_diffusers_fuse(tmp_path):
 def test_kohya_flux_final_modulation_into_bfl_single_file_equals_diffusers_fuse(tmp_path):
     """BFL stores ``final_layer.adaLN_modulation.1`` as [shift; scale], diffusers' ``norm_out.linear`` as
     [scale; shift]: the merge happens on the diffusers orientation and is swapped back."""
-    from diffusers import FluxPipeline
 
     model = tiny_flux()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -187,11 +192,7 @@ def test_kohya_flux_final_modulation_into_bfl_single_file_equals_diffusers_fuse(
     assert not result.unmatched and sum(result.matched.values()) == 2, result.unmatched
     merged = load_file(tmp_path / "out.safetensors")
 
-    state = FluxPipeline.lora_state_dict(dict(lora))
-    state = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in state.items()}
-    model.load_lora_adapter(state, prefix="transformer")
-    model.fuse_lora()
-    oracle = fused_state(model)
+    oracle = flux_fused_by_diffusers(model, lora)
     targets = checkpoints.canonical_targets({k: tuple(v.shape) for k, v in merged.items()}, transforms=True)
     touched = {k for k in oracle if not torch.equal(oracle[k], base_state[k])}
     assert touched == {"norm_out.linear.weight", "proj_out.weight"}
