@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from loratool.adapter import Adapter, LoraModule
+from loratool.arch.clip import canonical_clip_path
 from loratool.errors import MatchError, UsageError
 from loratool.ops.device import pick_device
 from loratool.ops.randomized_svd import TruncatedSVD, exact_svd, frobenius_sq, truncated_svd
@@ -261,11 +262,15 @@ def _make_module(component: str, path: str, layer: str, fan_in_fan_out: bool, sh
     if layer == "conv":
         down = down.reshape(k, *shape[1:])
         up = up.reshape(shape[0], k, *([1] * (len(shape) - 2)))
-    return LoraModule(
-        component=component, path=path, kind="lora", layer=layer,
+    module = LoraModule(
+        component=component, path=canonical_clip_path(component, path), kind="lora", layer=layer,
         tensors={"down": down.contiguous(), "up": up.contiguous()},
         alpha=float(k), fan_in_fan_out=fan_in_fan_out,
     )
+    if module.path != path:
+        # A flattened CLIP (transformers 5) base: canonical names keep text_model., PEFT output keeps the base's.
+        module.hints["file_path"] = path
+    return module
 
 
 # ------------------------------------------------------------------------------- the op
