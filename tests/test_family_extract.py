@@ -180,3 +180,24 @@ def test_extract_flux_final_modulation_stored_with_swapped_halves(tmp_path):
     for k, want in tuned_state.items():
         err = ((fused[k] - want).norm() / want.norm().clamp_min(1e-30)).item()
         assert err <= 1e-10, (k, err)
+
+
+def test_extract_from_flattened_clip_base_uses_sd_scripts_names(tmp_path):
+    """transformers 5 saves CLIPTextModel without ``text_model.``; kohya output must still use the
+    names sd-scripts writes (``lora_te_text_model_encoder_...``), as in the sd-scripts-named fixture."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from loratool.ops.extract import extract_to_file
+    from loratool.ops.merge import merge
+
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
+    kohya = fixtures / "kohya_tiny_sd.safetensors"
+    merge(fixtures / "base" / "tiny_sd", [kohya], tmp_path / "tuned")
+    extract_to_file(tmp_path / "tuned", fixtures / "base" / "tiny_sd", tmp_path / "x.safetensors", rank=4, to="kohya")
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        got = {k.split(".")[0] for k in f.keys() if k.startswith("lora_te")}
+    with safe_open(kohya, "pt") as f:
+        want = {k.split(".")[0] for k in f.keys() if k.startswith("lora_te")}
+    assert got and got == want
