@@ -6,6 +6,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
+from loratool.cli.options import BaseModel, Family, Force, FromLayout, SidecarConfig
 from loratool.cli.render import console, print_json
 from loratool.ops.convert import convert
 
@@ -15,11 +16,11 @@ def convert_command(
     path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference."),
     to: str = typer.Option(..., "--to", help="Output layout: kohya, diffusers, peft or loralib."),
     out: str = typer.Option(..., "-o", "--output", "--out", help="Output file (PEFT: folder)."),
-    from_: str = typer.Option(None, "--from", help="Layout to assume instead of detecting it."),
-    base: str = typer.Option(None, "--base", help="Base model, to restore kohya module names."),
-    config: str = typer.Option(None, "--config", help="loralib sidecar JSON or PEFT adapter_config.json."),
-    family: str = typer.Option(None, "--family", help="Model family (sd1, sdxl, flux, llm, ...)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    from_: FromLayout = None,
+    base: BaseModel = None,
+    config: SidecarConfig = None,
+    family: Family = None,
+    force: Force = False,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (stable contract)."),
 ) -> None:
     """Convert an adapter between kohya, diffusers, PEFT and loralib layouts (LyCORIS: read only)."""

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
+from loratool.cli.options import Device, Force
 from loratool.cli.render import console, print_json, progress_bar, warn
 from loratool.errors import UsageError
 from loratool.ops.extract import DEFAULT_RANK, OUTPUT_DTYPES, extract_to_file
@@ -37,8 +38,8 @@ def extract_command(
     embeddings: bool = typer.Option(False, "--embeddings", help="Turn changed embedding tables into LoRA modules."),
     save_dtype: str = typer.Option("fp32", "--save-dtype", help="dtype of the written factors: fp32, fp16 or bf16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the randomized solver's sketch."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    device: Device = "auto",
+    force: Force = False,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
     """Extract a LoRA from a fine-tuned model minus its base (truncated SVD of each weight difference)."""

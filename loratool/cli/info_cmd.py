@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
+from loratool.cli.options import BaseModel, Family, FromLayout, SidecarConfig
 from loratool.cli.render import console, print_json, progress_bar, warn
 from loratool.ops.inspect import CheckpointReport, InfoReport, inspect
 
@@ -148,10 +149,10 @@ def info_command(
     path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference (or a base checkpoint)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (stable contract)."),
     stats: bool = typer.Option(False, "--stats", help="Read the tensors: per-module ‖ΔW‖F and effective rank."),
-    from_: str = typer.Option(None, "--from", help="Layout to assume instead of detecting it."),
-    base: str = typer.Option(None, "--base", help="Base model, to restore kohya module names."),
-    config: str = typer.Option(None, "--config", help="loralib sidecar JSON or PEFT adapter_config.json."),
-    family: str = typer.Option(None, "--family", help="Model family to assume (sd1, sdxl, flux, llm, ...)."),
+    from_: FromLayout = None,
+    base: BaseModel = None,
+    config: SidecarConfig = None,
+    family: Family = None,
 ) -> None:
     """Show format, modules, ranks, alphas, dtypes, base model hints and training metadata.
 

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
+from loratool.cli.options import Device, Force
 from loratool.cli.render import console, print_json, progress_bar, warn
 from loratool.ops.merge import merge
 
@@ -21,9 +22,9 @@ def merge_command(
         None, "--alpha", "-a", help="Strength: once for every LoRA, or once per LoRA in order (default 1)."
     ),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype for float tensors: fp16, bf16 or fp32."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: Device = "auto",
     strict: bool = typer.Option(False, "--strict", help="Unmatched adapter modules are an error."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    force: Force = False,
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf results instead of failing."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
+from loratool.cli.options import BaseModel, Device, Family, Force
 from loratool.cli.render import console, print_json, progress_bar, warn
 from loratool.ops.resize import resize_file
 
@@ -21,10 +22,10 @@ def resize_command(
     dynamic: str = typer.Option(None, "--dynamic", help="Per-module rank rule: sv_ratio, sv_fro or sv_cumulative."),
     param: float = typer.Option(None, "--param", help="P of the --dynamic rule."),
     to: str = typer.Option(None, "--to", help="Output layout (default: the input's)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    family: str = typer.Option(None, "--family", help="Model family for kohya names (sd1, sd2, sdxl, flux, llm)."),
-    base: str = typer.Option(None, "--base", help="Base model whose module names restore kohya names."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    device: Device = "auto",
+    family: Family = None,
+    base: BaseModel = None,
+    force: Force = False,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
     show_all: bool = typer.Option(False, "--all", help="List every module (the table shows 30 by default)."),
 ) -> None:

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
+from loratool.cli.options import BaseModel, Device, Family, Force
 from loratool.cli.render import console, print_json, progress_bar, warn
 from loratool.ops.stack import stack_files
 
@@ -22,10 +23,10 @@ def stack_command(
     method: str = typer.Option("concat", "--method", help="concat (exact, ranks add up) or svd (best rank N)."),
     rank: int = typer.Option(None, "--rank", "-r", help="Output rank for --method svd."),
     to: str = typer.Option(None, "--to", help="Output layout (default: the first input's)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    family: str = typer.Option(None, "--family", help="Model family for kohya names (sd1, sd2, sdxl, flux, llm)."),
-    base: str = typer.Option(None, "--base", help="Base model whose module names restore kohya names."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    device: Device = "auto",
+    family: Family = None,
+    base: BaseModel = None,
+    force: Force = False,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
     """Add LoRAs into one: ΔW = Σ wᵢ·ΔWᵢ over the union of their modules."""
