@@ -7,7 +7,6 @@ stderr) run in a subprocess.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import resource
@@ -34,15 +33,6 @@ from safetensors.torch import save_file
 from loratool.cli import main
 
 BASE_KEYS = [f"text_model.encoder.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-
-
-def has_command(name: str) -> bool:
-    return importlib.util.find_spec(f"loratool.cli.{name}_cmd") is not None
-
-
-def require(name: str) -> None:
-    if not has_command(name):  # only while the command is being written; see the final report
-        pytest.skip(f"loratool {name} does not exist yet")
 
 
 def write_base(folder: Path, dim: int = 8, name: str = "base.safetensors", seed: int = 1) -> Path:
@@ -110,10 +100,6 @@ MODEL_COMMANDS = {
 }
 
 
-def command_name(key: str) -> str:
-    return ADAPTER_COMMANDS.get(key, MODEL_COMMANDS.get(key))[0]
-
-
 def build_args(template: list[str], folder: Path, bad: Path) -> list[str]:
     repl = {
         "BAD": bad,
@@ -167,7 +153,6 @@ def make_bad(spec: str, folder: Path) -> Path:
 @pytest.mark.parametrize("spec", _bad_files())
 @pytest.mark.parametrize("cmd", sorted(ADAPTER_COMMANDS))
 def test_bad_adapter_is_refused(cmd, spec, workspace, capsys):
-    require(command_name(cmd))
     bad = make_bad(spec, workspace)
     before = snapshot(workspace)
     rc, _, err = run(capsys, *build_args(ADAPTER_COMMANDS[cmd], workspace, bad))
@@ -185,7 +170,6 @@ MODEL_BAD = [f"corrupt:{n}" for n in ("truncated_data", "garbage", "bad_json", "
 @pytest.mark.parametrize("spec", MODEL_BAD)
 @pytest.mark.parametrize("cmd", sorted(MODEL_COMMANDS))
 def test_bad_model_is_refused(cmd, spec, workspace, capsys):
-    require(command_name(cmd))
     bad = make_bad(spec, workspace)
     before = snapshot(workspace)
     rc, _, err = run(capsys, *build_args(MODEL_COMMANDS[cmd], workspace, bad))
@@ -219,7 +203,6 @@ def _output_args(cmd: str, folder: Path, output: Path, *extra: str) -> list[str]
 def test_templates_succeed_on_good_input(cmd, workspace, capsys):
     """The argument lists above are right: on good input each command works (so a refusal
     elsewhere is about the bad input, never a usage error)."""
-    require(cmd)
     write_good(workspace, name="good2.safetensors")
     out = workspace / "ok.safetensors"
     rc, _, err = run(capsys, *_output_args(cmd, workspace, out))
@@ -234,7 +217,6 @@ def test_templates_succeed_on_good_input(cmd, workspace, capsys):
 @pytest.mark.parametrize("cmd", sorted(OUTPUT_CASES))
 @pytest.mark.parametrize("target", ["input", "exists", "no_folder", "input_hardlink"])
 def test_output_is_refused(cmd, target, workspace, capsys):
-    require(cmd)
     write_good(workspace, name="good2.safetensors")
     template = OUTPUT_CASES[cmd]
     inputs = [a for a in template if a in ("GOOD", "GOOD2", "BASE", "TUNED")]
@@ -260,7 +242,6 @@ def test_output_is_refused(cmd, target, workspace, capsys):
 @pytest.mark.parametrize("cmd", sorted(OUTPUT_CASES))
 def test_interrupted_write_leaves_nothing(cmd, workspace, capsys, monkeypatch):
     """Ctrl-C after the writer filled the temporary file: exit 130, no output, no temporary file."""
-    require(cmd)
     write_good(workspace, name="good2.safetensors")
     import loratool.io.atomic as atomic
 
@@ -275,7 +256,6 @@ def test_interrupted_write_leaves_nothing(cmd, workspace, capsys, monkeypatch):
 
 
 def test_force_replaces_an_existing_output(workspace, capsys):
-    require("convert")
     out = workspace / "out.safetensors"
     out.write_bytes(b"old")
     rc, _, err = run(capsys, "convert", workspace / "good.safetensors", "--to", "kohya", "-o", out, "--force")
@@ -284,7 +264,6 @@ def test_force_replaces_an_existing_output(workspace, capsys):
 
 
 def test_file_output_does_not_replace_a_folder(workspace, capsys):
-    require("convert")
     folder = workspace / "mydir"
     folder.mkdir()
     (folder / "notes.txt").write_text("precious")
@@ -296,7 +275,6 @@ def test_file_output_does_not_replace_a_folder(workspace, capsys):
 # ---- maths-level refusals -----------------------------------------------------------------
 
 def test_wrong_base_merge_is_refused(workspace, capsys):
-    require("merge")
     wrong = write_base(workspace, dim=6, name="wrong.safetensors")
     before = snapshot(workspace)
     rc, _, err = run(capsys, "merge", wrong, workspace / "good.safetensors", "-o", workspace / "m.safetensors")
@@ -305,7 +283,6 @@ def test_wrong_base_merge_is_refused(workspace, capsys):
 
 
 def test_unrelated_base_merge_is_refused(workspace, capsys):
-    require("merge")
     other = workspace / "other.safetensors"
     save_file({"foo.weight": torch.ones(3, 3)}, str(other))
     before = snapshot(workspace)
@@ -315,7 +292,6 @@ def test_unrelated_base_merge_is_refused(workspace, capsys):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_adapter_merge_fails_with_module_name(value, workspace, capsys):
-    require("merge")
     bad = write_nonfinite(workspace, value)
     before = snapshot(workspace)
     out = workspace / "m.safetensors"
@@ -329,7 +305,6 @@ def test_nonfinite_adapter_merge_fails_with_module_name(value, workspace, capsys
 
 def test_nonfinite_result_of_a_finite_merge_fails(workspace, capsys):
     """Finite factors whose product overflows float32 give Inf in the merged weight."""
-    require("merge")
     tensors = kohya_tensors()
     tensors[f"{TE_MODULE}.lora_down.weight"] = torch.full((2, 8), 3e19)
     tensors[f"{TE_MODULE}.lora_up.weight"] = torch.full((8, 2), 3e19)
@@ -343,7 +318,6 @@ def test_nonfinite_result_of_a_finite_merge_fails(workspace, capsys):
 
 def test_nonfinite_adapter_info_stats_names_the_module(workspace, capsys):
     """``info --stats`` on a NaN adapter must report it, not crash in the SVD."""
-    require("info")
     bad = write_nonfinite(workspace)
     rc, out, err = run(capsys, "info", bad, "--stats", "--json")
     assert rc in (0, 2), err
@@ -369,7 +343,6 @@ def test_bare_command_shows_help(capsys):
 
 
 def test_bug_is_exit_1_and_traceback_only_with_debug(workspace, capsys, monkeypatch):
-    require("info")
     import loratool.api
 
     def broken(*args, **kwargs):
@@ -385,7 +358,6 @@ def test_bug_is_exit_1_and_traceback_only_with_debug(workspace, capsys, monkeypa
 
 
 def test_loratool_error_with_debug_shows_traceback(workspace, capsys):
-    require("info")
     rc, _, err = run(capsys, "--debug", "info", workspace / "nope.safetensors")
     assert rc == 2 and "Traceback" in err and err.splitlines()[-1].startswith("error: ")
 
@@ -449,7 +421,7 @@ def test_real_process_disk_full_and_stderr(tmp_path):
     write_semantic("mismatched_rank", tmp_path)
     garbage = write_corrupt("garbage", tmp_path)
     before = snapshot(tmp_path)
-    cases = [c for c in sorted(OUTPUT_CASES) if has_command(c)]
+    cases = sorted(OUTPUT_CASES)
     writes = [_output_args(c, tmp_path, tmp_path / f"out_{c}.safetensors") for c in cases]
     writes.append(["convert", str(tmp_path / "good.safetensors"), "--to", "peft", "-o", str(tmp_path / "peftdir")])
     reads = [
