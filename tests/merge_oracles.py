@@ -8,17 +8,12 @@ loralib ``eval()``), never from loratool code.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from loratool.adapter import Adapter, LoraModule
-
-
-def reader_ready(name: str) -> bool:
-    return importlib.util.find_spec(f"loratool.formats.{name}") is not None
 
 
 def save_base(state: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import lycoris
 import pytest
 import torch
 from tiny_models import randomize_lora, tiny_clip_text, tiny_unet
@@ -19,8 +20,6 @@ import loratool
 from loratool import formats
 from loratool.delta import delta_weight, merge_weight
 from loratool.formats.source import open_source
-
-lycoris = pytest.importorskip("lycoris")
 
 
 @pytest.fixture(scope="module")

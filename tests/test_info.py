@@ -112,7 +112,6 @@ def test_peft_header_only_and_stats(tmp_path, data_reads):
 
 def test_kohya_style_metadata_tags_and_alpha_scalars(tmp_path, data_reads):
     """Metadata tables and tags come from the header; alpha scalars are the only data read."""
-    pytest.importorskip("loratool.formats.kohya")
     freq = {"10_cat": {"cat": 12, " dog": 3}, "5_more": {"cat": 1, "tree": 7}}
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "2",

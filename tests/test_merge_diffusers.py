@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
-from merge_oracles import adapter_from_peft, assert_merged, reader_ready, save_base
+from merge_oracles import adapter_from_peft, assert_merged, save_base
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 from tiny_models import randomize_lora, tiny_clip_text, tiny_unet
@@ -98,8 +98,6 @@ def _pipeline_folder(root):
 
 @pytest.mark.parametrize("source", ["memory", "file"])
 def test_pipeline_folder_matches_fuse_lora(tmp_path, lora, source):
-    if source == "file" and not reader_ready("diffusers"):
-        pytest.skip("diffusers reader not available yet")
     ubase, tbase = _pipeline_folder(tmp_path / "pipe")
     uexp, texp = _oracle(lora["file"])
     out = tmp_path / "merged"
@@ -142,8 +140,6 @@ def test_unnamed_text_encoder_file_picks_best_component(tmp_path, lora):
 
 
 def test_kohya_file_into_unet(tmp_path, lora):
-    if not reader_ready("kohya"):
-        pytest.skip("kohya reader not available yet")
     unet = tiny_unet().double()
     (tmp_path / "unet").mkdir()
     base = unet.state_dict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import loralib
+import lycoris
 import pytest
 import torch
 from loralib_models import SIDECAR, tiny_loralib
@@ -17,8 +18,6 @@ from merge_oracles import assert_merged, save_base
 from tiny_models import randomize_lora, tiny_unet
 
 from loratool.ops.merge import merge
-
-lycoris = pytest.importorskip("lycoris")
 
 
 def test_loralib_matches_eval_merge(tmp_path):

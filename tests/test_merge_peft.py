@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from merge_oracles import adapter_from_peft, assert_merged, reader_ready, save_base
+from merge_oracles import adapter_from_peft, assert_merged, save_base
 from peft import LoraConfig, get_peft_model
 from tiny_models import randomize_lora, tiny_gpt2, tiny_llama
 
@@ -35,8 +35,6 @@ def _case(tmp_path, factory, strength=None, **cfg):
 
 def _run(tmp_path, source, base_path, adapter, strength=None):
     if source == "file":
-        if not reader_ready("peft"):
-            pytest.skip("PEFT reader not available yet")
         lora = tmp_path / "adapter"
     else:
         lora = adapter
