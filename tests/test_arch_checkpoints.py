@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.loaders import single_file_utils as sfu
 
 from loratool.arch import checkpoints, sdxl
-
-sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
 
 
 def tiny_sdxl_unet():

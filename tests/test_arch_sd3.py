@@ -9,17 +9,15 @@ converted by diffusers must equal what diffusers fuses from loratool's diffusers
 
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
+from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file, save_file
 
 import loratool
 from loratool import arch
 from loratool.arch import checkpoints, sd3
-
-sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("peft")
 
 LAYERS, DUAL = 3, (0, 1)
 PREFIX = "model.diffusion_model."

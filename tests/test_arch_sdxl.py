@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
+from diffusers.loaders import lora_conversion_utils as diffusers_conv
 
 from loratool.adapter import LoraModule
 from loratool.arch import sdxl
-
-diffusers_conv = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
 
 
 def _is_lora_target(sgm: str) -> bool:

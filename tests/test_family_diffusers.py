@@ -12,15 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_arch_checkpoints import ldm_state_dict, tiny_sdxl_unet  # noqa: E402
+from test_family_merge import bfl_from_diffusers, fused_state, kohya_lora, tiny_flux  # noqa: E402
 
 import loratool
 from loratool.delta import merge_weight
-
-pytest.importorskip("peft")
-diffusers = pytest.importorskip("diffusers")
-
-from test_arch_checkpoints import ldm_state_dict, tiny_sdxl_unet  # noqa: E402
-from test_family_merge import bfl_from_diffusers, fused_state, kohya_lora, tiny_flux  # noqa: E402
 
 
 @pytest.fixture

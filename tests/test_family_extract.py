@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file, save_file
+from test_arch_checkpoints import hf_state, ldm_state_dict, tiny_clip  # noqa: E402
+from tiny_models import tiny_unet  # noqa: E402
 
 import loratool
 from loratool.arch import checkpoints
 from loratool.ops.extract import extract
-
-sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
-pytest.importorskip("peft")
-
-from test_arch_checkpoints import hf_state, ldm_state_dict, tiny_clip  # noqa: E402
-from tiny_models import tiny_unet  # noqa: E402
 
 # SGM/LDM keys changed by the fine-tune (rank-2 changes): attention linear, 1×1 conv proj_in,
 # 3×3 resnet conv, time embedding, CLIP attention.

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_arch_checkpoints import ldm_state_dict, tiny_sdxl_unet  # noqa: E402
 
 from loratool.arch import checkpoints, flux
 from loratool.ops.merge import merge
-
-pytest.importorskip("peft")
-diffusers = pytest.importorskip("diffusers")
-
-from test_arch_checkpoints import ldm_state_dict, tiny_sdxl_unet  # noqa: E402
 
 
 def fused_state(model) -> dict[str, torch.Tensor]:
