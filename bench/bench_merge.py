@@ -4,11 +4,14 @@ Usage: ``python bench/bench_merge.py [--gb 4.2] [--touch 0.5] [--rank 16] [--dir
 
 The base (``--gb`` of 4096×5120 fp16 tensors) is written with the streaming writer, so this
 script never holds it in memory. ``cp`` runs before and after the merge (the first run also
-warms the page cache for both); the ratio uses the mean of the two. The merge fsyncs its output
-before renaming it (``loratool.io.atomic``) and ``cp`` does not, so a second ratio compares with
-``cp`` followed by ``sync FILE`` (the same durability). Peak RSS of the merge process is read
-from ``getrusage(RUSAGE_CHILDREN)`` after it exits. The load average is printed before and
-after: on a shared machine compare runs at similar load. Everything is removed at the end.
+warms the page cache for both); the ratio uses the mean of the two. Each run starts after
+``sync``, with no dirty pages left by the previous one. Like ``cp``, the merge
+leaves writeback to the kernel; ``merge --sync`` flushes before renaming, so it is compared with
+``cp`` followed by ``sync FILE`` (skip with ``--no-sync-run``). CPU seconds (user + system) of
+each child are printed too: on a machine with few cores the merge's wall time is bounded by its
+CPU time over the cores (torch's import alone is seconds of CPU). Peak RSS of the merge process
+is read from ``getrusage(RUSAGE_CHILDREN)`` after it exits. The load average is printed before
+and after: on a shared machine compare runs at similar load. Everything is removed at the end.
 Targets: ratio to ``cp`` ≤ 1.5, peak RSS < 1 GB.
 """
 
@@ -61,10 +64,19 @@ def write_lora(folder: Path, n: int, touch: float, rank: int) -> int:
     return len(layers)
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], **kwargs) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall seconds, CPU seconds of the child, the finished process), from a clean page cache state.
+
+    ``sync`` first: every run starts with no dirty pages (the base was just written, and earlier
+    outputs were deleted), so none of them pays for another's writeback.
+    """
+    os.sync()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t0
+    proc = subprocess.run(cmd, check=True, **kwargs)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), proc
 
 
 def load() -> str:
@@ -77,6 +89,8 @@ def main() -> int:
     ap.add_argument("--touch", type=float, default=0.5, help="fraction of tensors the LoRA touches")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where to put the files (needs 3× --gb free)")
+    ap.add_argument("--no-sync-run", dest="sync_run", action="store_false",
+                    help="skip the durable comparison (merge --sync against cp + sync)")
     args = ap.parse_args()
     n = max(1, int(args.gb * 1e9 / (ROWS * COLS * 2)))
     free = shutil.disk_usage(args.dir).free
@@ -94,29 +108,31 @@ def main() -> int:
         size = base.stat().st_size
         print(f"base: {n} tensors {ROWS}x{COLS} fp16, {size / 1e9:.2f} GB "
               f"(written in {time.perf_counter() - t0:.1f} s); LoRA rank {args.rank} on {touched} tensors")
-        print(f"load average before: {load()}")
-        cp1 = timed(["cp", str(base), str(copy)])
-        copy.unlink()
-        cp_sync = timed(["sh", "-c", 'cp "$1" "$2" && sync "$2"', "cp+sync", str(base), str(copy)])
+        print(f"load average before: {load()}; {os.cpu_count()} cores")
+        cp1, cp_cpu, _ = timed(["cp", str(base), str(copy)])
         copy.unlink()
         merge_cmd = [sys.executable, "-m", "loratool", "merge", str(base), str(lora), "-o", str(out),
                      "--device", "cpu", "--json"]
-        t0 = time.perf_counter()
-        proc = subprocess.run(merge_cmd, check=True, capture_output=True, text=True)
-        merge_s = time.perf_counter() - t0
+        merge_s, merge_cpu, proc = timed(merge_cmd, capture_output=True, text=True)
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         summary = json.loads(proc.stdout)
         out.unlink()
-        cp2 = timed(["cp", str(base), str(copy)])
+        cp2, _, _ = timed(["cp", str(base), str(copy)])
         copy.unlink()
         cp_mean = (cp1 + cp2) / 2
         ratio = merge_s / cp_mean
-        print(f"cp: {cp1:.2f} s then {cp2:.2f} s (mean {cp_mean:.2f} s); cp + sync FILE: {cp_sync:.2f} s")
-        print(f"loratool merge: {merge_s:.2f} s wall (internal {summary['seconds']:.2f} s), "
-              f"{summary['merged_tensors']} tensors merged, {summary['skipped']} copied")
+        print(f"cp: {cp1:.2f} s then {cp2:.2f} s (mean {cp_mean:.2f} s), {cp_cpu:.2f} CPU-s")
+        print(f"loratool merge: {merge_s:.2f} s wall (inside merge(): {summary['seconds']:.2f} s), "
+              f"{merge_cpu:.2f} CPU-s; {summary['merged_tensors']} tensors merged, {summary['skipped']} copied")
         print(f"ratio merge/cp: {ratio:.2f} (target <= 1.5)  {'OK' if ratio <= 1.5 else 'OVER'}")
-        print(f"ratio merge/(cp + sync): {merge_s / cp_sync:.2f} (same durability as the merge's fsync)")
         print(f"peak RSS of the merge process: {peak_mb:.0f} MB (target < 1024)  {'OK' if peak_mb < 1024 else 'OVER'}")
+        if args.sync_run:
+            cp_sync, _, _ = timed(["sh", "-c", 'cp "$1" "$2" && sync "$2"', "cp+sync", str(base), str(copy)])
+            copy.unlink()
+            merge_sync, _, _ = timed(merge_cmd + ["--sync"], capture_output=True)
+            out.unlink()
+            print(f"durable: cp + sync FILE {cp_sync:.2f} s, merge --sync {merge_sync:.2f} s, "
+                  f"ratio {merge_sync / cp_sync:.2f}")
         print(f"load average after: {load()}")
         return 0
     finally:

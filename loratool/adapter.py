@@ -45,7 +45,6 @@ import torch
 
 KINDS = ("lora", "loha", "lokr", "full")
 LAYERS = ("linear", "conv", "embedding")
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "model")
 
 
 @dataclass(eq=False)

@@ -245,10 +245,10 @@ def test_interrupted_write_leaves_nothing(cmd, workspace, capsys, monkeypatch):
     write_good(workspace, name="good2.safetensors")
     import loratool.io.atomic as atomic
 
-    def interrupt(path):
+    def interrupt(tmp, out, parent):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(atomic, "_fsync_file", interrupt)
+    monkeypatch.setattr(atomic, "_install", interrupt)
     before = snapshot(workspace)
     rc, _, err = run(capsys, *_output_args(cmd, workspace, workspace / "out.safetensors"))
     assert rc == 130 and err.strip().splitlines()[-1] == "error: interrupted; nothing was written"

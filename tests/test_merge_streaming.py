@@ -25,10 +25,11 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import merge_weight, row_merge
 from loratool.errors import NonFiniteError, OutputError
 from loratool.io import checkpoint as ckmod
+from loratool.io import copy_ahead, patch_writer
 from loratool.io import safetensors_writer as writer_mod
 from loratool.io.safetensors_file import SafetensorsFile
 from loratool.io.safetensors_writer import StreamingWriter, TensorSpec
-from loratool.ops import merge as merge_mod
+from loratool.ops import merge_tensors as merge_mod
 from loratool.ops.merge import merge
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
@@ -41,13 +42,13 @@ def tiny_blocks(monkeypatch):
     monkeypatch.setattr(merge_mod, "SEGMENT_BYTES", 160)
     monkeypatch.setattr(writer_mod, "SEGMENT_BYTES", 160)
     calls = []
-    real = merge_mod._Merger._write_blocked
+    real = merge_mod.PartMerger._write_blocked
 
     def spy(self, writer, f, src, info, merges):
         calls.append(info.name)
         return real(self, writer, f, src, info, merges)
 
-    monkeypatch.setattr(merge_mod._Merger, "_write_blocked", spy)
+    monkeypatch.setattr(merge_mod.PartMerger, "_write_blocked", spy)
     return calls
 
 
@@ -244,23 +245,35 @@ def test_segments_write_a_tensor_in_pieces(tmp_path):
         w.write_tensor("u", torch.ones(4).half())
 
 
-def test_a_full_disk_in_the_writer_thread_is_an_output_error(tmp_path, monkeypatch):
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["copy-ahead thread", "patch writer thread", "streaming writer thread"])
+def test_a_full_disk_in_a_writer_thread_is_an_output_error(tmp_path, monkeypatch, where):
     model = tiny_llama()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base_path = save_base(base, tmp_path / "model.safetensors")
     ad = Adapter()
     ad.add(LoraModule("model", "model.layers.0.self_attn.q_proj",
                       tensors={"down": torch.ones(1, 32), "up": torch.ones(32, 1)}))
-    real = writer_mod._write_all
+    dtype = None
+    if where == "copy-ahead thread":
+        monkeypatch.setattr(copy_ahead, "copy_at", _enospc)
+    elif where == "patch writer thread":
+        monkeypatch.setattr(patch_writer, "pwrite_all", _enospc)
+    else:  # a dtype change rewrites the file in order
+        real = writer_mod._write_all
 
-    def full(fd, data):
-        if len(data) > 100:  # the header goes through; the first tensor bytes do not
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, data)
+        def full(fd, data):
+            if len(data) > 100:  # the header goes through; the first tensor bytes do not
+                _enospc()
+            real(fd, data)
 
-    monkeypatch.setattr(writer_mod, "_write_all", full)
-    monkeypatch.setattr(writer_mod, "copy_range", lambda *a: full(-1, b"x" * 200))
+        monkeypatch.setattr(writer_mod, "_write_all", full)
+        monkeypatch.setattr(writer_mod, "copy_range", _enospc)
+        dtype = "bf16"
     out = tmp_path / "o.safetensors"
     with pytest.raises(OutputError, match="no space left"):
-        merge(base_path, [ad], out, device="cpu")
+        merge(base_path, [ad], out, device="cpu", dtype=dtype)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

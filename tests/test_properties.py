@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from loratool import Adapter, LoraModule, formats, load, save
 from loratool.errors import InputError, LoratoolError
 from loratool.io.pickle_safe import load_pickle_state_dict
-from loratool.io.safetensors_file import DTYPES, SafetensorsFile, itemsize, parse_header
+from loratool.io.safetensors_file import SafetensorsFile, itemsize, parse_header, torch_dtypes
 
 settings.register_profile(
     "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -40,6 +40,7 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+DTYPES = torch_dtypes()
 DTYPE_NAMES = sorted(DTYPES)
 # Dtypes whose bytes the reference reader and torch agree on (all of ours).
 NAMES = st.text(alphabet="abcdefghij._0123456789", min_size=1, max_size=12)

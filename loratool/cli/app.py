@@ -1,4 +1,9 @@
-"""The typer application and its global options; commands live one per module beside it."""
+"""The typer application and its global options; commands live one per module beside it.
+
+Command modules import their operation inside the command function: torch takes seconds to
+import, and neither ``--help`` nor the start of a merge (which copies the base while torch
+loads) should wait for it.
+"""
 
 from __future__ import annotations
 

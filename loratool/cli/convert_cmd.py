@@ -8,7 +8,6 @@ from rich.table import Table
 from loratool.cli.app import app
 from loratool.cli.options import BaseModel, Family, Force, FromLayout, SidecarConfig
 from loratool.cli.render import console, print_json
-from loratool.ops.convert import convert
 
 
 @app.command("convert")
@@ -24,6 +23,8 @@ def convert_command(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (stable contract)."),
 ) -> None:
     """Convert an adapter between kohya, diffusers, PEFT and loralib layouts (LyCORIS: read only)."""
+    from loratool.ops.convert import convert
+
     result = convert(path, to, out, from_format=from_, base=base, config=config, family=family, force=force)
     if json_out:
         print_json(result.to_json())

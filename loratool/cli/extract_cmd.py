@@ -11,7 +11,8 @@ from loratool.cli.app import app
 from loratool.cli.options import Device, Force
 from loratool.cli.render import console, print_json, progress_bar, warn
 from loratool.errors import UsageError
-from loratool.ops.extract import DEFAULT_RANK, OUTPUT_DTYPES, extract_to_file
+from loratool.float_dtypes import float_code
+from loratool.ops.extract_defaults import DEFAULT_RANK
 
 _WRITE_LAYOUTS = ("kohya", "diffusers", "peft")
 
@@ -45,14 +46,16 @@ def extract_command(
     """Extract a LoRA from a fine-tuned model minus its base (truncated SVD of each weight difference)."""
     if to is not None and to not in _WRITE_LAYOUTS:
         raise UsageError(f"--to {to}: choose one of {', '.join(_WRITE_LAYOUTS)}")
-    if save_dtype not in OUTPUT_DTYPES:
-        raise UsageError(f"--save-dtype {save_dtype}: choose one of {', '.join(OUTPUT_DTYPES)}")
+    code = float_code(save_dtype, "--save-dtype")
+    from loratool.io.safetensors_file import torch_dtypes
+    from loratool.ops.extract import extract_to_file
+
     with progress_bar(enabled=not as_json) as progress:
         result = extract_to_file(
             finetuned, base, output, to=to, force=force, rank=rank, conv_rank=conv_rank, dynamic=dynamic,
             param=param, exact=exact, include=include or None, exclude=exclude or None, min_diff=min_diff,
             clamp_quantile=clamp_quantile, embeddings=embeddings, device=device,
-            out_dtype=OUTPUT_DTYPES[save_dtype], seed=seed, progress=progress,
+            out_dtype=torch_dtypes()[code], seed=seed, progress=progress,
         )
     if as_json:
         print_json(result.to_json())

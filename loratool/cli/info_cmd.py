@@ -4,6 +4,7 @@ base checkpoint is."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -11,7 +12,9 @@ from rich.table import Table
 from loratool.cli.app import app
 from loratool.cli.options import BaseModel, Family, FromLayout, SidecarConfig
 from loratool.cli.render import console, print_json, progress_bar, warn
-from loratool.ops.inspect import CheckpointReport, InfoReport, inspect
+
+if TYPE_CHECKING:
+    from loratool.ops.inspect import CheckpointReport, InfoReport
 
 MAX_VALUE_CHARS = 120
 
@@ -158,6 +161,8 @@ def info_command(
 
     On a base checkpoint (single-file SD/SDXL/Flux/SD3, diffusers component or pipeline folder, HF
     model): its model family, tensor count, dtype mix and size, from the headers alone."""
+    from loratool.ops.inspect import CheckpointReport, inspect
+
     with progress_bar(enabled=stats and not json_out) as progress:
         report = inspect(path, from_, base=base, config=config, family=family, stats=stats, progress=progress)
     if json_out:

@@ -10,7 +10,6 @@ from rich.table import Table
 from loratool.cli.app import app
 from loratool.cli.options import Device, Force
 from loratool.cli.render import console, print_json, progress_bar, warn
-from loratool.ops.merge import merge
 
 
 @app.command("merge")
@@ -26,13 +25,17 @@ def merge_command(
     strict: bool = typer.Option(False, "--strict", help="Unmatched adapter modules are an error."),
     force: Force = False,
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf results instead of failing."),
+    sync: bool = typer.Option(False, "--sync", help="Flush the output to disk before renaming it into place "
+                              "(survives a power loss; slower: the disk's write speed)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
     """Merge LoRAs into a base model, streaming one tensor at a time."""
+    from loratool.ops.merge import merge
+
     with progress_bar(enabled=not as_json) as progress:
         result = merge(
             base, loras, output, alpha or None, dtype=dtype, device=device, strict=strict, force=force,
-            allow_nonfinite=allow_nonfinite, progress=progress,
+            allow_nonfinite=allow_nonfinite, sync=sync, progress=progress,
         )
     if as_json:
         print_json(result.to_json())

@@ -10,7 +10,6 @@ from rich.table import Table
 from loratool.cli.app import app
 from loratool.cli.options import BaseModel, Device, Family, Force
 from loratool.cli.render import console, print_json, progress_bar, warn
-from loratool.ops.resize import resize_file
 
 
 @app.command("resize")
@@ -30,6 +29,8 @@ def resize_command(
     show_all: bool = typer.Option(False, "--all", help="List every module (the table shows 30 by default)."),
 ) -> None:
     """Re-rank every module to its best rank-k approximation, from the factors (no dense SVD)."""
+    from loratool.ops.resize import resize_file
+
     with progress_bar(enabled=not as_json) as progress:
         result = resize_file(lora, output, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
                              to=to, force=force, family=family, base=base, progress=progress)

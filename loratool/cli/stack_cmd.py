@@ -10,7 +10,6 @@ from rich.table import Table
 from loratool.cli.app import app
 from loratool.cli.options import BaseModel, Device, Family, Force
 from loratool.cli.render import console, print_json, progress_bar, warn
-from loratool.ops.stack import stack_files
 
 
 @app.command("stack")
@@ -30,6 +29,8 @@ def stack_command(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
     """Add LoRAs into one: ΔW = Σ wᵢ·ΔWᵢ over the union of their modules."""
+    from loratool.ops.stack import stack_files
+
     with progress_bar(enabled=not as_json) as progress:
         result = stack_files(loras, output, weights or None, method=method, rank=rank, to=to, device=device,
                              force=force, family=family, base=base, progress=progress)

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from loratool.adapter import COMPONENTS, Adapter, LoraModule
+from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
+from loratool.components import COMPONENTS
 from loratool.errors import FormatError
 from loratool.formats import ReadOptions, WriteOptions
 from loratool.formats import peft_config as pc

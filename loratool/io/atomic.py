@@ -168,9 +168,10 @@ def _make_temp(out: Path, parent: Path, folder: bool) -> Path:
     return tmp
 
 
-def _fsync_file(path: Path) -> None:
-    if path.is_file():
-        with open(path, "rb") as fh:
+def _fsync_tree(path: Path) -> None:
+    """fsync ``path`` (a file, or every file of a folder tree) so it survives a power loss once renamed."""
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as fh:
             os.fsync(fh.fileno())
 
 
@@ -196,10 +197,13 @@ def _install(tmp: Path, out: Path, parent: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(out: str | os.PathLike, *, folder: bool = False) -> Iterator[Path]:
+def atomic_path(out: str | os.PathLike, *, folder: bool = False, sync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; rename it onto ``out`` on success.
 
-    With ``folder=True`` the temporary path is an (empty, existing) folder. On any exception
+    With ``folder=True`` the temporary path is an (empty, existing) folder. ``sync`` flushes it to
+    disk before the rename, so that after a power loss ``out`` is either old or whole; without it
+    (``merge`` of multi-GB models, unless ``--sync``) the kernel writes it back later, as after
+    ``cp``: a crash of loratool itself still leaves nothing half-written. On any exception
     (KeyboardInterrupt and SystemExit included) the temporary path is removed and ``out`` is
     left as it was. A full disk or a file-size limit (ENOSPC, EDQUOT, EFBIG, also when a
     library wraps it) becomes an :class:`OutputError` saying "no space left".
@@ -210,7 +214,8 @@ def atomic_path(out: str | os.PathLike, *, folder: bool = False) -> Iterator[Pat
     try:
         try:
             yield tmp
-            _fsync_file(tmp)
+            if sync:
+                _fsync_tree(tmp)
             _install(tmp, out, parent)
         except LoratoolError:
             raise
@@ -222,6 +227,23 @@ def atomic_path(out: str | os.PathLike, *, folder: bool = False) -> Iterator[Pat
     except BaseException:
         _remove(tmp)
         raise
+
+
+def open_output(path: str | os.PathLike) -> int:
+    """An fd writing ``path`` from its start: created with mode 0o666 (the umask decides, as for any new file).
+
+    An existing empty file (the temporary file of ``atomic_path``) is not truncated: on ext4
+    (``auto_da_alloc``) truncate-to-zero marks the file as being replaced, and closing it then
+    flushes the whole file to disk: seconds for a large model, spent waiting.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def write_bytes_atomic(out: str | os.PathLike, data: bytes) -> None:

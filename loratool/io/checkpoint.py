@@ -25,13 +25,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from loratool.adapter import COMPONENTS
+from loratool.components import COMPONENTS
 from loratool.errors import InputError
 from loratool.io import hub
 from loratool.io.safetensors_file import SafetensorsFile
+
+if TYPE_CHECKING:
+    import torch
 
 # Folder names that say which model part a weights file is.
 KNOWN_COMPONENTS = frozenset(COMPONENTS) | {"vae", "prior", "decoder", "image_encoder", "controlnet", "transformer_2"}
@@ -101,15 +103,27 @@ class Group:
     parts: list[Part]
     index_rel: Path | None = None  # the shard index, relative to the root
     index: dict | None = None
-    # For single-file SD / Flux checkpoints: (component, param) -> (stored key, row slice), a
-    # ``loratool.arch.checkpoints.Target`` (whose ``transform`` says how the stored tensor is laid out).
-    targets: dict[tuple[str, str], tuple[str, RowSlice | None]] | None = None
+    # Whether the one file may be a single-file SD / Flux checkpoint whose map is looked up on first
+    # use of ``targets`` (the maps import torch; opening a checkpoint does not).
+    single_file: bool = False
     key_to_part: dict[str, Part] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for part in self.parts:
             for key in part.file.keys():
                 self.key_to_part[key] = part
+        self._targets: dict | None = None
+
+    @property
+    def targets(self) -> dict[tuple[str, str], tuple[str, RowSlice | None]] | None:
+        """For single-file SD / Flux checkpoints: (component, param) -> (stored key, row slice), a
+        ``loratool.arch.checkpoints.Target`` (whose ``transform`` says how the stored tensor is laid out)."""
+        if self.single_file:
+            self.single_file = False
+            first = self.parts[0].file
+            # shapes let fused rows (OpenCLIP in_proj, Flux qkv / linear1) follow the file's widths
+            self._targets = _arch_targets({k: first.info(k).shape for k in first.keys()})
+        return self._targets
 
     def serves(self, component: str) -> bool:
         if self.targets is not None:
@@ -243,6 +257,8 @@ class Checkpoint:
     @staticmethod
     def read_tensor(file: SafetensorsFile, key: str) -> torch.Tensor:
         """One stored tensor, read straight into its own buffer (no intermediate copy)."""
+        import torch
+
         info = file.info(key)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
@@ -278,10 +294,7 @@ def read_into(fd: int, view: memoryview, offset: int, path: Path, key: str) -> N
 
 # --- opening ---------------------------------------------------------------------------------
 def _file_group(path: Path, rel: Path, component: str | None) -> Group:
-    f = SafetensorsFile(path)
-    # shapes let fused rows (OpenCLIP in_proj, Flux qkv / linear1) follow the file's widths
-    targets = _arch_targets({k: f.info(k).shape for k in f.keys()}) if component is None else None
-    return Group(component, [Part(component, rel, f)], targets=targets)
+    return Group(component, [Part(component, rel, SafetensorsFile(path))], single_file=component is None)
 
 
 def _folder_group(folder: Path, rel_folder: Path, component: str | None) -> Group | None:
@@ -354,8 +367,6 @@ def open_checkpoint(ref: str | os.PathLike) -> Checkpoint:
             f"{root}: no safetensors weights here (expected a .safetensors file, a *.safetensors.index.json, "
             f"or a diffusers model_index.json)"
         )
-    if group.index is None and group.component is None:
-        first = group.parts[0].file
-        group.targets = _arch_targets({k: first.info(k).shape for k in first.keys()})
+    group.single_file = group.index is None and group.component is None
     kind = "sharded" if group.index is not None else "component"
     return Checkpoint(root, [group], is_folder=True, kind=kind)

@@ -9,46 +9,56 @@ at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loratool.errors import InputError
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# The format's dtype codes and their item sizes. Headers are parsed without torch (``merge``
+# starts copying a base while torch is still being imported); torch dtypes are looked up on demand.
+ITEMSIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """Dtype code -> torch dtype, for the codes this torch build has."""
+    import torch
+
+    return {code: getattr(torch, name) for code, name in _TORCH_NAMES.items() if hasattr(torch, name)}
+
+
+@functools.cache
+def dtype_codes() -> dict[torch.dtype, str]:
+    return {v: k for k, v in torch_dtypes().items()}
+
+
+def itemsize(dtype: str | torch.dtype) -> int:
+    """Bytes per element of a dtype code (``"F16"``) or a torch dtype."""
+    return ITEMSIZES[dtype if isinstance(dtype, str) else dtype_codes()[dtype]]
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: torch.dtype
+    dtype_name: str  # the format's code: F16, BF16, F32...
     shape: tuple[int, ...]
     start: int  # offset inside the data area
     end: int
@@ -58,8 +68,8 @@ class TensorInfo:
         return self.end - self.start
 
     @property
-    def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.dtype]
+    def dtype(self) -> torch.dtype:
+        return torch_dtypes()[self.dtype_name]
 
 
 @dataclass(frozen=True)
@@ -136,7 +146,7 @@ def parse_header(raw: bytes, file_size: int, path: Path) -> Header:
         dtype_name = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
-        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in ITEMSIZES:
             raise InputError(f"{where} tensor {label!r} has unknown dtype {str(dtype_name)[:40]!r}")
         if (
             not isinstance(shape, list)
@@ -147,7 +157,6 @@ def parse_header(raw: bytes, file_size: int, path: Path) -> Header:
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
             raise InputError(f"{where} tensor {label!r} has invalid data_offsets {str(offsets)[:100]}")
         start, end = offsets
-        dtype = DTYPES[dtype_name]
         numel = 1
         strides = 1  # what torch needs to describe the shape, zero-sized dims counted as 1
         for s in shape:
@@ -160,12 +169,12 @@ def parse_header(raw: bytes, file_size: int, path: Path) -> Header:
                 f"{where} tensor {label!r} spans bytes {start}..{end}, outside the data area "
                 f"of {data_size} bytes (truncated file?)"
             )
-        if end - start != numel * itemsize(dtype):
+        if end - start != numel * ITEMSIZES[dtype_name]:
             raise InputError(
                 f"{where} tensor {label!r} claims shape {shape} {dtype_name} "
-                f"({numel * itemsize(dtype)} bytes) but spans {end - start} bytes"
+                f"({numel * ITEMSIZES[dtype_name]} bytes) but spans {end - start} bytes"
             )
-        tensors[name] = TensorInfo(name, dtype, tuple(shape), start, end)
+        tensors[name] = TensorInfo(name, dtype_name, tuple(shape), start, end)
     covered = 0
     last = None
     for start, end, tname in sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start):
@@ -253,6 +262,8 @@ class SafetensorsFile:
         return data
 
     def get(self, name: str) -> torch.Tensor:
+        import torch
+
         info = self.header.tensors[name]
         data = self.raw_bytes(name)
         if info.nbytes == 0:

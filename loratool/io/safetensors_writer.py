@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from loratool.errors import OutputError
-from loratool.io.safetensors_file import DTYPE_NAMES, itemsize, parse_header
+from loratool.io.atomic import open_output
+from loratool.io.safetensors_file import dtype_codes, itemsize, parse_header
 
 _CHUNK = 16 * 1024 * 1024
 # copy_file_range per call: big calls keep the per-call overhead negligible.
@@ -40,9 +41,6 @@ _COPY_CALL = 1 << 30
 # the caller fills the next one, small next to any model.
 SEGMENT_BYTES = 8 * 1024 * 1024
 _POOL = 3
-# Start writeback every this many bytes written (see StreamingWriter._kick_writeback).
-_KICK_BYTES = 64 * 1024 * 1024
-_CAN_KICK = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED")
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def encode_header(specs: Sequence[TensorSpec], metadata: dict[str, str] | None =
     if metadata:
         obj["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for spec, (start, end) in zip(specs, layout(specs).values()):
-        obj[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [start, end]}
+        obj[spec.name] = {"dtype": dtype_codes()[spec.dtype], "shape": list(spec.shape), "data_offsets": [start, end]}
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
@@ -119,14 +117,13 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
-class _Worker:
+class Worker:
     """One thread running write / copy jobs in order; the first error is kept and re-raised by the owner."""
 
     def __init__(self) -> None:
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.cancelled = False
-        self.on_progress = None
         self.thread = threading.Thread(target=self._run, name="safetensors-writer", daemon=True)
         self.thread.start()
 
@@ -139,8 +136,6 @@ class _Worker:
             try:
                 if self.error is None and not self.cancelled:
                     work()
-                    if self.on_progress is not None:
-                        self.on_progress()
             except BaseException as exc:  # handed to the owner thread
                 self.error = exc
             finally:
@@ -153,6 +148,40 @@ class _Worker:
     def stop(self) -> None:
         self.jobs.put(None)
         self.thread.join()
+
+    def check(self) -> None:
+        """Raise the first error of a job, once; the jobs still queued are then skipped."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            self.cancelled = True
+            raise error
+
+
+class SegmentPool:
+    """Buffers lent to a caller to fill with tensor bytes, a few at a time (memory stays bounded).
+
+    ``take`` waits for a buffer to come back once ``_POOL`` are out; ``check`` is called while
+    waiting so a writer error surfaces instead of a hang.
+    """
+
+    def __init__(self, check) -> None:
+        self._free: queue.Queue = queue.Queue()
+        self._lent = 0
+        self._check = check
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        self._check()
+        if self._free.empty() and self._lent < _POOL:
+            self._lent += 1
+            return torch.empty(max(nbytes, SEGMENT_BYTES), dtype=torch.uint8)
+        buf = self._free.get()
+        self._check()
+        if buf.numel() < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def give_back(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
 
 
 class StreamingWriter:
@@ -184,11 +213,9 @@ class StreamingWriter:
         self._pending: tuple[int, int, int] | None = None  # (src fd, src offset, length) not yet copied
         self._sources: dict[Path, int] = {}
         self._open: tuple[str, int] | None = None  # (tensor being written in segments, bytes still due)
-        self._worker: _Worker | None = None
-        self._free: queue.Queue = queue.Queue()
-        self._lent = 0
+        self._worker: Worker | None = None
+        self._pool = SegmentPool(self._check)
         self._whole = threading.Semaphore(1)  # whole tensors in flight
-        self._kicked = 0  # bytes whose writeback was started
 
     def __enter__(self) -> StreamingWriter:
         self._fd = open_output(self.path)
@@ -198,9 +225,7 @@ class StreamingWriter:
             os.close(self._fd)
             self._fd = None
             raise
-        self._worker = _Worker()
-        if _CAN_KICK:
-            self._worker.on_progress = self._kick_writeback
+        self._worker = Worker()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -226,29 +251,9 @@ class StreamingWriter:
         if worker is not None and worker.error is not None and exc_type is None:
             raise worker.error
 
-    def _kick_writeback(self) -> None:
-        """Start writing out each further ``_KICK_BYTES`` written (runs on the writer thread).
-
-        The output is fsynced before it is renamed (:func:`loratool.io.atomic.atomic_path`);
-        without this the kernel begins writeback only past its dirty threshold (10% of RAM), so
-        most of the file would wait for that final fsync instead of streaming out meanwhile.
-        POSIX_FADV_DONTNEED on a freshly written range starts its writeback without waiting;
-        the pages, still dirty then, stay cached.
-        """
-        try:
-            pos = os.lseek(self._fd, 0, os.SEEK_CUR)
-            if pos - self._kicked >= _KICK_BYTES:
-                os.posix_fadvise(self._fd, self._kicked, pos - self._kicked, os.POSIX_FADV_DONTNEED)
-                self._kicked = pos
-        except OSError:  # only advice: a filesystem that refuses it loses nothing
-            if self._worker is not None:
-                self._worker.on_progress = None
-
     def _check(self) -> None:
-        if self._worker is not None and self._worker.error is not None:
-            error, self._worker.error = self._worker.error, None
-            self._worker.cancelled = True
-            raise error
+        if self._worker is not None:
+            self._worker.check()
 
     def _expect(self, name: str, nbytes: int) -> None:
         self._close_open()
@@ -304,16 +309,7 @@ class StreamingWriter:
 
         At most a few are out at once: this waits for the writer to finish one when needed.
         """
-        self._check()
-        if self._free.empty() and self._lent < _POOL:
-            self._lent += 1
-            buf = torch.empty(max(nbytes, SEGMENT_BYTES), dtype=torch.uint8)
-        else:
-            buf = self._free.get()
-            self._check()
-            if buf.numel() < nbytes:
-                buf = torch.empty(nbytes, dtype=torch.uint8)
-        return buf
+        return self._pool.take(nbytes)
 
     def write_segment(self, buf: torch.Tensor, nbytes: int) -> None:
         """Queue the first ``nbytes`` of ``buf`` (from :meth:`segment`) as the next bytes of the open tensor."""
@@ -326,11 +322,11 @@ class StreamingWriter:
         self._check()
         fd = self._fd
         view = memoryview(buf.numpy())[:nbytes]
-        self._worker.submit(lambda: _write_all(fd, view), lambda: self._free.put(buf))
+        self._worker.submit(lambda: _write_all(fd, view), lambda: self._pool.give_back(buf))
 
     def give_back(self, buf: torch.Tensor) -> None:
         """Return an unused buffer from :meth:`segment`."""
-        self._free.put(buf)
+        self._pool.give_back(buf)
 
     # --- byte ranges of source files ------------------------------------------------------
     def copy_tensor(self, name: str, src: str | os.PathLike, offset: int, nbytes: int) -> None:
@@ -385,23 +381,6 @@ def copy_range(src_fd: int, offset: int, length: int, dst_fd: int, where: Path) 
             raise OutputError(f"{where}: source file ended early while copying (changed while reading?)")
         _write_all(dst_fd, memoryview(chunk))
         done += len(chunk)
-
-
-def open_output(path: str | os.PathLike) -> int:
-    """An fd writing ``path`` from its start: created with mode 0o666 (the umask decides, as for any new file).
-
-    An existing empty file (the temporary file of ``atomic_path``) is not truncated: on ext4
-    (``auto_da_alloc``) truncate-to-zero marks the file as being replaced, and closing it then
-    flushes the whole file to disk, seconds for a large model, before the final fsync anyway.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
-    try:
-        if os.fstat(fd).st_size:
-            os.ftruncate(fd, 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:

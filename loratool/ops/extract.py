@@ -41,12 +41,11 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.errors import MatchError, UsageError
 from loratool.ops.device import pick_device
+from loratool.ops.extract_defaults import DEFAULT_RANK
 from loratool.ops.randomized_svd import TruncatedSVD, exact_svd, frobenius_sq, truncated_svd
 
 Progress = Callable[[str, int, int], None] | None
 
-DEFAULT_RANK = 16
-OUTPUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DYNAMIC_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
 
 # Last module-path segments of embedding tables (2-D weights that are looked up, not multiplied).

@@ -1,0 +1,3 @@
+"""Defaults of ``extract`` that the command line declares before torch is imported."""
+
+DEFAULT_RANK = 16

@@ -1,0 +1,373 @@
+"""The torch side of a merge: match adapters to base tensors, merge each tensor, write it.
+
+:mod:`loratool.ops.merge` opens the base and the output and starts the copy before importing
+this module. For every stored tensor W that modules touch, in adapter order (strength λᵢ):
+
+    W ← merge_weight(W, moduleᵢ, λᵢ)        (W + λ·ΔW, or the DoRA form m ⊙ (W+λΔW)/‖W+λΔW‖)
+
+computed in float32 (float64 for float64 bases) on the chosen device and cast back to the
+stored dtype (or the requested one) once at the end (on the CPU, weights whose modules are all
+row-separable go through the same ops a block of rows at a time: :class:`loratool.delta.RowMerge`).
+Single-file weights stored transposed (OpenCLIP ``text_projection``) or with their two row halves
+swapped (Flux / SD3 final modulation) are merged in the canonical orientation:
+W_stored ← T(merge_weight(T(W_stored), module, λ)) with T the transpose / half swap (T∘T = id),
+so DoRA norms are taken over the canonical weight's rows.
+Plain modules therefore sum (W + Σ λᵢ·ΔWᵢ); DoRA
+modules apply one after another as PEFT does when merging adapters in turn. A module with a
+bias delta adds λ·Δb to ``<path>.bias``. PEFT ``modules_to_save`` tensors replace the base's.
+
+A file whose layout the output keeps was copied ahead; only the changed tensors are written,
+over it, at their offsets (:class:`~loratool.io.patch_writer.PatchWriter`). A file whose dtypes
+change is written from scratch in order (:class:`~loratool.io.safetensors_writer.StreamingWriter`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from loratool.adapter import Adapter
+from loratool.delta import RowMerge, delta_bias, merge_weight, row_merge
+from loratool.errors import MatchError, NonFiniteError
+from loratool.io.checkpoint import Checkpoint, Part, read_into
+from loratool.io.copy_ahead import CopyAhead
+from loratool.io.patch_writer import PatchWriter
+from loratool.io.safetensors_file import itemsize, torch_dtypes
+from loratool.io.safetensors_writer import SEGMENT_BYTES, StreamingWriter, TensorSpec, copy_file
+from loratool.ops.device import pick_device
+from loratool.ops.matching import MatchPlan, match
+from loratool.ops.merge import CONVERTIBLE, Progress, keeps_layout, target_code
+
+# Work block of the row-blocked merge (bytes of float32 rows): fits in L2 with its fp16 source;
+# 1-4 MiB measured fastest for 4096×5120 weights on a 2-core EPYC (bench/bench_merge.py).
+_BLOCK_BYTES = 2 * 1024 * 1024
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and not bool(torch.isfinite(t).all())
+
+
+def _result_nonfinite(work: torch.Tensor, result: torch.Tensor) -> bool:
+    """NaN/Inf in ``result`` (``work`` cast to the stored dtype), cheaply.
+
+    One vectorised aminmax over ``work`` settles it when both extremes are finite and lie within
+    the stored dtype's range (NaN propagates into the extremes); only otherwise is every
+    element of the cast result examined (values just above the range may still round down).
+    """
+    if work.numel() == 0 or not result.is_floating_point():
+        return False
+    lo, hi = torch.aminmax(work)
+    lo, hi = float(lo), float(hi)
+    top = torch.finfo(result.dtype).max
+    if -top <= lo and hi <= top:  # also False for NaN / ±Inf
+        return False
+    return _nonfinite(result)
+
+
+def _check_adapter_finite(adapter: Adapter, name: str) -> None:
+    for m in adapter:
+        for tname, t in m.all_tensors().items():
+            if _nonfinite(t):
+                raise NonFiniteError(
+                    f"{name}: module {m.component}:{m.path} holds NaN/Inf in {tname} "
+                    f"(use --allow-nonfinite to merge it anyway)"
+                )
+    for (comp, tname), t in adapter.extras.items():
+        if _nonfinite(t):
+            raise NonFiniteError(f"{name}: saved tensor {comp}:{tname} holds NaN/Inf (use --allow-nonfinite)")
+
+
+def _oriented(tensor: torch.Tensor, transform: str) -> torch.Tensor:
+    """``tensor`` transposed or with its row halves swapped (:func:`loratool.arch.checkpoints.to_stored`)."""
+    from loratool.arch.checkpoints import Target, to_stored
+
+    return to_stored(tensor, Target("", None, transform))
+
+
+class PartMerger:
+    """Writes the parts of one checkpoint; counts progress over every stored tensor."""
+
+    def __init__(self, ckpt: Checkpoint, plan: MatchPlan, out_code: str | None, device: torch.device,
+                 allow_nonfinite: bool, progress: Progress | None, copier: CopyAhead | None = None):
+        self.ckpt = ckpt
+        self.plan = plan
+        self.out_code = out_code
+        self.device = device
+        self.allow_nonfinite = allow_nonfinite
+        self.progress = progress
+        self.copier = copier
+        self.total = sum(len(f.keys()) for _, _, f in ckpt.parts())
+        self.done = 0
+        self.merged = 0
+        self.skipped = 0
+
+    def _tick(self, n: int = 1) -> None:
+        if n:
+            self.done += n
+            if self.progress is not None:
+                self.progress("merging", self.done, self.total)
+
+    def _target_dtype(self, info) -> torch.dtype:
+        return torch_dtypes()[target_code(info.dtype_name, self.out_code)]
+
+    def _touched(self, f_path: Path, key: str) -> bool:
+        return (f_path, key) in self.plan.applications or (f_path, key) in self.plan.replacements
+
+    def write_part(self, part: Part, dest: Path) -> None:
+        order = sorted(part.file.header.tensors.values(), key=lambda i: (i.start, i.end))
+        if self.copier is not None and dest in self.copier:
+            self._write_over_copy(part, dest, order)
+        elif keeps_layout(part, self.out_code) and not any(self._touched(part.path, i.name) for i in order):
+            copy_file(part.path, dest)  # kernel-side copy; byte-identical by construction
+            self.skipped += len(order)
+            self._tick(len(order))
+        else:
+            self._write_streamed(part, dest, order)
+
+    def _write_over_copy(self, part: Part, dest: Path, order: list) -> None:
+        """Write the changed tensors over the copy of ``part`` that :class:`CopyAhead` makes at ``dest``."""
+        f = part.file
+        at = f.header.data_offset
+        changed = [i for i in order if self._touched(f.path, i.name)]
+        spans = {i.name: (at + i.start, at + i.end) for i in changed}
+        self.copier.skip(dest, list(spans.values()))
+        unchanged = iter([at + i.end for i in order if i.name not in spans])
+        pending = [next(unchanged, None)]  # end of the next unchanged tensor not yet counted as copied
+
+        def copied(upto: int) -> None:
+            n = 0
+            while pending[0] is not None and pending[0] <= upto:
+                n += 1
+                pending[0] = next(unchanged, None)
+            self.skipped += n
+            self._tick(n)
+
+        src = os.open(f.path, os.O_RDONLY)
+        try:
+            with PatchWriter(dest, spans, self.copier) as writer:
+                for info in changed:
+                    self._write_changed(writer, f, src, info, touched=True)
+                    copied(self.copier.settled(dest))
+        finally:
+            os.close(src)
+        self.copier.wait_file(dest, copied)
+
+    def _write_streamed(self, part: Part, dest: Path, order: list) -> None:
+        """Write ``part`` from its first byte: the dtype of some tensors changes, and with it every offset."""
+        f = part.file
+        header = f.header
+        specs = [TensorSpec(i.name, self._target_dtype(i), i.shape) for i in order]
+        prefix = None
+        if keeps_layout(part, self.out_code):
+            with open(f.path, "rb") as fh:
+                prefix = fh.read(header.data_offset)
+        src = os.open(f.path, os.O_RDONLY)
+        try:
+            with StreamingWriter(dest, specs, header.metadata, header=prefix) as writer:
+                for info in order:
+                    touched = self._touched(f.path, info.name)
+                    if touched or self._target_dtype(info) != info.dtype:
+                        self._write_changed(writer, f, src, info, touched)
+                    else:
+                        writer.copy_tensor(info.name, f.path, header.data_offset + info.start, info.nbytes)
+                        self.skipped += 1
+                        self._tick()
+        finally:
+            os.close(src)
+
+    def _write_changed(self, writer: StreamingWriter | PatchWriter, f, src: int, info, touched: bool) -> None:
+        """Merge (``touched``) and / or cast one tensor and hand its bytes to ``writer``."""
+        rows = self._row_merges(f, info)
+        if rows is not None:
+            self._write_blocked(writer, f, src, info, rows)
+        else:
+            tensor = self._compute(f, info.name) if touched else Checkpoint.read_tensor(f, info.name)
+            writer.write_tensor(info.name, tensor.to(self._target_dtype(info)))
+        self.merged += touched
+        self.skipped += not touched
+        self._tick()
+
+    def _row_merges(self, f, info) -> list[tuple[int, int, RowMerge]] | None:
+        """(first row, end row, RowMerge) per application when the tensor can be merged by row blocks, else None.
+
+        Block-wise merging is the same arithmetic as :meth:`_compute` on fewer rows at a time;
+        it is used on the CPU for float tensors whose every application is row-separable
+        (plain Linear LoRA, PEFT DoRA) and that no ``modules_to_save`` tensor replaces.
+        """
+        key = (f.path, info.name)
+        if self.device.type != "cpu" or info.dtype_name not in CONVERTIBLE or key in self.plan.replacements:
+            return None
+        work_dtype = torch.float64 if info.dtype == torch.float64 else torch.float32
+        out: list[tuple[int, int, RowMerge]] = []
+        for app in self.plan.applications.get(key, ()):
+            if app.bias or len(info.shape) != 2 or app.transform is not None:
+                return None  # a transposed / half-swapped weight is not merged row block by row block
+            lo, hi = app.rows if app.rows is not None else (0, info.shape[0])
+            rm = row_merge(app.module, app.strength, (hi - lo, info.shape[1]), dtype=work_dtype)
+            if rm is None:
+                return None
+            out.append((lo, hi, rm))
+        return out
+
+    def _write_blocked(self, writer: StreamingWriter | PatchWriter, f, src: int, info, merges) -> None:
+        """Read, merge and write one tensor a few rows at a time (cache-sized blocks, bounded memory).
+
+        Per block: stored rows -> float32 (float64 for float64) -> each application's rows in
+        order -> NaN/Inf check -> cast once to the output dtype, into a writer segment that the
+        writer thread writes while the next segment is computed.
+        """
+        target = self._target_dtype(info)
+        work_dtype = torch.float64 if info.dtype == torch.float64 else torch.float32
+        numel = 1
+        for s in info.shape:
+            numel *= int(s)
+        writer.begin_tensor(info.name)
+        if numel == 0:
+            return
+        # rows of the weight when merging; any split into contiguous runs when only casting
+        n_rows = int(info.shape[0]) if merges else numel
+        row = numel // n_rows
+        in_size, out_size = itemsize(info.dtype), itemsize(target)
+        block = max(1, _BLOCK_BYTES // (row * itemsize(work_dtype)))
+        seg_rows = max(block, (SEGMENT_BYTES // (row * max(in_size, out_size))) // block * block)
+        seg_rows = min(seg_rows, n_rows)
+        block = min(block, seg_rows)
+        labels = [f"{rm.module.component}:{rm.module.path}" for _, _, rm in merges]
+        stored_at = f.header.data_offset + info.start
+        raw = torch.empty(seg_rows * row * in_size, dtype=torch.uint8)
+        work_buf = torch.empty(block * row, dtype=work_dtype)
+        for r0 in range(0, n_rows, seg_rows):
+            n = min(seg_rows, n_rows - r0)
+            stored = raw[: n * row * in_size]
+            read_into(src, memoryview(stored.numpy()), stored_at + r0 * row * in_size, f.path, info.name)
+            stored = stored.view(info.dtype).view(n, row)
+            seg = writer.segment(n * row * out_size)
+            result = seg[: n * row * out_size].view(target).view(n, row)
+            try:
+                for b0 in range(0, n, block):
+                    b1 = min(n, b0 + block)
+                    work = work_buf[: (b1 - b0) * row].view(b1 - b0, row)
+                    work.copy_(stored[b0:b1])
+                    for lo, hi, rm in merges:
+                        a, b = max(lo, r0 + b0), min(hi, r0 + b1)
+                        if a < b:
+                            rm.apply_(work[a - r0 - b0: b - r0 - b0], a - lo)
+                    out = result[b0:b1]
+                    out.copy_(work)
+                    if merges and not self.allow_nonfinite and _result_nonfinite(work, out):
+                        raise NonFiniteError(
+                            f"merging {', '.join(dict.fromkeys(labels))} into {info.name} gives NaN/Inf in "
+                            f"{target} (use --allow-nonfinite to write it anyway)"
+                        )
+            except BaseException:
+                writer.give_back(seg)
+                raise
+            writer.write_segment(seg, n * row * out_size)
+
+    def _compute(self, f, key: str) -> torch.Tensor:
+        stored = Checkpoint.read_tensor(f, key)
+        work_dtype = torch.float64 if stored.dtype == torch.float64 else torch.float32
+        labels: list[str] = []
+        replacement = self.plan.replacements.get((f.path, key))
+        if replacement is not None:
+            _, label, tensor = replacement
+            work = tensor.to(device=self.device, dtype=work_dtype)
+            labels.append(label)
+        else:
+            work = stored.to(device=self.device).to(work_dtype)
+        del stored
+        for app in self.plan.applications.get((f.path, key), ()):
+            m = app.module
+            labels.append(f"{m.component}:{m.path}")
+            region = work if app.rows is None else work[app.rows[0]:app.rows[1]]
+            if app.transform is not None:
+                region = _oriented(region, app.transform)  # stored -> canonical orientation
+            if app.bias:
+                new = region + app.strength * delta_bias(m, dtype=work_dtype, device=self.device)
+            else:
+                new = merge_weight(region, m, app.strength, dtype=work_dtype)
+            if app.transform is not None:
+                new = _oriented(new, app.transform)  # canonical -> stored (each transform is its own inverse)
+            if app.rows is None:
+                work = new
+            else:
+                work[app.rows[0]:app.rows[1]] = new
+        target = self._target_dtype(f.info(key))
+        result = work.to(target)
+        if not self.allow_nonfinite and _result_nonfinite(work, result):
+            raise NonFiniteError(
+                f"merging {', '.join(dict.fromkeys(labels))} into {key} gives NaN/Inf in "
+                f"{result.dtype} (use --allow-nonfinite to write it anyway)"
+            )
+        return result.to("cpu")
+
+    def write_index(self, group, dest: Path) -> None:
+        src = self.ckpt.root / group.index_rel
+        if self.out_code is None:
+            shutil.copyfile(src, dest)
+            return
+        index = dict(group.index)
+        total = 0
+        for part in group.parts:
+            for info in part.file.header.tensors.values():
+                spec = TensorSpec(info.name, self._target_dtype(info), info.shape)
+                total += spec.nbytes
+        meta = dict(index.get("metadata") or {})
+        meta["total_size"] = total
+        index["metadata"] = meta
+        dest.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def compute_threads(dev: torch.device) -> Iterator[None]:
+    """One torch thread while merging on the CPU; the previous setting is restored after.
+
+    The work is streamed in cache-sized blocks while a writer thread does the I/O: with one
+    compute thread a core stays free for the kernel copies, and small ops do not pay OpenMP's
+    hand-off (measured: 2 threads made a 4096×5120 block merge 4× slower on a busy 2-core box).
+    """
+    if dev.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+
+
+def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: str, strict: bool,
+               allow_nonfinite: bool) -> tuple[MatchPlan, list[str], torch.device]:
+    """Load the adapters, check them, match them to ``ckpt``: (plan, adapter names, device)."""
+    from loratool.api import load
+
+    dev = pick_device(device)
+    adapters: list[Adapter] = []
+    names: list[str] = []
+    for i, item in enumerate(loras):
+        if isinstance(item, Adapter):
+            adapters.append(item)
+            names.append(f"adapter {i + 1}")
+        else:
+            adapters.append(load(item, base=ckpt.root))
+            names.append(str(item))
+    if not allow_nonfinite:
+        for adapter, name in zip(adapters, names):
+            _check_adapter_finite(adapter, name)
+    plan = match(adapters, values, ckpt, names=names)
+    if strict and plan.unmatched:
+        more = f" and {len(plan.unmatched) - 10} more" if len(plan.unmatched) > 10 else ""
+        raise MatchError(
+            f"{len(plan.unmatched)} adapter modules match no base weight (--strict): "
+            f"{', '.join(plan.unmatched[:10])}{more}"
+        )
+    return plan, names, dev
