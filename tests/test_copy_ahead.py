@@ -12,6 +12,7 @@ import errno
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from loratool.io.copy_ahead import CopyAhead, runs_of
 from loratool.io.patch_writer import PatchWriter
 from loratool.io.safetensors_file import SafetensorsFile
 from loratool.ops.merge import merge
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def _spans(f: SafetensorsFile) -> list[tuple[int, int]]:
@@ -80,7 +83,7 @@ def test_skipped_tensors_get_the_written_bytes_even_when_the_copy_is_slow(tmp_pa
     spans = {k: (at + f.info(k).start, at + f.info(k).end) for k in new}
     out = tmp_path / "out.safetensors"
     with CopyAhead([(path, out, _spans(f))]) as copier:
-        copier.skip(out, list(spans.values()))
+        copier.settle({out: list(spans.values())})
         with PatchWriter(out, spans, copier) as writer:
             for name, tensor in new.items():
                 writer.write_tensor(name, tensor)
@@ -145,3 +148,39 @@ def test_merge_through_tiny_runs_equals_peft(tmp_path, monkeypatch):
     assert ticks[-1] == (total, total) and [d for d, _ in ticks] == sorted(d for d, _ in ticks)
     assert (tmp_path / "out" / "config.json").read_text() == "{}"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_deferred_runs_wait_for_settle(tmp_path, source, monkeypatch):
+    monkeypatch.setattr(copy_ahead, "RUN_BYTES", 64)
+    path, f = source
+    big, mid = (_span_of(f, k) for k in ("big", "mid"))
+    out = tmp_path / "out.safetensors"
+    with CopyAhead([(path, out, _spans(f))], defer={out: [big]}) as copier:
+        copier.wait_clear(out, *mid)  # mid comes after big in the file: copied first anyway
+        data = out.read_bytes()
+        assert data[big[0]:big[1]].count(0) == len(data[big[0]:big[1]])  # big not copied yet
+        copier.settle({out: []})  # the guess was wrong: nothing is rewritten
+        copier.wait_file(out)
+    assert out.read_bytes() == path.read_bytes()
+
+
+def _span_of(f: SafetensorsFile, key: str) -> tuple[int, int]:
+    info, at = f.info(key), f.header.data_offset
+    return at + info.start, at + info.end
+
+
+def test_the_name_guess_finds_what_a_peft_adapter_changes():
+    """On the PEFT fixture (written by PEFT) the guess holds every tensor the merge rewrites, and few others."""
+    from loratool.io.checkpoint import open_checkpoint
+    from loratool.ops import merge as merge_ops
+    from loratool.ops.merge_tensors import plan_merge
+
+    ckpt = open_checkpoint(FIXTURES / "base" / "tiny_llama")
+    part = ckpt.groups[0].parts[0]
+    copies = [(part, part.path)]
+    lora = FIXTURES / "peft_tiny_llama"
+    guessed = set(merge_ops._guess_rewrites(copies, [lora])[part.path])
+    plan, _, _ = plan_merge(ckpt, [lora], [1.0], "cpu", strict=True, allow_nonfinite=False)
+    changed = set(merge_ops._rewrites(copies, plan.applications.keys())[part.path])
+    assert changed and changed <= guessed
+    assert len(guessed) < len(part.file.keys()) // 2

@@ -6,11 +6,14 @@ imported (seconds) and the adapters load; the kernel does the copy (``copy_file_
 runs on the other core meanwhile. Each file is copied in file order, in runs of at most
 ``RUN_BYTES`` that either lie inside one tensor or hold whole small tensors.
 
-Once the merge knows which tensors it rewrites, :meth:`CopyAhead.skip` drops the pending runs that
-lie inside them (runs already copied are simply overwritten). Before writing new bytes the merge
-calls :meth:`CopyAhead.wait_clear`, which returns once no run overlapping them is pending or being
-copied: a late copy can never land on merged bytes. Output offsets equal base offsets, so only
-outputs with the base's layout (same header, dtypes, shapes) are copied ahead.
+Runs inside tensors the caller expects to rewrite (``defer``: a guess from names, made before
+the adapters are loaded) are left for last and copied only once the guess is settled. When the
+merge knows which tensors it rewrites, :meth:`CopyAhead.settle` drops the pending runs that lie
+inside them (runs already copied are simply overwritten) and lets the deferred rest be copied.
+Before writing new bytes the merge calls :meth:`CopyAhead.wait_clear`, which returns once no run
+overlapping them is pending or being copied: a late copy can never land on merged bytes. Output
+offsets equal base offsets, so only outputs with the base's layout (same header, dtypes,
+shapes) are copied ahead.
 
 This module does not import torch.
 """
@@ -102,13 +105,25 @@ def runs_of(spans: Sequence[Span]) -> list[Span]:
     return runs
 
 
+def _inside(runs: Sequence[Span], spans: Sequence[Span]) -> list[bool]:
+    """For each run, whether it lies inside one of ``spans``."""
+    ordered = sorted(spans)
+    starts = [a for a, _ in ordered]
+    out = []
+    for a, b in runs:
+        j = bisect.bisect_right(starts, a) - 1
+        out.append(j >= 0 and ordered[j][0] <= a and b <= ordered[j][1])
+    return out
+
+
 class _File:
-    def __init__(self, src: Path, dst: Path, spans: Sequence[Span]):
+    def __init__(self, src: Path, dst: Path, spans: Sequence[Span], deferred: Sequence[Span]):
         self.src = src
         self.dst = dst
         self.runs = runs_of(spans)
         self.starts = [a for a, _ in self.runs]
         self.state = [_PENDING] * len(self.runs)
+        self.deferred = _inside(self.runs, deferred)
         self.settled = 0  # runs[:settled] are all done or skipped
 
 
@@ -119,10 +134,14 @@ class CopyAhead:
     thread; every wait raises the copy's error, if it had one.
     """
 
-    def __init__(self, files: Sequence[tuple[Path, Path, Sequence[Span]]], *, sync: bool = False):
+    def __init__(self, files: Sequence[tuple[Path, Path, Sequence[Span]]], *,
+                 defer: dict[Path, Sequence[Span]] | None = None, sync: bool = False):
         self.sync = sync  # the output is fsynced at the end: start writeback as runs complete
-        self._files = {Path(dst): _File(Path(src), Path(dst), spans) for src, dst, spans in files}
+        defer = defer or {}
+        self._files = {Path(dst): _File(Path(src), Path(dst), spans, defer.get(Path(dst), ()))
+                       for src, dst, spans in files}
         self._cond = threading.Condition()
+        self._settled_plan = False  # settle() was called: deferred runs may be copied
         self._cancelled = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="copy-ahead", daemon=True)
@@ -134,10 +153,12 @@ class CopyAhead:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            with self._cond:
+        with self._cond:
+            if exc_type is not None:
                 self._cancelled = True
-                self._cond.notify_all()
+            else:
+                self._settled_plan = True  # never settled: the deferred runs are copied as they are
+            self._cond.notify_all()
         self._thread.join()
         if exc_type is None:
             self._raise()
@@ -149,13 +170,20 @@ class CopyAhead:
     def _run(self) -> None:
         try:
             for f in self._files.values():
-                self._copy_file(f)
+                self._copy_file(f, deferred=False)
+            with self._cond:
+                while not (self._settled_plan or self._cancelled):
+                    self._cond.wait()
+            for f in self._files.values():
+                self._copy_file(f, deferred=True)
         except BaseException as exc:  # handed to the waiting threads
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
 
-    def _copy_file(self, f: _File) -> None:
+    def _copy_file(self, f: _File, deferred: bool) -> None:
+        if not deferred and all(f.deferred) or deferred and not any(f.deferred):
+            return
         dst = os.open(f.dst, os.O_WRONLY)
         try:
             src = os.open(f.src, os.O_RDONLY)
@@ -164,7 +192,7 @@ class CopyAhead:
                     with self._cond:
                         if self._cancelled:
                             return
-                        if f.state[i] != _PENDING:
+                        if f.state[i] != _PENDING or f.deferred[i] != deferred:
                             continue
                         f.state[i] = _RUNNING
                     copy_at(src, dst, a, b - a, f.dst)
@@ -179,18 +207,16 @@ class CopyAhead:
             os.close(dst)
 
     # --- the merge's side ---------------------------------------------------------------------------
-    def skip(self, dst: os.PathLike, spans: Sequence[Span]) -> None:
-        """Do not copy the pending runs that lie inside ``spans`` (the caller writes those bytes)."""
-        f = self._files[Path(dst)]
-        ordered = sorted(spans)
-        starts = [a for a, _ in ordered]
+    def settle(self, rewrites: dict[Path, Sequence[Span]]) -> None:
+        """The caller writes ``rewrites`` (destination -> byte spans) itself: never copy pending runs
+        inside them; copy every other run, the deferred ones included."""
         with self._cond:
-            for i, (a, b) in enumerate(f.runs):
-                if f.state[i] != _PENDING:
-                    continue
-                j = bisect.bisect_right(starts, a) - 1
-                if j >= 0 and ordered[j][0] <= a and b <= ordered[j][1]:
-                    f.state[i] = _SKIPPED
+            for dst, spans in rewrites.items():
+                f = self._files[Path(dst)]
+                for i, inside in enumerate(_inside(f.runs, spans)):
+                    if inside and f.state[i] == _PENDING:
+                        f.state[i] = _SKIPPED
+            self._settled_plan = True
             self._cond.notify_all()
 
     def wait_clear(self, dst: os.PathLike, start: int, end: int) -> None:
@@ -206,7 +232,9 @@ class CopyAhead:
                 self._cond.wait()
 
     def wait_file(self, dst: os.PathLike, progress: Callable[[int], None] | None = None) -> None:
-        """Wait until all of ``dst`` is copied or skipped, calling ``progress(bytes settled)`` meanwhile."""
+        """Wait until all of ``dst`` is copied or skipped, calling ``progress(bytes settled)`` meanwhile.
+
+        With runs deferred, call :meth:`settle` first (they wait for it)."""
         f = self._files[Path(dst)]
         with self._cond:
             while True:

@@ -31,6 +31,7 @@ merge changes are then written over their copied (or skipped) bytes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -41,11 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loratool.errors import UsageError
+from loratool.errors import LoratoolError, UsageError
 from loratool.float_dtypes import float_code
 from loratool.io.atomic import atomic_path, check_output
 from loratool.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, Part, open_checkpoint
 from loratool.io.copy_ahead import CopyAhead
+from loratool.io.safetensors_file import read_header
 
 if TYPE_CHECKING:
     import torch
@@ -140,20 +142,75 @@ def keeps_layout(part: Part, out_code: str | None) -> bool:
     return all(target_code(i.dtype_name, out_code) == i.dtype_name for i in part.file.header.tensors.values())
 
 
-def _copy_jobs(ckpt: Checkpoint, tmp: Path, out_code: str | None) -> list[tuple[Path, Path, list[tuple[int, int]]]]:
-    """(base file, output file, byte spans of header and tensors) for every part copied ahead."""
-    jobs = []
+def _copies(ckpt: Checkpoint, tmp: Path, out_code: str | None) -> list[tuple[Part, Path]]:
+    """(base part, output file) for every part whose layout the output keeps: those are copied ahead."""
+    out = []
     for group in ckpt.groups:
         for part in group.parts:
-            if not keeps_layout(part, out_code):
-                continue
-            dest = tmp / part.rel if ckpt.is_folder else tmp
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            header = part.file.header
-            at = header.data_offset
-            spans = [(0, at)] + sorted((at + i.start, at + i.end) for i in header.tensors.values())
-            jobs.append((part.path, dest, spans))
-    return jobs
+            if keeps_layout(part, out_code):
+                dest = tmp / part.rel if ckpt.is_folder else tmp
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                out.append((part, dest))
+    return out
+
+
+def _span(part: Part, key: str) -> tuple[int, int]:
+    """Absolute byte span of tensor ``key`` in ``part``'s file."""
+    info = part.file.info(key)
+    at = part.file.header.data_offset
+    return at + info.start, at + info.end
+
+
+def _spans(part: Part) -> list[tuple[int, int]]:
+    """The header and every tensor of ``part``'s file, in file order."""
+    return [(0, part.file.header.data_offset)] + sorted(_span(part, k) for k in part.file.keys())
+
+
+def _adapter_names(loras: Sequence) -> str:
+    """Every tensor name of the local safetensors adapters (and module paths of in-memory ones),
+    dots as underscores, each wrapped in ``_``, one per line: what :func:`_guess_rewrites` searches."""
+    names: list[str] = []
+    for item in loras:
+        if not isinstance(item, (str, os.PathLike)):
+            names.extend(m.path for m in item)  # an Adapter: torch is imported already
+            continue
+        path = Path(item)
+        if str(item).startswith("hf://") or not path.exists():
+            continue
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("*/*.safetensors"))
+        for file in files:
+            if file.suffix == ".safetensors":
+                with contextlib.suppress(LoratoolError):  # the adapter reader reports a bad file
+                    names.extend(read_header(file).tensors)
+    return "\n".join("_" + n.replace(".", "_").lower() + "_" for n in names)
+
+
+def _guess_rewrites(copies: list[tuple[Part, Path]], loras: Sequence) -> dict[Path, list[tuple[int, int]]]:
+    """Tensors the adapters probably change, from names alone (before any adapter is loaded).
+
+    A base tensor ``a.b.weight`` is guessed when ``_a_b_`` occurs in an adapter tensor name with
+    dots as underscores (PEFT, kohya and diffusers names all embed the module path that way).
+    A guess only orders the copy (guessed tensors are copied last, and only if the merge turns
+    out not to rewrite them); a wrong one costs time, never correctness.
+    """
+    names = _adapter_names(loras)
+    if not names:
+        return {}
+    out: dict[Path, list[tuple[int, int]]] = {}
+    for part, dest in copies:
+        for key in part.file.keys():
+            module = key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key
+            if "_" + module.replace(".", "_").lower() + "_" in names:
+                out.setdefault(dest, []).append(_span(part, key))
+    return out
+
+
+def _rewrites(copies: list[tuple[Part, Path]], keys) -> dict[Path, list[tuple[int, int]]]:
+    """The byte spans of the copied parts that the merge writes itself (``keys``: (file, tensor) pairs)."""
+    out: dict[Path, list[tuple[int, int]]] = {}
+    for part, dest in copies:
+        out[dest] = [_span(part, k) for k in part.file.keys() if (part.path, k) in keys]
+    return out
 
 
 def _mirror_folder(ckpt: Checkpoint, merger: PartMerger, tmp: Path) -> tuple[list[str], list[str]]:
@@ -226,19 +283,22 @@ def merge(
     local_inputs = [ckpt.root] + [p for p in loras if isinstance(p, (str, os.PathLike)) and not str(p).startswith("hf://")]
     check_output(out, inputs=local_inputs, force=force, folder=ckpt.is_folder)
 
-    with atomic_path(out, folder=ckpt.is_folder, sync=sync) as tmp, \
-            CopyAhead(_copy_jobs(ckpt, tmp, out_code), sync=sync) as copier:
-        from loratool.ops import merge_tensors  # torch: imported while the copy runs
+    with atomic_path(out, folder=ckpt.is_folder, sync=sync) as tmp:
+        copies = _copies(ckpt, tmp, out_code)
+        jobs = [(part.path, dest, _spans(part)) for part, dest in copies]
+        with CopyAhead(jobs, defer=_guess_rewrites(copies, loras), sync=sync) as copier:
+            from loratool.ops import merge_tensors  # torch: imported while the copy runs
 
-        plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
-        with merge_tensors.compute_threads(dev):
-            merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)
-            dropped: list[str] = []
-            if ckpt.is_folder:
-                files, dropped = _mirror_folder(ckpt, merger, tmp)
-            else:
-                merger.write_part(ckpt.groups[0].parts[0], tmp)
-                files = [out.name]
+            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
+            copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
+            with merge_tensors.compute_threads(dev):
+                merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)
+                dropped: list[str] = []
+                if ckpt.is_folder:
+                    files, dropped = _mirror_folder(ckpt, merger, tmp)
+                else:
+                    merger.write_part(ckpt.groups[0].parts[0], tmp)
+                    files = [out.name]
     return MergeResult(
         output=out,
         base=str(base),

@@ -135,8 +135,7 @@ class PartMerger:
         f = part.file
         at = f.header.data_offset
         changed = [i for i in order if self._touched(f.path, i.name)]
-        spans = {i.name: (at + i.start, at + i.end) for i in changed}
-        self.copier.skip(dest, list(spans.values()))
+        spans = {i.name: (at + i.start, at + i.end) for i in changed}  # the copy skips them (CopyAhead.settle)
         unchanged = iter([at + i.end for i in order if i.name not in spans])
         pending = [next(unchanged, None)]  # end of the next unchanged tensor not yet counted as copied
 
