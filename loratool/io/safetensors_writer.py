@@ -381,14 +381,3 @@ def copy_range(src_fd: int, offset: int, length: int, dst_fd: int, where: Path) 
             raise OutputError(f"{where}: source file ended early while copying (changed while reading?)")
         _write_all(dst_fd, memoryview(chunk))
         done += len(chunk)
-
-
-def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy a whole file kernel-side (``copy_file_range`` in 1 GiB calls, else ``sendfile``, else reading)."""
-    fo = open_output(dst)
-    try:
-        with open(src, "rb", buffering=0) as fi:
-            copy_range(fi.fileno(), 0, os.fstat(fi.fileno()).st_size, fo, Path(dst))
-    finally:
-        os.close(fo)
-

@@ -1,19 +1,7 @@
 """Merge one or more adapters into a base checkpoint, streaming one tensor at a time.
 
-For every stored tensor W that modules touch, in adapter order (strength λᵢ):
-
-    W ← merge_weight(W, moduleᵢ, λᵢ)        (W + λ·ΔW, or the DoRA form m ⊙ (W+λΔW)/‖W+λΔW‖)
-
-computed in float32 (float64 for float64 bases) on the chosen device and cast back to the
-stored dtype (or ``dtype``) once at the end (on the CPU, weights whose modules are all
-row-separable go through the same ops a block of rows at a time: :class:`loratool.delta.RowMerge`).
-Single-file weights stored transposed (OpenCLIP ``text_projection``) or with their two row halves
-swapped (Flux / SD3 final modulation) are merged in the canonical orientation:
-W_stored ← T(merge_weight(T(W_stored), module, λ)) with T the transpose / half swap (T∘T = id),
-so DoRA norms are taken over the canonical weight's rows.
-Plain modules therefore sum (W + Σ λᵢ·ΔWᵢ); DoRA
-modules apply one after another as PEFT does when merging adapters in turn. A module with a
-bias delta adds λ·Δb to ``<path>.bias``. PEFT ``modules_to_save`` tensors replace the base's.
+Each touched weight W becomes W + Σ λᵢ·ΔWᵢ (DoRA modules: PEFT's form, in adapter order),
+computed in float32 and cast back once: the maths is in :mod:`loratool.ops.merge_tensors`.
 
 The output mirrors the base: same file names, tensor order, dtypes and header (kept byte for
 byte unless ``dtype`` changes it); untouched tensors are copied as bytes; a folder base gives

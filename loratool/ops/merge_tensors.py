@@ -39,10 +39,10 @@ from loratool.io.checkpoint import Checkpoint, Part, read_into
 from loratool.io.copy_ahead import CopyAhead
 from loratool.io.patch_writer import PatchWriter
 from loratool.io.safetensors_file import itemsize, torch_dtypes
-from loratool.io.safetensors_writer import SEGMENT_BYTES, StreamingWriter, TensorSpec, copy_file
+from loratool.io.safetensors_writer import SEGMENT_BYTES, StreamingWriter, TensorSpec
 from loratool.ops.device import pick_device
 from loratool.ops.matching import MatchPlan, match
-from loratool.ops.merge import CONVERTIBLE, Progress, keeps_layout, target_code
+from loratool.ops.merge import CONVERTIBLE, Progress, target_code
 
 # Work block of the row-blocked merge (bytes of float32 rows): fits in L2 with its fp16 source;
 # 1-4 MiB measured fastest for 4096×5120 weights on a 2-core EPYC (bench/bench_merge.py).
@@ -94,7 +94,7 @@ class PartMerger:
     """Writes the parts of one checkpoint; counts progress over every stored tensor."""
 
     def __init__(self, ckpt: Checkpoint, plan: MatchPlan, out_code: str | None, device: torch.device,
-                 allow_nonfinite: bool, progress: Progress | None, copier: CopyAhead | None = None):
+                 allow_nonfinite: bool, progress: Progress | None, copier: CopyAhead):
         self.ckpt = ckpt
         self.plan = plan
         self.out_code = out_code
@@ -121,12 +121,8 @@ class PartMerger:
 
     def write_part(self, part: Part, dest: Path) -> None:
         order = sorted(part.file.header.tensors.values(), key=lambda i: (i.start, i.end))
-        if self.copier is not None and dest in self.copier:
+        if dest in self.copier:  # the output keeps this file's layout
             self._write_over_copy(part, dest, order)
-        elif keeps_layout(part, self.out_code) and not any(self._touched(part.path, i.name) for i in order):
-            copy_file(part.path, dest)  # kernel-side copy; byte-identical by construction
-            self.skipped += len(order)
-            self._tick(len(order))
         else:
             self._write_streamed(part, dest, order)
 
@@ -162,13 +158,9 @@ class PartMerger:
         f = part.file
         header = f.header
         specs = [TensorSpec(i.name, self._target_dtype(i), i.shape) for i in order]
-        prefix = None
-        if keeps_layout(part, self.out_code):
-            with open(f.path, "rb") as fh:
-                prefix = fh.read(header.data_offset)
         src = os.open(f.path, os.O_RDONLY)
         try:
-            with StreamingWriter(dest, specs, header.metadata, header=prefix) as writer:
+            with StreamingWriter(dest, specs, header.metadata) as writer:
                 for info in order:
                     touched = self._touched(f.path, info.name)
                     if touched or self._target_dtype(info) != info.dtype:
