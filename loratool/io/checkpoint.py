@@ -17,6 +17,7 @@ checkpoint does not say (a bare file): matching then picks the adapter component
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -112,18 +113,16 @@ class Group:
         for part in self.parts:
             for key in part.file.keys():
                 self.key_to_part[key] = part
-        self._targets: dict | None = None
 
-    @property
+    @functools.cached_property
     def targets(self) -> dict[tuple[str, str], tuple[str, RowSlice | None]] | None:
         """For single-file SD / Flux checkpoints: (component, param) -> (stored key, row slice), a
         ``loratool.arch.checkpoints.Target`` (whose ``transform`` says how the stored tensor is laid out)."""
-        if self.single_file:
-            self.single_file = False
-            first = self.parts[0].file
-            # shapes let fused rows (OpenCLIP in_proj, Flux qkv / linear1) follow the file's widths
-            self._targets = _arch_targets({k: first.info(k).shape for k in first.keys()})
-        return self._targets
+        if not self.single_file:
+            return None
+        first = self.parts[0].file
+        # shapes let fused rows (OpenCLIP in_proj, Flux qkv / linear1) follow the file's widths
+        return _arch_targets({k: first.info(k).shape for k in first.keys()})
 
     def serves(self, component: str) -> bool:
         if self.targets is not None:

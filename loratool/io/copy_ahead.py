@@ -244,7 +244,7 @@ class CopyAhead:
                     progress(settled)
                 if f.settled == len(f.runs):
                     return
-                self._cond.wait(timeout=0.1)
+                self._cond.wait()  # every finished run, settle() and error notifies
 
     def settled(self, dst: os.PathLike) -> int:
         """Bytes from the start of ``dst`` that are copied or skipped."""

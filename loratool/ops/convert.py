@@ -10,15 +10,13 @@ loralib sidecar). Formats that cannot hold a module (e.g. a LoHa in loralib) ref
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loratool import api, formats
 from loratool.errors import UsageError
-
-Progress = Callable[[str, int, int], None] | None
+from loratool.ops import Progress
 
 
 @dataclass
@@ -71,7 +69,7 @@ def convert(
     config: str | os.PathLike | None = None,
     family: str | None = None,
     force: bool = False,
-    progress: Progress = None,
+    progress: Progress | None = None,
 ) -> ConvertResult:
     """Read ``path`` (layout ``from_format`` or detected) and write it as layout ``to`` at ``out``."""
     if to not in formats.WRITABLE:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,10 @@ import torch
 from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.errors import MatchError, UsageError
+from loratool.ops import Progress
 from loratool.ops.device import pick_device
 from loratool.ops.extract_defaults import DEFAULT_RANK
 from loratool.ops.randomized_svd import TruncatedSVD, exact_svd, frobenius_sq, truncated_svd
-
-Progress = Callable[[str, int, int], None] | None
 
 DYNAMIC_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
 
@@ -311,7 +309,7 @@ def extract(
     dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    progress: Progress = None,
+    progress: Progress | None = None,
 ) -> ExtractResult:
     """Build the LoRA adapter that best approximates ``finetuned − base`` at ``rank``.
 

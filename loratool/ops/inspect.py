@@ -33,7 +33,6 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,8 @@ from loratool.api import base_vocabulary, read_source
 from loratool.errors import FormatError
 from loratool.formats.source import Source, open_source
 from loratool.io import hub
+from loratool.ops import Progress
 from loratool.validate import nonfinite_modules
-
-Progress = Callable[[str, int, int], None] | None
 
 # Metadata keys holding bulky JSON: kept in ``metadata``, left out of the training table.
 BULKY_KEYS = frozenset({
@@ -432,7 +430,7 @@ def inspect(
     config: str | os.PathLike | None = None,
     family: str | None = None,
     stats: bool = False,
-    progress: Progress = None,
+    progress: Progress | None = None,
 ) -> InfoReport | CheckpointReport:
     """Describe an adapter; reads tensor data only for ``stats`` (or for a pickle).
 

@@ -25,7 +25,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +36,7 @@ from loratool.io.atomic import atomic_path, check_output
 from loratool.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, Part, open_checkpoint
 from loratool.io.copy_ahead import CopyAhead
 from loratool.io.safetensors_file import read_header
+from loratool.ops import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
     from loratool.adapter import Adapter
     from loratool.ops.merge_tensors import PartMerger
 
-Progress = Callable[[str, int, int], None]
 
 # Stored dtypes that ``dtype`` converts; integer / bool / fp8 tensors stay as they are.
 CONVERTIBLE = ("F16", "BF16", "F32", "F64")

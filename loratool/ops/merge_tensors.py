@@ -40,9 +40,10 @@ from loratool.io.copy_ahead import CopyAhead
 from loratool.io.patch_writer import PatchWriter
 from loratool.io.safetensors_file import itemsize, torch_dtypes
 from loratool.io.safetensors_writer import SEGMENT_BYTES, StreamingWriter, TensorSpec
+from loratool.ops import Progress
 from loratool.ops.device import pick_device
 from loratool.ops.matching import MatchPlan, match
-from loratool.ops.merge import CONVERTIBLE, Progress, target_code
+from loratool.ops.merge import CONVERTIBLE, target_code
 
 # Work block of the row-blocked merge (bytes of float32 rows): fits in L2 with its fp16 source;
 # 1-4 MiB measured fastest for 4096×5120 weights on a 2-core EPYC (bench/bench_merge.py).

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,12 @@ import torch
 from loratool.adapter import Adapter, LoraModule
 from loratool.delta import delta_bias
 from loratool.errors import NonFiniteError, UsageError
+from loratool.ops import Progress
 from loratool.ops.device import pick_device
 from loratool.ops.factor_form import to_factor_form, to_module
 from loratool.ops.linalg import compute_dtype, dense_svd, factor_svd, split_factors
 from loratool.ops.rank_rules import RankRule, select_rank
 
-Progress = Callable[[str, int, int], None]
 STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
 
