@@ -126,6 +126,12 @@ class Adapter:
     metadata: dict[str, str] = field(default_factory=dict)
     # The layout it was read from (``kohya``, ``diffusers``, ``peft``, ``loralib``, ``lycoris``).
     source_format: str | None = None
+    # The model family it targets (an ``arch`` family name: ``sd1``, ``sdxl``, ``flux``, ``llm``...),
+    # as the reader decided it from keys, shapes and metadata; None when unknown.
+    family: str | None = None
+    # The trainer dialect of the layout (``ai-toolkit``, ``onetrainer``, ``xlabs``...); None when
+    # the file is the layout's plain form.
+    dialect: str | None = None
     # Per-component layout configuration worth keeping (PEFT ``adapter_config.json`` minus the
     # fields the modules now carry: ``target_modules``, ``task_type``, ``base_model_name_or_path``...).
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
