@@ -41,6 +41,7 @@ import torch
 from loratool import formats
 from loratool.adapter import Adapter, LoraModule
 from loratool.api import base_vocabulary, read_source
+from loratool.delta_rank import delta_rank
 from loratool.errors import FormatError
 from loratool.formats.source import Source, open_source
 from loratool.io import hub
@@ -384,7 +385,7 @@ def _module_info(m: LoraModule) -> ModuleInfo:
         component=m.component,
         kind=m.kind,
         layer=m.layer,
-        rank=kron_rank(m) if m.kind == "lokr" else rank,
+        rank=delta_rank(m),
         factor_rank=rank,
         alpha=None if alpha is None else _num(alpha),
         scale=_num(m.scale),
@@ -395,22 +396,6 @@ def _module_info(m: LoraModule) -> ModuleInfo:
         fan_in_fan_out=m.fan_in_fan_out,
         alpha_assumed=bool(m.hints.get("alpha_assumed")),
     )
-
-
-def kron_rank(m: LoraModule) -> int:
-    """The rank of a LoKr ΔW = w1 ⊗ w2 from the stored shapes: rank(A ⊗ B) = rank(A)·rank(B), each
-    factor's rank being its stored rank (``w1a``/``w1b``, ``w2a``/``w2b``) or, stored whole, the
-    smaller side of its matrix; capped at the smaller side of ΔW."""
-    t = m.tensors
-
-    def factor(whole: str, b: str) -> int:
-        if whole in t:
-            shape = t[whole].shape
-            return min(int(shape[0]), math.prod(int(x) for x in shape[1:]))
-        return int(t[b].shape[0])
-
-    shape = m.weight_shape
-    return min(factor("w1", "w1b") * factor("w2", "w2b"), int(shape[0]), math.prod(int(x) for x in shape[1:]))
 
 
 def _files(src: Source) -> list[str]:

@@ -252,6 +252,18 @@ def _update_metadata(out: Adapter, result: StackResult) -> None:
     }, sort_keys=True)
 
 
+def cast_factors(result: StackResult, dtype: str) -> None:
+    """Store the stacked modules' factors (and DoRA magnitudes) in ``dtype`` (``fp16``, ``bf16``, ``fp32``)."""
+    from loratool.io.safetensors_file import torch_dtypes
+
+    target = torch_dtypes()[float_code(dtype, "--dtype")]
+    for module in result.adapter:
+        module.tensors = {k: v.to(target) for k, v in module.tensors.items()}
+        if module.magnitude is not None:
+            module.magnitude = module.magnitude.to(target)
+    result.dtype = str(target).removeprefix("torch.")
+
+
 def stack_files(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -275,7 +287,7 @@ def stack_files(
     from loratool.api import load, save
     from loratool.io.atomic import check_output
 
-    code = float_code(dtype, "--dtype") if dtype is not None else None
+    code = float_code(dtype, "--dtype") if dtype is not None else None  # a bad name fails before any reading
     if weights and len(weights) != len(paths):
         raise UsageError(f"--weights: {len(weights)} weights for {len(paths)} adapters; give one per adapter")
     layout = output_layout(None, to) if to else None
@@ -285,14 +297,7 @@ def stack_files(
     labels = [Path(str(p)).name for p in paths]
     result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress)
     if code is not None:
-        from loratool.io.safetensors_file import torch_dtypes
-
-        target = torch_dtypes()[code]
-        for module in result.adapter:
-            module.tensors = {k: v.to(target) for k, v in module.tensors.items()}
-            if module.magnitude is not None:
-                module.magnitude = module.magnitude.to(target)
-        result.dtype = str(target).removeprefix("torch.")
+        cast_factors(result, dtype)
     result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
     result.output = Path(out)
     result.output_format = layout
