@@ -84,7 +84,7 @@ class StackResult:
             "files": [str(f) for f in self.files],
             "method": self.method,
             "rank": self.rank,
-            "inputs": [{"file": lab, "weight": w, "modules": sum(1 for m in self.modules if i in m.sources)}
+            "inputs": [{"file": lab, "weight": w, "module_count": sum(1 for m in self.modules if i in m.sources)}
                        for i, (lab, w) in enumerate(zip(self.labels, self.weights))],
             "dtype": self.dtype,
             "device": self.device,
