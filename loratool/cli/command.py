@@ -21,7 +21,6 @@ from typing import Any, ClassVar
 
 from typer.core import TyperCommand, TyperGroup
 
-
 # A plain decimal number, sign and exponent allowed; "nan" / "inf" stay file names.
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 # Read by :func:`loratool.cli.main` to decide whether an error shows its traceback.
@@ -57,7 +56,7 @@ def expand_number_lists(args: list[str], flags: frozenset[str]) -> list[str]:
             continue
         values = [first] if eq else []
         i += 1
-        if not eq and i < len(args):
+        if not eq and i < len(args) and args[i] != "--":
             values.append(args[i])  # the flag's own value, whatever it looks like (click decides)
             i += 1
         while i < len(args) and _NUMBER.fullmatch(args[i]):

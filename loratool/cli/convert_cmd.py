@@ -5,9 +5,8 @@ from __future__ import annotations
 import typer
 
 from loratool.cli.app import command
-from loratool.cli.info_cmd import counts
 from loratool.cli.options import WRITE_LAYOUTS, BaseModel, Family, Force, FromLayout, Json, SidecarConfig
-from loratool.cli.render import display_path, fields, print_json
+from loratool.cli.render import counts, display_path, fields, print_json
 
 
 @command("convert", examples=[

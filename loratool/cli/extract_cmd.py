@@ -8,7 +8,7 @@ import typer
 
 from loratool.cli.app import command
 from loratool.cli.options import FLOAT_DTYPES, Device, DynamicParam, DynamicRule, Force, Json, ShowAll, choices
-from loratool.cli.render import Column, Heading, display_path, natural_key, print_json, progress_bar, say, table, warn
+from loratool.cli.render import Column, display_path, grouped, print_json, progress_bar, say, table, warn
 from loratool.errors import UsageError
 from loratool.float_dtypes import float_code
 from loratool.ops.extract_defaults import DEFAULT_RANK
@@ -81,15 +81,8 @@ def extract_command(
     for skipped in result.not_extracted:
         diff = f", max |Δ| {skipped.max_abs_diff:.3g}" if skipped.max_abs_diff is not None else ""
         warn(f"not extracted: {skipped.component}:{skipped.name} ({skipped.reason}{diff})")
-    modules = sorted(result.modules, key=lambda m: (m.component, natural_key(m.path)))
-    rows: list = []
-    several = len({m.component for m in modules}) > 1
-    last = None
-    for m in modules:
-        if several and m.component != last:
-            rows.append(Heading(m.component))
-        last = m.component
-        rows.append([m.path, m.layer, str(m.rank), f"{m.captured:.2%}", f"{m.rel_error:.3g}"])
+    rows = grouped(result.modules, lambda m: m.component,
+                   lambda m: [m.path, m.layer, str(m.rank), f"{m.captured:.2%}", f"{m.rel_error:.3g}"])
     table([Column("module", path=True), Column("layer"), Column("rank", "right"), Column("captured", "right"),
            Column("rel. error", "right")], rows,
           title=f"extracted to {display_path(result.output)} ({result.format})",

@@ -13,10 +13,11 @@ from loratool.cli.app import command
 from loratool.cli.options import BaseModel, Family, FromLayout, Json, ShowAll, SidecarConfig
 from loratool.cli.render import (
     Column,
-    Heading,
+    counts,
     display_path,
     fields,
-    natural_key,
+    grouped,
+    human_size,
     print_json,
     progress_bar,
     table,
@@ -33,26 +34,12 @@ MODULE_ROWS = 40
 MARKERS = {
     "*": "alpha not stored: alpha = rank assumed (scale 1)",
     "ᴷ": "LoKr: the rank of ΔW = w1 ⊗ w2, rank(w1)·rank(w2)",
-    "ᴰ": "DoRA: a magnitude vector re-normalises W + ΔW column by column",
+    "ᴰ": "DoRA: a magnitude vector rescales each output row of W + ΔW to its norm",
     "ᴿ": "rsLoRA: scale = alpha / √rank",
     "ᵀ": "fan_in_fan_out: the base stores this weight as [in, out]",
 }
 STATS_NOTE = ("‖ΔW‖F: Frobenius norm of ΔW (scale included); eff. rank: exp(entropy of σᵢ/Σσ); "
               "num. rank: σᵢ above σ₁·max(m, n)·eps")
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def counts(d: dict) -> str:
-    """``{"lora": 60, "lokr": 2}`` as ``lora (60), lokr (2)``: each value with how many modules have it."""
-    return ", ".join(f"{k} ({v})" for k, v in d.items()) or "-"
 
 
 def _short(value: str) -> str:
@@ -85,7 +72,8 @@ def _summary_rows(report: InfoReport) -> list[tuple[str, str]]:
     files = ", ".join(display_path(f) for f in report.files)
     rows.append(("size", f"{human_size(report.size_bytes)} ({files})"))
     comps = report.component_modules
-    rows.append(("modules", f"{len(report.modules)}" + (f": {counts(comps)}" if len(comps) > 1 else f" ({', '.join(comps)})")))
+    where = f": {counts(comps)}" if len(comps) > 1 else f" ({', '.join(comps)})"
+    rows.append(("modules", f"{len(report.modules)}{where}"))
     kinds = Counter(f"{m.kind} {m.layer}" for m in report.modules)
     rows.append(("kinds", counts(dict(kinds.most_common()))))
     if report.modules:
@@ -101,39 +89,32 @@ def _summary_rows(report: InfoReport) -> list[tuple[str, str]]:
 
 
 def _module_table(report: InfoReport, show_all: bool) -> None:
-    modules = sorted(report.modules, key=lambda m: (report.components.index(m.component)
-                                                    if m.component in report.components else 99, natural_key(m.path)))
     columns = [Column("module", path=True), Column("kind"), Column("rank", "right"), Column("alpha", "right"),
                Column("scale", "right"), Column("shape"), Column("dtype")]
-    cells = [[m.path, _kind(m), _rank(m), _alpha(m), f"{m.scale:.4g}", "×".join(map(str, m.shape)), m.dtype]
-             for m in modules]
-    if report.stats:
-        columns += [Column("‖ΔW‖F", "right"), Column("eff. rank", "right"), Column("num. rank", "right")]
-        for m, row in zip(modules, cells):
+    stats = [Column("‖ΔW‖F", "right"), Column("eff. rank", "right"), Column("num. rank", "right")]
+
+    def cells(m: ModuleInfo) -> list[str]:
+        row = [m.path, _kind(m), _rank(m), _alpha(m), f"{m.scale:.4g}", "×".join(map(str, m.shape)), m.dtype]
+        if report.stats:
             s = m.stats
-            row += ["-", "-", "-"] if s is None else [f"{s.norm:.4g}", f"{s.effective_rank:.2f}", str(s.numerical_rank)]
+            row += ["-", "-", "-"] if s is None else [f"{s.norm:.4g}", f"{s.effective_rank:.2f}",
+                                                      str(s.numerical_rank)]
+        return row
+
+    if report.stats:
+        columns += stats
+    comps = report.component_modules
+    rows = grouped(report.modules, lambda m: m.component, cells, lambda c: f"{c} ({comps.get(c, 0)} modules)")
+    data = [r for r in rows if isinstance(r, list)]
+    marked = " ".join(" ".join(r) for r in data)
     # A column with one value for every module says nothing per row: it goes to a note.
-    notes = []
-    keep = list(range(len(columns)))
-    if len(cells) > 1:
-        for i in (1, 3, 4, 6):
-            values = {row[i] for row in cells}
-            if len(values) == 1:
-                notes.append(f"{columns[i].header} {values.pop()}")
-                keep.remove(i)
+    constant = [i for i in (1, 3, 4, 6) if len(data) > 1 and len({r[i] for r in data}) == 1]
+    notes = [f"{columns[i].header} {data[0][i]}" for i in constant]
+    keep = [i for i in range(len(columns)) if i not in constant]
     columns = [columns[i] for i in keep]
-    cells = [[row[i] for i in keep] for row in cells]
-    rows: list = []
-    several = len({m.component for m in modules}) > 1
-    last = None
-    for m, row in zip(modules, cells):
-        if several and m.component != last:
-            rows.append(Heading(f"{m.component} ({report.component_modules.get(m.component, 0)} modules)"))
-        last = m.component
-        rows.append(row)
+    rows = [[r[i] for i in keep] if isinstance(r, list) else r for r in rows]
     legend = [f"every module: {', '.join(notes)}"] if notes else []
-    text = " ".join(" ".join(r) for r in cells)
-    legend += [f"{mark} {meaning}" for mark, meaning in MARKERS.items() if mark in text]
+    legend += [f"{mark} {meaning}" for mark, meaning in MARKERS.items() if mark in marked]
     if report.stats:
         legend.append(STATS_NOTE)
     table(columns, rows, title="modules", limit=None if show_all else MODULE_ROWS, what="modules", notes=legend)

@@ -223,6 +223,36 @@ def table(
         say(note)
 
 
+def grouped(items: Sequence[Any], component: Any, cells: Any, label: Any = None) -> list:
+    """Rows of ``items`` in natural order of (component, path), under a :class:`Heading` per
+    component when there are several; ``cells(item)`` is a row, ``label(component)`` a heading."""
+    order = {c: i for i, c in enumerate(dict.fromkeys(component(x) for x in items))}
+    ordered = sorted(items, key=lambda x: (order[component(x)], natural_key(x.path)))
+    rows: list = []
+    last = None
+    for item in ordered:
+        comp = component(item)
+        if len(order) > 1 and comp != last:
+            rows.append(Heading(label(comp) if label else comp))
+        last = comp
+        rows.append(cells(item))
+    return rows
+
+
+def counts(d: dict) -> str:
+    """``{"lora": 60, "lokr": 2}`` as ``lora (60), lokr (2)``: each value with how many have it."""
+    return ", ".join(f"{k} ({v})" for k, v in d.items()) or "-"
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
 def fields(items: Sequence[tuple[str, str]], *, title: str | None = None) -> None:
     """A two-column key / value table (no header); values wrap, keys never do."""
     if title:
@@ -236,5 +266,9 @@ def fields(items: Sequence[tuple[str, str]], *, title: str | None = None) -> Non
 
 
 def heading(text: str) -> None:
-    """A table's title: its own line, bold, broken between words only."""
-    console.print(Text(text, style="bold"))
+    """A table's title: its own line, bold, broken between words only (a word wider than the
+    terminal, a long path, keeps its tail)."""
+    width = max(console.width, MIN_PATH_WIDTH)
+    words = [w if cell_len(w) <= width else display_path(w, width) if os.sep in w else ELLIPSIS + w[-(width - 1):]
+             for w in text.split(" ")]
+    console.print(Text(" ".join(words), style="bold"))

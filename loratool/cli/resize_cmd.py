@@ -8,7 +8,7 @@ import typer
 
 from loratool.cli.app import command
 from loratool.cli.options import BaseModel, Device, DynamicParam, DynamicRule, Family, Force, Json, ShowAll, ToLayout
-from loratool.cli.render import Column, Heading, display_path, natural_key, print_json, progress_bar, say, table, warn
+from loratool.cli.render import Column, display_path, grouped, print_json, progress_bar, say, table, warn
 
 MODULE_ROWS = 30
 
@@ -47,15 +47,9 @@ def resize_command(
         return
     for message in result.warnings:
         warn(message)
-    modules = sorted(result.modules, key=lambda m: (m.component, natural_key(m.path)))
-    rows: list = []
-    several = len({m.component for m in modules}) > 1
-    last = None
-    for m in modules:
-        if several and m.component != last:
-            rows.append(Heading(m.component))
-        last = m.component
-        rows.append([m.path, f"{m.kind} {m.layer}", str(m.rank_in), str(m.rank_out), f"{m.fro_kept:.4f}", m.method])
+    rows = grouped(result.modules, lambda m: m.component,
+                   lambda m: [m.path, f"{m.kind} {m.layer}", str(m.rank_in), str(m.rank_out), f"{m.fro_kept:.4f}",
+                              m.method])
     table([Column("module", path=True), Column("kind"), Column("rank", "right"), Column("→", "right"),
            Column("‖ΔW‖ kept", "right"), Column("method")], rows,
           title=f"resized {display_path(lora)} → {display_path(result.output)} ({result.output_format})",

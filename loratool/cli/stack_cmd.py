@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from loratool.cli.app import command
-from loratool.cli.options import FLOAT_DTYPES, STACK_METHODS, BaseModel, Device, Family, Force, Json, ToLayout, \
-    choices
+from loratool.cli.options import FLOAT_DTYPES, STACK_METHODS, BaseModel, Device, Family, Force, Json, ToLayout, choices
 from loratool.cli.render import Column, display_path, print_json, progress_bar, say, table, warn
 from loratool.errors import UsageError
 

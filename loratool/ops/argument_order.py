@@ -6,10 +6,11 @@ DoRA, kohya alphas) marks its keys, no model does. Headers only, torch-free.
 
 What tells a fine-tune from its base:
 
-* metadata: a transformers ``config.json`` records the model it was loaded from in
-  ``_name_or_path`` (``save_pretrained`` of a fine-tune names the base); a diffusers component
-  ``config.json`` does the same; sd-scripts names the base in ``ss_sd_model_name``. The side that
-  names the other is the fine-tune.
+* metadata: a diffusers component's ``config.json`` records the model it was loaded from in
+  ``_name_or_path`` (``ModelMixin.save_pretrained`` keeps it: ``_automatically_saved_args`` in
+  diffusers ``models/modeling_utils.py``), as transformers < 5 did in its ``config.json``
+  (5.x drops it in ``PretrainedConfig.to_diff_dict``); sd-scripts names the base in
+  ``ss_sd_model_name``. The side that names the other is the fine-tune.
 * names: one side called like a base (``base``, ``original``, ``pretrained``) and the other like a
   fine-tune (``finetune``, ``ft``, ``tuned``, ``merged``, ``trained``, ``dreambooth``). Weaker, so
   a warning, not an error.
@@ -17,6 +18,7 @@ What tells a fine-tune from its base:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -112,15 +114,29 @@ def _origin(ref: str | os.PathLike) -> str | None:
     return None
 
 
+# Folder names every model has (diffusers components, the usual file stem): naming one says nothing.
+_GENERIC = frozenset({"", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "model",
+                      "diffusion_pytorch_model"})
+
+
 def _tail(text: str) -> str:
     return Path(text.rstrip("/\\")).name.removesuffix(".safetensors").lower()
 
 
 def _names(origin: str, ref: str | os.PathLike) -> bool:
-    """Whether ``origin`` (a path or hub id) names the model at ``ref`` (a file: it or its folder)."""
+    """Whether ``origin`` (a path or hub id a config records) names the model at ``ref``: the same
+    folder when ``origin`` exists here, else the same distinctive last name (a hub repo downloaded
+    into a folder of its name)."""
     path = Path(str(ref))
-    targets = {_tail(str(ref))} | ({_tail(str(path.resolve().parent))} if path.is_file() else set())
-    return bool(origin) and _tail(origin) in targets - {""}
+    if not origin:
+        return False
+    recorded = Path(origin)
+    if recorded.exists():
+        with contextlib.suppress(OSError):
+            return recorded.resolve() in {path.resolve(), path.resolve().parent}
+        return False
+    name = _tail(origin)
+    return name not in _GENERIC and name in {_tail(str(ref)), _tail(str(path.resolve().parent))}
 
 
 def _word_side(ref: str | os.PathLike) -> str | None:

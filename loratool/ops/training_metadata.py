@@ -66,10 +66,13 @@ def trigger_phrases(metadata: dict[str, str]) -> list[str]:
             found.append(text.strip())
 
     add(metadata.get("modelspec.trigger_phrase"))
-    for dataset in _datasets(metadata):
+    datasets = _datasets(metadata)
+    for dataset in datasets:
         for subset in dataset.get("subsets") or ():
             if isinstance(subset, dict) and not subset.get("is_reg"):
                 add(subset.get("class_tokens"))
+    if datasets:
+        return found  # the subsets said which folders train and with which tokens
     for folder in _training_folders(metadata):
         m = _DREAMBOOTH_DIR.match(folder.strip())
         if m:
