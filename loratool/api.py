@@ -4,6 +4,7 @@ as functions; ``import loratool`` gives every one of them (docs/python-api.md)."
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from loratool import formats
 from loratool.adapter import Adapter
 from loratool.errors import FormatError, InputError
 from loratool.formats.source import Source, open_source
+from loratool.io.local_paths import local_names
 from loratool.validate import check_adapter
 
 # Exceptions a reader raises when a file breaks its assumptions; anything else stays a bug.
@@ -77,13 +79,16 @@ def save(
     """Write ``adapter`` in layout ``format`` (kohya, diffusers, peft, loralib); returns the files written.
 
     The tensors are written as they are (no maths); each writer stores every module's scale =
-    alpha / rank its own way. ``force`` replaces an existing output; ``inputs`` are paths the output
-    must not overwrite.
+    alpha / rank its own way. Absolute local paths in the metadata and configs are written as
+    their last part (:mod:`loratool.io.local_paths`). ``force`` replaces an existing output;
+    ``inputs`` are paths the output must not overwrite.
     """
     if format not in formats.WRITABLE:
         raise FormatError(f"cannot write layout {format!r}; writable: {', '.join(formats.WRITABLE)}")
     opts = formats.WriteOptions(force=force, inputs=tuple(inputs), family=family)
-    return formats.layout(format).write(adapter, Path(path), opts)
+    # A shared file must not tell where its author keeps things: absolute paths become names.
+    shared = dataclasses.replace(adapter, metadata=local_names(adapter.metadata), config=local_names(adapter.config))
+    return formats.layout(format).write(shared, Path(path), opts)
 
 
 # ---------------------------------------------------------------- operations, from the top level
@@ -103,25 +108,18 @@ def _label(item: Lora, i: int) -> str:
     return f"adapter {i + 1}" if isinstance(item, Adapter) else Path(str(item)).name
 
 
-def inspect(
-    path: str | os.PathLike,
-    *,
-    format: str | None = None,
-    base: str | os.PathLike | None = None,
-    config: str | os.PathLike | None = None,
-    family: str | None = None,
-    stats: bool = False,
-):
+def inspect(path: str | os.PathLike, **options):
     """Describe an adapter (``InfoReport``) or a base model (``CheckpointReport``), as ``loratool info``.
 
-    Reads the safetensors header only unless ``stats``; sizes are bytes. With ``stats`` each module
-    gets, from the singular values σᵢ of its ΔW (float64): ``norm`` = ‖ΔW‖F = √Σσᵢ² (the weight's
-    own units), ``effective_rank`` = exp(−Σ pᵢ log pᵢ) with pᵢ = σᵢ/Σσⱼ, ``numerical_rank`` and
-    ``sigma_max`` = σ₁.
+    Reads the safetensors header only unless ``stats=True``; sizes are bytes. With ``stats`` each
+    module gets, from the singular values σᵢ of its ΔW (float64): ``norm`` = ‖ΔW‖F = √Σσᵢ² (the
+    weight's own units), ``effective_rank`` = exp(−Σ pᵢ log pᵢ) with pᵢ = σᵢ/Σσⱼ,
+    ``numerical_rank`` and ``sigma_max`` = σ₁. ``options``: ``format``, ``base``, ``config``,
+    ``family``, ``stats``, ``progress``.
     """
     from loratool.ops.inspect import inspect as run
 
-    return run(path, format, base=base, config=config, family=family, stats=stats)
+    return run(path, **options)
 
 
 def convert(lora: str | os.PathLike, to: str, output: str | os.PathLike, **options):

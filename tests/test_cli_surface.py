@@ -598,6 +598,42 @@ def test_outputs_never_embed_local_paths(capsys, tmp_path):
     assert '"loratool.extract.base": "tiny_llama"' in texts[out / "e.safetensors"]
 
 
+def test_absolute_paths_an_input_carries_are_written_as_names(capsys, tmp_path):
+    """PEFT's save_pretrained records the local path the base came from; sd-scripts-style dataset
+    metadata may hold one. What loratool writes from such inputs names the folders only."""
+    from bad_inputs import kohya_tensors
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    secret = tmp_path / "home_of_user_jane_doe"
+    shutil.copytree(LLAMA, secret / "tiny_llama")
+    model = AutoModelForCausalLM.from_pretrained(str(secret / "tiny_llama"))
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(secret / "peft"))
+    recorded = json.loads((secret / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(secret / "tiny_llama")  # the oracle: PEFT writes the absolute path
+    kohya = secret / "style.safetensors"
+    save_file(kohya_tensors(), str(kohya), metadata={
+        "ss_datasets": json.dumps([{"subsets": [{"image_dir": str(secret / "imgs" / "10_zwx")}]}]),
+        "ss_training_comment": f"trained from {secret / 'sd15.safetensors'} at https://example.org/a/b",
+    })
+    out = tmp_path / "outputs"
+    out.mkdir()
+    for args in (["convert", secret / "peft", "--to", "peft", "-o", out / "peft"],
+                 ["resize", secret / "peft", "--rank", "1", "-o", out / "small"],
+                 ["convert", kohya, "--to", "kohya", "-o", out / "k.safetensors"],
+                 ["stack", kohya, kohya, "-o", out / "kk.safetensors"]):
+        rc, _, err = run(capsys, *args)
+        assert rc == 0, (args, err)
+    texts = _written_text(out)
+    for f, text in texts.items():
+        assert "home_of_user_jane_doe" not in text and str(tmp_path) not in text, (f, text[:300])
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny_llama"
+    with safe_open(str(out / "k.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["ss_datasets"])[0]["subsets"][0]["image_dir"] == "10_zwx"
+    assert meta["ss_training_comment"] == "trained from sd15.safetensors at https://example.org/a/b"
+
+
 # ---------------------------------------------------------------- the Python API
 
 
