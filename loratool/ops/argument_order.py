@@ -2,7 +2,9 @@
 the base model before the fine-tune (``extract``), named before any slow work starts.
 
 What tells a LoRA from a model is its tensor names: every LoRA-like layout (LoRA, LoHa, LoKr, OFT,
-DoRA, kohya alphas) marks its keys, no model does. Headers only, torch-free.
+DoRA, kohya alphas) marks its keys, no model does. A file is called a LoRA when at least half its
+keys are marked and a model when none is (a model with one oddly named parameter stays a model).
+Headers only, torch-free.
 
 What tells a fine-tune from its base:
 
@@ -37,6 +39,14 @@ def looks_like_base(keys: list[str]) -> bool:
     return bool(keys) and not any(LORA_MARKERS.search(k) for k in keys)
 
 
+def _kind_of_keys(keys: list[str]) -> str | None:
+    """``"lora"`` when most keys are LoRA parts, ``"model"`` when none is, None in between."""
+    if not keys:
+        return None
+    marked = sum(1 for k in keys if LORA_MARKERS.search(k))
+    return "model" if marked == 0 else "lora" if 2 * marked >= len(keys) else None
+
+
 def _local(ref: str | os.PathLike) -> Path | None:
     text = str(ref)
     if text.startswith("hf://"):
@@ -65,15 +75,8 @@ def local_kind(ref: str | os.PathLike) -> str | None:
         if (path / "model_index.json").is_file() or any(path.glob("*.safetensors.index.json")):
             return "model"
         files = sorted(path.glob("*.safetensors"))
-        if (path / "config.json").is_file() and files:
-            return "lora" if not looks_like_base(_header_keys(files[0])) else "model"
-        return None
-    if path.suffix.lower() != ".safetensors":
-        return None
-    keys = _header_keys(path)
-    if not keys:
-        return None
-    return "model" if looks_like_base(keys) else "lora"
+        return _kind_of_keys(_header_keys(files[0])) if (path / "config.json").is_file() and files else None
+    return _kind_of_keys(_header_keys(path)) if path.suffix.lower() == ".safetensors" else None
 
 
 def check_merge_order(base: str | os.PathLike, loras: list) -> None:
