@@ -3,8 +3,8 @@
 * ``lora``: r, the stored rank (rows of ``down``).
 * ``lokr``: ΔW = w1 ⊗ w2 and rank(A ⊗ B) = rank(A)·rank(B); a factor's rank is its stored rank
   (``w1a``/``w1b``, ``w2a``/``w2b``, Tucker ``t2`` included) or, stored whole, the smaller side of
-  its matrix. LyCORIS' ``lora_dim`` (what :attr:`LoraModule.rank` returns, 0 for whole factors) is
-  only w2's rank.
+  its matrix. LyCORIS' ``lora_dim`` (what :attr:`LoraModule.rank` returns: the stored rank of
+  ``w2a``/``w2b``, else of ``w1a``/``w1b``, 0 when both are whole) is one factor's rank only.
 * ``loha`` / ``full``: the stored rank (LoHa's ΔW can reach r², but "dim" is what trainers set).
 
 Capped at the smaller side of the adapted weight.
