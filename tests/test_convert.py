@@ -83,7 +83,7 @@ def test_cli_json_force_and_input_protection(tmp_path, capsys):
     out = tmp_path / "x.safetensors"
     assert main(["convert", str(src), "--to", "loralib", "-o", str(out), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["from"] == "loralib" and data["to"] == "loralib" and data["modules"] == 4
+    assert data["from"] == "loralib" and data["to"] == "loralib" and data["module_count"] == 4
     assert data["files"] == [str(out), str(out) + ".json"]
     assert main(["convert", str(src), "--to", "loralib", "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err

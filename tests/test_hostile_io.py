@@ -32,7 +32,7 @@ EXPECTED = {
     "short": "only 3 bytes",
     "truncated_data": "outside the data area",
     "truncated_header": "beyond the end of the file",
-    "garbage": "exceeds the 100 MB cap",
+    "garbage": "not a safetensors file",
     "huge_header_length": "exceeds the 100 MB cap",
     "header_over_cap": "exceeds the 100 MB cap",
     "header_past_eof": "beyond the end of the file",

@@ -3,39 +3,38 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
-from loratool.cli.app import app
-from loratool.cli.options import BaseModel, Family, Force, FromLayout, SidecarConfig
-from loratool.cli.render import console, print_json
+from loratool.cli.app import command
+from loratool.cli.options import WRITE_LAYOUTS, BaseModel, Family, Force, FromLayout, Json, SidecarConfig
+from loratool.cli.render import counts, display_path, fields, print_json
 
 
-@app.command("convert")
+@command("convert", examples=[
+    "loratool convert fixtures/kohya_tiny_sd.safetensors --to peft -o out/tiny_sd_peft",
+])
 def convert_command(
-    path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference."),
-    to: str = typer.Option(..., "--to", help="Output layout: kohya, diffusers, peft or loralib."),
-    out: str = typer.Option(..., "-o", "--output", "--out", help="Output file (PEFT: folder)."),
+    path: str = typer.Argument(..., metavar="LORA", help="Adapter file, PEFT folder or hf:// reference."),
+    to: str = typer.Option(..., "--to", metavar=WRITE_LAYOUTS, help="Output layout."),
+    out: str = typer.Option(..., "-o", "--output", "--out", metavar="OUT",
+                            help="Output file (PEFT: a folder, one sub-folder per component)."),
     from_: FromLayout = None,
     base: BaseModel = None,
     config: SidecarConfig = None,
     family: Family = None,
     force: Force = False,
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document (stable contract)."),
+    json_out: Json = False,
 ) -> None:
-    """Convert an adapter between kohya, diffusers, PEFT and loralib layouts (LyCORIS: read only)."""
+    """Convert an adapter between the kohya, diffusers, PEFT and loralib layouts (LyCORIS files are read only).
+
+    Every module keeps its factors and its scale; only the names and the way alpha is stored change."""
     from loratool.ops.convert import convert
 
     result = convert(path, to, out, from_format=from_, base=base, config=config, family=family, force=force)
     if json_out:
-        print_json(result.to_json())
+        print_json("convert", result.to_json())
         return
-    table = Table(show_header=False, title=f"{result.source_format} → {result.target_format}", title_justify="left")
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    table.add_row("modules", str(result.modules))
-    table.add_row("components", ", ".join(f"{c} ({n})" for c, n in result.components.items()))
+    rows = [("modules", f"{result.modules}: {counts(result.components)}")]
     if result.extras:
-        table.add_row("extra tensors", str(result.extras))
-    table.add_row("dtypes", ", ".join(result.dtypes))
-    table.add_row("written", "\n".join(result.files))
-    console.print(table)
+        rows.append(("extra tensors", str(result.extras)))
+    rows += [("dtypes", counts(result.dtypes)), ("written", "\n".join(display_path(f) for f in result.files))]
+    fields(rows, title=f"converted {result.source_format} → {result.target_format}")

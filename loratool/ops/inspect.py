@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +41,13 @@ import torch
 from loratool import formats
 from loratool.adapter import Adapter, LoraModule
 from loratool.api import base_vocabulary, read_source
+from loratool.delta_rank import delta_rank
 from loratool.errors import FormatError
 from loratool.formats.source import Source, open_source
 from loratool.io import hub
 from loratool.ops import Progress
+from loratool.ops.argument_order import looks_like_base
+from loratool.ops.training_metadata import top_tags, trigger_phrases
 from loratool.validate import nonfinite_modules
 
 # Metadata keys holding bulky JSON: kept in ``metadata``, left out of the training table.
@@ -53,7 +55,6 @@ BULKY_KEYS = frozenset({
     "ss_tag_frequency", "ss_dataset_dirs", "ss_datasets", "ss_reg_dataset_dirs", "ss_bucket_info",
     "lora_adapter_metadata", "modelspec.thumbnail",
 })
-TOP_TAGS = 20
 
 # ss_base_model_version / modelspec.architecture prefixes -> family name (longest match first).
 _FAMILY_HINTS = (
@@ -73,11 +74,12 @@ class ModuleStats:
 
 @dataclass
 class ModuleInfo:
-    name: str  # dotted module path inside the component (canonical naming)
+    path: str  # dotted module path inside the component (canonical naming)
     component: str
     kind: str
     layer: str
-    rank: int
+    rank: int  # the rank ΔW can have (LoKr: rank(w1)·rank(w2) of ΔW = w1 ⊗ w2)
+    factor_rank: int  # the rank the layout stores and alpha divides (LoKr lora_dim; 0 for whole factors)
     alpha: float | None  # as stored; alpha = rank when the layout stores none
     scale: float
     shape: list[int]  # the adapted base weight's shape
@@ -104,6 +106,8 @@ class InfoReport:
     training: dict[str, str]
     modelspec: dict[str, str]
     tags: list[tuple[str, int]]
+    trigger_phrases: list[str] = field(default_factory=list)
+    dialect: str | None = None
     warnings: list[str] = field(default_factory=list)
     header_only: bool = True
     stats: bool = False
@@ -125,9 +129,11 @@ class InfoReport:
         return {
             "path": self.path,
             "format": self.format,
+            "dialect": self.dialect,
             "size_bytes": self.size_bytes,
             "files": self.files,
             "family": self.family,
+            "trigger_phrases": self.trigger_phrases,
             "base_model": self.base_model,
             "components": self.components,
             "component_modules": self.component_modules,
@@ -150,7 +156,7 @@ class InfoReport:
             "tags": [{"tag": t, "count": c} for t, c in self.tags],
             "warnings": self.warnings,
             "header_only": self.header_only,
-            "stats": self.stats,
+            "with_stats": self.stats,
             "modules": [_module_json(m) for m in self.modules],
         }
 
@@ -163,10 +169,6 @@ def _module_json(m: ModuleInfo) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- base checkpoints
-
-# Key fragments no base model has and every LoRA-like layout does (LoRA, LoHa, LoKr, OFT, DoRA, alphas).
-_LORA_MARKERS = re.compile(r"(lora|hada_|lokr_|oft_|dora_scale|magnitude_vector|\.alpha$)", re.IGNORECASE)
-
 
 @dataclass
 class CheckpointReport:
@@ -199,7 +201,8 @@ class CheckpointReport:
             "architecture": self.architecture,
             "size_bytes": self.size_bytes,
             "files": self.files,
-            "components": self.components,
+            "components": list(self.components),
+            "component_tensors": self.components,
             "tensor_count": self.tensor_count,
             "parameter_count": self.parameter_count,
             "dtypes": self.dtypes,
@@ -221,11 +224,6 @@ def _json_beside(folder: Path, name: str) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return obj if isinstance(obj, dict) else None
-
-
-def looks_like_base(keys: list[str]) -> bool:
-    """True for a weights file that is no adapter: tensors, none of them named like a LoRA part."""
-    return bool(keys) and not any(_LORA_MARKERS.search(k) for k in keys)
 
 
 def is_base_folder(folder: Path) -> bool:
@@ -376,22 +374,6 @@ def _base_model(src: Source, adapter: Adapter, metadata: dict[str, str]) -> dict
     return out
 
 
-def _tags(metadata: dict[str, str], warnings: list[str]) -> list[tuple[str, int]]:
-    raw = metadata.get("ss_tag_frequency")
-    if not raw:
-        return []
-    try:
-        freq = json.loads(raw)
-        total: Counter[str] = Counter()
-        for per_dir in freq.values():
-            for tag, count in per_dir.items():
-                total[str(tag).strip()] += int(count)
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        warnings.append("ss_tag_frequency is not the JSON sd-scripts writes; tags not shown")
-        return []
-    return total.most_common(TOP_TAGS)
-
-
 # ---------------------------------------------------------------- the report
 
 
@@ -399,11 +381,12 @@ def _module_info(m: LoraModule) -> ModuleInfo:
     rank = m.rank
     alpha = m.alpha if m.alpha not in (None, 0) else (float(rank) if rank else None)
     return ModuleInfo(
-        name=m.path,
+        path=m.path,
         component=m.component,
         kind=m.kind,
         layer=m.layer,
-        rank=rank,
+        rank=delta_rank(m),
+        factor_rank=rank,
         alpha=None if alpha is None else _num(alpha),
         scale=_num(m.scale),
         shape=[int(x) for x in m.weight_shape],
@@ -495,7 +478,9 @@ def inspect(
         metadata=metadata,
         training={k: v for k, v in metadata.items() if k.startswith("ss_") and k not in BULKY_KEYS},
         modelspec={k: v for k, v in metadata.items() if k.startswith("modelspec.") and k not in BULKY_KEYS},
-        tags=_tags(metadata, warnings),
+        tags=top_tags(metadata, warnings),
+        trigger_phrases=trigger_phrases(metadata),
+        dialect=adapter.dialect,
         warnings=warnings,
         header_only=header_only,
         stats=stats,

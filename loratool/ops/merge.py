@@ -37,6 +37,7 @@ from loratool.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, Part, open_check
 from loratool.io.copy_ahead import CopyAhead
 from loratool.io.safetensors_file import read_header
 from loratool.ops import Progress
+from loratool.ops.argument_order import check_merge_order
 
 if TYPE_CHECKING:
     import torch
@@ -70,13 +71,13 @@ class MergeResult:
         return {
             "output": str(self.output),
             "base": self.base,
-            "adapters": self.adapters,
-            "strengths": self.strengths,
+            "inputs": [{"file": a, "strength": s} for a, s in zip(self.adapters, self.strengths)],
             "matched": self.matched,
             "matched_total": sum(self.matched.values()),
             "unmatched": self.unmatched,
+            "unmatched_count": len(self.unmatched),
             "merged_tensors": self.merged_tensors,
-            "skipped": self.skipped,
+            "copied_tensors": self.skipped,
             "dropped_files": self.dropped_files,
             "files": self.files,
             "seconds": round(self.seconds, 3),
@@ -259,6 +260,7 @@ def merge(
     start = time.perf_counter()
     if not loras:
         raise UsageError("give at least one LoRA to merge")
+    check_merge_order(base, list(loras))
     out_code = _out_code(dtype)
     values = _strengths(strengths, len(loras))
     ckpt = open_checkpoint(base)

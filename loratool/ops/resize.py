@@ -54,7 +54,7 @@ class ModuleResize:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "module": f"{self.component}:{self.path}", "kind": self.kind, "layer": self.layer,
+            "component": self.component, "path": self.path, "kind": self.kind, "layer": self.layer,
             "rank_in": self.rank_in, "rank_out": self.rank_out, "fro_kept": self.fro_kept, "method": self.method,
             "norm": self.norm,
         }

@@ -34,6 +34,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule
 from loratool.delta import delta_bias
 from loratool.errors import MatchError, NonFiniteError, UsageError
+from loratool.float_dtypes import float_code
 from loratool.ops import Progress
 from loratool.ops.device import pick_device
 from loratool.ops.factor_form import FactorForm, to_factor_form, to_module, transposed
@@ -53,7 +54,7 @@ class ModuleStack:
     fro_kept: float  # ‖result‖ / ‖Σ wᵢ ΔWᵢ‖ (1.0 for concat)
 
     def to_json(self) -> dict[str, Any]:
-        return {"module": f"{self.component}:{self.path}", "sources": self.sources,
+        return {"component": self.component, "path": self.path, "sources": self.sources,
                 "rank_out": self.rank_out, "fro_kept": self.fro_kept}
 
 
@@ -70,6 +71,7 @@ class StackResult:
     files: list[Path] = field(default_factory=list)
     output_format: str | None = None
     warnings: list[str] = field(default_factory=list)
+    dtype: str | None = None  # the written factors' dtype when one was asked for
 
     @property
     def mean_fro_kept(self) -> float:
@@ -82,7 +84,9 @@ class StackResult:
             "files": [str(f) for f in self.files],
             "method": self.method,
             "rank": self.rank,
-            "inputs": [{"file": lab, "weight": w} for lab, w in zip(self.labels, self.weights)],
+            "inputs": [{"file": lab, "weight": w, "module_count": sum(1 for m in self.modules if i in m.sources)}
+                       for i, (lab, w) in enumerate(zip(self.labels, self.weights))],
+            "dtype": self.dtype,
             "device": self.device,
             "modules": [m.to_json() for m in self.modules],
             "mean_fro_kept": self.mean_fro_kept,
@@ -248,6 +252,18 @@ def _update_metadata(out: Adapter, result: StackResult) -> None:
     }, sort_keys=True)
 
 
+def cast_factors(result: StackResult, dtype: str) -> None:
+    """Store the stacked modules' factors (and DoRA magnitudes) in ``dtype`` (``fp16``, ``bf16``, ``fp32``)."""
+    from loratool.io.safetensors_file import torch_dtypes
+
+    target = torch_dtypes()[float_code(dtype, "--dtype")]
+    for module in result.adapter:
+        module.tensors = {k: v.to(target) for k, v in module.tensors.items()}
+        if module.magnitude is not None:
+            module.magnitude = module.magnitude.to(target)
+    result.dtype = str(target).removeprefix("torch.")
+
+
 def stack_files(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -260,12 +276,18 @@ def stack_files(
     force: bool = False,
     base: str | os.PathLike | None = None,
     family: str | None = None,
+    dtype: str | None = None,
     progress: Progress | None = None,
 ) -> StackResult:
-    """load each → :func:`stack` → save in ``to`` or the first input's layout."""
+    """load each → :func:`stack` → save in ``to`` or the first input's layout.
+
+    ``dtype`` (``fp16``, ``bf16``, ``fp32``) is the dtype of the written factors; by default each
+    output module keeps the dtype the stacking computed it in.
+    """
     from loratool.api import load, save
     from loratool.io.atomic import check_output
 
+    code = float_code(dtype, "--dtype") if dtype is not None else None  # a bad name fails before any reading
     if weights and len(weights) != len(paths):
         raise UsageError(f"--weights: {len(weights)} weights for {len(paths)} adapters; give one per adapter")
     layout = output_layout(None, to) if to else None
@@ -274,6 +296,8 @@ def stack_files(
     layout = layout or output_layout(adapters[0].source_format, None)
     labels = [Path(str(p)).name for p in paths]
     result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress)
+    if code is not None:
+        cast_factors(result, dtype)
     result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
     result.output = Path(out)
     result.output_format = layout
