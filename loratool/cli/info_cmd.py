@@ -147,6 +147,24 @@ def render(report: InfoReport) -> None:
         warn(w)
 
 
+def render_blocks(report, json_out: bool) -> None:
+    if json_out:
+        print_json(report.to_json())
+        return
+    table = Table(title=f"{Path(report.path).name}: LoRA Block Weight entries ({report.family or 'unknown family'})",
+                  title_justify="left")
+    table.add_column("block")
+    table.add_column("modules", justify="right")
+    table.add_column("first modules")
+    for block, mods in report.blocks.items():
+        if block and mods:
+            table.add_row(block, str(len(mods)), _short(", ".join(mods)))
+    console.print(table)
+    outside = report.blocks.get("", [])
+    if outside:
+        warn(f"{len(outside)} modules are in no block (block weights leave them at 1): {_short(', '.join(outside))}")
+
+
 @app.command("info")
 def info_command(
     path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference (or a base checkpoint)."),
@@ -156,6 +174,8 @@ def info_command(
     base: BaseModel = None,
     config: SidecarConfig = None,
     family: Family = None,
+    blocks: bool = typer.Option(False, "--blocks", help="List which modules each LoRA Block Weight entry "
+                                "(BASE, IN04, M00, OUT05 / Flux CLIP, D07, S12…) controls."),
 ) -> None:
     """Show format, modules, ranks, alphas, dtypes, base model hints and training metadata.
 
@@ -163,6 +183,11 @@ def info_command(
     model): its model family, tensor count, dtype mix and size, from the headers alone."""
     from loratool.ops.inspect import CheckpointReport, inspect
 
+    if blocks:
+        from loratool.ops.block_weights import block_report
+
+        render_blocks(block_report(path, from_, base=base, config=config, family=family), json_out)
+        return
     with progress_bar(enabled=stats and not json_out) as progress:
         report = inspect(path, from_, base=base, config=config, family=family, stats=stats, progress=progress)
     if json_out:

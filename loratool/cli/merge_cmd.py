@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
-from loratool.cli.options import Device, Force
+from loratool.cli.options import BlockWeights, Device, Force, Strength
 from loratool.cli.render import console, print_json, progress_bar, warn
 
 
@@ -27,6 +27,8 @@ def merge_command(
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf results instead of failing."),
     sync: bool = typer.Option(False, "--sync", help="Flush the output to disk before renaming it into place "
                               "(survives a power loss; slower: the disk's write speed)."),
+    block_weights: BlockWeights = None,
+    strength: Strength = None,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
     """Merge LoRAs into a base model, streaming one tensor at a time."""
@@ -35,11 +37,14 @@ def merge_command(
     with progress_bar(enabled=not as_json) as progress:
         result = merge(
             base, loras, output, alpha or None, dtype=dtype, device=device, strict=strict, force=force,
-            allow_nonfinite=allow_nonfinite, sync=sync, progress=progress,
+            allow_nonfinite=allow_nonfinite, sync=sync, progress=progress, block_weights=block_weights,
+            strengths=strength,
         )
     if as_json:
         print_json(result.to_json())
         return
+    for message in result.warnings:
+        warn(message)
     if result.unmatched:
         shown = ", ".join(result.unmatched[:20])
         more = f" and {len(result.unmatched) - 20} more" if len(result.unmatched) > 20 else ""

@@ -65,6 +65,7 @@ class MergeResult:
     peak_rss_mb: float = 0.0
     device: str = "cpu"
     dtype: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -83,6 +84,7 @@ class MergeResult:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "device": self.device,
             "dtype": self.dtype,
+            "warnings": self.warnings,
         }
 
 
@@ -247,8 +249,13 @@ def merge(
     allow_nonfinite: bool = False,
     sync: bool = False,
     progress: Progress | None = None,
+    block_weights: Sequence[str] | None = None,
+    strengths: Sequence[str] | None = None,
 ) -> MergeResult:
     """Merge ``loras`` (paths, ``hf://`` refs or :class:`Adapter` objects) into ``base``; write ``out``.
+
+    ``block_weights`` (LoRA Block Weight presets / vectors, once or once per LoRA) and ``strengths``
+    (``PATTERN:VALUE``) scale modules: see :mod:`loratool.ops.block_weights`.
 
     ``sync`` flushes the output to disk before it is renamed into place (see
     :func:`loratool.io.atomic.atomic_path`). Raises :class:`~loratool.errors.MatchError` when
@@ -277,7 +284,9 @@ def merge(
         with CopyAhead(jobs, defer=_guess_rewrites(copies, loras), sync=sync) as copier:
             from loratool.ops import merge_tensors  # torch: imported while the copy runs
 
-            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
+            warnings: list[str] = []
+            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite,
+                                                        block_weights, strengths, warnings)
             copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
             with merge_tensors.compute_threads(dev):
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)
@@ -302,4 +311,5 @@ def merge(
         peak_rss_mb=peak_rss_mb(),
         device=str(dev),
         dtype={"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(out_code),
+        warnings=warnings,
     )
