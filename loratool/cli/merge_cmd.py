@@ -38,7 +38,7 @@ def merge_command(
         result = merge(
             base, loras, output, alpha or None, dtype=dtype, device=device, strict=strict, force=force,
             allow_nonfinite=allow_nonfinite, sync=sync, progress=progress, block_weights=block_weights,
-            strengths=strength,
+            strength_patterns=strength,
         )
     if as_json:
         print_json(result.to_json())

@@ -22,7 +22,7 @@ def stack_command(
     method: str = typer.Option(
         "concat", "--method", help="concat (exact, ranks add up), svd (best rank N), or on each module's ΔW as "
         "mergekit defines them: ties, dare_ties, dare_linear, magnitude_prune (then the best rank N)."),
-    rank: int = typer.Option(None, "--rank", "-r", help="Output rank for --method svd / ties / dare_* / magnitude_prune."),
+    rank: int = typer.Option(None, "--rank", "-r", help="Output rank for --method svd, ties, dare_*, magnitude_prune."),
     density: float = typer.Option(None, "--density", help="Fraction of each ΔW kept by ties / dare_* / "
                                   "magnitude_prune (mergekit's default 1)."),
     majority_sign: str = typer.Option("total", "--majority-sign", help="TIES sign election: total (sum) or "
@@ -60,7 +60,7 @@ def stack_command(
     with progress_bar(enabled=not as_json) as progress:
         result = stack_files(loras, output, weights or None, method=method, rank=rank, to=to, device=device,
                              force=force, family=family, base=base, progress=progress, options=options,
-                             block_weights=block_weights, strengths=strength)
+                             block_weights=block_weights, strength_patterns=strength)
     if as_json:
         print_json(result.to_json())
         return

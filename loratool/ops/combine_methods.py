@@ -244,7 +244,8 @@ class Combiner:
                              f"not a delta, and cannot be pruned or sign-elected")
         i0, m0 = entries[0]
         for i, m in entries[1:]:
-            if m.layer != m0.layer or transposed(m) != transposed(m0) or tuple(m.weight_shape) != tuple(m0.weight_shape):
+            same = m.layer == m0.layer and transposed(m) == transposed(m0)
+            if not same or tuple(m.weight_shape) != tuple(m0.weight_shape):
                 raise MatchError(
                     f"{key[0]}:{key[1]}: {self.labels[i0]} adapts a {m0.layer} weight of shape "
                     f"{tuple(m0.weight_shape)}, {self.labels[i]} a {m.layer} weight of shape "

@@ -250,12 +250,12 @@ def merge(
     sync: bool = False,
     progress: Progress | None = None,
     block_weights: Sequence[str] | None = None,
-    strengths: Sequence[str] | None = None,
+    strength_patterns: Sequence[str] | None = None,
 ) -> MergeResult:
     """Merge ``loras`` (paths, ``hf://`` refs or :class:`Adapter` objects) into ``base``; write ``out``.
 
-    ``block_weights`` (LoRA Block Weight presets / vectors, once or once per LoRA) and ``strengths``
-    (``PATTERN:VALUE``) scale modules: see :mod:`loratool.ops.block_weights`.
+    ``block_weights`` (LoRA Block Weight presets / vectors, once or once per LoRA) and
+    ``strength_patterns`` (``PATTERN:VALUE``) scale modules: see :mod:`loratool.ops.block_weights`.
 
     ``sync`` flushes the output to disk before it is renamed into place (see
     :func:`loratool.io.atomic.atomic_path`). Raises :class:`~loratool.errors.MatchError` when
@@ -286,7 +286,7 @@ def merge(
 
             warnings: list[str] = []
             plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite,
-                                                        block_weights, strengths, warnings)
+                                                        block_weights, strength_patterns, warnings)
             copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
             with merge_tensors.compute_threads(dev):
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)

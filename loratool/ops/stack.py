@@ -298,11 +298,11 @@ def stack_files(
     progress: Progress | None = None,
     options: Any = None,
     block_weights: Sequence[str] | None = None,
-    strengths: Sequence[str] | None = None,
+    strength_patterns: Sequence[str] | None = None,
 ) -> StackResult:
     """load each → :func:`stack` → save in ``to`` or the first input's layout.
 
-    ``block_weights`` (once, or once per input) and ``strengths`` (``PATTERN:VALUE``) are parsed by
+    ``block_weights`` (once, or once per input) and ``strength_patterns`` (``PATTERN:VALUE``) are parsed by
     :func:`loratool.ops.block_weights.module_weights`."""
     from loratool.api import load, save
     from loratool.io.atomic import check_output
@@ -315,10 +315,10 @@ def stack_files(
     layout = layout or output_layout(adapters[0].source_format, None)
     labels = [Path(str(p)).name for p in paths]
     mw = None
-    if block_weights or strengths:
+    if block_weights or strength_patterns:
         from loratool.ops.block_weights import module_weights
 
-        mw = module_weights(adapters, block_weights, strengths, family=family)
+        mw = module_weights(adapters, block_weights, strength_patterns, family=family)
     result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress,
                    options=options, module_weights=mw)
     result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
