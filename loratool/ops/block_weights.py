@@ -22,10 +22,10 @@ short vector does not list:
 A module in no block keeps weight 1 (both tools do) and is named in a warning.
 
 Strength patterns (``--strength PATTERN:VALUE``, repeatable, the last match wins and replaces the
-block weight): PATTERN is a glob (``fnmatch``, case-sensitive, ``*`` crosses dots) or a plain
-name, matched against the module's block ID, component, path and ``component.path``, a plain
-name also matching any dotted prefix of them (``text_encoder``, ``up_blocks.1``, ``OUT03``,
-``unet.up_blocks.*``).
+block weight): PATTERN is a glob (``fnmatch``, case-sensitive, ``*`` crosses dots) matched
+against the module's block ID, component, path and ``component.path``, or a plain name matching
+when it is a run of whole dotted segments of one of them (``text_encoder``, ``up_blocks.1``,
+``conv1``, ``attn1.to_q``, ``OUT03``; globs: ``unet.up_blocks.*``, ``*.to_[qk]``).
 
 The factor multiplies the module's strength: merge W' = W + λ·f·ΔW; stack wᵢ·f·ΔWᵢ.
 """
@@ -206,7 +206,7 @@ def _matches(pattern: str, names: list[str]) -> bool:
     for name in names:
         if glob and fnmatch.fnmatchcase(name, pattern):
             return True
-        if not glob and (name == pattern or name.startswith(pattern + ".")):
+        if not glob and f".{pattern}." in f".{name}.":
             return True
     return False
 
