@@ -237,6 +237,12 @@ class Combiner:
                        dynamic=o.rule.describe() if o.rule is not None else None)
         return out
 
+    def threads(self):
+        """The CPU thread policy for per-module maths (one place: ``merge_tensors.compute_threads``)."""
+        from loratool.ops.merge_tensors import compute_threads
+
+        return compute_threads(self.device)
+
     def _check(self, key: tuple[str, str], entries: list[tuple[int, LoraModule]]) -> None:
         dora = [self.labels[i] for i, m in entries if m.magnitude is not None]
         if dora:

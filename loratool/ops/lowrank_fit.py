@@ -96,7 +96,7 @@ def fit_dense(
     return Fit(up.cpu().contiguous(), down.cpu().contiguous(), k, math.sqrt(total), err, svd.solver)
 
 
-def _gram_norm(p: torch.Tensor, q: torch.Tensor) -> float:
+def factored_norm(p: torch.Tensor, q: torch.Tensor) -> float:
     """‖p @ q‖_F without forming the product: √Σ (pᵀp) ⊙ (q qᵀ)."""
     return math.sqrt(max(float(((p.T @ p) * (q @ q.T)).sum()), 0.0))
 
@@ -120,4 +120,4 @@ def fit_factors(
     p = torch.cat([up64 * scale, -new_up.to(device=up64.device, dtype=torch.float64)], dim=1)
     q = torch.cat([down64, new_down.to(device=down64.device, dtype=torch.float64)], dim=0)
     norm = math.sqrt(float(svd.energy))
-    return Fit(new_up.cpu().contiguous(), new_down.cpu().contiguous(), k, norm, _gram_norm(p, q), "factor")
+    return Fit(new_up.cpu().contiguous(), new_down.cpu().contiguous(), k, norm, factored_norm(p, q), "factor")

@@ -231,7 +231,8 @@ def stack(
     for done, (key, all_entries) in enumerate(keys.items(), start=1):
         mod_weights = weights if module_weights is None else module_weights.scaled(weights, all_entries)
         if combiner is not None:  # every input takes part, as in mergekit (a missing module is ΔW = 0)
-            module, report = combiner.module(key, all_entries, mod_weights)
+            with combiner.threads():
+                module, report = combiner.module(key, all_entries, mod_weights)
             out.add(module)
             reports.append(report)
             if progress is not None:
