@@ -69,9 +69,12 @@ def save(
     force: bool = False,
     inputs: tuple = (),
     family: str | None = None,
+    model_config: dict | None = None,
 ) -> list[Path]:
-    """Write ``adapter`` in layout ``format``; returns the files written."""
+    """Write ``adapter`` in layout ``format``; returns the files written.
+
+    ``model_config`` is the base model's HF ``config.json`` (needed by ``gguf``)."""
     if format not in formats.WRITABLE:
         raise FormatError(f"cannot write layout {format!r}; writable: {', '.join(formats.WRITABLE)}")
-    opts = formats.WriteOptions(force=force, inputs=tuple(inputs), family=family)
+    opts = formats.WriteOptions(force=force, inputs=tuple(inputs), family=family, model_config=model_config)
     return formats.layout(format).write(adapter, Path(path), opts)

@@ -13,7 +13,8 @@ from loratool.cli.render import console, print_json, progress_bar
 @app.command("convert")
 def convert_command(
     path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference."),
-    to: str = typer.Option(..., "--to", help="Output layout: kohya, diffusers, peft or loralib."),
+    to: str = typer.Option(..., "--to", help="Output layout: kohya, diffusers, peft, loralib or gguf (llama.cpp; "
+                           "--base gives the base model's config.json)."),
     out: str = typer.Option(..., "-o", "--output", "--out", help="Output file (PEFT: folder)."),
     from_: FromLayout = None,
     base: BaseModel = None,
