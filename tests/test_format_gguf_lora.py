@@ -66,7 +66,8 @@ def _setup(tmp_path, arch, *, embeddings=False):
     cfg["architectures"] = [hf_arch]
     cfg["_name_or_path"] = f"tiny/{arch}-base"
     (base / "config.json").write_text(json.dumps(cfg))
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"] + (["embed_tokens", "lm_head"] if embeddings else [])
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+    targets += ["embed_tokens", "lm_head"] if embeddings else []
     lcfg = LoraConfig(r=4, lora_alpha=ALPHA, target_modules=targets,
                       rank_pattern={"model.layers.1.self_attn.q_proj": 2, "down_proj": 6},
                       alpha_pattern={"k_proj": 3})

@@ -262,7 +262,8 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
-def tensors_for(adapter: Adapter, config: dict[str, Any], where: str) -> tuple[str, float, list[tuple[str, np.ndarray]]]:
+def tensors_for(adapter: Adapter, config: dict[str, Any],
+                where: str) -> tuple[str, float, list[tuple[str, np.ndarray]]]:
     """(GGUF arch, file alpha, [(tensor name, data)]) in the order the script writes them."""
     _, spec = _architecture(config, where)
     tied = bool(config.get("tie_word_embeddings", False))
