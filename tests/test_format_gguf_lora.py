@@ -180,3 +180,23 @@ def test_refusals(tmp_path, capsys, case, message):
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_name_table_agrees_with_gguf_py():
+    """Every entry of arch/llm_gguf.json is what gguf-py's TensorNameMap gives for each listed arch."""
+    from loratool.formats.gguf_lora import gguf_name, hf_name, table
+
+    for spec in table()["architectures"].values():
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec["gguf_arch"])
+        names = gguf.get_tensor_name_map(arch, 3)
+        known = 0
+        for hf in table()["modules"]:
+            for bid in ("0", "2"):
+                module = hf.replace("{bid}", bid)
+                want = names.get_name(module)
+                if want is None:  # e.g. q_norm / k_norm exist in qwen3 only
+                    continue
+                known += 1
+                assert gguf_name(module) == want, (spec["gguf_arch"], module)
+                assert hf_name(want) == module
+        assert known >= 2 * 12
