@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 
-import lycoris
 import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
+from test_format_lycoris import _network
 from tiny_models import randomize_lora, tiny_llama, tiny_unet
 
 import loratool
@@ -39,16 +39,7 @@ def _lycoris_file(tmp_path, algo, **kw):
 
 
 def _build_lycoris(tmp_path, name, algo, **kw):
-    unet = tiny_unet()
-    net = lycoris.create_lycoris(unet, 1.0, linear_dim=kw.pop("dim", 4), linear_alpha=kw.pop("alpha", 2.0),
-                                 algo=algo, **kw)
-    net.apply_to()
-    randomize_lora(net, seed=3, std=0.2)
-    if algo == "full":
-        gen = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for m in net.loras:
-                m.weight.add_(torch.randn(m.weight.shape, generator=gen) * 0.1)
+    net = _network(tiny_unet(), algo, **kw)
     path = tmp_path / f"{name}.safetensors"
     net.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
     return path
