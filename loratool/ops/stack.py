@@ -188,6 +188,7 @@ def stack(
     ``module_weights`` (:class:`loratool.ops.block_weights.ModuleWeights`) multiplies wᵢ per module.
     """
     from loratool.ops import combine_methods
+
     n = len(adapters)
     if n < 1:
         raise UsageError("stack needs at least one adapter")
@@ -312,6 +313,10 @@ def stack_files(
         raise UsageError(f"--weights: {len(weights)} weights for {len(paths)} adapters; give one per adapter")
     layout = output_layout(None, to) if to else None
     check_output(out, inputs=tuple(paths), force=force)
+    from loratool.ops import combine_methods
+
+    if method in combine_methods.METHODS:  # refuse bad options before loading anything
+        combine_methods.combiner(method, rank, options, len(paths), [], pick_device(device))
     adapters = [load(p, base=base, family=family) for p in paths]
     layout = layout or output_layout(adapters[0].source_format, None)
     labels = [Path(str(p)).name for p in paths]
