@@ -308,3 +308,22 @@ def test_cli_bad_options_exit_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_flattened_loha_combines_with_a_conv_lora():
+    """LyCORIS stores a conv LoHa's product flattened ([out, in·k·k]); it combines with a conv LoRA of the
+    same weight, and the output is a conv LoRA (density 1, magnitude_prune: the plain weighted sum)."""
+    conv = Adapter()
+    conv.add(LoraModule("unet", "c", layer="conv", alpha=4.0,
+                        tensors={"down": _rand(4, 6, 3, 3, seed=1), "up": _rand(8, 4, 1, 1, seed=2)}))
+    loha = Adapter()
+    loha.add(LoraModule("unet", "c", kind="loha", alpha=2.0, tensors={
+        "w1a": _rand(8, 2, seed=3), "w1b": _rand(2, 54, seed=4),
+        "w2a": _rand(8, 2, seed=5), "w2b": _rand(2, 54, seed=6)}))
+    res = stack([loha, conv], [1.0, 0.5], method="magnitude_prune", rank=100, device="cpu",
+                options=CombineOptions(density=1.0))
+    out = res.adapter.modules[("unet", "c")]
+    want = 0.5 * delta_weight(conv.modules[("unet", "c")], dtype=torch.float64) + \
+        delta_weight(loha.modules[("unet", "c")], dtype=torch.float64, shape=(8, 6, 3, 3))
+    assert out.layer == "conv" and out.tensors["down"].shape == (8, 6, 3, 3)
+    assert float((delta_weight(out, dtype=torch.float64) - want).norm() / want.norm()) < EXACT_TOL

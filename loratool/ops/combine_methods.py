@@ -248,10 +248,12 @@ class Combiner:
         if dora:
             raise UsageError(f"{key[0]}:{key[1]}: DoRA module in {', '.join(dora)}; a DoRA magnitude is absolute, "
                              f"not a delta, and cannot be pruned or sign-elected")
+        # LyCORIS stores conv LoHa / LoKr products flattened: [out, in·k·k] matches a conv [out, in, k, k]
         i0, m0 = entries[0]
         for i, m in entries[1:]:
-            same = m.layer == m0.layer and transposed(m) == transposed(m0)
-            if not same or tuple(m.weight_shape) != tuple(m0.weight_shape):
+            a, b = tuple(m.weight_shape), tuple(m0.weight_shape)
+            same = transposed(m) == transposed(m0) and a[0] == b[0] and math.prod(a) == math.prod(b)
+            if not same or (len(a) == len(b) and a != b):
                 raise MatchError(
                     f"{key[0]}:{key[1]}: {self.labels[i0]} adapts a {m0.layer} weight of shape "
                     f"{tuple(m0.weight_shape)}, {self.labels[i]} a {m.layer} weight of shape "
@@ -268,7 +270,7 @@ class Combiner:
         from loratool.ops.factor_form import to_module
         from loratool.ops.linalg import compute_dtype
 
-        template = entries[0][1]
+        template = max((m for _, m in entries), key=lambda m: len(m.weight_shape))  # the kernel, if any knows it
         wshape = tuple(int(s) for s in template.weight_shape)
         work = compute_dtype(self.device, 0)
         held = dict(entries)
