@@ -75,17 +75,19 @@ def save(
     force: bool = False,
     inputs: tuple = (),
     family: str | None = None,
+    model_config: dict | None = None,
 ) -> list[Path]:
-    """Write ``adapter`` in layout ``format`` (kohya, diffusers, peft, loralib); returns the files written.
+    """Write ``adapter`` in layout ``format`` (kohya, diffusers, peft, loralib, gguf); returns the files written.
 
     The tensors are written as they are (no maths); each writer stores every module's scale =
     alpha / rank its own way. Absolute local paths in the metadata and configs are written as
     their last part (:mod:`loratool.io.local_paths`). ``force`` replaces an existing output;
-    ``inputs`` are paths the output must not overwrite.
+    ``inputs`` are paths the output must not overwrite; ``model_config`` is the base model's HF
+    ``config.json`` (needed by ``gguf``).
     """
     if format not in formats.WRITABLE:
         raise FormatError(f"cannot write layout {format!r}; writable: {', '.join(formats.WRITABLE)}")
-    opts = formats.WriteOptions(force=force, inputs=tuple(inputs), family=family)
+    opts = formats.WriteOptions(force=force, inputs=tuple(inputs), family=family, model_config=model_config)
     # A shared file must not tell where its author keeps things: absolute paths become names.
     shared = dataclasses.replace(adapter, metadata=local_names(adapter.metadata), config=local_names(adapter.config))
     return formats.layout(format).write(shared, Path(path), opts)

@@ -123,11 +123,11 @@ def test_command_help_has_metavars_choices_and_an_example(capsys, command):
 
 def test_options_choices_agree_with_the_operations():
     from loratool.cli import options
-    from loratool.ops import device, rank_rules, stack
+    from loratool.ops import combine_methods, device, rank_rules, stack
 
     assert options.DEVICE_CHOICES == device.DEVICE_CHOICES
     assert options.RANK_RULES == rank_rules.RULES
-    assert options.STACK_METHODS == stack.METHODS
+    assert options.STACK_METHODS == stack.METHODS + tuple(combine_methods.METHODS)
 
 
 def test_help_and_cli_import_no_torch():

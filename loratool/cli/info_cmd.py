@@ -167,8 +167,21 @@ def render_checkpoint(report: CheckpointReport) -> None:
         warn(w)
 
 
+def render_blocks(report, json_out: bool) -> None:
+    if json_out:
+        print_json("info", report.to_json())
+        return
+    rows = [[block, str(len(mods)), _short(", ".join(mods))] for block, mods in report.blocks.items() if block and mods]
+    table([Column("block"), Column("modules", "right"), Column("first modules")], rows,
+          title=f"{Path(report.path).name}: LoRA Block Weight entries ({report.family or 'unknown family'})")
+    outside = report.blocks.get("", [])
+    if outside:
+        warn(f"{len(outside)} modules are in no block (block weights leave them at 1): {_short(', '.join(outside))}")
+
+
 @command("info", examples=["loratool info fixtures/kohya_tiny_sd.safetensors",
-                           "loratool info fixtures/peft_tiny_llama --stats --json"])
+                           "loratool info fixtures/peft_tiny_llama --stats --json",
+                           "loratool info fixtures/kohya_tiny_sd.safetensors --blocks"])
 def info_command(
     path: str = typer.Argument(..., metavar="PATH",
                                help="Adapter file, PEFT folder or hf:// reference (or a base checkpoint)."),
@@ -179,6 +192,8 @@ def info_command(
     base: BaseModel = None,
     config: SidecarConfig = None,
     family: Family = None,
+    blocks: bool = typer.Option(False, "--blocks", help="List which modules each LoRA Block Weight entry "
+                                "(BASE, IN04, M00, OUT05 / Flux CLIP, D07, S12…) controls."),
 ) -> None:
     """Show an adapter's format, trigger phrase, modules, ranks, alphas, dtypes, base model and training metadata.
 
@@ -187,6 +202,11 @@ def info_command(
     data is read without --stats."""
     from loratool.ops.inspect import CheckpointReport, inspect
 
+    if blocks:
+        from loratool.ops.block_weights import block_report
+
+        render_blocks(block_report(path, from_, base=base, config=config, family=family), json_out)
+        return
     with progress_bar(enabled=stats and not json_out) as progress:
         report = inspect(path, from_, base=base, config=config, family=family, stats=stats, progress=progress)
     if json_out:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from loratool.cli.app import command
-from loratool.cli.options import FLOAT_DTYPES, Device, Force, Json
+from loratool.cli.options import FLOAT_DTYPES, BlockWeights, Device, Force, Json, Strength
 from loratool.cli.render import Column, display_path, print_json, progress_bar, say, table, warn
 
 UNMATCHED_SHOWN = 20
@@ -37,6 +37,8 @@ def merge_command(
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf results instead of failing."),
     sync: bool = typer.Option(False, "--sync", help="Flush the output to disk before renaming it into place "
                               "(survives a power loss; slower: the disk's write speed)."),
+    block_weights: BlockWeights = None,
+    strength: Strength = None,
     as_json: Json = False,
 ) -> None:
     """Merge LoRAs into a base model (W' = W + Σ λᵢ·ΔWᵢ), streaming one tensor at a time.
@@ -48,11 +50,14 @@ def merge_command(
     with progress_bar(enabled=not as_json) as progress:
         result = merge(
             base, loras, output, alpha or None, dtype=dtype, device=device, strict=strict, force=force,
-            allow_nonfinite=allow_nonfinite, sync=sync, progress=progress,
+            allow_nonfinite=allow_nonfinite, sync=sync, progress=progress, block_weights=block_weights,
+            strength_patterns=strength,
         )
     if as_json:
         print_json("merge", result.to_json())
         return
+    for message in result.warnings:
+        warn(message)
     if result.unmatched:
         shown = ", ".join(result.unmatched[:UNMATCHED_SHOWN])
         more = f" and {len(result.unmatched) - UNMATCHED_SHOWN} more (--json lists them)" \

@@ -32,7 +32,7 @@ from loratool.float_dtypes import FLOAT_NAMES
 # ``ops.device.DEVICE_CHOICES``, ``ops.rank_rules.RULES`` and ``ops.stack.METHODS``.
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 RANK_RULES = ("sv_ratio", "sv_fro", "sv_cumulative")
-STACK_METHODS = ("concat", "svd")
+STACK_METHODS = ("concat", "svd", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 
 
 def choices(values) -> str:
@@ -75,3 +75,15 @@ Json = Annotated[
     bool, typer.Option("--json", help="Print one JSON document instead of tables (docs/commands.md).")
 ]
 ShowAll = Annotated[bool, typer.Option("--all", help="List every module (tables show the first ones).")]
+BlockWeights = Annotated[
+    list[str] | None,
+    typer.Option("--block-weights", metavar="PRESET|VECTOR",
+                 help="LoRA Block Weight preset (INS, MIDD, OUTALL, ...) or vector of 12/17/20/26 "
+                 "(SD1/SDXL) or 61 (Flux) numbers, or a kohya --lbws JSON list; once, or once per LoRA."),
+]
+Strength = Annotated[
+    list[str] | None,
+    typer.Option("--strength", metavar="PATTERN:VALUE",
+                 help="Multiplier for the modules a glob or block name matches "
+                 "(e.g. 'text_encoder:0.5', 'up_blocks.*:0.8', 'OUT03:0'); later patterns win."),
+]

@@ -17,11 +17,12 @@ from typing import Any
 
 from loratool.errors import FormatError
 
-LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris")
+LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "gguf")
 # LyCORIS before kohya (same key naming, more kinds); PEFT before diffusers (diffusers'
 # current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B).
-DETECT_ORDER = ("peft", "lycoris", "kohya", "diffusers", "loralib")
-WRITABLE = ("kohya", "diffusers", "peft", "loralib")
+DETECT_ORDER = ("gguf", "peft", "lycoris", "kohya", "diffusers", "loralib")
+WRITABLE = ("kohya", "diffusers", "peft", "loralib", "gguf")
+MODULES = {"gguf": "gguf_lora"}  # layout name -> module, where they differ
 
 
 @dataclass
@@ -38,12 +39,14 @@ class WriteOptions:
     inputs: tuple[Any, ...] = ()  # paths the output must not overwrite
     family: str | None = None
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    # The base model's HF config.json (llama.cpp GGUF adapters name tensors after its architecture).
+    model_config: dict[str, Any] | None = None
 
 
 def layout(name: str) -> ModuleType:
     if name not in LAYOUTS:
         raise FormatError(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
-    return importlib.import_module(f"loratool.formats.{name}")
+    return importlib.import_module(f"loratool.formats.{MODULES.get(name, name)}")
 
 
 def detect(src) -> str:

@@ -158,8 +158,12 @@ def read(src, opts: ReadOptions | None = None) -> Adapter:
     where = str(src.folder or src.path)
     config = dict(src.config or {})
     peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type == "ADALORA":
+        from loratool.formats import peft_adalora
+
+        return peft_adalora.read(src, opts)
     if peft_type != "LORA":
-        raise FormatError(f"{where}: PEFT adapter type {peft_type} is not supported (only LORA)")
+        raise FormatError(f"{where}: PEFT adapter type {peft_type} is not supported (LORA and ADALORA are)")
     component = _component(src, config)
     tensors = src.tensors
     keys = list(tensors)

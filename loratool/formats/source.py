@@ -114,6 +114,10 @@ def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None
     src = Source(path=p, folder=folder, config=cfg, config_path=cfg_path)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         src._tensors = load_pickle_state_dict(p)
+    elif p.suffix.lower() == ".gguf":  # llama.cpp LoRA adapters
+        from loratool.formats.gguf_lora import open_gguf
+
+        src._tensors, src.metadata = open_gguf(p)
     else:
         src._safetensors = SafetensorsFile(p)
         src.metadata = dict(src._safetensors.metadata)

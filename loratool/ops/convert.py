@@ -80,10 +80,16 @@ def convert(
         raise UsageError(f"--from {from_format!r}: known layouts are {', '.join(formats.LAYOUTS)}")
     if progress:
         progress("read", 0, 2)
+    model_config = None
+    if to == "gguf":  # the base is read for its config.json (architecture, head counts), not for names
+        from loratool.formats.gguf_lora import load_model_config
+
+        model_config, base = load_model_config(base), None
     adapter = api.load(path, from_format, base=base, config=config, family=family)
     if progress:
         progress("write", 1, 2)
-    written = api.save(adapter, out, to, force=force, inputs=_inputs(path, config), family=family)
+    written = api.save(adapter, out, to, force=force, inputs=_inputs(path, config), family=family,
+                       model_config=model_config)
     if progress:
         progress("write", 2, 2)
     counts = {c: len(adapter.by_component(c)) for c in adapter.components}

@@ -66,6 +66,7 @@ class MergeResult:
     peak_rss_mb: float = 0.0
     device: str = "cpu"
     dtype: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -84,6 +85,7 @@ class MergeResult:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "device": self.device,
             "dtype": self.dtype,
+            "warnings": self.warnings,
         }
 
 
@@ -248,8 +250,13 @@ def merge(
     allow_nonfinite: bool = False,
     sync: bool = False,
     progress: Progress | None = None,
+    block_weights: Sequence[str] | None = None,
+    strength_patterns: Sequence[str] | None = None,
 ) -> MergeResult:
     """Merge ``loras`` (paths, ``hf://`` refs or :class:`Adapter` objects) into ``base``; write ``out``.
+
+    ``block_weights`` (LoRA Block Weight presets / vectors, once or once per LoRA) and
+    ``strength_patterns`` (``PATTERN:VALUE``) scale modules: see :mod:`loratool.ops.block_weights`.
 
     ``sync`` flushes the output to disk before it is renamed into place (see
     :func:`loratool.io.atomic.atomic_path`). Raises :class:`~loratool.errors.MatchError` when
@@ -279,7 +286,9 @@ def merge(
         with CopyAhead(jobs, defer=_guess_rewrites(copies, loras), sync=sync) as copier:
             from loratool.ops import merge_tensors  # torch: imported while the copy runs
 
-            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
+            warnings: list[str] = []
+            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite,
+                                                        block_weights, strength_patterns, warnings)
             copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
             with merge_tensors.compute_threads(dev):
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)
@@ -304,4 +313,5 @@ def merge(
         peak_rss_mb=peak_rss_mb(),
         device=str(dev),
         dtype={"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(out_code),
+        warnings=warnings,
     )

@@ -72,6 +72,8 @@ class StackResult:
     output_format: str | None = None
     warnings: list[str] = field(default_factory=list)
     dtype: str | None = None  # the written factors' dtype when one was asked for
+    combine: dict[str, Any] | None = None  # the combination method's parameters (ties, dare_*, ...)
+    block_weights: dict[str, Any] | None = None
 
     @property
     def mean_fro_kept(self) -> float:
@@ -91,6 +93,8 @@ class StackResult:
             "modules": [m.to_json() for m in self.modules],
             "mean_fro_kept": self.mean_fro_kept,
             "warnings": list(self.warnings),
+            "combine": self.combine,
+            "block_weights": self.block_weights,
         }
 
 
@@ -178,8 +182,17 @@ def stack(
     labels: Sequence[str] | None = None,
     device: str = "auto",
     progress: Progress | None = None,
+    options: Any = None,
+    module_weights: Any = None,
 ) -> StackResult:
-    """Σ wᵢ ΔWᵢ of ``adapters`` over the union of their modules (see the module docstring)."""
+    """Σ wᵢ ΔWᵢ of ``adapters`` over the union of their modules (see the module docstring).
+
+    ``method`` may also be a combination method of :mod:`loratool.ops.combine_methods` (``ties``,
+    ``dare_ties``, ``dare_linear``, ``magnitude_prune``; ``options`` a ``CombineOptions``).
+    ``module_weights`` (:class:`loratool.ops.block_weights.ModuleWeights`) multiplies wᵢ per module.
+    """
+    from loratool.ops import combine_methods
+
     n = len(adapters)
     if n < 1:
         raise UsageError("stack needs at least one adapter")
@@ -188,14 +201,19 @@ def stack(
         raise UsageError(f"--weights: {len(weights)} weights for {n} adapters; give one per adapter")
     if not all(math.isfinite(w) for w in weights):
         raise UsageError(f"--weights {weights}: weights must be finite numbers")
-    if method not in METHODS:
-        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    if method not in METHODS and method not in combine_methods.METHODS:
+        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS + tuple(combine_methods.METHODS))}")
     if method == "svd" and (rank is None or int(rank) < 1):
         raise UsageError("--method svd needs --rank N (N ≥ 1)")
     if method == "concat" and rank is not None:
         raise UsageError("--rank applies to --method svd only (concat is exact: ranks add up)")
+    if options is not None and method in METHODS:
+        raise UsageError(f"--density / --seed / --factor-space apply to {', '.join(combine_methods.METHODS)}, "
+                         f"not to --method {method}")
     labels = list(labels) if labels is not None else [f"adapter {i + 1}" for i in range(n)]
     dev = pick_device(device)
+    combiner = combine_methods.combiner(method, rank, options, n, labels, dev) \
+        if method in combine_methods.METHODS else None
 
     keys: dict[tuple[str, str], list[tuple[int, LoraModule]]] = {}
     for i, adapter in enumerate(adapters):
@@ -216,7 +234,16 @@ def stack(
 
     reports: list[ModuleStack] = []
     for done, (key, all_entries) in enumerate(keys.items(), start=1):
-        entries = [(i, m) for i, m in all_entries if weights[i] != 0.0]
+        mod_weights = weights if module_weights is None else module_weights.scaled(weights, all_entries)
+        if combiner is not None:  # every input takes part, as in mergekit (a missing module is ΔW = 0)
+            with combiner.threads():
+                module, report = combiner.module(key, all_entries, mod_weights)
+            out.add(module)
+            reports.append(report)
+            if progress is not None:
+                progress("combining", done, len(keys))
+            continue
+        entries = [(i, m) for i, m in all_entries if mod_weights[i] != 0.0]
         if not entries:
             warnings.append(f"{key[0]}:{key[1]}: every input holding it has weight 0; left out")
             continue
@@ -225,7 +252,7 @@ def stack(
                 f"{key[0]}:{key[1]}: DoRA module in {', '.join(labels[i] for i, _ in entries)}; "
                 "DoRA magnitudes are absolute, not deltas, and cannot be added"
             )
-        module, report = stack_module(key, entries, weights, method, rank, labels, dev)
+        module, report = stack_module(key, entries, mod_weights, method, rank, labels, dev)
         out.add(module)
         reports.append(report)
         if progress is not None:
@@ -233,6 +260,11 @@ def stack(
 
     result = StackResult(adapter=out, modules=reports, method=method, rank=int(rank) if rank else None,
                          weights=weights, labels=labels, device=str(dev), warnings=warnings)
+    if combiner is not None:
+        result.combine = combiner.describe()
+    if module_weights is not None:
+        result.warnings += module_weights.warnings()
+        result.block_weights = module_weights.describe()
     _update_metadata(out, result)
     return result
 
@@ -243,13 +275,18 @@ def _update_metadata(out: Adapter, result: StackResult) -> None:
         meta.pop(key, None)
     network_metadata(out)
     parts = ", ".join(f"{w:g} × {lab}" for lab, w in zip(result.labels, result.weights))
-    what = "concatenated" if result.method == "concat" else f"SVD rank {result.rank}"
+    what = {"concat": "concatenated", "svd": f"SVD rank {result.rank}"}.get(
+        result.method, f"{result.method}, rank {result.rank or 'dynamic'}")
     meta["ss_training_comment"] = f"stacked by loratool ({what}): {parts}"
-    meta["loratool_stack"] = json.dumps({
+    record: dict[str, Any] = {
         "method": result.method, "rank": result.rank,
         "inputs": [{"file": lab, "weight": w} for lab, w in zip(result.labels, result.weights)],
         "mean_fro_kept": round(result.mean_fro_kept, 6),
-    }, sort_keys=True)
+    }
+    for extra in ("combine", "block_weights"):
+        if getattr(result, extra) is not None:
+            record[extra] = getattr(result, extra)
+    meta["loratool_stack"] = json.dumps(record, sort_keys=True)
 
 
 def cast_factors(result: StackResult, dtype: str) -> None:
@@ -278,11 +315,16 @@ def stack_files(
     family: str | None = None,
     dtype: str | None = None,
     progress: Progress | None = None,
+    options: Any = None,
+    block_weights: Sequence[str] | None = None,
+    strength_patterns: Sequence[str] | None = None,
 ) -> StackResult:
     """load each → :func:`stack` → save in ``to`` or the first input's layout.
 
     ``dtype`` (``fp16``, ``bf16``, ``fp32``) is the dtype of the written factors; by default each
-    output module keeps the dtype the stacking computed it in.
+    output module keeps the dtype the stacking computed it in. ``block_weights`` (once, or once per
+    input) and ``strength_patterns`` (``PATTERN:VALUE``) are parsed by
+    :func:`loratool.ops.block_weights.module_weights`.
     """
     from loratool.api import load, save
     from loratool.io.atomic import check_output
@@ -292,10 +334,20 @@ def stack_files(
         raise UsageError(f"--weights: {len(weights)} weights for {len(paths)} adapters; give one per adapter")
     layout = output_layout(None, to) if to else None
     check_output(out, inputs=tuple(paths), force=force)
+    from loratool.ops import combine_methods
+
+    if method in combine_methods.METHODS:  # refuse bad options before loading anything
+        combine_methods.combiner(method, rank, options, len(paths), [], pick_device(device))
     adapters = [load(p, base=base, family=family) for p in paths]
     layout = layout or output_layout(adapters[0].source_format, None)
     labels = [Path(str(p)).name for p in paths]
-    result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress)
+    mw = None
+    if block_weights or strength_patterns:
+        from loratool.ops.block_weights import module_weights
+
+        mw = module_weights(adapters, block_weights, strength_patterns, family=family)
+    result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress,
+                   options=options, module_weights=mw)
     if code is not None:
         cast_factors(result, dtype)
     result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
