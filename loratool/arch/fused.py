@@ -10,6 +10,9 @@ LoRA per part with the down shared: ΔW_g = s · up[rows_g] @ down. Files traine
 store down = [down_1; …; down_G] (rank G·r') and a block-diagonal up; those split into
 (down_g, up[rows_g, cols_g]) at rank r' with alpha' = s · r' (s · √r' for rsLoRA): the same scale.
 Factors that cannot be row-split (LoHa, LoKr, Tucker cores) become their dense ΔW (kind ``full``).
+Whether ``up`` is block-diagonal is a property of its values, so it is decided only when they are
+read: a header-only read (``info`` without ``--stats``: ``meta`` tensors) splits with the shared down,
+which is exact for every ``up``, and reports each part at the fused module's rank.
 
 Fuse (diffusers -> native). Parts that share one down, one scale and one rank fuse to
 (down, cat(up_g)). Otherwise down = cat(down_g) and up = blockdiag(up_g) at rank R = Σ r_g, with
@@ -80,9 +83,10 @@ def renamed(module: LoraModule, path: str) -> LoraModule:
 
 
 def block_diagonal(up: torch.Tensor, rows: Rows) -> bool:
-    """True when ``up`` [out, G·r'] is zero outside the diagonal blocks (rows_g × cols_g)."""
+    """True when ``up`` [out, G·r'] is zero outside the diagonal blocks (rows_g × cols_g); False for a
+    tensor without values (``meta``): the shared-down split is exact either way."""
     g = len(rows)
-    if up.shape[1] % g:
+    if up.is_meta or up.shape[1] % g:
         return False
     rr = up.shape[1] // g
     mask = torch.ones_like(up, dtype=torch.bool)
