@@ -13,6 +13,8 @@ from loratool.validate import check_adapter
 
 # Exceptions a reader raises when a file breaks its assumptions; anything else stays a bug.
 _READER_SLIPS = (KeyError, IndexError, ValueError, RuntimeError, TypeError, NotImplementedError)
+# Layouts whose keys are kohya names (their key-based family scores apply).
+KOHYA_NAMED = ("kohya", "lycoris")
 
 
 def base_vocabulary(base: str | os.PathLike) -> dict[str, set[str]]:
@@ -58,7 +60,20 @@ def read_source(src: Source, name: str, opts: formats.ReadOptions, path: str | o
     if not len(adapter) and not adapter.extras:
         raise FormatError(f"{path}: no LoRA modules found")
     check_adapter(adapter, str(path))
+    set_family(adapter, src, name, opts)
     return adapter
+
+
+def set_family(adapter: Adapter, src: Source, name: str, opts: formats.ReadOptions) -> None:
+    """``Adapter.family``: ``--family`` when given and plausible, else what the names, shapes and metadata
+    say (:func:`loratool.arch.family_of`), else what the reader decided."""
+    from loratool import arch
+
+    kohya_keys = tuple(src.keys) if name in KOHYA_NAMED else ()
+    if opts.family:
+        adapter.family = arch.check_family(opts.family, adapter, kohya_keys).name
+    else:
+        adapter.family = arch.family_of(adapter, kohya_keys) or adapter.family
 
 
 def save(

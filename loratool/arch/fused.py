@@ -23,6 +23,7 @@ and alpha = R (√R): scale 1. A part not adapted is zero rows. Never a lossy re
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -33,6 +34,13 @@ from loratool.adapter import LoraModule
 from loratool.errors import FormatError, MatchError
 
 Rows = list[tuple[int, int]]
+
+# diffusers names both Flux and SD3 share (family evidence: the structure, not the family)
+DOUBLE_STREAM = re.compile(r"^transformer_blocks\.\d+\.(attn\.|ff\.|ff_context\.|norm1)")
+# the attention projections of a double-stream block: their input width is the model's hidden width
+INNER = re.compile(r"^transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)$")
+# the pooled-text embedder: its input width is the pooled text width (Flux.1 CLIP-L 768, SD3 CLIP-L+G 2048)
+POOLED = re.compile(r"^time_text_embed\.text_embedder\.linear_1$")
 
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:

@@ -212,17 +212,6 @@ class CheckpointReport:
         }
 
 
-def _json_beside(folder: Path, name: str) -> dict[str, Any] | None:
-    path = folder / name
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def looks_like_base(keys: list[str]) -> bool:
     """True for a weights file that is no adapter: tensors, none of them named like a LoRA part."""
     return bool(keys) and not any(_LORA_MARKERS.search(k) for k in keys)
@@ -238,12 +227,10 @@ def is_base_folder(folder: Path) -> bool:
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
     """Describe a base model from its safetensors headers (no tensor data is read)."""
-    from loratool.arch.checkpoints import base_family
     from loratool.io.checkpoint import guess_component, open_checkpoint
+    from loratool.ops.family_check import base_family_of
 
     ckpt = open_checkpoint(path)
-    root = ckpt.root
-    folder = root if ckpt.is_folder else root.parent
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: Counter[str] = Counter()
     components: Counter[str] = Counter()
@@ -269,10 +256,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
             unmapped += sorted(k for k in group.key_to_part if k not in used)
         else:
             components[group.component or guess_component(group.key_to_part)] += len(group.key_to_part)
-    if ckpt.kind == "pipeline":
-        family, architecture = base_family(shapes, pipeline=_json_beside(root, "model_index.json"))
-    else:
-        family, architecture = base_family(shapes, config=_json_beside(folder, "config.json"))
+    family, architecture = base_family_of(ckpt, shapes)
     files = sorted(str(f) for f in ckpt.weight_files())
     warnings = []
     if unmapped:
@@ -345,16 +329,8 @@ def module_stats(module: LoraModule) -> ModuleStats:
 
 
 def _family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str | None) -> str | None:
-    if given:
-        return given
-    try:
-        from loratool import arch
-
-        fam = arch.detect(src.keys, metadata)
-        if fam is not None:
-            return fam.name
-    except ImportError:  # naming tables not installed: metadata alone decides
-        pass
+    if given or adapter.family:  # read_source set it from names, shapes and metadata
+        return given or adapter.family
     for key in ("ss_base_model_version", "modelspec.architecture"):
         value = metadata.get(key, "").lower()
         for prefix, name in _FAMILY_HINTS:

@@ -246,6 +246,7 @@ def merge(
     force: bool = False,
     allow_nonfinite: bool = False,
     sync: bool = False,
+    ignore_family: bool = False,
     progress: Progress | None = None,
 ) -> MergeResult:
     """Merge ``loras`` (paths, ``hf://`` refs or :class:`Adapter` objects) into ``base``; write ``out``.
@@ -254,7 +255,9 @@ def merge(
     :func:`loratool.io.atomic.atomic_path`). Raises :class:`~loratool.errors.MatchError` when
     nothing matches, when shapes disagree, or (``strict``) when any module is unmatched;
     :class:`~loratool.errors.NonFiniteError` for NaN/Inf in an adapter or a result unless
-    ``allow_nonfinite``. Nothing is written on any error.
+    ``allow_nonfinite``; a :class:`~loratool.errors.MatchError` when an adapter's model family and the
+    base's are both known and unrelated (an SD1 LoRA into a Llama base), unless ``ignore_family``
+    (:mod:`loratool.ops.family_check`). Nothing is written on any error.
     """
     start = time.perf_counter()
     if not loras:
@@ -277,7 +280,8 @@ def merge(
         with CopyAhead(jobs, defer=_guess_rewrites(copies, loras), sync=sync) as copier:
             from loratool.ops import merge_tensors  # torch: imported while the copy runs
 
-            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
+            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite,
+                                                        ignore_family)
             copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
             with merge_tensors.compute_threads(dev):
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)

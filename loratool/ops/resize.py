@@ -169,7 +169,7 @@ def resize(
     rule = RankRule(dynamic, param)
     conv_rank = int(conv_rank) if conv_rank is not None else int(rank)
     dev = pick_device(device)
-    out = Adapter(metadata=dict(adapter.metadata), source_format=adapter.source_format,
+    out = Adapter(metadata=dict(adapter.metadata), source_format=adapter.source_format, family=adapter.family,
                   config={k: dict(v) for k, v in adapter.config.items()}, extras=dict(adapter.extras))
     reports: list[ModuleResize] = []
     total = len(adapter.modules)

@@ -199,7 +199,9 @@ def stack(
             keys.setdefault(key, []).append((i, module))
 
     warnings: list[str] = []
-    out = Adapter(metadata=dict(adapters[0].metadata), source_format=adapters[0].source_format)
+    families = {a.family for a in adapters}
+    out = Adapter(metadata=dict(adapters[0].metadata), source_format=adapters[0].source_format,
+                  family=families.pop() if len(families) == 1 else None)
     for adapter in adapters:
         for comp, cfg in adapter.config.items():
             out.config.setdefault(comp, dict(cfg))
