@@ -51,7 +51,10 @@ def read_source(src: Source, name: str, opts: formats.ReadOptions, path: str | o
     file, not the line where the reader fell.
     """
     try:
-        adapter = formats.layout(name).read(src, opts)
+        if src.parts:
+            adapter = join_components([formats.layout(name).read(part, opts) for part in src.parts], src)
+        else:
+            adapter = formats.layout(name).read(src, opts)
     except _READER_SLIPS as exc:
         detail = " ".join(str(exc).split())[:160]
         raise InputError(
@@ -62,6 +65,22 @@ def read_source(src: Source, name: str, opts: formats.ReadOptions, path: str | o
     check_adapter(adapter, str(path))
     set_family(adapter, src, name, opts)
     return adapter
+
+
+def join_components(adapters: list[Adapter], src: Source) -> Adapter:
+    """One adapter from the adapters of a folder's component folders (``P/unet``, ``P/text_encoder``...)."""
+    out = Adapter(source_format=adapters[0].source_format)
+    for adapter, part in zip(adapters, src.parts):
+        for comp in adapter.components:
+            if comp in out.components:
+                raise FormatError(f"{part.folder}: component {comp!r} is also in another folder of {src.path}")
+        for m in adapter:
+            out.add(m)
+        out.extras.update(adapter.extras)
+        out.config.update(adapter.config)
+        for k, v in adapter.metadata.items():
+            out.metadata.setdefault(k, v)
+    return out
 
 
 def set_family(adapter: Adapter, src: Source, name: str, opts: formats.ReadOptions) -> None:

@@ -275,6 +275,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
 
 def header_only_source(src: Source) -> Source:
     """``src`` with meta tensors standing in for the data (scalars read for real)."""
+    if src.parts:
+        return Source(path=src.path, folder=src.folder, parts=[header_only_source(p) for p in src.parts])
     if src._safetensors is None:
         return src  # a pickle is already in memory
     file = src._safetensors
@@ -392,10 +394,7 @@ def _module_info(m: LoraModule) -> ModuleInfo:
 
 
 def _files(src: Source) -> list[str]:
-    files = [src.path]
-    if src.config_path is not None:
-        files.append(src.config_path)
-    return [str(f) for f in files]
+    return [str(f) for f in src.files]
 
 
 def inspect(
@@ -427,7 +426,7 @@ def inspect(
             raise
     opts = formats.ReadOptions(vocabulary=base_vocabulary(base) if base is not None else None, family=family)
     adapter = read_source(src if stats else header_only_source(src), name, opts, path)
-    header_only = not stats and src._safetensors is not None
+    header_only = not stats and all(p._safetensors is not None for p in (src.parts or [src]))
     metadata = dict(adapter.metadata or src.metadata)
     warnings: list[str] = []
     modules = [_module_info(m) for m in adapter]
