@@ -46,7 +46,8 @@ from loratool.arch.clip import canonical_clip_path
 from loratool.errors import FormatError, UsageError
 from loratool.formats.kohya_hash import HASH_KEYS, kohya_hashes
 from loratool.formats.kohya_names import HeadResolver, to_head
-from loratool.io.atomic import atomic_path, check_output
+from loratool.formats.outputs import check_target
+from loratool.io.atomic import atomic_path
 
 NAME = "kohya"
 
@@ -330,7 +331,7 @@ def network_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> dic
 
 
 def write(adapter: Adapter, out: Path, opts) -> list[Path]:
-    out = check_output(out, opts.inputs, opts.force)
+    out = check_target(NAME, out, opts.inputs, opts.force)
     if adapter.extras:
         names = ", ".join(f"{c}:{n}" for c, n in list(adapter.extras)[:3])
         raise FormatError(f"{out}: kohya files hold only LoRA modules; this adapter also has whole tensors "

@@ -25,9 +25,9 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from loratool.errors import LoratoolError, UsageError
@@ -217,21 +217,27 @@ def _mirror_folder(ckpt: Checkpoint, merger: PartMerger, tmp: Path) -> tuple[lis
             dest.parent.mkdir(parents=True, exist_ok=True)
             merger.write_index(group, dest)
             written.append(str(group.index_rel))
+    for rel in _base_files(ckpt):
+        src, name = ckpt.root / rel, rel.name
+        if os.path.normpath(src) in handled:
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".safetensors.index.json") \
+                or name.endswith(".bin.index.json"):
+            dropped.append(str(rel))
+            continue
+        (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, tmp / rel)
+    return written, dropped
+
+
+def _base_files(ckpt: Checkpoint) -> Iterator[Path]:
+    """Every file of a folder base that a merged folder mirrors, relative to its root (dot files skipped)."""
     for dirpath, dirnames, filenames in os.walk(ckpt.root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = Path(dirpath).relative_to(ckpt.root)
         for name in sorted(filenames):
-            src = Path(dirpath) / name
-            if name.startswith(".") or os.path.normpath(src) in handled:
-                continue
-            rel = rel_dir / name
-            if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".safetensors.index.json") \
-                    or name.endswith(".bin.index.json"):
-                dropped.append(str(rel))
-                continue
-            (tmp / rel_dir).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / rel)
-    return written, dropped
+            if not name.startswith("."):
+                yield rel_dir / name
 
 
 def merge(
@@ -272,7 +278,9 @@ def merge(
         raise UsageError(f"{out}: the base is one .safetensors file; name the output *.safetensors")
     # Refuse a bad output before the (possibly slow) adapter loading.
     local_inputs = [ckpt.root] + [p for p in loras if isinstance(p, (str, os.PathLike)) and not str(p).startswith("hf://")]
-    check_output(out, inputs=local_inputs, force=force, folder=ckpt.is_folder)
+    # --force may replace a folder holding only what this merge writes: the base's files, mirrored
+    mirrored = {PurePosixPath(rel.as_posix()) for rel in _base_files(ckpt)} if ckpt.is_folder else set()
+    check_output(out, inputs=local_inputs, force=force, folder=ckpt.is_folder, owned=mirrored.__contains__)
 
     with atomic_path(out, folder=ckpt.is_folder, sync=sync) as tmp:
         copies = _copies(ckpt, tmp, out_code)

@@ -278,6 +278,7 @@ def resize_file(
 ) -> ResizeResult:
     """load → :func:`resize` → save, in the input's layout unless ``to`` says otherwise."""
     from loratool.api import load, save
+    from loratool.formats.outputs import check_target
     from loratool.io.atomic import check_output
 
     RankRule(dynamic, param)  # argument errors before any reading
@@ -285,6 +286,7 @@ def resize_file(
     check_output(out, inputs=(path,), force=force)
     adapter = load(path, format=format, base=base, config=config, family=family)
     layout = layout or output_layout(adapter.source_format, None)
+    check_target(layout, out, (path,), force)  # a name contradicting the layout fails before the work
     result = resize(adapter, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
                     progress=progress)
     result.files = save(result.adapter, out, layout, force=force, inputs=(path,), family=family)

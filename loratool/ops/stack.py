@@ -266,6 +266,7 @@ def stack_files(
 ) -> StackResult:
     """load each → :func:`stack` → save in ``to`` or the first input's layout."""
     from loratool.api import load, save
+    from loratool.formats.outputs import check_target
     from loratool.io.atomic import check_output
 
     if weights and len(weights) != len(paths):
@@ -274,6 +275,7 @@ def stack_files(
     check_output(out, inputs=tuple(paths), force=force)
     adapters = [load(p, base=base, family=family) for p in paths]
     layout = layout or output_layout(adapters[0].source_format, None)
+    check_target(layout, out, tuple(paths), force)  # a name contradicting the layout fails before the work
     labels = [Path(str(p)).name for p in paths]
     result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress)
     result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
