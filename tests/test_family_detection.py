@@ -21,6 +21,7 @@ from test_arch_checkpoints import tiny_sdxl_unet
 from test_arch_sd3 import tiny_sd3
 from test_family_diffusers import tiny_clip_pair
 from test_family_merge import tiny_flux
+from test_fixtures import LAYOUT_OF
 from test_info_fused import kohya_flux
 from tiny_models import randomize_lora, tiny_clip_text, tiny_unet
 
@@ -29,14 +30,8 @@ from loratool.cli import main
 from loratool.ops.inspect import inspect
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-FIXTURE_FAMILIES = {
-    "peft_tiny_llama": "llm",
-    "diffusers_tiny_sd/pytorch_lora_weights.safetensors": "sd1",
-    "kohya_tiny_sd.safetensors": "sd1",
-    "loralib_tiny.pt": "llm",
-    "lycoris_loha_tiny_sd.safetensors": "sd1",
-    "lycoris_lokr_tiny_sd.safetensors": "sd1",
-}
+# every committed fixture adapter: the LLM ones (tiny Llama, the GPT-2-like loralib model) and the SD 1.x ones
+FIXTURE_FAMILIES = {rel: "llm" if layout in ("peft", "loralib") else "sd1" for rel, layout in LAYOUT_OF.items()}
 
 
 def run(capsys, *args) -> tuple[int, str]:

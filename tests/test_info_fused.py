@@ -9,7 +9,6 @@ Key names are sd-scripts': ``networks/lora_flux.py`` (``lora_unet`` + BFL module
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from safetensors.torch import save_file
 from test_arch_sd3 import kohya_sd3_lora, mmdit_state_dict, tiny_sd3
 from test_family_diffusers import flux_kohya_file
 from test_family_merge import tiny_flux
+from test_info import data_reads  # noqa: F401  (the fixture)
 
 from loratool.cli import main
 from loratool.io.safetensors_file import SafetensorsFile
@@ -27,19 +27,6 @@ TEXT_ENCODERS = {
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (32, 32),
     "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (24, 24),
 }
-
-
-@pytest.fixture
-def data_reads(monkeypatch):
-    seen: list[tuple[str, int]] = []
-    original = SafetensorsFile.raw_bytes
-
-    def spy(self, name):
-        seen.append((name, math.prod(self.info(name).shape)))
-        return original(self, name)
-
-    monkeypatch.setattr(SafetensorsFile, "raw_bytes", spy)
-    return seen
 
 
 def with_text_encoders(lora: dict[str, torch.Tensor], heads: list[str]) -> dict[str, torch.Tensor]:
@@ -71,7 +58,8 @@ def kohya_sd3(tmp_path, metadata: bool) -> str:
 
 @pytest.mark.parametrize("family, build", [("flux", kohya_flux), ("sd3", kohya_sd3)])
 @pytest.mark.parametrize("metadata", [True, False], ids=["ss-metadata", "no-metadata"])
-def test_header_only_info_reads_no_tensor_values(tmp_path, data_reads, capsys, family, build, metadata):
+def test_header_only_info_reads_no_tensor_values(tmp_path, request, capsys, family, build, metadata):
+    reads = request.getfixturevalue("data_reads")  # test_info's spy on tensor byte reads
     path = build(tmp_path, metadata)
     file = SafetensorsFile(path)
     fused = ("qkv.lora_down.weight", "linear1.lora_down.weight")
@@ -80,7 +68,7 @@ def test_header_only_info_reads_no_tensor_values(tmp_path, data_reads, capsys, f
 
     report = inspect(path)
     assert report.header_only and report.family == family
-    assert all(n <= 1 for _, n in data_reads), [k for k, n in data_reads if n > 1]  # alpha scalars only
+    assert reads and all(n <= 1 for _, n in reads), [k for k, n in reads if n > 1]  # alpha scalars only
     full = inspect(path, stats=True)
     assert not full.header_only and full.family == family
     # same modules, shapes and scales; each part of a fused module at the file's rank until values are read

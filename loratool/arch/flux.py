@@ -25,7 +25,7 @@ import re
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, fused, load_table
-from loratool.arch.evidence import DECLARED, STRUCTURE, UNIQUE, WIDTHS, Evidence
+from loratool.arch.evidence import DECLARED, UNIQUE, Evidence
 from loratool.arch.fused import swap_halves as swap_halves  # BFL shift/scale <-> diffusers scale/shift
 from loratool.errors import MatchError
 
@@ -176,17 +176,7 @@ def evidence(ev: Evidence) -> tuple[int, str]:
         return 0, ""
     if ev.any_path("transformer", FLUX_ONLY):
         return UNIQUE, "single_transformer_blocks / x_embedder / guidance_embedder modules"
-    widths = ev.in_features("transformer", fused.INNER)
-    if len(widths) == 1 and widths <= set(PUBLISHED_WIDTHS):
-        w = widths.pop()
-        return WIDTHS, f"hidden width {w} ({PUBLISHED_WIDTHS[w]})"
-    if ev.in_features("transformer", fused.POOLED) == {POOLED_WIDTH}:
-        return WIDTHS, f"pooled text width {POOLED_WIDTH}"
-    if "transformer" in comps and ev.any_path("text_encoder_2", T5):
-        return STRUCTURE + 20, "a T5 text_encoder_2 beside the transformer"
-    if ev.any_path("transformer", fused.DOUBLE_STREAM):
-        return STRUCTURE, "MMDiT-style transformer blocks"
-    return 0, ""
+    return fused.dit_evidence(ev, PUBLISHED_WIDTHS, POOLED_WIDTH, T5, "T5")
 
 
 FAMILY = Family(

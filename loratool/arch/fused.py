@@ -43,6 +43,26 @@ INNER = re.compile(r"^transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj|
 POOLED = re.compile(r"^time_text_embed\.text_embedder\.linear_1$")
 
 
+def dit_evidence(ev, widths: dict[int, str], pooled: int, text_encoder_2: re.Pattern[str], what: str
+                 ) -> tuple[int, str]:
+    """The evidence Flux and SD3 weigh alike (:mod:`loratool.arch.evidence` scale): the hidden width of a
+    published model (``widths``: width -> model), the pooled text width, ``text_encoder_2`` names
+    (``what`` they are), MMDiT-style double-stream blocks."""
+    from loratool.arch.evidence import STRUCTURE, WIDTHS
+
+    hidden = ev.in_features("transformer", INNER)
+    if len(hidden) == 1 and hidden <= set(widths):
+        w = hidden.pop()
+        return WIDTHS, f"hidden width {w} ({widths[w]})"
+    if ev.in_features("transformer", POOLED) == {pooled}:
+        return WIDTHS, f"pooled text width {pooled}"
+    if "transformer" in ev.components and ev.any_path("text_encoder_2", text_encoder_2):
+        return STRUCTURE + 20, f"a {what} text_encoder_2 beside the transformer"
+    if ev.any_path("transformer", DOUBLE_STREAM):
+        return STRUCTURE, "MMDiT-style transformer blocks"
+    return 0, ""
+
+
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """[a; b] -> [b; a] along dim 0 (native shift/scale <-> diffusers scale/shift; its own inverse)."""
     a, b = t.chunk(2, dim=0)

@@ -23,7 +23,7 @@ import re
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, fused, load_table
-from loratool.arch.evidence import DECLARED, STRUCTURE, UNIQUE, WIDTHS, Evidence
+from loratool.arch.evidence import DECLARED, UNIQUE, Evidence
 
 # native module inside ``joint_blocks.{i}.`` -> diffusers module(s) inside ``transformer_blocks.{i}.``
 BLOCK = {
@@ -173,17 +173,7 @@ def evidence(ev: Evidence) -> tuple[int, str]:
         return UNIQUE, "a pre-only context modulation (norm1_context.linear with 2·D rows)"
     if "text_encoder_3" in comps:
         return UNIQUE, "a third text encoder (T5)"
-    widths = ev.in_features("transformer", fused.INNER)
-    if len(widths) == 1 and widths <= set(PUBLISHED_WIDTHS):
-        w = widths.pop()
-        return WIDTHS, f"hidden width {w} ({PUBLISHED_WIDTHS[w]})"
-    if ev.in_features("transformer", fused.POOLED) == {POOLED_WIDTH}:
-        return WIDTHS, f"pooled text width {POOLED_WIDTH}"
-    if "transformer" in comps and ev.any_path("text_encoder_2", CLIP):
-        return STRUCTURE + 20, "a CLIP text_encoder_2 beside the transformer"
-    if ev.any_path("transformer", fused.DOUBLE_STREAM):
-        return STRUCTURE, "MMDiT-style transformer blocks"
-    return 0, ""
+    return fused.dit_evidence(ev, PUBLISHED_WIDTHS, POOLED_WIDTH, CLIP, "CLIP")
 
 
 FAMILY = Family(
