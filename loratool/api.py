@@ -17,6 +17,8 @@ from loratool.validate import check_adapter
 
 # Exceptions a reader raises when a file breaks its assumptions; anything else stays a bug.
 _READER_SLIPS = (KeyError, IndexError, ValueError, RuntimeError, TypeError, NotImplementedError)
+# Layouts whose keys are kohya names (their key-based family scores apply).
+KOHYA_NAMED = ("kohya", "lycoris")
 
 
 def base_vocabulary(base: str | os.PathLike) -> dict[str, set[str]]:
@@ -55,7 +57,10 @@ def read_source(src: Source, name: str, opts: formats.ReadOptions, path: str | o
     file, not the line where the reader fell.
     """
     try:
-        adapter = formats.layout(name).read(src, opts)
+        if src.parts:
+            adapter = join_components([formats.layout(name).read(part, opts) for part in src.parts], src)
+        else:
+            adapter = formats.layout(name).read(src, opts)
     except _READER_SLIPS as exc:
         detail = " ".join(str(exc).split())[:160]
         raise InputError(
@@ -64,7 +69,36 @@ def read_source(src: Source, name: str, opts: formats.ReadOptions, path: str | o
     if not len(adapter) and not adapter.extras:
         raise FormatError(f"{path}: no LoRA modules found")
     check_adapter(adapter, str(path))
+    set_family(adapter, src, name, opts)
     return adapter
+
+
+def join_components(adapters: list[Adapter], src: Source) -> Adapter:
+    """One adapter from the adapters of a folder's component folders (``P/unet``, ``P/text_encoder``...)."""
+    out = Adapter(source_format=adapters[0].source_format)
+    for adapter, part in zip(adapters, src.parts):
+        for comp in adapter.components:
+            if comp in out.components:
+                raise FormatError(f"{part.folder}: component {comp!r} is also in another folder of {src.path}")
+        for m in adapter:
+            out.add(m)
+        out.extras.update(adapter.extras)
+        out.config.update(adapter.config)
+        for k, v in adapter.metadata.items():
+            out.metadata.setdefault(k, v)
+    return out
+
+
+def set_family(adapter: Adapter, src: Source, name: str, opts: formats.ReadOptions) -> None:
+    """``Adapter.family``: ``--family`` when given and plausible, else what the names, shapes and metadata
+    say (:func:`loratool.arch.family_of`), else what the reader decided."""
+    from loratool import arch
+
+    kohya_keys = tuple(src.keys) if name in KOHYA_NAMED else ()
+    if opts.family:
+        adapter.family = arch.check_family(opts.family, adapter, kohya_keys).name
+    else:
+        adapter.family = arch.family_of(adapter, kohya_keys) or adapter.family
 
 
 def save(

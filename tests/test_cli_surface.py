@@ -656,7 +656,7 @@ def test_reprs_are_one_line_and_getitem(tmp_path):
     adapter = loratool.load(KOHYA)
     text = repr(adapter)
     assert "\n" not in text and "tensor(" not in text
-    assert text == "Adapter(kohya; 91 modules (text_encoder 12, unet 79); lora; rank 2–4)"
+    assert text == "Adapter(kohya, sd1; 91 modules (text_encoder 12, unet 79); lora; rank 2–4)"
     module = adapter["unet", "down_blocks.0.attentions.0.proj_in"]
     assert repr(module) == ("LoraModule(unet:down_blocks.0.attentions.0.proj_in, lora conv, rank 4, alpha 2, "
                             "scale 0.5, 16×16×1×1 float16)")

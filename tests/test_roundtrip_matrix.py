@@ -1,7 +1,8 @@
 """Every layout → every other layout → back: bit-exact factors and identical scales.
 
 The sources are the fixtures made by the real libraries (PEFT ``save_pretrained``, diffusers
-``save_lora_weights``, loralib ``lora_state_dict``, sd-scripts naming). Where the middle layout
+``save_lora_weights``, loralib ``lora_state_dict``, sd-scripts naming), and a multi-component PEFT
+folder (``P/unet``, ``P/text_encoder``, each PEFT ``save_pretrained``; built per session). Where the middle layout
 cannot hold what the source holds, the conversion must refuse with a FormatError that says why,
 never write something lossy.
 """
@@ -31,8 +32,27 @@ REFUSED = {
     ("peft", "diffusers"): "diffusers",
     ("loralib", "kohya"): "embedding",  # kohya has no embedding LoRA keys
     ("kohya", "loralib"): "conv",  # loralib's ConvLoRA factorises differently
+    ("peft_multi", "loralib"): "conv",
 }
-FAMILY = {"peft": "llm", "loralib": "llm", "diffusers": "sd1", "kohya": "sd1"}
+FAMILY = {"peft": "llm", "loralib": "llm", "diffusers": "sd1", "kohya": "sd1", "peft_multi": "sd1"}
+LAYOUT = {"peft_multi": "peft"}  # sources that are not named after their layout
+
+
+@pytest.fixture(scope="session")
+def peft_multi(tmp_path_factory) -> Path:
+    """A pipeline adapter as PEFT folders per component: ``get_peft_model(...).save_pretrained(P/<component>)``."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import randomize_lora, tiny_clip_text, tiny_unet
+
+    root = tmp_path_factory.mktemp("peft_multi") / "P"
+    for comp, model, targets in (("unet", tiny_unet(), ["to_q", "to_v", "proj_in", "conv1"]),
+                                 ("text_encoder", tiny_clip_text(), ["q_proj", "fc1"])):
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=6, target_modules=targets,
+                                                      rank_pattern={"to_v": 2}))
+        randomize_lora(peft_model, seed=len(comp))
+        peft_model.save_pretrained(root / comp)
+    assert set(loratool.load(root).components) == {"unet", "text_encoder"}
+    return root
 
 
 def _save(adapter, path: Path, layout: str) -> Path:
@@ -42,27 +62,18 @@ def _save(adapter, path: Path, layout: str) -> Path:
 
 
 def _load(path: Path, layout: str, family: str | None):
-    # A multi-component PEFT output is one folder per component.
-    if layout == "peft" and path.is_dir() and not (path / "adapter_config.json").exists():
-        merged = None
-        for part in sorted(p for p in path.iterdir() if p.is_dir()):
-            a = loratool.load(part, layout)
-            if merged is None:
-                merged = a
-            else:
-                for m in a:
-                    merged.add(m)
-        return merged
+    # A multi-component PEFT output (one folder per component) reads back as one adapter.
     return loratool.load(path, layout, family=family)
 
 
 # Same-layout round trips are covered by each layout's own tests.
-PAIRS = [(s, m) for s in SOURCES for m in SUFFIX if s != m]
+PAIRS = [(s, m) for s in [*SOURCES, "peft_multi"] for m in SUFFIX if s != m]
 
 
 @pytest.mark.parametrize("source, middle", PAIRS)
-def test_there_and_back_is_bit_exact(tmp_path, source, middle):
-    original = loratool.load(SOURCES[source])
+def test_there_and_back_is_bit_exact(tmp_path, request, source, middle):
+    src = request.getfixturevalue("peft_multi") if source == "peft_multi" else SOURCES[source]
+    original = loratool.load(src)
     family = FAMILY[source]
     there = tmp_path / f"there{SUFFIX[middle]}"
     if (source, middle) in REFUSED:
@@ -72,8 +83,9 @@ def test_there_and_back_is_bit_exact(tmp_path, source, middle):
         return
     _save(original, there, middle)
     mid = _load(there, middle, family)
-    back_path = _save(mid, tmp_path / f"back{SUFFIX[source]}", source)
-    back = _load(back_path, source, family)
+    layout = LAYOUT.get(source, source)
+    back_path = _save(mid, tmp_path / f"back{SUFFIX[layout]}", layout)
+    back = _load(back_path, layout, family)
 
     assert set(back.modules) == set(original.modules)
     for key, m in original.modules.items():

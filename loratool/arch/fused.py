@@ -10,6 +10,9 @@ LoRA per part with the down shared: ΔW_g = s · up[rows_g] @ down. Files traine
 store down = [down_1; …; down_G] (rank G·r') and a block-diagonal up; those split into
 (down_g, up[rows_g, cols_g]) at rank r' with alpha' = s · r' (s · √r' for rsLoRA): the same scale.
 Factors that cannot be row-split (LoHa, LoKr, Tucker cores) become their dense ΔW (kind ``full``).
+Whether ``up`` is block-diagonal is a property of its values, so it is decided only when they are
+read: a header-only read (``info`` without ``--stats``: ``meta`` tensors) splits with the shared down,
+which is exact for every ``up``, and reports each part at the fused module's rank.
 
 Fuse (diffusers -> native). Parts that share one down, one scale and one rank fuse to
 (down, cat(up_g)). Otherwise down = cat(down_g) and up = blockdiag(up_g) at rank R = Σ r_g, with
@@ -20,6 +23,7 @@ and alpha = R (√R): scale 1. A part not adapted is zero rows. Never a lossy re
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -30,6 +34,33 @@ from loratool.adapter import LoraModule
 from loratool.errors import FormatError, MatchError
 
 Rows = list[tuple[int, int]]
+
+# diffusers names both Flux and SD3 share (family evidence: the structure, not the family)
+DOUBLE_STREAM = re.compile(r"^transformer_blocks\.\d+\.(attn\.|ff\.|ff_context\.|norm1)")
+# the attention projections of a double-stream block: their input width is the model's hidden width
+INNER = re.compile(r"^transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)$")
+# the pooled-text embedder: its input width is the pooled text width (Flux.1 CLIP-L 768, SD3 CLIP-L+G 2048)
+POOLED = re.compile(r"^time_text_embed\.text_embedder\.linear_1$")
+
+
+def dit_evidence(ev, widths: dict[int, str], pooled: int, text_encoder_2: re.Pattern[str], what: str
+                 ) -> tuple[int, str]:
+    """The evidence Flux and SD3 weigh alike (:mod:`loratool.arch.evidence` scale): the hidden width of a
+    published model (``widths``: width -> model), the pooled text width, ``text_encoder_2`` names
+    (``what`` they are), MMDiT-style double-stream blocks."""
+    from loratool.arch.evidence import STRUCTURE, WIDTHS
+
+    hidden = ev.in_features("transformer", INNER)
+    if len(hidden) == 1 and hidden <= set(widths):
+        w = hidden.pop()
+        return WIDTHS, f"hidden width {w} ({widths[w]})"
+    if ev.in_features("transformer", POOLED) == {pooled}:
+        return WIDTHS, f"pooled text width {pooled}"
+    if "transformer" in ev.components and ev.any_path("text_encoder_2", text_encoder_2):
+        return STRUCTURE + 20, f"a {what} text_encoder_2 beside the transformer"
+    if ev.any_path("transformer", DOUBLE_STREAM):
+        return STRUCTURE, "MMDiT-style transformer blocks"
+    return 0, ""
 
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -80,9 +111,10 @@ def renamed(module: LoraModule, path: str) -> LoraModule:
 
 
 def block_diagonal(up: torch.Tensor, rows: Rows) -> bool:
-    """True when ``up`` [out, G·r'] is zero outside the diagonal blocks (rows_g × cols_g)."""
+    """True when ``up`` [out, G·r'] is zero outside the diagonal blocks (rows_g × cols_g); False for a
+    tensor without values (``meta``): the shared-down split is exact either way."""
     g = len(rows)
-    if up.shape[1] % g:
+    if up.is_meta or up.shape[1] % g:
         return False
     rr = up.shape[1] // g
     mask = torch.ones_like(up, dtype=torch.bool)

@@ -37,6 +37,8 @@ def merge_command(
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf results instead of failing."),
     sync: bool = typer.Option(False, "--sync", help="Flush the output to disk before renaming it into place "
                               "(survives a power loss; slower: the disk's write speed)."),
+    ignore_family: bool = typer.Option(False, "--ignore-family", help="Merge even when a LoRA's model family "
+                                       "(sd1, sdxl, flux, llm, ...) is not the base's."),
     block_weights: BlockWeights = None,
     strength: Strength = None,
     as_json: Json = False,
@@ -50,8 +52,8 @@ def merge_command(
     with progress_bar(enabled=not as_json) as progress:
         result = merge(
             base, loras, output, alpha or None, dtype=dtype, device=device, strict=strict, force=force,
-            allow_nonfinite=allow_nonfinite, sync=sync, progress=progress, block_weights=block_weights,
-            strength_patterns=strength,
+            allow_nonfinite=allow_nonfinite, sync=sync, ignore_family=ignore_family, progress=progress,
+            block_weights=block_weights, strength_patterns=strength,
         )
     if as_json:
         print_json("merge", result.to_json())

@@ -50,6 +50,11 @@ def layout(name: str) -> ModuleType:
 
 
 def detect(src) -> str:
+    if src.parts:  # a folder of component folders: one layout for all of them
+        names = {detect(part) for part in src.parts}
+        if len(names) != 1:
+            raise FormatError(f"{src.path}: component folders hold different layouts ({', '.join(sorted(names))})")
+        return names.pop()
     for name in DETECT_ORDER:
         if layout(name).detect(src):
             return name

@@ -34,6 +34,7 @@ that holds alpha exactly (else float32, else float64).
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,10 +42,12 @@ from safetensors.torch import save
 
 from loratool import arch
 from loratool.adapter import Adapter, LoraModule
+from loratool.arch.clip import canonical_clip_path
 from loratool.errors import FormatError, UsageError
 from loratool.formats.kohya_hash import HASH_KEYS, kohya_hashes
 from loratool.formats.kohya_names import HeadResolver, to_head
-from loratool.io.atomic import atomic_path, check_output
+from loratool.formats.outputs import check_target
+from loratool.io.atomic import atomic_path
 
 NAME = "kohya"
 
@@ -112,7 +115,8 @@ def detect(src) -> bool:
 
 def _family_for_read(src, opts):
     if opts.family:
-        return arch.get(opts.family)
+        # refused here when the keys are another family's (read_source checks names and shapes too)
+        return arch.check_family(opts.family, None, src.keys)
     fam = arch.detect(src.keys, src.metadata)
     if fam is None and not opts.vocabulary:
         raise FormatError(
@@ -205,7 +209,10 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
         modules.append(module)
     if family is not None:
         modules = family.to_canonical(modules)
-    adapter = Adapter(metadata=dict(src.metadata), source_format=source_format)
+    modules = [m if canonical_clip_path(m.component, m.path) == m.path else
+               replace(m, path=canonical_clip_path(m.component, m.path)) for m in modules]
+    adapter = Adapter(metadata=dict(src.metadata), source_format=source_format,
+                      family=family.name if family is not None else None)
     for m in modules:
         m.hints["kohya_canonical"] = (m.component, m.path)
         adapter.add(m)
@@ -217,13 +224,15 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
 
 def _family_for_write(adapter: Adapter, opts):
     if opts.family:
-        return arch.get(opts.family)
+        return arch.check_family(opts.family, adapter)
+    if adapter.family in arch.families():
+        return arch.get(adapter.family)
     names = {m.hints.get("kohya_family") for m in adapter} - {None}
     if len(names) == 1:
         return arch.get(names.pop())
-    fam = arch.detect([], adapter.metadata)
-    if fam is not None:
-        return fam
+    detected = arch.family_of(adapter)
+    if detected is not None:
+        return arch.get(detected)
     comps = set(adapter.components)
     if comps <= {"model"}:
         return arch.get("llm")
@@ -322,7 +331,7 @@ def network_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> dic
 
 
 def write(adapter: Adapter, out: Path, opts) -> list[Path]:
-    out = check_output(out, opts.inputs, opts.force)
+    out = check_target(NAME, out, opts.inputs, opts.force)
     if adapter.extras:
         names = ", ".join(f"{c}:{n}" for c, n in list(adapter.extras)[:3])
         raise FormatError(f"{out}: kohya files hold only LoRA modules; this adapter also has whole tensors "

@@ -48,6 +48,7 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, OutputError
+from loratool.formats.outputs import check_target
 from loratool.io.atomic import atomic_path, check_output
 
 NAME = "loralib"
@@ -331,8 +332,8 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
     sidecar = out.with_name(out.name + ".json")
     inputs = tuple(getattr(opts, "inputs", ()) or ())
     force = bool(getattr(opts, "force", False))
-    check_output(out, inputs, force)
-    check_output(sidecar, inputs, force)
+    check_target(NAME, out, inputs, force)
+    check_output(sidecar, inputs, force, folder=False)
     comps = adapter.components
     prefixed = len(comps) > 1
 

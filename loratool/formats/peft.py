@@ -41,7 +41,8 @@ from loratool.components import COMPONENTS
 from loratool.errors import FormatError
 from loratool.formats import ReadOptions, WriteOptions
 from loratool.formats import peft_config as pc
-from loratool.io.atomic import atomic_path, check_output
+from loratool.formats.outputs import check_target
+from loratool.io.atomic import atomic_path
 
 NAME = "peft"
 PREFIX = "base_model.model."
@@ -307,7 +308,7 @@ def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
 
 def write(adapter: Adapter, out: Path, opts: WriteOptions) -> list[Path]:
     out = Path(out)
-    check_output(out, opts.inputs, opts.force)
+    check_target(NAME, out, opts.inputs, opts.force)
     components = adapter.components
     if not components:
         raise FormatError("nothing to write: the adapter has no modules")

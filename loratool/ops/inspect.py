@@ -28,7 +28,6 @@ parameter count, size) read from the safetensors headers alone.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -215,15 +214,6 @@ class CheckpointReport:
         }
 
 
-def _json_beside(folder: Path, name: str) -> dict[str, Any] | None:
-    path = folder / name
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def is_base_folder(folder: Path) -> bool:
@@ -236,12 +226,10 @@ def is_base_folder(folder: Path) -> bool:
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
     """Describe a base model from its safetensors headers (no tensor data is read)."""
-    from loratool.arch.checkpoints import base_family
     from loratool.io.checkpoint import guess_component, open_checkpoint
+    from loratool.ops.family_check import base_family_of
 
     ckpt = open_checkpoint(path)
-    root = ckpt.root
-    folder = root if ckpt.is_folder else root.parent
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: Counter[str] = Counter()
     components: Counter[str] = Counter()
@@ -267,10 +255,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
             unmapped += sorted(k for k in group.key_to_part if k not in used)
         else:
             components[group.component or guess_component(group.key_to_part)] += len(group.key_to_part)
-    if ckpt.kind == "pipeline":
-        family, architecture = base_family(shapes, pipeline=_json_beside(root, "model_index.json"))
-    else:
-        family, architecture = base_family(shapes, config=_json_beside(folder, "config.json"))
+    family, architecture = base_family_of(ckpt, shapes)
     files = sorted(str(f) for f in ckpt.weight_files())
     warnings = []
     if unmapped:
@@ -289,6 +274,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
 
 def header_only_source(src: Source) -> Source:
     """``src`` with meta tensors standing in for the data (scalars read for real)."""
+    if src.parts:
+        return Source(path=src.path, folder=src.folder, parts=[header_only_source(p) for p in src.parts])
     if src._safetensors is None:
         return src  # a pickle is already in memory
     file = src._safetensors
@@ -343,16 +330,8 @@ def module_stats(module: LoraModule) -> ModuleStats:
 
 
 def _family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str | None) -> str | None:
-    if given:
-        return given
-    try:
-        from loratool import arch
-
-        fam = arch.detect(src.keys, metadata)
-        if fam is not None:
-            return fam.name
-    except ImportError:  # naming tables not installed: metadata alone decides
-        pass
+    if given or adapter.family:  # read_source set it from names, shapes and metadata
+        return given or adapter.family
     for key in ("ss_base_model_version", "modelspec.architecture"):
         value = metadata.get(key, "").lower()
         for prefix, name in _FAMILY_HINTS:
@@ -399,10 +378,7 @@ def _module_info(m: LoraModule) -> ModuleInfo:
 
 
 def _files(src: Source) -> list[str]:
-    files = [src.path]
-    if src.config_path is not None:
-        files.append(src.config_path)
-    return [str(f) for f in files]
+    return [str(f) for f in src.files]
 
 
 def inspect(
@@ -434,7 +410,7 @@ def inspect(
             raise
     opts = formats.ReadOptions(vocabulary=base_vocabulary(base) if base is not None else None, family=family)
     adapter = read_source(src if stats else header_only_source(src), name, opts, path)
-    header_only = not stats and src._safetensors is not None
+    header_only = not stats and all(p._safetensors is not None for p in (src.parts or [src]))
     metadata = dict(adapter.metadata or src.metadata)
     warnings: list[str] = []
     modules = [_module_info(m) for m in adapter]

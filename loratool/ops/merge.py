@@ -25,9 +25,9 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from loratool.errors import LoratoolError, UsageError
@@ -220,21 +220,27 @@ def _mirror_folder(ckpt: Checkpoint, merger: PartMerger, tmp: Path) -> tuple[lis
             dest.parent.mkdir(parents=True, exist_ok=True)
             merger.write_index(group, dest)
             written.append(str(group.index_rel))
+    for rel in _base_files(ckpt):
+        src, name = ckpt.root / rel, rel.name
+        if os.path.normpath(src) in handled:
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".safetensors.index.json") \
+                or name.endswith(".bin.index.json"):
+            dropped.append(str(rel))
+            continue
+        (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, tmp / rel)
+    return written, dropped
+
+
+def _base_files(ckpt: Checkpoint) -> Iterator[Path]:
+    """Every file of a folder base that a merged folder mirrors, relative to its root (dot files skipped)."""
     for dirpath, dirnames, filenames in os.walk(ckpt.root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = Path(dirpath).relative_to(ckpt.root)
         for name in sorted(filenames):
-            src = Path(dirpath) / name
-            if name.startswith(".") or os.path.normpath(src) in handled:
-                continue
-            rel = rel_dir / name
-            if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".safetensors.index.json") \
-                    or name.endswith(".bin.index.json"):
-                dropped.append(str(rel))
-                continue
-            (tmp / rel_dir).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / rel)
-    return written, dropped
+            if not name.startswith("."):
+                yield rel_dir / name
 
 
 def merge(
@@ -249,6 +255,7 @@ def merge(
     force: bool = False,
     allow_nonfinite: bool = False,
     sync: bool = False,
+    ignore_family: bool = False,
     progress: Progress | None = None,
     block_weights: Sequence[str] | None = None,
     strength_patterns: Sequence[str] | None = None,
@@ -262,7 +269,9 @@ def merge(
     :func:`loratool.io.atomic.atomic_path`). Raises :class:`~loratool.errors.MatchError` when
     nothing matches, when shapes disagree, or (``strict``) when any module is unmatched;
     :class:`~loratool.errors.NonFiniteError` for NaN/Inf in an adapter or a result unless
-    ``allow_nonfinite``. Nothing is written on any error.
+    ``allow_nonfinite``; a :class:`~loratool.errors.MatchError` when an adapter's model family and the
+    base's are both known and unrelated (an SD1 LoRA into a Llama base), unless ``ignore_family``
+    (:mod:`loratool.ops.family_check`). Nothing is written on any error.
     """
     start = time.perf_counter()
     if not loras:
@@ -278,7 +287,9 @@ def merge(
         raise UsageError(f"{out}: the base is one .safetensors file; name the output *.safetensors")
     # Refuse a bad output before the (possibly slow) adapter loading.
     local_inputs = [ckpt.root] + [p for p in loras if isinstance(p, (str, os.PathLike)) and not str(p).startswith("hf://")]
-    check_output(out, inputs=local_inputs, force=force, folder=ckpt.is_folder)
+    # --force may replace a folder holding only what this merge writes: the base's files, mirrored
+    mirrored = {PurePosixPath(rel.as_posix()) for rel in _base_files(ckpt)} if ckpt.is_folder else set()
+    check_output(out, inputs=local_inputs, force=force, folder=ckpt.is_folder, owned=mirrored.__contains__)
 
     with atomic_path(out, folder=ckpt.is_folder, sync=sync) as tmp:
         copies = _copies(ckpt, tmp, out_code)
@@ -288,7 +299,7 @@ def merge(
 
             warnings: list[str] = []
             plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite,
-                                                        block_weights, strength_patterns, warnings)
+                                                        block_weights, strength_patterns, warnings, ignore_family)
             copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
             with merge_tensors.compute_threads(dev):
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)

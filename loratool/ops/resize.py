@@ -169,7 +169,7 @@ def resize(
     rule = RankRule(dynamic, param)
     conv_rank = int(conv_rank) if conv_rank is not None else int(rank)
     dev = pick_device(device)
-    out = Adapter(metadata=dict(adapter.metadata), source_format=adapter.source_format,
+    out = Adapter(metadata=dict(adapter.metadata), source_format=adapter.source_format, family=adapter.family,
                   config={k: dict(v) for k, v in adapter.config.items()}, extras=dict(adapter.extras))
     reports: list[ModuleResize] = []
     total = len(adapter.modules)
@@ -278,6 +278,7 @@ def resize_file(
 ) -> ResizeResult:
     """load → :func:`resize` → save, in the input's layout unless ``to`` says otherwise."""
     from loratool.api import load, save
+    from loratool.formats.outputs import check_target
     from loratool.io.atomic import check_output
 
     RankRule(dynamic, param)  # argument errors before any reading
@@ -285,6 +286,7 @@ def resize_file(
     check_output(out, inputs=(path,), force=force)
     adapter = load(path, format=format, base=base, config=config, family=family)
     layout = layout or output_layout(adapter.source_format, None)
+    check_target(layout, out, (path,), force)  # a name contradicting the layout fails before the work
     result = resize(adapter, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
                     progress=progress)
     result.files = save(result.adapter, out, layout, force=force, inputs=(path,), family=family)

@@ -221,7 +221,9 @@ def stack(
             keys.setdefault(key, []).append((i, module))
 
     warnings: list[str] = []
-    out = Adapter(metadata=dict(adapters[0].metadata), source_format=adapters[0].source_format)
+    families = {a.family for a in adapters}
+    out = Adapter(metadata=dict(adapters[0].metadata), source_format=adapters[0].source_format,
+                  family=families.pop() if len(families) == 1 else None)
     for adapter in adapters:
         for comp, cfg in adapter.config.items():
             out.config.setdefault(comp, dict(cfg))
@@ -327,6 +329,7 @@ def stack_files(
     :func:`loratool.ops.block_weights.module_weights`.
     """
     from loratool.api import load, save
+    from loratool.formats.outputs import check_target
     from loratool.io.atomic import check_output
 
     code = float_code(dtype, "--dtype") if dtype is not None else None  # a bad name fails before any reading
@@ -340,6 +343,7 @@ def stack_files(
         combine_methods.combiner(method, rank, options, len(paths), [], pick_device(device))
     adapters = [load(p, base=base, family=family) for p in paths]
     layout = layout or output_layout(adapters[0].source_format, None)
+    check_target(layout, out, tuple(paths), force)  # a name contradicting the layout fails before the work
     labels = [Path(str(p)).name for p in paths]
     mw = None
     if block_weights or strength_patterns:
