@@ -175,6 +175,10 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
         if a.numel() != 1:
             raise FormatError(f"{where}: alpha must hold one number, has shape {tuple(a.shape)}")
         alpha = float(a.float().reshape(()).item())
+        if alpha == 0:
+            # sd-scripts / LyCORIS: "alpha None or 0 means alpha = r" (networks/lora.py LoRAModule)
+            alpha = None
+            hints["alpha_zero"] = True
         hints["alpha_dtype"] = a.dtype
         hints["alpha_shape"] = tuple(a.shape)
     module = LoraModule(component=component, path=path, kind=kind, layer=layer, tensors=tensors, alpha=alpha,
@@ -240,8 +244,13 @@ def _alpha_value(m: LoraModule) -> float | None:
     meaning, alpha = r); others get an explicit alpha, since some loaders (diffusers) give an
     alpha-less module the file's most common alpha instead of r.
     """
+    if m.alpha is None and m.hints.get("alpha_zero"):
+        return 0.0  # the file's own spelling of alpha = r
     if m.kind == "full" or (m.alpha is None and (m.rank == 0 or "kohya_head" in m.hints)):
         return None
+    if m.scale == 0:
+        raise FormatError(f"{m.component}:{m.path} has scale 0 (alpha 0); kohya files cannot hold it: "
+                          "kohya reads alpha 0 as alpha = rank")
     if m.rslora:
         return m.effective_alpha
     if m.alpha is None:

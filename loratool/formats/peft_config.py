@@ -94,7 +94,7 @@ def number(x: float) -> int | float:
 def peft_alpha(module: LoraModule, rslora: bool) -> float:
     """The ``lora_alpha`` that reproduces ``module.scale`` with PEFT's rule (rsLoRA or not)."""
     r = module.rank
-    alpha = float(r) if module.alpha is None or module.alpha == 0 else float(module.alpha)
+    alpha = float(r) if module.alpha is None else float(module.alpha)
     if module.rslora == rslora:
         return alpha
     if module.rslora:  # alpha/√r == alpha'/r
