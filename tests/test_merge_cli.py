@@ -103,6 +103,14 @@ def test_dtype_option_converts_float_tensors_and_rewrites_sharded_index(tmp_path
             assert value.dtype == torch.bfloat16, key
             total += value.numel() * 2
     assert index["metadata"]["total_size"] == total
+    # config.json says what the files now hold (transformers reads it back as bfloat16); nothing else changes
+    from transformers import AutoConfig
+
+    before = json.loads((tmp_path / "base" / "config.json").read_text())
+    after = json.loads((out / "config.json").read_text())
+    assert before["dtype"] == "float32" and after["dtype"] == "bfloat16"
+    assert {k: v for k, v in after.items() if k != "dtype"} == {k: v for k, v in before.items() if k != "dtype"}
+    assert AutoConfig.from_pretrained(out).dtype == torch.bfloat16
 
 
 def test_row_slice_targets_get_delta_on_their_rows_only(tmp_path, monkeypatch):
