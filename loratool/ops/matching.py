@@ -74,11 +74,8 @@ def _prefix_rule(group: Group, paths: list[str]) -> tuple[int, str] | None:
     """The (strip n leading segments, then prepend P) rule that places most ``paths`` on distinct keys.
 
     Counting distinct keys keeps a rule such as "prepend ``model.layers.0.``" (every ``q_proj``
-    onto one tensor) from winning; at least two modules and half of them must be placed. ``paths`` are
-    counted once each: several adapters adapting the same modules (``merge base K K K``) must not
-    raise the bar beyond what any one of them can reach.
+    onto one tensor) from winning; at least two modules and half of them must be placed.
     """
-    paths = list(dict.fromkeys(paths))
     keys = group.key_to_part
     suffixes = _keys_by_suffix(keys)
     hits: dict[tuple[int, str], set[str]] = {}
