@@ -22,10 +22,14 @@ turned into ``_`` (name restoration: :mod:`loratool.formats.kohya_names`, family
 [out, 1(, 1, 1)] when the norm is taken per output row (LyCORIS ``wd_on_out=True``, the
 default) and [1, in(, 1, 1)] when per input column. The merged weight is
 ``W' = dora_scale · (W + ΔW) / ‖W + ΔW‖`` with the norm over that axis; the reader records
-the axis as ``hints["dora_axis"]`` ("out" / "in") and keeps the tensor as stored.
+the axis as ``hints["dora_axis"]`` ("out" / "in") and keeps the tensor as stored; the writer
+writes that shape for the axis whatever layout the magnitude came from. A strength λ ≠ 1
+follows LyCORIS (``hints["dora_strength"] = "lycoris"``, see :mod:`loratool.delta`).
 
 Writing keeps every header entry, updates ``ss_network_dim`` / ``ss_network_alpha`` (a
-number, or ``Dynamic`` when modules differ) and recomputes ``sshs_model_hash`` /
+number, or ``Dynamic`` when modules differ) unless the header's values (with ``conv_dim`` /
+``conv_alpha`` from ``ss_network_args`` for k×k convs, as sd-scripts trains them) still give every
+module its rank and alpha, and recomputes ``sshs_model_hash`` /
 ``sshs_legacy_hash`` as sd-scripts does (:mod:`loratool.formats.kohya_hash`). alpha tensors
 are written in the dtype they were read in, else in the dtype of the module's factors when
 that holds alpha exactly (else float32, else float64).
@@ -33,6 +37,8 @@ that holds alpha exactly (else float32, else float64).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
@@ -186,6 +192,7 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
     if "dora_scale" in parts:
         module.magnitude = parts["dora_scale"]
         hints["dora_axis"] = _dora_axis(parts["dora_scale"], module.out_features)
+        hints["dora_strength"] = "lycoris"  # what a strength ≠ 1 means for this layout (loratool.delta)
     return module
 
 
@@ -267,13 +274,16 @@ def _alpha_dtype(alpha: float, factors: torch.dtype) -> torch.dtype:
 
 
 def _magnitude_tensor(m: LoraModule) -> torch.Tensor:
+    """``dora_scale`` in the shape LyCORIS (and ComfyUI) read for the module's axis: [out, 1(, 1, 1)]
+    per output feature, [1, in(, 1, 1)] per input feature, whatever shape the source layout used
+    (PEFT: [out], conv [1, out, 1, 1] — which LyCORIS would read as per input)."""
     mag = m.magnitude
     assert mag is not None
-    if mag.dim() == 1:
-        # PEFT keeps one entry per output feature: LyCORIS' wd_on_out layout [out, 1(, 1, 1)].
-        ndim = len(m.weight_shape) if m.layer != "embedding" else 2
-        mag = mag.reshape(mag.shape[0], *([1] * (ndim - 1)))
-    return mag.contiguous()
+    ndim = max(2, len(m.weight_shape), mag.dim())
+    axis = 1 if m.hints.get("dora_axis") == "in" else 0
+    shape = [1] * ndim
+    shape[axis] = mag.numel()
+    return (mag if tuple(mag.shape) == tuple(shape) else mag.reshape(shape)).contiguous()
 
 
 def module_tensors(m: LoraModule, where: str) -> dict[str, torch.Tensor]:
@@ -312,10 +322,46 @@ def _number_text(old: str | None, value: float | int | None, as_int: bool) -> st
     return str(int(value)) if as_int else str(float(value))
 
 
+def _number(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_kxk_conv(m: LoraModule) -> bool:
+    return m.layer == "conv" and math.prod(int(x) for x in m.weight_shape[2:]) > 1
+
+
+def _described(metadata: dict[str, str], modules: list[LoraModule]) -> bool:
+    """Whether the header's network settings still give every module its rank and alpha.
+
+    sd-scripts (``networks/lora.py`` ``create_modules``) and LyCORIS train Linear and 1×1 conv
+    modules at ``ss_network_dim`` / ``ss_network_alpha`` and k×k convs at ``conv_dim`` /
+    ``conv_alpha`` from ``ss_network_args`` (conv_alpha 1 when only conv_dim is given); a module
+    without an alpha key has alpha = r.
+    """
+    dim, alpha = _number(metadata.get("ss_network_dim")), _number(metadata.get("ss_network_alpha"))
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        args = {}
+    args = args if isinstance(args, dict) else {}
+    conv_dim = _number(args.get("conv_dim"))
+    conv_alpha = _number(args.get("conv_alpha", 1.0)) if conv_dim is not None else None
+    for m in modules:
+        want = (conv_dim, conv_alpha) if conv_dim is not None and _is_kxk_conv(m) else (dim, alpha)
+        stored = _alpha_value(m)
+        if want[0] != m.rank or want[1] != (float(m.rank) if stored is None else stored):
+            return False
+    return True
+
+
 def network_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> dict[str, str]:
-    """``ss_network_dim`` / ``ss_network_alpha`` for these modules ("Dynamic" when they differ)."""
+    """``ss_network_dim`` / ``ss_network_alpha`` for these modules ("Dynamic" when they differ),
+    or nothing (the header's values are kept) when those still describe every module."""
     factored = [m for m in modules if m.rank > 0]
-    if not factored:
+    if not factored or _described(metadata, factored):
         return {}
     out: dict[str, str] = {}
     ranks = {m.rank for m in factored}

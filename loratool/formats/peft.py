@@ -245,6 +245,12 @@ def module_tensors(module: LoraModule, name: str, with_bias: bool) -> dict[str, 
 
 def check_dora(modules: list[LoraModule], layout: str) -> None:
     dora = [m for m in modules if m.magnitude is not None]
+    per_input = next((m for m in dora if m.hints.get("dora_axis") == "in"), None)
+    if per_input is not None:
+        raise FormatError(
+            f"{per_input.component}:{per_input.path}: its DoRA norm is taken per input column (LyCORIS "
+            f"wd_on_output=False); {layout} DoRA normalises per output feature only, so it cannot hold this module"
+        )
     if dora and len(dora) != len(modules):
         plain = next(m for m in modules if m.magnitude is None)
         raise FormatError(

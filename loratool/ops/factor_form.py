@@ -29,7 +29,8 @@ import torch
 from loratool.adapter import LoraModule
 from loratool.delta import delta_weight
 
-_KEEP_HINTS = ("weight_shape",)
+# Hints that carry maths (the DoRA axis and strength semantics) survive re-factoring.
+_KEEP_HINTS = ("weight_shape", "dora_axis", "dora_strength")
 
 
 @dataclass
