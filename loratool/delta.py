@@ -27,6 +27,8 @@ Both give m / ‖W + ΔW‖ ⊙ (W + ΔW) at λ = 1.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from loratool.adapter import LoraModule
@@ -50,8 +52,27 @@ def weight_shape(module: LoraModule) -> tuple[int, ...]:
             return (int(up.shape[0]), int(down.shape[1]), *kernel)
         shape = (int(up.shape[0]), int(down.shape[1]))
         return shape[::-1] if module.fan_in_fan_out else shape
-    # loha / lokr: compute the product once; the reader sets a hint when it knows better.
-    return tuple(_lycoris_delta(module, torch.float32, None).shape)
+    # loha / lokr: the product's shape (a conv product without Tucker core is flattened,
+    # [out, in·kh·kw]; the reader sets the ``weight_shape`` hint when it knows the kernel).
+    return product_shape(module)
+
+
+def _half_shape(t: dict, a: str, b: str, core: str | None) -> tuple[int, ...]:
+    rows, cols = int(t[a].shape[0]), math.prod(int(x) for x in t[b].shape[1:])
+    if core is not None and core in t:
+        return (rows, cols, *(int(x) for x in t[core].shape[2:]))
+    return (rows, cols)
+
+
+def product_shape(module: LoraModule) -> tuple[int, ...]:
+    """Shape of a LoHa / LoKr module's ΔW as :func:`_lycoris_delta` builds it, from the factors' shapes."""
+    t = module.tensors
+    if module.kind == "loha":
+        return _half_shape(t, "w1a", "w1b", "t1")
+    w1 = tuple(int(x) for x in t["w1"].shape) if "w1" in t else _half_shape(t, "w1a", "w1b", None)
+    w2 = tuple(int(x) for x in t["w2"].shape) if "w2" in t else _half_shape(t, "w2a", "w2b", "t2")
+    w1 = w1 + (1,) * (len(w2) - len(w1))  # kron of a matrix with a conv kernel: w1 as [a, b, 1, 1]
+    return tuple(x * y for x, y in zip(w1, w2))
 
 
 def _rebuild_tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -140,9 +161,14 @@ def _numel(shape) -> int:
 
 
 def _same_matrix(a, b) -> bool:
-    """Conv 1×1 weights and Linear weights hold the same matrix: [o, i, 1, 1] == [o, i]."""
+    """Conv 1×1 weights and Linear weights hold the same matrix: [o, i, 1, 1] == [o, i]; and a ΔW
+    flattened as [o, i·kh·kw] is a k×k conv's [o, i, kh, kw] read row-major (how LyCORIS and conv
+    LoRA factors flatten a kernel: ``weight.reshape(out, -1)``)."""
     squeeze = [tuple(s for i, s in enumerate(x) if i < 2 or s != 1) for x in (a, b)]
-    return squeeze[0] == squeeze[1]
+    if squeeze[0] == squeeze[1]:
+        return True
+    flat, conv = (tuple(a), tuple(b)) if len(a) == 2 else (tuple(b), tuple(a))
+    return len(flat) == 2 and len(conv) > 2 and flat == (conv[0], _numel(conv[1:]))
 
 
 def _output_major(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:

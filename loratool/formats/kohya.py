@@ -47,6 +47,8 @@ from safetensors.torch import save
 
 from loratool import arch
 from loratool.adapter import Adapter, LoraModule
+from loratool.arch.layer_kinds import conv_kernel
+from loratool.delta import product_shape
 from loratool.errors import FormatError, UsageError
 from loratool.formats.kohya_hash import HASH_KEYS, kohya_hashes
 from loratool.formats.kohya_names import HeadResolver, to_head
@@ -196,6 +198,22 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
     return module
 
 
+def _type_flattened_conv(m: LoraModule, family: str | None) -> None:
+    """A LoHa / LoKr on a conv without Tucker core holds its product flattened ([out, in·kh·kw], 2-D
+    factors): the family's layer table gives the kernel, so the module is typed ``conv`` with the
+    weight's real shape (``hints["weight_shape"]``), as LyCORIS built it from ``org_module``."""
+    if m.kind not in ("loha", "lokr") or m.layer != "linear":
+        return
+    kernel = conv_kernel(family, m.component, m.path)
+    if kernel is None:
+        return
+    out, flat = product_shape(m)
+    taps = math.prod(kernel)
+    if flat % taps == 0:
+        m.layer = "conv"
+        m.hints["weight_shape"] = (out, flat // taps, *kernel)
+
+
 def read(src, opts, source_format: str = NAME) -> Adapter:
     family = _family_for_read(src, opts)
     resolver = HeadResolver(family, opts.vocabulary)
@@ -218,6 +236,7 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
         modules = family.to_canonical(modules)
     adapter = Adapter(metadata=dict(src.metadata), source_format=source_format)
     for m in modules:
+        _type_flattened_conv(m, family.name if family is not None else None)
         m.hints["kohya_canonical"] = (m.component, m.path)
         adapter.add(m)
     return adapter
