@@ -134,7 +134,7 @@ def split(module: LoraModule, targets: tuple[str, ...], split_rows: Callable[[in
             if "diff_b" in t:
                 tensors["diff_b"] = rowwise(t["diff_b"], a, b)
             out.append(derived(module, path, tensors, alpha=module.alpha, magnitude=magnitude(a, b)))
-        return out
+        return _mark_parts(out, module)
     down, up = t["down"], t["up"]
     r = down.shape[0]
     diagonal = len(rows) > 1 and block_diagonal(up, rows)
@@ -151,7 +151,16 @@ def split(module: LoraModule, targets: tuple[str, ...], split_rows: Callable[[in
         if "bias" in t:
             tensors["bias"] = rowwise(t["bias"], a, b)
         out.append(derived(module, path, tensors, alpha=alpha, magnitude=magnitude(a, b)))
-    return out
+    return _mark_parts(out, module)
+
+
+def _mark_parts(parts: list[LoraModule], native: LoraModule) -> list[LoraModule]:
+    """``hints["fused"] = (native path, part index, part count)``: the parts of one fused native
+    module, in row order, so an op that must work in the file's own space (resize to the rank of
+    the module in the file) can put them back together."""
+    for g, part in enumerate(parts):
+        part.hints["fused"] = (native.path, g, len(parts))
+    return parts
 
 
 def fuse(native: str, parts: list[LoraModule | None], targets: tuple[str, ...], swapped: bool,

@@ -36,8 +36,8 @@ from loratool.delta import delta_bias
 from loratool.errors import MatchError, NonFiniteError, UsageError
 from loratool.ops import Progress
 from loratool.ops.device import pick_device
-from loratool.ops.factor_form import FactorForm, to_factor_form, to_module, transposed
-from loratool.ops.linalg import compute_dtype, dense_svd, numerical_rank, split_factors, stacked_factor_svd
+from loratool.ops.factor_form import FactorForm, exact_factors, to_factor_form, to_module, transposed
+from loratool.ops.linalg import compute_dtype, split_factors, stacked_factor_svd
 from loratool.ops.rank_rules import select_rank
 from loratool.ops.resize import STALE_KEYS, network_metadata, output_layout
 
@@ -88,16 +88,6 @@ class StackResult:
             "mean_fro_kept": self.mean_fro_kept,
             "warnings": list(self.warnings),
         }
-
-
-def _contribution_factors(form: FactorForm) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(up, down, scale) of one contribution; a dense ΔM is factored exactly by its SVD."""
-    if not form.is_dense:
-        return form.up, form.down, form.scale
-    svd = dense_svd(form.dense, dtype=form.dense.dtype)
-    k = numerical_rank(svd, form.shape)
-    svd = svd.truncate(k)
-    return svd.U * svd.S, svd.Vh, 1.0
 
 
 def _kernel(form: FactorForm) -> tuple[int, ...]:
@@ -151,7 +141,7 @@ def stack_module(
     scale, rslora = _output_scale(modules)
     ups, downs, coefs = [], [], []
     for i, _m, form in forms:
-        up, down, s = _contribution_factors(form)
+        up, down, s = exact_factors(form)
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise NonFiniteError(f"{key[0]}:{key[1]} in {labels[i]}: factors hold NaN or Inf")
         ups.append(up)
