@@ -26,7 +26,6 @@ SOURCES = {
 SUFFIX = {"kohya": ".safetensors", "diffusers": ".safetensors", "peft": "", "loralib": ".pt"}
 # Pairs whose middle layout cannot hold the source, and the reason it must give.
 REFUSED = {
-    ("loralib", "peft"): "fan_in_fan_out",  # one PEFT config cannot mix transposed and plain weights
     ("loralib", "diffusers"): "diffusers",  # a plain torch model has no diffusers component
     ("peft", "diffusers"): "diffusers",
     ("loralib", "kohya"): "embedding",  # kohya has no embedding LoRA keys
