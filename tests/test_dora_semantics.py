@@ -18,6 +18,7 @@ import copy
 import lycoris
 import pytest
 import torch
+from lycoris_nets import lycoris_network
 from merge_oracles import assert_merged, relative_error, save_base
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
@@ -93,15 +94,15 @@ def test_peft_conv_dora_to_kohya_reads_per_output_in_lycoris(tmp_path, unet):
 
 
 def _lycoris_dora(unet, wd_on_output: bool, algo: str = "locon", linear_alpha: float = 2.0, **kw):
-    net = lycoris.create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=linear_alpha, algo=algo, dora_wd=True,
-                                 wd_on_output=wd_on_output, **kw)
-    net.apply_to()
-    randomize_lora(net, seed=3, std=0.2)
+    """LyCORIS DoRA (``dora_wd``) on the CONV_TARGETS' weights (linear, 1×1 and k×k convs), with
+    magnitudes moved off the base norms."""
+    targets = [t for t in CONV_TARGETS] + ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    net = lycoris_network(unet, algo, targets, linear_alpha=linear_alpha, dora_wd=True, wd_on_output=wd_on_output,
+                          **kw)
     gen = torch.Generator().manual_seed(9)
     with torch.no_grad():
         for m in net.loras:
             m.dora_scale.mul_(1 + 0.3 * torch.rand(m.dora_scale.shape, generator=gen, dtype=m.dora_scale.dtype))
-    net.double()
     return net
 
 

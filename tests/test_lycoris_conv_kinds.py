@@ -15,9 +15,10 @@ import copy
 import lycoris
 import pytest
 import torch
+from lycoris_nets import lycoris_network
 from merge_oracles import assert_merged, relative_error, save_base
 from safetensors.torch import load_file
-from tiny_models import randomize_lora, tiny_unet
+from tiny_models import tiny_unet
 
 import loratool
 from loratool.ops.merge import merge
@@ -38,20 +39,11 @@ def unet(_unet_once):
     return copy.deepcopy(_unet_once)
 
 
+TARGETS = [KXK, ONE, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+
+
 def _network(model, algo: str, seed: int, targets: list[str] | None = None, **kw):
-    cls = lycoris.LycorisNetwork
-    saved = {"target_module": cls.TARGET_REPLACE_MODULE, "target_name": cls.TARGET_REPLACE_NAME}
-    if targets is not None:  # only these modules (lycoris presets are class-wide: restored below)
-        cls.apply_preset({"target_module": [], "target_name": targets})
-    try:
-        net = lycoris.create_lycoris(model, 1.0, linear_dim=4, linear_alpha=4.0, algo=algo, conv_dim=4,
-                                     conv_alpha=4.0, **kw)
-    finally:
-        cls.apply_preset(saved)
-    net.apply_to()
-    randomize_lora(net, seed=seed, std=0.2)
-    net.double()
-    return net
+    return lycoris_network(model, algo, targets or TARGETS, seed, linear_alpha=4.0, conv_dim=4, conv_alpha=4.0, **kw)
 
 
 def _deltas(net, model) -> dict[str, torch.Tensor]:

@@ -44,12 +44,14 @@ REFUSED.update({
     **{(src, "loralib"): "loralib" for src in ("lycoris_loha_conv", "lycoris_lokr_conv")},
 })
 DORA_TARGETS = ["down_blocks.1.resnets.0.conv1", "down_blocks.1.resnets.0.conv_shortcut", "to_q", "proj_in"]
+LYCORIS_TARGETS = ["down_blocks.1.resnets.0.conv1", "down_blocks.1.resnets.0.conv_shortcut",
+                   "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.attentions.0.proj_in"]
 
 
 @pytest.fixture(scope="session")
 def generated(tmp_path_factory):
     """{name: path} of the GENERATED sources (tiny SD U-Net, float32, random factors)."""
-    import lycoris
+    from lycoris_nets import lycoris_network, save
     from peft import LoraConfig, get_peft_model
     from tiny_models import randomize_lora, tiny_unet
 
@@ -61,13 +63,8 @@ def generated(tmp_path_factory):
     out["peft_dora"] = root / "peft_dora" / "unet"
     for name, algo, kw in (("lycoris_dora", "locon", {"dora_wd": True}), ("lycoris_loha_conv", "loha", {}),
                            ("lycoris_lokr_conv", "lokr", {"factor": 4})):
-        net = lycoris.create_lycoris(tiny_unet(), 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, conv_dim=4,
-                                     conv_alpha=2.0, **kw)
-        net.apply_to()
-        randomize_lora(net, seed=3)
-        path = root / f"{name}.safetensors"
-        net.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
-        out[name] = path
+        net = lycoris_network(tiny_unet(), algo, LYCORIS_TARGETS, linear_alpha=2.0, conv_dim=4, conv_alpha=2.0, **kw)
+        out[name] = save(net, root / f"{name}.safetensors", torch.float32)
     return out
 
 

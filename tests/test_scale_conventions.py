@@ -11,6 +11,7 @@ from __future__ import annotations
 import lycoris
 import pytest
 import torch
+from lycoris_nets import lycoris_network
 from merge_oracles import assert_merged, save_base
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -48,9 +49,9 @@ def test_kohya_alpha_zero_means_rank(tmp_path):
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     (tmp_path / "unet").mkdir()
     base_path = save_base(base, tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
-    net = lycoris.create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, algo="locon")
-    net.apply_to()
-    randomize_lora(net, seed=3, std=0.2)
+    net = lycoris_network(model, "locon", ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                                           "down_blocks.0.attentions.0.proj_in", "down_blocks.1.resnets.0.conv1"],
+                          linear_alpha=2.0, conv_dim=4, conv_alpha=2.0)
     saved = tmp_path / "saved.safetensors"
     net.save_weights(str(saved), torch.float32, {"ss_network_module": "lycoris.kohya"})
     sd = load_file(saved)
