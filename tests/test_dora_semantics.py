@@ -13,13 +13,11 @@ own library has it (float64, relative error ≤ 1e-5 of the update).
 
 from __future__ import annotations
 
-import copy
-
 import lycoris
 import pytest
 import torch
 from lycoris_nets import lycoris_network
-from merge_oracles import assert_merged, relative_error, save_base
+from merge_oracles import assert_merged, relative_error, save_base, save_component
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from tiny_models import randomize_lora, tiny_llama, tiny_unet
@@ -35,21 +33,6 @@ CONV_TARGETS = ["down_blocks.1.resnets.0.conv1", "down_blocks.1.resnets.0.conv2"
                 "down_blocks.0.attentions.0.proj_in"]
 
 
-@pytest.fixture(scope="module")
-def _unet_once():
-    return tiny_unet().double()
-
-
-@pytest.fixture
-def unet(_unet_once):
-    return copy.deepcopy(_unet_once)
-
-
-def _unet_base(unet, tmp_path):
-    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    (tmp_path / "base" / "unet").mkdir(parents=True)
-    save_base(base, tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors")
-    return base, tmp_path / "base" / "unet"  # a diffusers component folder
 
 
 def _peft_conv_dora(unet, tmp_path):
@@ -62,9 +45,10 @@ def _peft_conv_dora(unet, tmp_path):
     return pm
 
 
-def test_peft_conv_dora_to_kohya_reads_per_output_in_lycoris(tmp_path, unet):
-    base, base_path = _unet_base(unet, tmp_path)
-    pm = _peft_conv_dora(unet, tmp_path)
+def test_peft_conv_dora_to_kohya_reads_per_output_in_lycoris(tmp_path, unet64):
+    base_path = tmp_path / "base" / "unet"
+    base = save_component(unet64, base_path)
+    pm = _peft_conv_dora(unet64, tmp_path)
     expected = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items() if k in base}
     out = tmp_path / "dora.safetensors"
     convert(tmp_path / "unet", "kohya", out, family="sd1")
@@ -106,8 +90,8 @@ def _lycoris_dora(unet, wd_on_output: bool, algo: str = "locon", linear_alpha: f
     return net
 
 
-def test_per_input_lycoris_dora_is_refused_by_peft_and_diffusers(tmp_path, unet):
-    net = _lycoris_dora(unet, wd_on_output=False, conv_dim=4, conv_alpha=2.0)
+def test_per_input_lycoris_dora_is_refused_by_peft_and_diffusers(tmp_path, unet64):
+    net = _lycoris_dora(unet64, wd_on_output=False, conv_dim=4, conv_alpha=2.0)
     src = tmp_path / "lyco.safetensors"
     net.save_weights(str(src), torch.float32, {"ss_network_module": "lycoris.kohya"})
     adapter = loratool.load(src, family="sd1")
@@ -124,18 +108,19 @@ def test_per_input_lycoris_dora_is_refused_by_peft_and_diffusers(tmp_path, unet)
 
 @pytest.mark.parametrize("wd_on_output", [True, False], ids=["per-output", "per-input"])
 @pytest.mark.parametrize("algo", ["locon", "loha"])
-def test_lycoris_dora_strength_follows_lycoris(tmp_path, unet, wd_on_output, algo):
+def test_lycoris_dora_strength_follows_lycoris(tmp_path, unet64, wd_on_output, algo):
     """LyCORIS' ``get_merged_weight(multiplier=λ)`` (what its forward uses) is the oracle, linear and conv."""
     strength = 0.5
-    base, base_path = _unet_base(unet, tmp_path)
+    base_path = tmp_path / "base" / "unet"
+    base = save_component(unet64, base_path)
     # alpha = dim for LoHa: lycoris 4.1.3's merge path applies the LoHa scale twice (module docstring of
     # tests/test_merge_lycoris_loralib.py); scale 1 keeps the oracle unambiguous
     alpha = 4.0 if algo == "loha" else 2.0
-    net = _lycoris_dora(unet, wd_on_output, algo, linear_alpha=alpha, conv_dim=4, conv_alpha=4.0)
+    net = _lycoris_dora(unet64, wd_on_output, algo, linear_alpha=alpha, conv_dim=4, conv_alpha=4.0)
     src = tmp_path / "lyco.safetensors"
     net.save_weights(str(src), torch.float64, {"ss_network_module": "lycoris.kohya"})
     expected = dict(base)
-    names = {id(mod): name for name, mod in unet.named_modules()}
+    names = {id(mod): name for name, mod in unet64.named_modules()}
     with torch.no_grad():
         for m in net.loras:
             w = m.org_module[0].weight
@@ -169,10 +154,11 @@ def test_peft_dora_strength_follows_peft(tmp_path, how):
     assert assert_merged(out, expected, base) == 4
 
 
-def test_peft_conv_dora_strength_follows_peft(tmp_path, unet):
+def test_peft_conv_dora_strength_follows_peft(tmp_path, unet64):
     strength = 0.6
-    base, base_path = _unet_base(unet, tmp_path)
-    pm = _peft_conv_dora(unet, tmp_path)
+    base_path = tmp_path / "base" / "unet"
+    base = save_component(unet64, base_path)
+    pm = _peft_conv_dora(unet64, tmp_path)
     for mod in pm.modules():
         if hasattr(mod, "lora_A") and hasattr(mod, "set_scale"):
             mod.set_scale("default", strength)

@@ -16,7 +16,7 @@ import lycoris
 import pytest
 import torch
 from lycoris_nets import lycoris_network
-from merge_oracles import assert_merged, relative_error, save_base
+from merge_oracles import assert_merged, relative_error, save_component
 from safetensors.torch import load_file
 from tiny_models import tiny_unet
 
@@ -29,14 +29,6 @@ KXK = "down_blocks.1.resnets.0.conv1"  # 3×3, 32 → 64
 ONE = "down_blocks.0.attentions.0.proj_in"  # SD1 1×1 conv
 
 
-@pytest.fixture(scope="module")
-def _unet_once():
-    return tiny_unet().double()
-
-
-@pytest.fixture
-def unet(_unet_once):
-    return copy.deepcopy(_unet_once)
 
 
 TARGETS = [KXK, ONE, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
@@ -57,20 +49,14 @@ def _deltas(net, model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _base(unet, tmp_path):
-    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    (tmp_path / "unet").mkdir()
-    save_base(base, tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
-    return base, tmp_path / "unet"
-
-
 @pytest.mark.parametrize("algo, kw", [("loha", {}), ("lokr", {"factor": 4})], ids=["loha", "lokr"])
-def test_flattened_conv_products_are_typed_conv_and_resize_to_conv_factors(tmp_path, unet, algo, kw):
-    base, base_path = _base(unet, tmp_path)
-    net = _network(unet, algo, seed=3, **kw)
+def test_flattened_conv_products_are_typed_conv_and_resize_to_conv_factors(tmp_path, unet64, algo, kw):
+    base_path = tmp_path / "base" / "unet"
+    base = save_component(unet64, base_path)
+    net = _network(unet64, algo, seed=3, **kw)
     src = tmp_path / "lyco.safetensors"
     net.save_weights(str(src), torch.float64, {"ss_network_module": "lycoris.kohya"})
-    deltas = _deltas(net, unet)
+    deltas = _deltas(net, unet64)
     adapter = loratool.load(src, family="sd1")
     kxk = adapter.modules[("unet", KXK)]
     assert kxk.kind == algo and kxk.layer == "conv" and kxk.weight_shape == (64, 32, 3, 3)
@@ -108,9 +94,10 @@ def test_flattened_conv_products_are_typed_conv_and_resize_to_conv_factors(tmp_p
 
 
 @pytest.mark.parametrize("path", [KXK, ONE], ids=["3x3", "1x1"])
-def test_stack_lora_and_loha_on_one_conv(tmp_path, unet, path):
-    base, base_path = _base(unet, tmp_path)
-    lora_model, loha_model = copy.deepcopy(unet), copy.deepcopy(unet)
+def test_stack_lora_and_loha_on_one_conv(tmp_path, unet64, path):
+    base_path = tmp_path / "base" / "unet"
+    base = save_component(unet64, base_path)
+    lora_model, loha_model = copy.deepcopy(unet64), copy.deepcopy(unet64)
     a = _network(lora_model, "locon", seed=5, targets=[path])
     b = _network(loha_model, "loha", seed=6, targets=[path])
     fa, fb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"

@@ -13,24 +13,11 @@ import pytest
 import torch
 from diffusers.loaders import lora_conversion_utils as diffusers_conv
 from safetensors.torch import load_file, save_file
+from test_arch_flux import block_diag_up, rnd
 
 from loratool.ops.resize import resize_file
 
-GEN = torch.Generator().manual_seed(0)
 D = 16
-
-
-def rnd(*shape):
-    return torch.randn(*shape, generator=GEN, dtype=torch.float64)
-
-
-def block_diag_up(rows: list[int], r: int) -> torch.Tensor:
-    up = torch.zeros(sum(rows), r * len(rows), dtype=torch.float64)
-    at = 0
-    for g, n in enumerate(rows):
-        up[at:at + n, g * r:(g + 1) * r] = rnd(n, r)
-        at += n
-    return up
 
 
 # kohya head -> (down, up, alpha): fused modules with one down (rank 4 / 5) and split_qkv-trained ones
