@@ -2,7 +2,7 @@
 factor shapes do not say, read off the real model classes on the ``meta`` device (no weights, no
 network).
 
-* ``conv_kernels``: {family: {component: {diffusers module path: [kh, kw]}}} for every ``Conv2d``
+* ``conv_kernels``: {family: {component: {"khxkw": [diffusers module paths]}}} for every ``Conv2d``
   of the image models (a LoHa / LoKr on a k×k conv without a Tucker core stores its product
   flattened, [out, in·kh·kw]; the kernel comes from here).
 * ``conv1d``: {transformers model_type: {"module": modeling package, "paths": [...]}}: the
@@ -27,8 +27,13 @@ from loratool.arch.generate import SD2_UNET, SD15_UNET, meta_model
 ARCH = Path(__file__).resolve().parents[1] / "loratool" / "arch"
 
 
-def conv_kernels(model) -> dict[str, list[int]]:
-    return {name: list(mod.kernel_size) for name, mod in model.named_modules() if isinstance(mod, torch.nn.Conv2d)}
+def conv_kernels(model) -> dict[str, list[str]]:
+    """{"3x3": [paths], "1x1": [...]} of every Conv2d."""
+    out: dict[str, list[str]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            out.setdefault("x".join(str(k) for k in mod.kernel_size), []).append(name)
+    return {kernel: sorted(paths) for kernel, paths in sorted(out.items())}
 
 
 def image_tables() -> dict[str, dict]:

@@ -13,16 +13,22 @@ generated from the real model classes by ``scripts/gen_layer_kinds.py``).
 from __future__ import annotations
 
 import re
+from functools import cache
 
 from loratool.arch import load_table
 
 _INDEX = re.compile(r"\.\d+\.")
 
 
+@cache
+def _kernels(family: str, component: str) -> dict[str, tuple[int, ...]]:
+    by_kernel = load_table("layer_kinds")["conv_kernels"].get(family, {}).get(component, {})
+    return {path: tuple(int(k) for k in kernel.split("x")) for kernel, paths in by_kernel.items() for path in paths}
+
+
 def conv_kernel(family: str | None, component: str, path: str) -> tuple[int, ...] | None:
     """(kh, kw) of the conv at ``path`` in ``family``'s ``component``, or None when it is not a known conv."""
-    kernel = load_table("layer_kinds")["conv_kernels"].get(family or "", {}).get(component, {}).get(path)
-    return tuple(int(k) for k in kernel) if kernel is not None else None
+    return _kernels(family or "", component).get(path)
 
 
 def conv1d_paths(model_type: str | None = None, parent_library: str | None = None) -> tuple[str, ...] | None:
