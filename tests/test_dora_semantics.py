@@ -1,5 +1,5 @@
 """DoRA across layouts: the magnitude's axis and what a strength λ ≠ 1 means, each as the layout's
-own library has it (float64, relative error ≤ 1e-5 of the update).
+own library has it (float64; merges within 1e-12 of the update, measured ≤ 2e-14; the issue asks ≤ 1e-5).
 
 * PEFT conv DoRA keeps its magnitude as [1, out, 1, 1]; written to kohya it must become the
   [out, 1, 1, 1] ``dora_scale`` LyCORIS reads per output channel. Oracle: PEFT
@@ -71,10 +71,10 @@ def test_peft_conv_dora_to_kohya_reads_per_output_in_lycoris(tmp_path, unet64):
     for key in expected:
         if torch.equal(expected[key], base[key]):
             continue
-        assert relative_error(oracle[key], expected[key], base[key]) < 1e-5, key  # LyCORIS reads what PEFT merged
+        assert relative_error(oracle[key], expected[key], base[key]) < 1e-12, key  # LyCORIS reads what PEFT merged
     merged = tmp_path / "merged"
     merge(base_path, [out], merged, device="cpu")
-    assert assert_merged(merged / "diffusion_pytorch_model.safetensors", expected, base) == len(CONV_TARGETS)
+    assert assert_merged(merged / "diffusion_pytorch_model.safetensors", expected, base, tol=1e-12) == len(CONV_TARGETS)
 
 
 def _lycoris_dora(unet, wd_on_output: bool, algo: str = "locon", linear_alpha: float = 2.0, **kw):
@@ -128,7 +128,7 @@ def test_lycoris_dora_strength_follows_lycoris(tmp_path, unet64, wd_on_output, a
             expected[names[id(m.org_module[0])] + ".weight"] = merged.detach().double().reshape(w.shape)
     out = tmp_path / "merged"
     merge(base_path, [src], out, strength, device="cpu")
-    assert assert_merged(out / "diffusion_pytorch_model.safetensors", expected, base) == len(net.loras)
+    assert assert_merged(out / "diffusion_pytorch_model.safetensors", expected, base, tol=1e-12) == len(net.loras)
     assert {m.hints["dora_strength"] for m in loratool.load(src, family="sd1")} == {"lycoris"}
 
 
@@ -151,7 +151,7 @@ def test_peft_dora_strength_follows_peft(tmp_path, how):
     expected = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
     out = tmp_path / "merged.safetensors"
     merge(base_path, [tmp_path / "adapter"], out, strength, device="cpu")
-    assert assert_merged(out, expected, base) == 4
+    assert assert_merged(out, expected, base, tol=1e-12) == 4
 
 
 def test_peft_conv_dora_strength_follows_peft(tmp_path, unet64):
@@ -165,4 +165,4 @@ def test_peft_conv_dora_strength_follows_peft(tmp_path, unet64):
     expected = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items() if k in base}
     out = tmp_path / "merged"
     merge(base_path, [tmp_path / "unet"], out, strength, device="cpu")
-    assert assert_merged(out / "diffusion_pytorch_model.safetensors", expected, base) == len(CONV_TARGETS)
+    assert assert_merged(out / "diffusion_pytorch_model.safetensors", expected, base, tol=1e-12) == len(CONV_TARGETS)

@@ -6,7 +6,7 @@ base layer is: the model named by the config (``auto_mapping``, ``base_model_nam
 its Conv1D layers; at merge time the base's stored shapes (non-square) and its ``config.json``.
 
 Oracle: PEFT ``get_peft_model`` + ``merge_and_unload`` (and PEFT's own reload of what loratool
-writes), float64, relative error ≤ 1e-5 of the update.
+writes), float64; merges within 1e-12 of the update (measured ≤ 2e-14; the issue asks ≤ 1e-5).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_square_conv1d_beside_a_linear_merges_like_peft(tmp_path):
     assert config["fan_in_fan_out"] is False and not config.get("auto_mapping")
     out = tmp_path / "merged"
     merge(tmp_path / "base", [tmp_path / "adapter"], out, device="cpu")
-    assert assert_merged(out / "model.safetensors", expected, base) == 3
+    assert assert_merged(out / "model.safetensors", expected, base, tol=1e-12) == 3
 
 
 def test_read_decides_per_module_from_the_model_the_config_names(tmp_path):
@@ -69,7 +69,7 @@ def test_non_square_weights_are_oriented_by_the_base_shapes(tmp_path):
     base_file = save_base(base, tmp_path / "model.safetensors")
     out = tmp_path / "merged.safetensors"
     merge(base_file, [tmp_path / "adapter"], out, device="cpu")
-    assert assert_merged(out, expected, base) == 5
+    assert assert_merged(out, expected, base, tol=1e-12) == 5
 
 
 @pytest.mark.parametrize("targets", [["attn.c_proj", "lm_head"], ["c_attn", "mlp.c_proj"]], ids=["mixed", "conv1d"])
@@ -92,4 +92,4 @@ def test_peft_written_by_loratool_reloads_per_module(tmp_path, targets):
     loratool.save(adapter, kohya, "kohya")
     out = tmp_path / "merged"
     merge(tmp_path / "base", [kohya], out, device="cpu")
-    assert assert_merged(out / "model.safetensors", expected, base) >= 2
+    assert assert_merged(out / "model.safetensors", expected, base, tol=1e-12) >= 2

@@ -5,7 +5,7 @@ stack write conv LoRA factors every kohya loader accepts, and a 1×1 conv and a 
 Oracles: each lycoris module's own ΔW (``get_diff_weight``; alpha = dim so lycoris 4.1.3's doubled
 LoHa / LoKr scale in that path does not matter), lycoris' own loader for the written files
 (``create_lycoris_from_weights``, which builds real conv LoRA modules and copies the factors into
-them), float64, relative error ≤ 1e-5 of the update.
+them), float64; merges within 1e-12 of the update (measured ≤ 2e-14; the issue asks ≤ 1e-5).
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def test_flattened_conv_products_are_typed_conv_and_resize_to_conv_factors(tmp_p
     merged = tmp_path / "m"
     merge(base_path, [out], merged, device="cpu")
     merged_sd = load_file(merged / "diffusion_pytorch_model.safetensors")
-    assert assert_merged(merged / "diffusion_pytorch_model.safetensors", expected, base) == len(deltas)
-    for key in deltas:
-        assert relative_error(merged_sd[key], loaded[key], base[key]) < 1e-6, key
+    assert assert_merged(merged / "diffusion_pytorch_model.safetensors", expected, base, tol=1e-12) == len(deltas)
+    for key in deltas:  # lycoris rebuilds with its float32 alpha / scale: measured 3.1e-8
+        assert relative_error(merged_sd[key], loaded[key], base[key]) < 1e-7, key
 
 
 @pytest.mark.parametrize("path", [KXK, ONE], ids=["3x3", "1x1"])
@@ -112,6 +112,6 @@ def test_stack_lora_and_loha_on_one_conv(tmp_path, unet64, path):
     expected[key] = base[key] + da[key] - 0.5 * db[key]
     merged = tmp_path / "m"
     merge(base_path, [out], merged, device="cpu")
-    assert assert_merged(merged / "diffusion_pytorch_model.safetensors", expected, base) == 1
+    assert assert_merged(merged / "diffusion_pytorch_model.safetensors", expected, base, tol=1e-12) == 1
     down = load_file(out)["lora_unet_" + path.replace(".", "_") + ".lora_down.weight"]
     assert down.dim() == 4  # written as conv factors
