@@ -31,8 +31,10 @@ and ``up`` is [dim, r]; ΔW = (up @ down)ᵀ. ``fan_in_fan_out`` marks a base we
 [in, out] (GPT-2 ``Conv1D``): ΔW is transposed to match it.
 
 Scale: for ``lora`` modules ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``);
-``alpha`` None means alpha = r (scale 1). Readers resolve ``rank_pattern`` /
-``alpha_pattern`` so every module carries its own alpha.
+``alpha`` None means alpha = r (scale 1), and alpha 0 means scale 0 (PEFT's ``lora_alpha=0``).
+Layout conventions are the readers' business (kohya's "alpha 0 means alpha = r" is resolved by
+the kohya reader). Readers resolve ``rank_pattern`` / ``alpha_pattern`` so every module carries
+its own alpha.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class LoraModule:
             return 1.0
         if self.kind == "lokr" and "w1" in self.tensors and "w2" in self.tensors:
             return 1.0
-        alpha = float(r) if self.alpha is None or self.alpha == 0 else float(self.alpha)
+        alpha = float(r) if self.alpha is None else float(self.alpha)
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
     @property

@@ -111,8 +111,9 @@ class _Sidecar:
             out["r"] = r
         alpha = obj.get("lora_alpha")
         if alpha is not None:
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise FormatError(f"{self.where}: {what}: \"lora_alpha\" must be a positive number, got {alpha!r}")
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+                # 0 is loralib's scaling = 0 / r (what a PEFT lora_alpha=0 module converts to)
+                raise FormatError(f"{self.where}: {what}: \"lora_alpha\" must be a number ≥ 0, got {alpha!r}")
             out["lora_alpha"] = alpha
         fifo = obj.get("fan_in_fan_out")
         if fifo is not None:

@@ -30,6 +30,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import _numel, _same_matrix, weight_shape
 from loratool.errors import MatchError
 from loratool.io.checkpoint import Checkpoint, Group, Hit, RowSlice
+from loratool.ops.orientation import oriented
 
 
 @dataclass
@@ -192,6 +193,7 @@ def match(
             elif transform == "swap_halves" and shape[0] % 2:
                 errors.append(f"{label}: {key} {info.shape} has an odd row count; its halves cannot be swapped")
                 continue
+            m = oriented(m, tuple(shape), part.path, key)  # [out, in] or Conv1D's [in, out]: the base decides
             err = _check_shapes(m, shape, strengths[ai], names[ai], key)
             if err:
                 errors.append(err)

@@ -35,6 +35,7 @@ from loratool.float_dtypes import float_code
 from loratool.io.atomic import atomic_path, check_output
 from loratool.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, Part, open_checkpoint
 from loratool.io.copy_ahead import CopyAhead
+from loratool.io.model_config import CONFIG_NAME, retyped
 from loratool.io.safetensors_file import read_header
 from loratool.ops import Progress
 from loratool.ops.argument_order import check_merge_order
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 
 # Stored dtypes that ``dtype`` converts; integer / bool / fp8 tensors stay as they are.
 CONVERTIBLE = ("F16", "BF16", "F32", "F64")
+# --dtype codes as torch / transformers configs name them.
+DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 
 @dataclass
@@ -204,8 +207,12 @@ def _rewrites(copies: list[tuple[Part, Path]], keys) -> dict[Path, list[tuple[in
     return out
 
 
-def _mirror_folder(ckpt: Checkpoint, merger: PartMerger, tmp: Path) -> tuple[list[str], list[str]]:
-    """Write every group into ``tmp`` and copy the other files; returns (files written, dropped)."""
+def _mirror_folder(ckpt: Checkpoint, merger: PartMerger, tmp: Path,
+                   dtype_name: str | None = None) -> tuple[list[str], list[str]]:
+    """Write every group into ``tmp`` and copy the other files; returns (files written, dropped).
+
+    ``dtype_name``: the dtype the weights are now stored in (``--dtype``); each ``config.json``
+    saying another float dtype (``torch_dtype`` / ``dtype``) is rewritten to say this one."""
     handled = {os.path.normpath(p) for p in ckpt.weight_files()}
     written: list[str] = []
     dropped: list[str] = []
@@ -229,7 +236,11 @@ def _mirror_folder(ckpt: Checkpoint, merger: PartMerger, tmp: Path) -> tuple[lis
             dropped.append(str(rel))
             continue
         (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, tmp / rel)
+        text = retyped(src, dtype_name) if dtype_name and name == CONFIG_NAME else None
+        if text is not None:
+            (tmp / rel).write_text(text, encoding="utf-8")
+        else:
+            shutil.copyfile(src, tmp / rel)
     return written, dropped
 
 
@@ -305,7 +316,7 @@ def merge(
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)
                 dropped: list[str] = []
                 if ckpt.is_folder:
-                    files, dropped = _mirror_folder(ckpt, merger, tmp)
+                    files, dropped = _mirror_folder(ckpt, merger, tmp, DTYPE_NAMES.get(out_code))
                 else:
                     merger.write_part(ckpt.groups[0].parts[0], tmp)
                     files = [out.name]
@@ -323,6 +334,6 @@ def merge(
         seconds=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         device=str(dev),
-        dtype={"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(out_code),
+        dtype=DTYPE_NAMES.get(out_code),
         warnings=warnings,
     )

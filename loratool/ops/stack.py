@@ -37,8 +37,8 @@ from loratool.errors import MatchError, NonFiniteError, UsageError
 from loratool.float_dtypes import float_code
 from loratool.ops import Progress
 from loratool.ops.device import pick_device
-from loratool.ops.factor_form import FactorForm, to_factor_form, to_module, transposed
-from loratool.ops.linalg import compute_dtype, dense_svd, numerical_rank, split_factors, stacked_factor_svd
+from loratool.ops.factor_form import FactorForm, exact_factors, to_factor_form, to_module, transposed
+from loratool.ops.linalg import compute_dtype, split_factors, stacked_factor_svd
 from loratool.ops.rank_rules import select_rank
 from loratool.ops.resize import STALE_KEYS, network_metadata, output_layout
 
@@ -98,26 +98,28 @@ class StackResult:
         }
 
 
-def _contribution_factors(form: FactorForm) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(up, down, scale) of one contribution; a dense ΔM is factored exactly by its SVD."""
-    if not form.is_dense:
-        return form.up, form.down, form.scale
-    svd = dense_svd(form.dense, dtype=form.dense.dtype)
-    k = numerical_rank(svd, form.shape)
-    svd = svd.truncate(k)
-    return svd.U * svd.S, svd.Vh, 1.0
+def _kernel(form: FactorForm) -> tuple[int, ...]:
+    """The spatial kernel of the weight, () for a Linear and for a 1×1 conv (the same ΔW matrix)."""
+    return tuple(int(k) for k in form.weight_shape[2:]) if math.prod(form.weight_shape[2:]) > 1 else ()
 
 
 def _check_same_target(key: tuple[str, str], entries: list[tuple[int, LoraModule, FactorForm]],
-                       labels: list[str]) -> None:
+                       labels: list[str]) -> tuple[LoraModule, FactorForm]:
+    """Refuse contributions that adapt different weights; return the (module, form) whose layout the
+    sum takes: a conv over a linear-typed one (a 1×1 conv and a Linear are the same ΔW; a flattened
+    LoHa / LoKr product of unknown kernel fits the conv whose matrix it is)."""
     i0, m0, f0 = entries[0]
     for i, m, f in entries[1:]:
-        if m.layer != m0.layer or transposed(m) != transposed(m0) or f.shape != f0.shape \
-                or tuple(f.weight_shape[2:]) != tuple(f0.weight_shape[2:]):
+        kernels = {_kernel(f0), _kernel(f)}
+        flattened = "linear" in (m.layer, m0.layer) and "conv" in (m.layer, m0.layer)
+        if transposed(m) != transposed(m0) or f.shape != f0.shape or (len(kernels) > 1 and not flattened) \
+                or "embedding" in (m.layer, m0.layer) and m.layer != m0.layer:
             raise MatchError(
                 f"{key[0]}:{key[1]}: {labels[i0]} adapts a {m0.layer} weight of shape {tuple(f0.weight_shape)}, "
                 f"{labels[i]} a {m.layer} weight of shape {tuple(f.weight_shape)}; they cannot be added"
             )
+    _, m, f = max(entries, key=lambda e: (len(e[2].weight_shape), math.prod(e[2].weight_shape[2:])))
+    return m, f
 
 
 def _output_scale(modules: list[LoraModule]) -> tuple[float, bool]:
@@ -142,19 +144,18 @@ def stack_module(
     """One output module from the inputs' modules at ``key``."""
     work = compute_dtype(device, 0)
     forms = [(i, m, to_factor_form(m, dtype=work, device=device)) for i, m in entries]
-    _check_same_target(key, forms, labels)
+    template, template_form = _check_same_target(key, forms, labels)
     modules = [m for _, m, _ in forms]
     scale, rslora = _output_scale(modules)
     ups, downs, coefs = [], [], []
     for i, _m, form in forms:
-        up, down, s = _contribution_factors(form)
+        up, down, s = exact_factors(form)
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise NonFiniteError(f"{key[0]}:{key[1]} in {labels[i]}: factors hold NaN or Inf")
         ups.append(up)
         downs.append(down)
         coefs.append(weights[i] * s)
-    template = modules[0]
-    shape = forms[0][2].weight_shape
+    shape = template_form.weight_shape
     if method == "concat":
         up = torch.cat([u * (c / scale) for u, c in zip(ups, coefs)], dim=1)
         down = torch.cat(downs, dim=0)
