@@ -4,7 +4,11 @@ Each touched weight W becomes W + Σ λᵢ·ΔWᵢ (DoRA modules: PEFT's form, i
 computed in float32 and cast back once: the maths is in :mod:`loratool.ops.merge_tensors`.
 
 The output mirrors the base: same file names, tensor order, dtypes and header (kept byte for
-byte unless ``dtype`` changes it); untouched tensors are copied as bytes; a folder base gives
+byte unless ``dtype`` changes it); untouched tensors are copied as bytes; quantized weights (fp8,
+scaled fp8, GGUF; bitsandbytes with ``requantize``) are merged in float32 and rounded once back to
+their kind, scales recomputed (docs/quantized.md), or written dequantized in ``dtype``
+(bitsandbytes' default: bf16); a GGUF base gives a ``.gguf`` (same types) or, asked for, a
+``.safetensors`` output (dequantized); a folder base gives
 a folder out with its other files (configs, tokenizers) copied and weight files the merge does
 not read dropped (listed in the result). Everything is written beside the target and renamed
 at the end: on any error nothing appears.
@@ -34,7 +38,9 @@ from loratool.errors import LoratoolError, UsageError
 from loratool.float_dtypes import float_code
 from loratool.io.atomic import atomic_path, check_output
 from loratool.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, Part, open_checkpoint
+from loratool.io.codecs import QuantPolicy, Rounding, layout_of
 from loratool.io.copy_ahead import CopyAhead
+from loratool.io.gguf_file import GGUFFile
 from loratool.io.safetensors_file import read_header
 from loratool.ops import Progress
 
@@ -65,6 +71,11 @@ class MergeResult:
     peak_rss_mb: float = 0.0
     device: str = "cpu"
     dtype: str | None = None
+    kept: dict | None = None  # the kept-update report of a merge into quantized weights (ops.kept)
+    quantized: dict[str, int] = field(default_factory=dict)  # base storage kind -> weights of that kind
+    rounding: str = "nearest"
+    seed: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -83,6 +94,11 @@ class MergeResult:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "device": self.device,
             "dtype": self.dtype,
+            "quantized": self.quantized,
+            "rounding": self.rounding,
+            "seed": self.seed,
+            "kept_update": self.kept,
+            "warnings": self.warnings,
         }
 
 
@@ -125,17 +141,24 @@ def _strengths(strengths: float | Sequence[float] | None, n: int) -> list[float]
     return values
 
 
-def keeps_layout(part: Part, out_code: str | None) -> bool:
-    """Whether the output file of ``part`` has the base file's layout (no tensor changes dtype)."""
+def keeps_layout(part: Part, out_code: str | None, policy: QuantPolicy | None = None, container: str | None = None
+                 ) -> bool:
+    """Whether the output file of ``part`` has the base file's layout (no tensor changes dtype, no
+    quantized weight is dequantized, a GGUF file stays GGUF: ``container`` is the output's suffix)."""
+    if isinstance(part.file, GGUFFile) and container not in (None, ".gguf"):
+        return False
+    if policy is not None and policy.dequantize is not None and layout_of(part.file):
+        return False
     return all(target_code(i.dtype_name, out_code) == i.dtype_name for i in part.file.header.tensors.values())
 
 
-def _copies(ckpt: Checkpoint, tmp: Path, out_code: str | None) -> list[tuple[Part, Path]]:
+def _copies(ckpt: Checkpoint, tmp: Path, out_code: str | None, policy: QuantPolicy | None = None,
+            container: str | None = None) -> list[tuple[Part, Path]]:
     """(base part, output file) for every part whose layout the output keeps: those are copied ahead."""
     out = []
     for group in ckpt.groups:
         for part in group.parts:
-            if keeps_layout(part, out_code):
+            if keeps_layout(part, out_code, policy, container):
                 dest = tmp / part.rel if ckpt.is_folder else tmp
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 out.append((part, dest))
@@ -150,7 +173,9 @@ def _span(part: Part, key: str) -> tuple[int, int]:
 
 
 def _spans(part: Part) -> list[tuple[int, int]]:
-    """The header and every tensor of ``part``'s file, in file order."""
+    """The header and every tensor of ``part``'s file, in file order (GGUF: with the padding between)."""
+    if isinstance(part.file, GGUFFile):
+        return part.file.spans()
     return [(0, part.file.header.data_offset)] + sorted(_span(part, k) for k in part.file.keys())
 
 
@@ -247,8 +272,17 @@ def merge(
     allow_nonfinite: bool = False,
     sync: bool = False,
     progress: Progress | None = None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    requantize: bool = False,
+    base_16bit: str | os.PathLike | None = None,
 ) -> MergeResult:
     """Merge ``loras`` (paths, ``hf://`` refs or :class:`Adapter` objects) into ``base``; write ``out``.
+
+    Quantized bases (docs/quantized.md): ``rounding`` (``nearest`` / ``stochastic``, seeded per key
+    by ``seed``) rounds merged float8 weights; bitsandbytes weights are written in bf16 (or ``dtype``)
+    unless ``requantize``; ``base_16bit`` names the 16-bit original of a bitsandbytes base: its
+    names and shapes are checked against the quantized one, then the merge goes into it.
 
     ``sync`` flushes the output to disk before it is renamed into place (see
     :func:`loratool.io.atomic.atomic_path`). Raises :class:`~loratool.errors.MatchError` when
@@ -262,31 +296,47 @@ def merge(
     out_code = _out_code(dtype)
     values = _strengths(strengths, len(loras))
     ckpt = open_checkpoint(base)
+    quantized_base = None
+    if base_16bit is not None:
+        quantized_base, ckpt = ckpt, open_checkpoint(base_16bit)
+        check_pair(quantized_base, ckpt)
     out = Path(out)
+    gguf = any(isinstance(p.file, GGUFFile) for g in ckpt.groups for p in g.parts)
     if ckpt.is_folder and out.suffix == ".safetensors":
         raise UsageError(f"{out}: the base {ckpt.root} is a folder, so the output is a folder too; drop the suffix")
-    if not ckpt.is_folder and out.suffix != ".safetensors":
-        raise UsageError(f"{out}: the base is one .safetensors file; name the output *.safetensors")
+    if not ckpt.is_folder and out.suffix not in ((".gguf", ".safetensors") if gguf else (".safetensors",)):
+        kinds = "*.gguf (same tensor types) or *.safetensors (dequantized)" if gguf else "*.safetensors"
+        raise UsageError(f"{out}: the base is one {'GGUF' if gguf else '.safetensors'} file; name the output {kinds}")
+    policy, warnings = quant_policy(ckpt, out_code, out.suffix, rounding, seed, requantize)
     # Refuse a bad output before the (possibly slow) adapter loading.
     local_inputs = [ckpt.root] + [p for p in loras if isinstance(p, (str, os.PathLike)) and not str(p).startswith("hf://")]
+    if quantized_base is not None:
+        local_inputs.append(quantized_base.root)
     check_output(out, inputs=local_inputs, force=force, folder=ckpt.is_folder)
 
     with atomic_path(out, folder=ckpt.is_folder, sync=sync) as tmp:
-        copies = _copies(ckpt, tmp, out_code)
+        copies = _copies(ckpt, tmp, out_code, policy, None if ckpt.is_folder else out.suffix)
         jobs = [(part.path, dest, _spans(part)) for part, dest in copies]
         with CopyAhead(jobs, defer=_guess_rewrites(copies, loras), sync=sync) as copier:
             from loratool.ops import merge_tensors  # torch: imported while the copy runs
 
             plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
-            copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
+            merge_tensors.check_quantized(ckpt, plan, policy)
+            if quantized_base is not None:
+                merge_tensors.check_pair_values(quantized_base, ckpt, plan)
+            copier.settle(_rewrites(copies, merge_tensors.rewritten(ckpt, plan)))
             with merge_tensors.compute_threads(dev):
-                merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)
+                merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier,
+                                                  policy)
                 dropped: list[str] = []
                 if ckpt.is_folder:
                     files, dropped = _mirror_folder(ckpt, merger, tmp)
+                    if policy.dequantize is not None:
+                        _drop_quantization_config(ckpt, tmp, policy.dequantize)
                 else:
                     merger.write_part(ckpt.groups[0].parts[0], tmp)
                     files = [out.name]
+    warnings += kept_warnings(merger.kept)
     return MergeResult(
         output=out,
         base=str(base),
@@ -302,4 +352,119 @@ def merge(
         peak_rss_mb=peak_rss_mb(),
         device=str(dev),
         dtype={"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(out_code),
+        kept=merger.kept.to_json(),
+        quantized=base_kinds(ckpt),
+        rounding=policy.rounding.mode,
+        seed=policy.rounding.seed if policy.rounding.mode == "stochastic" else None,
+        warnings=warnings,
     )
+
+
+# --- quantized bases ----------------------------------------------------------------------------
+
+
+def base_kinds(ckpt: Checkpoint) -> dict[str, int]:
+    """Storage kind -> number of quantized weights of that kind in ``ckpt`` (empty for a float base)."""
+    out: dict[str, int] = {}
+    for group in ckpt.groups:
+        for part in group.parts:
+            for label, n in layout_of(part.file).groups().items():
+                out[label] = out.get(label, 0) + n
+    return out
+
+
+def _schemes(ckpt: Checkpoint) -> set[str]:
+    return {e.scheme for g in ckpt.groups for p in g.parts for e in layout_of(p.file).entries.values()}
+
+
+def quant_policy(ckpt: Checkpoint, out_code: str | None, suffix: str, rounding: str, seed: int,
+                 requantize: bool) -> tuple[QuantPolicy, list[str]]:
+    """How the merge writes the base's quantized weights, and the warnings that choice deserves.
+
+    ``--dtype`` dequantizes every quantized weight to it; without it bitsandbytes weights become
+    bf16 (unless ``requantize``) and a GGUF base written as ``.safetensors`` gets bf16 for its
+    block-quantized tensors; every other kind is rounded back to itself.
+    """
+    if rounding not in ("nearest", "stochastic"):
+        raise UsageError(f"--rounding {rounding}: choose nearest or stochastic")
+    if requantize and out_code is not None:
+        raise UsageError("--requantize keeps bitsandbytes weights quantized, --dtype dequantizes them: give one")
+    gguf = any(isinstance(p.file, GGUFFile) for g in ckpt.groups for p in g.parts)
+    if gguf and suffix == ".gguf" and out_code is not None:
+        raise UsageError("a .gguf output keeps every tensor's type; --dtype needs a .safetensors output")
+    schemes = _schemes(ckpt)
+    bnb = "bitsandbytes" in schemes
+    warnings: list[str] = []
+    dequantize = out_code
+    if dequantize is None and ((bnb and not requantize) or (gguf and suffix != ".gguf")):
+        dequantize = "BF16"
+    if requantize and bnb:
+        warnings.append("requantizing bitsandbytes weights rounds the merged weight to 4 / 8 bits again (PEFT's "
+                        "merge does the same): the update mostly vanishes; the 16-bit output (the default) keeps it")
+    kinds_rounded = {label for label in base_kinds(ckpt) if "float8" in label}
+    if rounding == "stochastic" and (dequantize is not None or not kinds_rounded):
+        warnings.append("--rounding stochastic applies to float8 weights written as float8; nothing here is")
+    return QuantPolicy(Rounding(rounding, seed), dequantize), warnings
+
+
+def kept_warnings(report) -> list[str]:
+    """Warnings for modules whose update the quantized output did not keep (:mod:`loratool.ops.kept`)."""
+    out = []
+    below = report.below()
+    if below:
+        shown = ", ".join(f"{', '.join(r.modules)} (kept {r.kept:.0%}, aligned {r.aligned:.0%})" for r in below[:5])
+        more = f" and {len(below) - 5} more" if len(below) > 5 else ""
+        out.append(f"{len(below)} module(s) kept under {report.threshold:.0%} of their update after rounding to the "
+                   f"base's storage kind: {shown}{more}; overall kept {report.overall:.0%}, aligned "
+                   f"{report.overall_aligned:.0%} (a 16-bit output, --dtype bf16, keeps it)")
+    if report.saturated:
+        out.append(f"{report.saturated} merged value(s) exceeded the float8 range and were clipped to its maximum")
+    return out
+
+
+def check_pair(quantized: Checkpoint, full: Checkpoint) -> None:
+    """Refuse a ``--base-16bit`` pair whose parameters differ in names or shapes."""
+    from loratool.errors import MatchError
+    from loratool.io.codecs import logical_shape
+
+    def params(ckpt: Checkpoint) -> dict[str, tuple[int, ...] | None]:
+        out = {}
+        for group in ckpt.groups:
+            for part in group.parts:
+                hidden = layout_of(part.file).hidden
+                for key in part.file.keys():
+                    if not hidden(key):
+                        out[f"{group.component or ''}/{key}"] = logical_shape(part.file, key)
+        return out
+
+    q, f = params(quantized), params(full)
+    problems = [f"{k.lstrip('/')} missing" for k in q if k not in f]
+    problems += [f"{k.lstrip('/')} {list(q[k])} vs {list(f[k])}" for k in q
+                 if k in f and q[k] is not None and f[k] is not None and tuple(q[k]) != tuple(f[k])]
+    if not any(layout_of(p.file) for g in quantized.groups for p in g.parts):
+        problems.insert(0, f"{quantized.root} holds no quantized weights")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise MatchError(f"--base-16bit {full.root} does not pair with {quantized.root}: "
+                         f"{'; '.join(problems[:3])}{more}")
+
+
+def _drop_quantization_config(ckpt: Checkpoint, tmp: Path, code: str) -> None:
+    """A dequantized transformers folder must not announce a quantization (transformers would apply it)."""
+    import json
+
+    name = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}[code]
+    for group in ckpt.groups:
+        rel = group.parts[0].rel.parent
+        config = tmp / rel / "config.json"
+        if not config.is_file():
+            continue
+        try:
+            obj = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not isinstance(obj, dict) or "quantization_config" not in obj:
+            continue
+        obj.pop("quantization_config")
+        obj["torch_dtype" if "dtype" not in obj else "dtype"] = name
+        config.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
