@@ -99,7 +99,7 @@ def render_checkpoint(report: CheckpointReport) -> None:
     table = Table(title=Path(report.path).name, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
-    table.add_row("format", f"base checkpoint ({report.kind})")
+    table.add_row("format", f"base checkpoint ({report.kind}{', GGUF' if report.container == 'gguf' else ''})")
     table.add_row("family", report.family or "unknown")
     if report.architecture:
         table.add_row("architecture", report.architecture)
@@ -107,6 +107,8 @@ def render_checkpoint(report: CheckpointReport) -> None:
     table.add_row("tensors", str(report.tensor_count))
     table.add_row("parameters", f"{report.parameter_count:,}")
     table.add_row("dtypes", _counts(report.dtypes))
+    for label, n in report.quantization.items():
+        table.add_row("quantized", f"{n} weight(s): {label}")
     table.add_row("components", _counts(report.components))
     if report.mapped is not None:
         table.add_row("key map", f"{report.mapped} canonical parameters, {len(report.unmapped)} stored keys unmapped")

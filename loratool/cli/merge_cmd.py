@@ -28,18 +28,34 @@ def merge_command(
     sync: bool = typer.Option(False, "--sync", help="Flush the output to disk before renaming it into place "
                               "(survives a power loss; slower: the disk's write speed)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
+    rounding: str = typer.Option("nearest", "--rounding", help="How merged float8 weights are rounded: nearest "
+                                 "(ties to even) or stochastic (seeded per tensor, ComfyUI-style)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --rounding stochastic (the same seed gives the same bytes)."),
+    requantize: bool = typer.Option(False, "--requantize", help="bitsandbytes bases: write 4-bit / 8-bit weights "
+                                    "again instead of bf16 (the update mostly vanishes; reported)."),
+    base_16bit: str = typer.Option(None, "--base-16bit", help="The 16-bit original of a bitsandbytes BASE: checked "
+                                   "to pair with it, then merged into (the output mirrors it)."),
 ) -> None:
-    """Merge LoRAs into a base model, streaming one tensor at a time."""
+    """Merge LoRAs into a base model, streaming one tensor at a time.
+
+    Quantized bases (fp8, ComfyUI / kohya scaled fp8, GGUF, bitsandbytes) are merged in float32 and
+    rounded once back to their kind (scales recomputed); how much of each module's update survived
+    is reported (docs/quantized.md)."""
     from loratool.ops.merge import merge
 
     with progress_bar(enabled=not as_json) as progress:
         result = merge(
             base, loras, output, alpha or None, dtype=dtype, device=device, strict=strict, force=force,
-            allow_nonfinite=allow_nonfinite, sync=sync, progress=progress,
+            allow_nonfinite=allow_nonfinite, sync=sync, progress=progress, rounding=rounding, seed=seed,
+            requantize=requantize, base_16bit=base_16bit,
         )
     if as_json:
         print_json(result.to_json())
+        for w in result.warnings:
+            warn(w)
         return
+    for w in result.warnings:
+        warn(w)
     if result.unmatched:
         shown = ", ".join(result.unmatched[:20])
         more = f" and {len(result.unmatched) - 20} more" if len(result.unmatched) > 20 else ""
@@ -52,6 +68,11 @@ def merge_command(
     for comp, n in result.matched.items():
         table.add_row(comp, str(n))
     console.print(table)
+    if result.kept is not None:
+        kept = result.kept
+        console.print(f"update kept after rounding to the base's storage kind: {kept['overall']:.1%} overall "
+                      f"(aligned {kept['overall_aligned']:.1%}) over {len(kept['modules'])} module(s); lowest: "
+                      f"{min(m['kept'] for m in kept['modules']):.1%}", highlight=False)
     console.print(
         f"{result.merged_tensors} tensors merged, {result.skipped} copied, {len(result.unmatched)} modules unmatched; "
         f"{result.seconds:.2f} s, peak memory {result.peak_rss_mb:.0f} MB, device {result.device}",
