@@ -27,12 +27,23 @@ def is_linear(key: str) -> bool:
     return key.endswith(".weight") and any(f".{n}." in key for n in LINEARS)
 
 
+def wide_llama(seed: int = 0):
+    """A tiny LLaMA whose rows are whole 64-blocks (bitsandbytes' CPU 4-bit kernel needs that, see test_quant_bnb)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def peft_oracle(decoded: dict[str, torch.Tensor], targets, strength: float = 1.0, seed: int = 1, std: float = 0.1,
-                r: int = 4, alpha: int = 8):
+                r: int = 4, alpha: int = 8, model_fn=tiny_llama):
     """(adapter, merged state in float64, ΔW per weight key in float64) for a tiny LLaMA holding ``decoded``."""
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_llama().double()
+    model = model_fn().double()
     model.load_state_dict({k: v.double() for k, v in decoded.items()})
     pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
     randomize_lora(pm, seed=seed, std=std)
@@ -88,13 +99,14 @@ def bnb_linear_state(weight: torch.Tensor, kind: str, nested: bool = True) -> di
     import bitsandbytes as bnb
 
     out_f, in_f = weight.shape
-    lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=weight.dtype)
-    lin.weight.data.copy_(weight)
     if kind == "int8":
         layer = bnb.nn.Linear8bitLt(in_f, out_f, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=weight.dtype, quant_type=kind,
                                   compress_statistics=nested)
-    layer.load_state_dict(lin.state_dict())
+        # as transformers does: a Params4bit of the loaded (bf16) weight, quantized when moved to the device
+        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type=kind,
+                                         compress_statistics=nested, blocksize=64)
     layer = layer.to("cpu")  # quantizes on the CPU backend
     return {k: v.detach().clone() for k, v in layer.state_dict().items()}

@@ -133,16 +133,16 @@ def neighbours(x: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("code", ["F8_E4M3", "F8_E5M2"])
 def test_stochastic_rounding_picks_a_neighbour_with_the_right_probability(code):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4096, generator=gen) * 3
+    x = torch.randn(2048, generator=gen) * 3
     lo, hi = neighbours(x, code)
-    outs = [stochastic_fp8(x, code, torch.Generator().manual_seed(s)).float() for s in range(200)]
+    outs = [stochastic_fp8(x, code, torch.Generator().manual_seed(s)).float() for s in range(100)]
     for o in outs[:5]:
         assert bool(((o == lo) | (o == hi)).all())
     frac_up = torch.stack([(o == hi) & (hi != lo) for o in outs]).double().mean(0)
     p = torch.where(hi != lo, (x.abs() - lo.abs()) / (hi.abs() - lo.abs()), torch.zeros_like(x)).double()
-    # 200 draws per entry: the mean over all entries of (observed − p) is ~N(0, σ/√(4096·200))
-    assert abs(float((frac_up - p).mean())) < 6 * 0.5 / math.sqrt(4096 * 200)
-    assert float((frac_up - p).abs().max()) < 6 * 0.5 / math.sqrt(200)
+    # 100 draws per entry: observed − p has σ ≤ 0.5/√100 per entry, ≤ 0.5/√(2048·100) in the mean
+    assert abs(float((frac_up - p).mean())) < 6 * 0.5 / math.sqrt(2048 * 100)
+    assert float((frac_up - p).abs().max()) < 6 * 0.5 / math.sqrt(100)
 
 
 def test_stochastic_merge_is_deterministic_per_key_and_seed(tmp_path):
@@ -187,7 +187,7 @@ def _scaled_base(layout: str, code: str = "F8_E4M3"):
         elif layout == "comfy_quant":
             q, s = comfy_scaled(v, code)
             out[key], out[base + ".weight_scale"] = q, s
-            out[base + ".comfy_quant"] = comfy_quant_marker({"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}[code])
+            out[base + ".comfy_quant"] = comfy_quant_marker(str(FP8[code]).removeprefix("torch."))
             out[base + ".input_scale"] = torch.tensor(0.5)
         else:  # musubi tensor / channel / block, scale in the weight's dtype (bf16 here)
             q, s = musubi_scaled(v.to(torch.bfloat16), layout, code)
