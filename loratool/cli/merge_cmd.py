@@ -20,7 +20,8 @@ def merge_command(
     alpha: list[float] = typer.Option(
         None, "--alpha", "-a", help="Strength: once for every LoRA, or once per LoRA in order (default 1)."
     ),
-    dtype: str = typer.Option(None, "--dtype", help="Output dtype for float tensors: fp16, bf16 or fp32."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype for float tensors: fp16, bf16 or fp32 "
+                              "(quantized weights are written dequantized in it)."),
     device: Device = "auto",
     strict: bool = typer.Option(False, "--strict", help="Unmatched adapter modules are an error."),
     force: Force = False,

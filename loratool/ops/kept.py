@@ -15,7 +15,7 @@ nothing, so small LoRAs on fp8 (relative step 2⁻³) or 4-bit bases vanish. ``k
 mislead: a recomputed scale (scaled fp8, NF4 block absmax) or stochastic rounding moves entries
 the update did not ask for, and that noise counts as kept; ``aligned`` does not count it (noise is
 orthogonal to the update on average). A module whose ``kept`` or ``aligned`` is under
-``THRESHOLD`` is warned about. Norms and dot products are accumulated in float64.
+``THRESHOLD`` is warned about.
 """
 
 from __future__ import annotations
@@ -94,8 +94,12 @@ class KeptReport:
                 "modules": [r.to_json() for r in self.records]}
 
 
-def _norm(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) if t.numel() else 0.0
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """⟨a, b⟩ of two float32 tensors (BLAS dot: relative error ~1e-6 for 2·10⁷ entries, measured against
+    float64; torch's float32 vector_norm was 1e-3 off there, and float64 copies cost 10× the time)."""
+    if not a.numel():
+        return 0.0
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
 
 def region_records(base: torch.Tensor, merged: torch.Tensor, written: torch.Tensor, regions, tensor: str,
@@ -109,8 +113,9 @@ def region_records(base: torch.Tensor, merged: torch.Tensor, written: torch.Tens
     for rows, labels in regions:
         sl = slice(None) if rows is None else slice(rows[0], rows[1])
         w, m, q = base[sl], merged[sl], written[sl]
-        update, change = m - w, q - w
-        dot = float(torch.dot(change.reshape(-1).to(torch.float64), update.reshape(-1).to(torch.float64)))
-        out.append(KeptRecord(list(labels), tensor, kind, _norm(update), _norm(change), _norm(q - m), dot,
-                              int(saturated[sl].sum()) if saturated is not None else 0))
+        update, change = (m - w).float(), (q - w).float()
+        error = change - update
+        out.append(KeptRecord(list(labels), tensor, kind, math.sqrt(max(_dot(update, update), 0.0)),
+                              math.sqrt(max(_dot(change, change), 0.0)), math.sqrt(max(_dot(error, error), 0.0)),
+                              _dot(change, update), int(saturated[sl].sum()) if saturated is not None else 0))
     return out

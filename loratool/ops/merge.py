@@ -38,11 +38,21 @@ from loratool.errors import LoratoolError, UsageError
 from loratool.float_dtypes import float_code
 from loratool.io.atomic import atomic_path, check_output
 from loratool.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, Part, open_checkpoint
-from loratool.io.codecs import QuantPolicy, Rounding, layout_of
+from loratool.io.codecs import QuantPolicy, layout_of
 from loratool.io.copy_ahead import CopyAhead
 from loratool.io.gguf_file import GGUFFile
 from loratool.io.safetensors_file import read_header
 from loratool.ops import Progress
+from loratool.ops.merge_quant import (
+    base_kinds,
+    check_pair,
+    check_pair_values,
+    check_quantized,
+    drop_quantization_config,
+    kept_warnings,
+    quant_policy,
+    rewritten,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -321,10 +331,10 @@ def merge(
             from loratool.ops import merge_tensors  # torch: imported while the copy runs
 
             plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
-            merge_tensors.check_quantized(ckpt, plan, policy)
+            check_quantized(ckpt, plan, policy)
             if quantized_base is not None:
-                merge_tensors.check_pair_values(quantized_base, ckpt, plan)
-            copier.settle(_rewrites(copies, merge_tensors.rewritten(ckpt, plan)))
+                check_pair_values(quantized_base, ckpt, plan)
+            copier.settle(_rewrites(copies, rewritten(ckpt, plan)))
             with merge_tensors.compute_threads(dev):
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier,
                                                   policy)
@@ -332,7 +342,7 @@ def merge(
                 if ckpt.is_folder:
                     files, dropped = _mirror_folder(ckpt, merger, tmp)
                     if policy.dequantize is not None:
-                        _drop_quantization_config(ckpt, tmp, policy.dequantize)
+                        drop_quantization_config(ckpt, tmp, policy.dequantize)
                 else:
                     merger.write_part(ckpt.groups[0].parts[0], tmp)
                     files = [out.name]
@@ -358,113 +368,3 @@ def merge(
         seed=policy.rounding.seed if policy.rounding.mode == "stochastic" else None,
         warnings=warnings,
     )
-
-
-# --- quantized bases ----------------------------------------------------------------------------
-
-
-def base_kinds(ckpt: Checkpoint) -> dict[str, int]:
-    """Storage kind -> number of quantized weights of that kind in ``ckpt`` (empty for a float base)."""
-    out: dict[str, int] = {}
-    for group in ckpt.groups:
-        for part in group.parts:
-            for label, n in layout_of(part.file).groups().items():
-                out[label] = out.get(label, 0) + n
-    return out
-
-
-def _schemes(ckpt: Checkpoint) -> set[str]:
-    return {e.scheme for g in ckpt.groups for p in g.parts for e in layout_of(p.file).entries.values()}
-
-
-def quant_policy(ckpt: Checkpoint, out_code: str | None, suffix: str, rounding: str, seed: int,
-                 requantize: bool) -> tuple[QuantPolicy, list[str]]:
-    """How the merge writes the base's quantized weights, and the warnings that choice deserves.
-
-    ``--dtype`` dequantizes every quantized weight to it; without it bitsandbytes weights become
-    bf16 (unless ``requantize``) and a GGUF base written as ``.safetensors`` gets bf16 for its
-    block-quantized tensors; every other kind is rounded back to itself.
-    """
-    if rounding not in ("nearest", "stochastic"):
-        raise UsageError(f"--rounding {rounding}: choose nearest or stochastic")
-    if requantize and out_code is not None:
-        raise UsageError("--requantize keeps bitsandbytes weights quantized, --dtype dequantizes them: give one")
-    gguf = any(isinstance(p.file, GGUFFile) for g in ckpt.groups for p in g.parts)
-    if gguf and suffix == ".gguf" and out_code is not None:
-        raise UsageError("a .gguf output keeps every tensor's type; --dtype needs a .safetensors output")
-    schemes = _schemes(ckpt)
-    bnb = "bitsandbytes" in schemes
-    warnings: list[str] = []
-    dequantize = out_code
-    if dequantize is None and ((bnb and not requantize) or (gguf and suffix != ".gguf")):
-        dequantize = "BF16"
-    if requantize and bnb:
-        warnings.append("requantizing bitsandbytes weights rounds the merged weight to 4 / 8 bits again (PEFT's "
-                        "merge does the same): the update mostly vanishes; the 16-bit output (the default) keeps it")
-    kinds_rounded = {label for label in base_kinds(ckpt) if "float8" in label}
-    if rounding == "stochastic" and (dequantize is not None or not kinds_rounded):
-        warnings.append("--rounding stochastic applies to float8 weights written as float8; nothing here is")
-    return QuantPolicy(Rounding(rounding, seed), dequantize), warnings
-
-
-def kept_warnings(report) -> list[str]:
-    """Warnings for modules whose update the quantized output did not keep (:mod:`loratool.ops.kept`)."""
-    out = []
-    below = report.below()
-    if below:
-        shown = ", ".join(f"{', '.join(r.modules)} (kept {r.kept:.0%}, aligned {r.aligned:.0%})" for r in below[:5])
-        more = f" and {len(below) - 5} more" if len(below) > 5 else ""
-        out.append(f"{len(below)} module(s) kept under {report.threshold:.0%} of their update after rounding to the "
-                   f"base's storage kind: {shown}{more}; overall kept {report.overall:.0%}, aligned "
-                   f"{report.overall_aligned:.0%} (a 16-bit output, --dtype bf16, keeps it)")
-    if report.saturated:
-        out.append(f"{report.saturated} merged value(s) exceeded the float8 range and were clipped to its maximum")
-    return out
-
-
-def check_pair(quantized: Checkpoint, full: Checkpoint) -> None:
-    """Refuse a ``--base-16bit`` pair whose parameters differ in names or shapes."""
-    from loratool.errors import MatchError
-    from loratool.io.codecs import logical_shape
-
-    def params(ckpt: Checkpoint) -> dict[str, tuple[int, ...] | None]:
-        out = {}
-        for group in ckpt.groups:
-            for part in group.parts:
-                hidden = layout_of(part.file).hidden
-                for key in part.file.keys():
-                    if not hidden(key):
-                        out[f"{group.component or ''}/{key}"] = logical_shape(part.file, key)
-        return out
-
-    q, f = params(quantized), params(full)
-    problems = [f"{k.lstrip('/')} missing" for k in q if k not in f]
-    problems += [f"{k.lstrip('/')} {list(q[k])} vs {list(f[k])}" for k in q
-                 if k in f and q[k] is not None and f[k] is not None and tuple(q[k]) != tuple(f[k])]
-    if not any(layout_of(p.file) for g in quantized.groups for p in g.parts):
-        problems.insert(0, f"{quantized.root} holds no quantized weights")
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise MatchError(f"--base-16bit {full.root} does not pair with {quantized.root}: "
-                         f"{'; '.join(problems[:3])}{more}")
-
-
-def _drop_quantization_config(ckpt: Checkpoint, tmp: Path, code: str) -> None:
-    """A dequantized transformers folder must not announce a quantization (transformers would apply it)."""
-    import json
-
-    name = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}[code]
-    for group in ckpt.groups:
-        rel = group.parts[0].rel.parent
-        config = tmp / rel / "config.json"
-        if not config.is_file():
-            continue
-        try:
-            obj = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if not isinstance(obj, dict) or "quantization_config" not in obj:
-            continue
-        obj.pop("quantization_config")
-        obj["torch_dtype" if "dtype" not in obj else "dtype"] = name
-        config.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

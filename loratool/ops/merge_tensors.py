@@ -45,7 +45,7 @@ from loratool.adapter import Adapter
 from loratool.delta import RowMerge, delta_bias, merge_weight, row_merge
 from loratool.errors import MatchError, NonFiniteError
 from loratool.io.checkpoint import Checkpoint, Part, read_into
-from loratool.io.codecs import Entry, QuantPolicy, layout_of, unsupported
+from loratool.io.codecs import Entry, QuantPolicy, layout_of
 from loratool.io.codecs.fp8 import FP8
 from loratool.io.copy_ahead import CopyAhead
 from loratool.io.patch_writer import PatchWriter
@@ -326,7 +326,9 @@ class PartMerger:
         codec = entry.codec
         stored = codec.read(f, entry)
         base = codec.decode(stored, entry).to(self.device)
-        work, labels = self._apply(f, entry.key, base.clone()) if touched else (base, [])
+        # _apply writes row ranges in place: only then does it need its own copy of W
+        rows = any(app.rows is not None for app in self.plan.applications.get((f.path, entry.key), ()))
+        work, labels = self._apply(f, entry.key, base.clone() if rows else base) if touched else (base, [])
         saturated = None
         if self.policy.dequantize is not None:
             target = torch_dtypes()[self.policy.dequantize]
@@ -343,8 +345,10 @@ class PartMerger:
             if touched and not self.allow_nonfinite and _nonfinite(written):
                 raise NonFiniteError(f"merging {', '.join(dict.fromkeys(labels))} into {entry.key} gives NaN/Inf in "
                                      f"{codec.label} (use --allow-nonfinite to write it anyway)")
-            if isinstance(codec, FP8):  # torch's cast clips e4m3fn at ±448
-                saturated = work.abs() > torch.finfo(new.tensor.dtype).max
+            if isinstance(codec, FP8):  # torch's cast clips e4m3fn at ±448 (one aminmax settles most tensors)
+                top = torch.finfo(new.tensor.dtype).max
+                lo, hi = torch.aminmax(work)
+                saturated = work.abs() > top if max(-float(lo), float(hi)) > top else None
             writer.write_tensor(entry.key, new.tensor.to("cpu"))
             for role, key in entry.aux.items():
                 writer.write_tensor(key, new.aux[role].to("cpu"))
@@ -435,73 +439,6 @@ def compute_threads(dev: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-
-
-def touched_entries(ckpt: Checkpoint, plan: MatchPlan) -> list[tuple[Part, Entry]]:
-    """The quantized weights the plan changes, with their parts."""
-    out = []
-    for group in ckpt.groups:
-        for part in group.parts:
-            entries = layout_of(part.file).entries
-            for key in entries:
-                if (part.path, key) in plan.applications or (part.path, key) in plan.replacements:
-                    out.append((part, entries[key]))
-    return out
-
-
-def rewritten(ckpt: Checkpoint, plan: MatchPlan) -> set[tuple[Path, str]]:
-    """(file, stored key) of every tensor the merge writes over a copy: the changed ones and the
-    auxiliary tensors (scales, block maxima) of the changed quantized weights."""
-    keys = set(plan.applications) | set(plan.replacements)
-    for part, entry in touched_entries(ckpt, plan):
-        keys.update((part.path, k) for k in entry.keys())
-    return keys
-
-
-def check_quantized(ckpt: Checkpoint, plan: MatchPlan, policy: QuantPolicy) -> None:
-    """Refuse, before anything is written, a merge into quantized weights that cannot be read, or
-    (kept in their kind) written back."""
-    found = touched_entries(ckpt, plan)
-    for part, entry in found:
-        if entry.shape is None:  # a kind that hides the weight: it cannot be decoded either
-            unsupported([entry], part.path)
-    if policy.dequantize is not None:  # every quantized weight of the output is decoded
-        for group in ckpt.groups:
-            for part in group.parts:
-                unsupported([e for e in layout_of(part.file).entries.values() if e.shape is None], part.path)
-    else:
-        by_part: dict[Path, list[Entry]] = {}
-        for part, entry in found:
-            by_part.setdefault(part.path, []).append(entry)
-        for path, entries in by_part.items():
-            unsupported(entries, path)
-
-
-# ‖dequantized − original‖ / ‖original‖ past which a --base-16bit pair is not one model (NF4 rounds by ~10 %).
-PAIR_TOLERANCE = 0.3
-
-
-def check_pair_values(quantized: Checkpoint, full: Checkpoint, plan: MatchPlan, limit: int = 3) -> None:
-    """Refuse a ``--base-16bit`` original that is not the quantized base's: the first ``limit`` changed
-    weights must dequantize to within the quantization's error of the 16-bit ones."""
-    files = {part.path: part.file for g in full.groups for part in g.parts}
-    quant_files = [part.file for g in quantized.groups for part in g.parts]
-    checked = 0
-    for path, key in plan.applications:
-        qfile = next((f for f in quant_files if key in layout_of(f).entries), None)
-        if qfile is None:
-            continue
-        original = Checkpoint.read_weight(files[path], key).to(torch.float32)
-        dequantized = Checkpoint.read_weight(qfile, key).to(torch.float32)
-        scale = float(original.norm())
-        rel = float((dequantized - original).norm()) / scale if scale else float(dequantized.norm())
-        if rel > PAIR_TOLERANCE:
-            raise MatchError(f"--base-16bit {full.root}: {key} differs from the quantized base's by {rel:.0%} "
-                             f"(quantization explains under {PAIR_TOLERANCE:.0%}); is it the original of "
-                             f"{quantized.root}?")
-        checked += 1
-        if checked >= limit:
-            return
 
 
 def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: str, strict: bool,
