@@ -15,6 +15,7 @@ from quant_bases import LINEARS, bnb_linear_state, is_linear, peft_oracle, wide_
 from safetensors.torch import load_file, save_file
 
 from loratool.errors import MatchError, UsageError
+from loratool.io.checkpoint import open_checkpoint
 from loratool.io.codecs import layout_of, read_weight
 from loratool.io.safetensors_file import SafetensorsFile
 from loratool.ops.inspect import inspect_checkpoint
@@ -190,3 +191,49 @@ def test_base_16bit_pairs_the_4bit_base_with_its_original(tmp_path):
     with pytest.raises(UsageError, match="--requantize"):
         merge(tmp_path / "nf4", [adapter], tmp_path / "bad", device="cpu", requantize=True, dtype="bf16")
     assert not (tmp_path / "bad").exists()
+
+
+def test_sharded_nf4_folder_gets_an_index_without_the_quantization_tensors(tmp_path):
+    tensors, _ = quantized_state("nf4")
+    folder = tmp_path / "nf4"
+    folder.mkdir()
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in shards.items():
+        save_file({k: tensors[k] for k in part}, folder / name, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": {k: name for name, part in shards.items() for k in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    files = [p.file for p in open_checkpoint(folder).groups[0].parts]  # shards see each other's tensors
+    decoded = {k: read_weight(f, k) for f in files for k in f.keys() if not layout_of(f).hidden(k)}
+    assert any(e.where for f in files for e in layout_of(f).entries.values())  # a weight split from its state
+    adapter, oracle, _ = peft_oracle(decoded, TARGETS, model_fn=wide_llama)
+    result = merge(folder, [adapter], tmp_path / "out", device="cpu")
+    assert result.dequantized == "bfloat16" and result.to_json()["dequantized"] == "bfloat16"
+    out_index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(out_index["weight_map"]) == set(oracle)
+    merged = {}
+    for name in shards:
+        merged.update(load_file(tmp_path / "out" / name))
+    assert set(merged) == set(oracle)
+    assert out_index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+    with pytest.raises(UsageError, match="different shards"):  # the split weight is touched (v_proj)
+        merge(folder, [adapter], tmp_path / "re", device="cpu", requantize=True)
+    assert not (tmp_path / "re").exists()
+
+
+def test_an_inconsistent_quant_state_is_named_and_refused(tmp_path):
+    tensors, _ = quantized_state("nf4")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key + ".absmax"] = tensors[key + ".absmax"][:-1].clone()  # one block maximum short
+    save_file(tensors, tmp_path / "m.safetensors")
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    assert "inconsistent" in layout_of(f).entries[key].label
+    decoded = {k: torch.zeros(v.shape) for k, v in wide_llama().state_dict().items()}
+    adapter, _, _ = peft_oracle(decoded, ["q_proj"], model_fn=wide_llama)
+    from loratool.errors import FormatError
+
+    with pytest.raises(FormatError, match="block maxima"):
+        merge(tmp_path / "m.safetensors", [adapter], tmp_path / "o.safetensors", device="cpu")
+    assert not (tmp_path / "o.safetensors").exists()

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from loratool.components import COMPONENTS
 from loratool.errors import InputError
 from loratool.io import hub
-from loratool.io.codecs import layout_of, logical_shape, read_weight
+from loratool.io.codecs import layout_of, link_shards, logical_shape, read_weight
 from loratool.io.gguf_file import GGUFFile, is_gguf
 from loratool.io.safetensors_file import SafetensorsFile
 
@@ -122,6 +122,7 @@ class Group:
         for part in self.parts:
             for key in part.file.keys():
                 self.key_to_part[key] = part
+        link_shards([part.file for part in self.parts])  # a quantized weight's scales may be in the next shard
 
     @functools.cached_property
     def targets(self) -> dict[tuple[str, str], tuple[str, RowSlice | None]] | None:

@@ -44,6 +44,7 @@ from loratool.io.gguf_file import GGUFFile
 from loratool.io.safetensors_file import read_header
 from loratool.ops import Progress
 from loratool.ops.merge_quant import (
+    DTYPE_NAMES,
     base_kinds,
     check_pair,
     check_pair_values,
@@ -85,6 +86,7 @@ class MergeResult:
     quantized: dict[str, int] = field(default_factory=dict)  # base storage kind -> weights of that kind
     rounding: str = "nearest"
     seed: int | None = None
+    dequantized: str | None = None  # the dtype quantized weights were written in (None: kept in their kind)
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -107,6 +109,7 @@ class MergeResult:
             "quantized": self.quantized,
             "rounding": self.rounding,
             "seed": self.seed,
+            "dequantized": self.dequantized,
             "kept_update": self.kept,
             "warnings": self.warnings,
         }
@@ -347,6 +350,7 @@ def merge(
                     merger.write_part(ckpt.groups[0].parts[0], tmp)
                     files = [out.name]
     warnings += kept_warnings(merger.kept)
+    result_kinds = base_kinds(ckpt)
     return MergeResult(
         output=out,
         base=str(base),
@@ -361,10 +365,11 @@ def merge(
         seconds=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         device=str(dev),
-        dtype={"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(out_code),
+        dtype=DTYPE_NAMES.get(out_code),
         kept=merger.kept.to_json(),
-        quantized=base_kinds(ckpt),
+        quantized=result_kinds,
         rounding=policy.rounding.mode,
         seed=policy.rounding.seed if policy.rounding.mode == "stochastic" else None,
+        dequantized=DTYPE_NAMES.get(policy.dequantize) if result_kinds else None,
         warnings=warnings,
     )

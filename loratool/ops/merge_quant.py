@@ -144,7 +144,7 @@ def rewritten(ckpt: Checkpoint, plan) -> set[tuple[Path, str]]:
     auxiliary tensors (scales, block maxima) of the changed quantized weights."""
     keys = set(plan.applications) | set(plan.replacements)
     for part, entry in touched_entries(ckpt, plan):
-        keys.update((part.path, k) for k in entry.keys())
+        keys.update((entry.where[k].path if k in entry.where else part.path, k) for k in entry.keys())
     return keys
 
 
@@ -165,6 +165,10 @@ def check_quantized(ckpt: Checkpoint, plan, policy: QuantPolicy) -> None:
             by_part.setdefault(part.path, []).append(entry)
         for path, entries in by_part.items():
             unsupported(entries, path)
+            split = [e.key for e in entries if e.where]
+            if split:
+                raise UsageError(f"{path}: {', '.join(split[:3])}: the weight and its quantization state lie in "
+                                 f"different shards; loratool writes those dequantized only (drop --requantize)")
 
 
 def check_pair_values(quantized: Checkpoint, full: Checkpoint, plan, limit: int = 3) -> None:

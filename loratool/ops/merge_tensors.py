@@ -182,6 +182,7 @@ class PartMerger:
                 for info in changed:
                     self._write_changed(writer, f, src, info, touched=True)
                     copied(self.copier.settled(dest))
+            self._tick(len(spans) - len(changed))  # the aux tensors written with their weights
         finally:
             os.close(src)
         self.copier.wait_file(dest, copied)

@@ -72,8 +72,8 @@ class Codec:
     def read(self, file, entry: Entry) -> Stored:
         from loratool.io.checkpoint import Checkpoint
 
-        return Stored(Checkpoint.read_tensor(file, entry.key),
-                      {role: Checkpoint.read_tensor(file, key) for role, key in entry.aux.items()})
+        aux = {role: Checkpoint.read_tensor(entry.where.get(key, file), key) for role, key in entry.aux.items()}
+        return Stored(Checkpoint.read_tensor(file, entry.key), aux)
 
     def decode(self, stored: Stored, entry: Entry) -> torch.Tensor:
         raise NotImplementedError
@@ -95,6 +95,7 @@ class Entry:
     shape: tuple[int, ...] | None  # the weight as the model uses it; None when the kind hides it
     aux: dict[str, str] = field(default_factory=dict)  # role -> stored key
     scheme: str = ""  # who writes this layout, for ``info`` ("ComfyUI scaled_fp8", "bitsandbytes"...)
+    where: dict[str, Any] = field(default_factory=dict)  # aux key -> the shard holding it, when not this file
 
     @property
     def label(self) -> str:
@@ -141,6 +142,64 @@ def _detectors():
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[Any, Layout] = weakref.WeakKeyDictionary()
+_SIBLINGS: weakref.WeakKeyDictionary[Any, tuple] = weakref.WeakKeyDictionary()
+
+
+def link_shards(files) -> None:
+    """Declare ``files`` the shards of one model: a weight's aux tensors may lie in another shard
+    (sharding splits a state dict by size, not by weight), so each file's layout looks at all."""
+    files = list(files)
+    if len(files) > 1:
+        for f in files:
+            _SIBLINGS[f] = tuple(g for g in files if g is not f)
+            _LAYOUTS.pop(f, None)
+
+
+class _Header:
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+
+class _Shards:
+    """Several shards seen as one file by the detectors (headers, infos, small reads)."""
+
+    def __init__(self, files):
+        self.files = files
+        self.owner: dict[str, Any] = {}
+        for f in reversed(files):
+            self.owner.update(dict.fromkeys(f.header.tensors, f))
+        self.header = _Header({k: f.header.tensors[k] for k, f in self.owner.items()})
+        self.metadata = {k: v for f in reversed(files) for k, v in f.metadata.items()}
+
+    def info(self, key: str):
+        return self.header.tensors[key]
+
+    def raw_bytes(self, key: str) -> bytes:
+        return self.owner[key].raw_bytes(key)
+
+
+def _detect(scope) -> Layout:
+    layout = Layout()
+    for detect in _detectors():
+        detect(scope, layout)
+    return layout
+
+
+def _local(file, union: Layout, owner: dict) -> Layout:
+    """The part of a multi-shard layout that concerns ``file``: its weights (their aux keys in other
+    shards located by ``Entry.where``) and, as markers, its tensors that belong to other shards' weights."""
+    from dataclasses import replace
+
+    local = set(file.header.tensors)
+    layout = Layout()
+    layout.markers = {k for k in union.markers if k in local}
+    for key, entry in union.entries.items():
+        if key in local:
+            where = {k: owner[k] for k in entry.aux.values() if k not in local}
+            layout.add(replace(entry, where=where) if where else entry)
+        else:
+            layout.markers.update(k for k in entry.aux.values() if k in local)
+    return layout
 
 
 def layout_of(file) -> Layout:
@@ -154,10 +213,11 @@ def layout_of(file) -> Layout:
         from loratool.io.codecs.gguf_quants import detect
 
         layout = detect(file)
+    elif file in _SIBLINGS:
+        scope = _Shards([file, *_SIBLINGS[file]])
+        layout = _local(file, _detect(scope), scope.owner)
     else:
-        layout = Layout()
-        for detect in _detectors():
-            detect(file, layout)
+        layout = _detect(file)
     _LAYOUTS[file] = layout
     return layout
 

@@ -169,6 +169,31 @@ def _state(file, key: str) -> dict | None:
     return state if ok else None
 
 
+def _inconsistent(file, weight: str, aux: dict[str, str], state: dict) -> str | None:
+    """Why the stored tensors cannot hold the weight the quant state describes (None when they can)."""
+    n = 1
+    for d in state["shape"]:
+        n *= d
+    blocks = -(-n // state["blocksize"])
+    numel = {role: _numel(file.info(key).shape) for role, key in aux.items()}
+    if file.info(weight).nbytes * 2 < n:
+        return f"{weight} holds {file.info(weight).nbytes * 2} codes, the quant state says {n}"
+    if numel["absmax"] != blocks or numel["quant_map"] != 16:
+        return f"{weight}: {numel['absmax']} block maxima and {numel['quant_map']} code values for {blocks} blocks"
+    if "nested_blocksize" in state:
+        nested = -(-blocks // state["nested_blocksize"])
+        if numel["nested_absmax"] != nested or numel["nested_quant_map"] != 256:
+            return f"{weight}: nested absmax / map sizes {numel['nested_absmax']} / {numel['nested_quant_map']}"
+    return None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def detect_4bit(file, layout: Layout) -> None:
     keys = file.header.tensors
     for key in keys:
@@ -190,6 +215,10 @@ def detect_4bit(file, layout: Layout) -> None:
                                                  f"bitsandbytes 4-bit weight without {', '.join(missing)}"),
                              None, aux, "bitsandbytes"))
             continue
+        bad = _inconsistent(file, weight, aux, state)
+        if bad:
+            layout.add(Entry(weight, Unsupported("bitsandbytes 4-bit (inconsistent)", bad), None, aux, "bitsandbytes"))
+            continue
         layout.add(Entry(weight, BnB4(state), tuple(state["shape"]), aux, "bitsandbytes"))
 
 
@@ -200,7 +229,8 @@ def detect_int8(file, layout: Layout) -> None:
             continue
         base = key[: -len("SCB")]
         weight = base + "weight"
-        if weight in keys and keys[weight].dtype_name == "I8" and weight not in layout.entries:
+        if (weight in keys and keys[weight].dtype_name == "I8" and weight not in layout.entries
+                and keys[weight].shape and tuple(keys[key].shape) == (keys[weight].shape[0],)):
             layout.add(Entry(weight, BnB8(), tuple(keys[weight].shape), {"scb": key}, "bitsandbytes"))
             if base + "weight_format" in keys:
                 layout.markers.add(base + "weight_format")
