@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from bench_merge import load, write_lora  # the same rank-r PEFT adapter on every 1/touch-th tensor
 
 from loratool.io.safetensors_writer import StreamingWriter, TensorSpec
 
@@ -44,28 +44,6 @@ def write_bases(fp8: Path, fp16: Path, n: int) -> None:
             q = block.to(torch.float8_e4m3fn)
             w8.write_tensor(name, q)
             w16.write_tensor(name, q.half())  # the same values: fp8 is exact in fp16
-
-
-def write_lora(folder: Path, n: int, touch: float, rank: int) -> int:
-    folder.mkdir()
-    gen = torch.Generator().manual_seed(1)
-    step = max(1, round(1 / touch)) if touch > 0 else n + 1
-    layers = list(range(0, n, step))
-    tensors = {}
-    for i in layers:
-        stem = f"base_model.model.layers.{i}.proj"
-        tensors[f"{stem}.lora_A.weight"] = torch.randn(rank, COLS, generator=gen) * 0.01
-        tensors[f"{stem}.lora_B.weight"] = torch.randn(ROWS, rank, generator=gen) * 0.01
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["proj"],
-        "task_type": None, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-    }))
-    return len(layers)
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def timed(cmd: list[str]) -> tuple[float, dict]:

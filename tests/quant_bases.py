@@ -29,13 +29,7 @@ def is_linear(key: str) -> bool:
 
 def wide_llama(seed: int = 0):
     """A tiny LLaMA whose rows are whole 64-blocks (bitsandbytes' CPU 4-bit kernel needs that, see test_quant_bnb)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, hidden_size=64, intermediate_size=128)
 
 
 def peft_oracle(decoded: dict[str, torch.Tensor], targets, strength: float = 1.0, seed: int = 1, std: float = 0.1,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import InputError
-from loratool.io.safetensors_file import Header, TensorInfo, torch_dtypes
+from loratool.io.safetensors_file import Header, SafetensorsFile, TensorInfo, torch_dtypes
 
 if TYPE_CHECKING:
     import torch
@@ -241,8 +241,9 @@ def is_gguf(path: str | os.PathLike) -> bool:
         return False
 
 
-class GGUFFile:
-    """A GGUF file opened lazily: header now, tensor bytes on demand.
+class GGUFFile(SafetensorsFile):
+    """A GGUF file opened lazily: header now, tensor bytes on demand (``keys``, ``info``, ``raw_bytes``
+    as for a safetensors file; ``get`` only for plain float types).
 
     ``permutations`` (presented name -> head count) marks weights llama.cpp's converter stored with
     their rows permuted (:mod:`loratool.arch.gguf_names`); the GGUF codec undoes it on reading.
@@ -255,10 +256,6 @@ class GGUFFile:
         self.permutations = dict(permutations or {})
 
     @property
-    def metadata(self) -> dict[str, str]:
-        return self.header.metadata
-
-    @property
     def fields(self) -> dict[str, Any]:
         return self.header.fields
 
@@ -266,27 +263,6 @@ class GGUFFile:
     def architecture(self) -> str | None:
         arch = self.fields.get("general.architecture")
         return arch if isinstance(arch, str) else None
-
-    def keys(self) -> list[str]:
-        return list(self.header.tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.header.tensors
-
-    def info(self, name: str) -> GGUFTensorInfo:
-        return self.header.tensors[name]
-
-    def raw_bytes(self, name: str) -> bytes:
-        info = self.header.tensors[name]
-        try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.header.data_offset + info.start)
-                data = fh.read(info.nbytes)
-        except OSError as exc:
-            raise InputError(f"{self.path}: cannot read tensor {info.stored_name!r} ({exc.strerror or exc})") from None
-        if len(data) != info.nbytes:
-            raise InputError(f"{self.path}: tensor {info.stored_name!r} is cut short (file changed while reading?)")
-        return data
 
     def spans(self) -> list[tuple[int, int]]:
         """Absolute byte spans that tile the whole file: the header, each tensor, and the padding between."""

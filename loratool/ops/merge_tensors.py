@@ -83,6 +83,17 @@ def _result_nonfinite(work: torch.Tensor, result: torch.Tensor) -> bool:
     return _nonfinite(result)
 
 
+def _written_nonfinite(work: torch.Tensor, stored: torch.Tensor, written: torch.Tensor) -> bool:
+    """NaN/Inf in ``written`` (the decoded output of ``work``): for a float stored kind (float8) one
+    aminmax of ``work`` within its range settles it, as in :func:`_result_nonfinite`."""
+    if stored.is_floating_point() and work.numel():
+        lo, hi = torch.aminmax(work)
+        top = torch.finfo(stored.dtype).max
+        if -top <= float(lo) and float(hi) <= top:
+            return False
+    return _nonfinite(written)
+
+
 def _check_adapter_finite(adapter: Adapter, name: str) -> None:
     for m in adapter:
         for tname, t in m.all_tensors().items():
@@ -343,7 +354,7 @@ class PartMerger:
             new = codec.encode(work, stored, entry, self.policy.rounding)
             new.aux = {**stored.aux, **new.aux}  # roles encode leaves alone (code maps, states) stay
             written, kind = codec.decode(new, entry).to(self.device), codec.label
-            if touched and not self.allow_nonfinite and _nonfinite(written):
+            if touched and not self.allow_nonfinite and _written_nonfinite(work, new.tensor, written):
                 raise NonFiniteError(f"merging {', '.join(dict.fromkeys(labels))} into {entry.key} gives NaN/Inf in "
                                      f"{codec.label} (use --allow-nonfinite to write it anyway)")
             if isinstance(codec, FP8):  # torch's cast clips e4m3fn at ±448 (one aminmax settles most tensors)
