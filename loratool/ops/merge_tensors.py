@@ -349,7 +349,7 @@ class PartMerger:
                 raise NonFiniteError(f"merging {', '.join(dict.fromkeys(labels))} into {entry.key} gives NaN/Inf in "
                                      f"{target} (use --allow-nonfinite to write it anyway)")
             writer.write_tensor(entry.key, result.to("cpu"))
-            written, kind = result.to(torch.float32), str(target).removeprefix("torch.")
+            written, kind = (result.to(torch.float32) if touched else None), str(target).removeprefix("torch.")
         else:
             new = codec.encode(work, stored, entry, self.policy.rounding)
             new.aux = {**stored.aux, **new.aux}  # roles encode leaves alone (code maps, states) stay
