@@ -40,10 +40,14 @@ def merge_command(
     if as_json:
         print_json(result.to_json())
         return
-    if result.unmatched:
-        shown = ", ".join(result.unmatched[:20])
-        more = f" and {len(result.unmatched) - 20} more" if len(result.unmatched) > 20 else ""
-        warn(f"{len(result.unmatched)} adapter modules match no base weight and were skipped: {shown}{more}")
+    explained = {m for g in result.unmatched_groups for m in g["labels"]}
+    for g in result.unmatched_groups:
+        warn(f"{g['modules']} adapter modules ({g['group']}) skipped: {g['reason']}")
+    rest = [u for u in result.unmatched if u not in explained]
+    if rest:
+        shown = ", ".join(rest[:20])
+        more = f" and {len(rest) - 20} more" if len(rest) > 20 else ""
+        warn(f"{len(rest)} adapter modules match no base weight and were skipped: {shown}{more}")
     if result.dropped_files:
         warn(f"weight files not merged and not copied: {', '.join(result.dropped_files)}")
     table = Table(title=f"merged into {result.output}", show_header=True)

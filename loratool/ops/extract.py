@@ -343,7 +343,7 @@ def extract(
             f"{sorted({c for c, _ in ft.params})}, base components {sorted({c for c, _ in bs.params})}); "
             f"are they the same architecture?"
         )
-    adapter = Adapter(source_format=None)
+    adapter = Adapter(source_format=None, family=_base_family(bs))
     result = ExtractResult(adapter=adapter, device=str(dev), solver="exact" if exact else "randomized")
     for comp, name in ft.params:
         if (comp, name) not in bs.params:
@@ -411,6 +411,30 @@ def extract(
         progress("extract", total, total)
     adapter.metadata.update(_metadata(finetuned, base, settings, dynamic, param))
     return result
+
+
+def _base_family(w: _Weights) -> str | None:
+    """The arch family of the base (so writers name the modules natively), from its headers and configs."""
+    import json
+
+    from loratool import arch
+    from loratool.arch.checkpoints import base_family
+
+    ckpt = w.ckpt
+    shapes = {k: tuple(p.file.info(k).shape) for g in ckpt.groups for k, p in g.key_to_part.items()}
+    folder = ckpt.root if ckpt.is_folder else ckpt.root.parent
+    configs = {}
+    for name in ("model_index.json", "config.json"):
+        try:
+            configs[name] = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            configs[name] = None
+    if ckpt.kind == "pipeline":
+        family, _ = base_family(shapes, pipeline=configs["model_index.json"])
+    else:
+        family, _ = base_family(shapes, config=configs["config.json"] if isinstance(configs["config.json"], dict)
+                                else None)
+    return family if family in arch.families() else None
 
 
 def _metadata(finetuned, base, s: _Settings, dynamic, param) -> dict[str, str]:

@@ -65,6 +65,8 @@ class MergeResult:
     peak_rss_mb: float = 0.0
     device: str = "cpu"
     dtype: str | None = None
+    # unmatched modules the base's family explains (a LoRA for another variant), per group with the reason
+    unmatched_groups: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -75,6 +77,7 @@ class MergeResult:
             "matched": self.matched,
             "matched_total": sum(self.matched.values()),
             "unmatched": self.unmatched,
+            "unmatched_groups": self.unmatched_groups,
             "merged_tensors": self.merged_tensors,
             "skipped": self.skipped,
             "dropped_files": self.dropped_files,
@@ -294,6 +297,7 @@ def merge(
         strengths=values,
         matched=dict(plan.matched),
         unmatched=list(plan.unmatched),
+        unmatched_groups=list(plan.unmatched_groups),
         merged_tensors=merger.merged,
         skipped=merger.skipped,
         dropped_files=dropped,

@@ -356,6 +356,9 @@ def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: s
         for adapter, name in zip(adapters, names):
             _check_adapter_finite(adapter, name)
     plan = match(adapters, values, ckpt, names=names)
+    from loratool.arch.dit_checkpoints import explain_unmatched
+
+    plan.unmatched_groups = explain_unmatched(ckpt, plan.unmatched)
     if strict and plan.unmatched:
         more = f" and {len(plan.unmatched) - 10} more" if len(plan.unmatched) > 10 else ""
         raise MatchError(

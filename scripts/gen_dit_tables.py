@@ -1,0 +1,115 @@
+"""Regenerate the DiT family tables shipped in ``loratool/arch/*_modules.json`` (Wan, HunyuanVideo, LTX,
+Qwen-Image, Z-Image, Lumina 2, HiDream, Flux.2, Chroma, Krea 2, Anima, ERNIE-Image) from diffusers'
+model classes on the ``meta`` device (no weights, no network).
+
+Run ``python scripts/gen_dit_tables.py [family ...]``. The configs are the published ones (the
+``config.json`` of each released ``transformer/`` folder), hard-coded below. For every variant the
+script checks that the family's native naming covers every weight-owning module of the diffusers
+model (Linear, Conv, Embedding, norms) and stops naming the first uncovered ones otherwise. Each
+table holds, for block 0 only (kohya name restoration templates block indices):
+
+* ``diffusers_modules``: every weight-owning module path of the diffusers model (union of variants);
+* ``native_modules``: the same modules in the family's native naming;
+* ``spelling_modules``: in the other native spellings the family reads (musubi-tuner's);
+* ``variants``: the published configs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loratool.arch import dit  # noqa: E402
+from loratool.arch.generate import meta_model, weight_paths  # noqa: E402
+
+ARCH = ROOT / "loratool" / "arch"
+
+_WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+VARIANTS: dict[str, dict[str, dict]] = {
+    # Wan-AI/Wan2.1-*-Diffusers and Wan2.2-*-Diffusers transformer/config.json
+    "wan": {
+        "wan2.1-t2v-1.3b": dict(_WAN_14B, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+        "wan2.1-t2v-14b": dict(_WAN_14B),
+        "wan2.1-i2v-14b": dict(_WAN_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
+        "wan2.1-flf2v-14b": dict(_WAN_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120,
+                                 pos_embed_seq_len=514),
+        "wan2.2-ti2v-5b": dict(_WAN_14B, num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
+                               out_channels=48),
+        "wan2.2-t2v-a14b": dict(_WAN_14B),
+        "wan2.2-i2v-a14b": dict(_WAN_14B, in_channels=36),
+    },
+}
+
+
+def block_zero(path: str, blocks: set[str]) -> bool:
+    """Paths outside indexed blocks, and those of block 0."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1):
+        if ".".join(parts[:i + 1]) in blocks and parts[i + 1].isdigit():
+            return parts[i + 1] == "0"
+    return True
+
+
+def family_table(spec: dit.DitFamily) -> dict:
+    import diffusers
+
+    cls = getattr(diffusers, spec.diffusers_class)
+    diff_paths: set[str] = set()
+    native: set[str] = set()
+    spelled: set[str] = set()
+    uncovered: set[str] = set()
+    variants = VARIANTS[spec.name]
+    for cfg in variants.values():
+        model = meta_model(lambda c=cfg: cls(**c))
+        for path in weight_paths(model):
+            diff_paths.add(path)
+            if spec.naming is None:
+                continue
+            hit = spec.naming.native_of(path)
+            if hit is None:
+                uncovered.add(path)
+                continue
+            native.add(hit[0])
+            for other in spec.spellings:
+                alt = other.native_of(path)
+                if alt is not None:
+                    spelled.add(alt[0])
+    if uncovered:
+        raise SystemExit(f"{spec.name}: native naming lacks {sorted(uncovered)[:8]}")
+    diff_blocks = {b.diffusers for b in spec.primary.blocks} if spec.naming is not None else set(spec.block_lists)
+    native_blocks = {b.native for n in spec.namings for b in n.blocks} if spec.naming is not None else set()
+    return {
+        "family": spec.name,
+        "class": spec.diffusers_class,
+        "variants": {name: _jsonable(cfg) for name, cfg in variants.items()},
+        "diffusers_modules": sorted(p for p in diff_paths if block_zero(p, diff_blocks)),
+        "native_modules": sorted(p for p in native if block_zero(p, native_blocks)),
+        "spelling_modules": sorted(p for p in spelled if block_zero(p, native_blocks)),
+    }
+
+
+def _jsonable(cfg: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def main(names: list[str]) -> None:
+    for spec in dit.specs().values():
+        if names and spec.name not in names:
+            continue
+        if spec.name not in VARIANTS:
+            print(f"skip {spec.name}: no published configs here")
+            continue
+        path = ARCH / f"{spec.table}.json"
+        path.write_text(json.dumps(family_table(spec), indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main([a for a in sys.argv[1:] if re.match(r"^\w+$", a)])

@@ -1,0 +1,217 @@
+"""Tiny configurations of diffusers' own DiT model classes, and the LoRA / checkpoint files the DiT family
+tests build from them (tests/test_dit_families.py).
+
+Everything here is built from the real libraries: the models are diffusers' classes (a few layers, widths
+of 8–32), native single files are checked against diffusers' single-file converters before use, and the
+expected ΔW / merged weights always come from diffusers' LoRA converters, PEFT and ``fuse_lora``.
+
+Key names per layout, from the tools that write them (cited per family in ``CASES``):
+
+* native: ``diffusion_model.`` + the original repository's module path + ``.lora_A.weight`` / ``.lora_B.weight``
+  (+ ``.alpha``, ``.diff_b``): ComfyUI's format, written by diffusion-pipe (``models/base.py``
+  ``ComfyPipeline.save_adapter``) and lightx2v;
+* kohya: ``lora_unet_`` + the same path with dots as underscores + ``.lora_down.weight`` / ``.lora_up.weight``
+  / ``.alpha``: musubi-tuner (``networks/lora.py``: ``f"{prefix}.{name}".replace(".", "_")``);
+* diffusers: ``transformer.`` + diffusers' module path + ``.lora_A.weight`` / ``.lora_B.weight``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.loaders import lora_conversion_utils as lcu
+from diffusers.loaders import single_file_utils as sfu
+
+from loratool.arch import dit
+
+
+@dataclass
+class Case:
+    """One family on a tiny diffusers model."""
+
+    family: str
+    cls: str  # diffusers model class
+    config: dict
+    pipeline: str  # diffusers pipeline whose lora_state_dict converts LoRA files (the oracle)
+    # native module paths (depth of the tiny config) the test LoRAs adapt
+    targets: list[str]
+    # diffusers' single-file converter (native state dict -> diffusers state dict)
+    single_file: Callable | None = None
+    # diffusers' converter for native (diffusion_model.) LoRA keys, and for kohya (lora_unet_) keys
+    native_converter: Callable | None = None
+    kohya_converter: Callable | None = None
+    # native paths diffusers' converter ignores the alpha of (the test stores none there: alpha = r)
+    alpha_ignored: tuple[str, ...] = ()
+    # native paths whose LoRA also carries a bias delta (diff_b)
+    diff_b: tuple[str, ...] = ()
+    # the kohya LoRA must list every one of these native paths (converters that pop them unconditionally)
+    kohya_targets: list[str] = field(default_factory=list)
+    variant: str = ""  # what ``info`` must say (a substring)
+    metadata: dict = field(default_factory=dict)
+    source: str = ""  # where the key names come from
+
+
+WAN_TINY = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+                ffn_dim=24, num_layers=2, rope_max_seq_len=32)
+WAN_I2V_TINY = dict(WAN_TINY, image_dim=12, added_kv_proj_dim=16)
+
+
+def _wan_blocks(n: int, i2v: bool) -> list[str]:
+    out = []
+    for i in range(n):
+        for attn in ("self_attn", "cross_attn"):
+            out += [f"blocks.{i}.{attn}.{p}" for p in "qkvo"]
+        if i2v:
+            out += [f"blocks.{i}.cross_attn.k_img", f"blocks.{i}.cross_attn.v_img"]
+        out += [f"blocks.{i}.ffn.0", f"blocks.{i}.ffn.2"]
+    return out
+
+
+CASES: dict[str, Case] = {
+    # Wan-Video/Wan2.1 wan/modules/model.py names; diffusers _convert_non_diffusers_wan_lora_to_diffusers /
+    # _convert_musubi_wan_lora_to_diffusers; musubi-tuner networks/lora_wan.py (lora_unet_, WanAttentionBlock).
+    "wan": Case(
+        family="wan", cls="WanTransformer3DModel", config=WAN_I2V_TINY, pipeline="WanPipeline",
+        targets=[*_wan_blocks(2, True), "text_embedding.0", "time_embedding.2", "time_projection.1", "head.head",
+                 "img_emb.proj.1", "img_emb.proj.3"],
+        single_file=sfu.convert_wan_transformer_to_diffusers,
+        native_converter=lcu._convert_non_diffusers_wan_lora_to_diffusers,
+        kohya_converter=lcu._convert_musubi_wan_lora_to_diffusers,
+        alpha_ignored=("text_embedding.0", "time_embedding.2", "time_projection.1", "head.head", "img_emb.proj.1",
+                       "img_emb.proj.3"),
+        diff_b=("blocks.0.self_attn.q", "blocks.1.ffn.2"),
+        kohya_targets=_wan_blocks(2, True),
+        variant="Wan 2.1 I2V",
+        source="Wan2.1 wan/modules/model.py; diffusers lora_conversion_utils Wan converters; musubi-tuner lora_wan.py",
+    ),
+}
+
+
+def tiny_model(case: Case, config: dict | None = None, seed: int = 0):
+    import diffusers
+
+    torch.manual_seed(seed)
+    model = getattr(diffusers, case.cls)(**(config or case.config)).double().eval()
+    # biases and norm scales start at 0 / 1 in some classes: randomise every parameter so a misplaced
+    # row range or swapped half cannot pass by accident
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def native_checkpoint(case: Case, state: dict[str, torch.Tensor], prefix: str = "model.diffusion_model.") -> dict:
+    """The native single file of a diffusers state dict: each native module's parts stacked by rows (halves
+    swapped where the naming says), native parameters renamed. Checked against diffusers' converter by the
+    tests before any use."""
+    spec = dit.get(case.family)
+    naming = spec.primary
+    out: dict[str, torch.Tensor] = {}
+    fused_parts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        module, _, suffix = name.rpartition(".")
+        hit = naming.native_of(module) if suffix in ("weight", "bias") else None
+        if hit is not None:
+            fused_parts.setdefault((hit[0], suffix), {})[hit[1]] = tensor
+            continue
+        param = spec.params.native_of(name) if spec.params is not None else None
+        assert param is not None, f"{case.family}: no native name for {name}"
+        out[prefix + param[0]] = tensor.clone()
+    for (native, suffix), parts in fused_parts.items():
+        targets = naming.diffusers_of(native)
+        assert len(parts) == len(targets), (native, sorted(parts))
+        t = torch.cat([parts[i] for i in range(len(targets))], dim=0)
+        if len(targets) == 1 and naming.swapped(native, None):
+            a, b = t.chunk(2)
+            t = torch.cat([b, a])
+        out[f"{prefix}{native}.{suffix}"] = t.clone()
+    return out
+
+
+def check_native_checkpoint(case: Case, native: dict, state: dict) -> None:
+    """diffusers' own single-file converter turns ``native`` back into ``state``, tensor for tensor."""
+    back = case.single_file(copy.copy(dict(native)))
+    assert set(back) == set(state), sorted(set(back) ^ set(state))[:8]
+    for k, v in state.items():
+        assert torch.equal(back[k], v), k
+
+
+def weight_of(case: Case, state: dict, native: str) -> torch.Tensor:
+    """The native module's weight (fused parts stacked) from a diffusers state dict."""
+    spec = dit.get(case.family)
+    parts = [state[t + ".weight"] for t in spec.primary.diffusers_of(native)]
+    return torch.cat(parts, dim=0)
+
+
+def lora_factors(case: Case, state: dict, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """{native path: (down, up, alpha)} for every target; alpha None where diffusers ignores it."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, native in enumerate(case.targets):
+        w = weight_of(case, state, native)
+        r = 2 + n % 3
+        down = torch.randn(r, *w.shape[1:], generator=gen, dtype=torch.float64) * 0.2
+        up = torch.randn(w.shape[0], r, *([1] * (w.dim() - 2)), generator=gen, dtype=torch.float64) * 0.2
+        alpha = None if native in case.alpha_ignored else float(1 + n % 4)
+        out[native] = (down, up, alpha)
+    return out
+
+
+def native_lora(case: Case, factors: dict, seed: int = 7, down_up: tuple[str, str] = ("lora_A", "lora_B"),
+                prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for native, (down, up, alpha) in factors.items():
+        sd[f"{prefix}{native}.{down_up[0]}.weight"] = down.clone()
+        sd[f"{prefix}{native}.{down_up[1]}.weight"] = up.clone()
+        if alpha is not None:
+            sd[f"{prefix}{native}.alpha"] = torch.tensor(alpha, dtype=torch.float64)
+        if native in case.diff_b:
+            sd[f"{prefix}{native}.diff_b"] = torch.randn(up.shape[0], generator=gen, dtype=torch.float64) * 0.1
+    return sd
+
+
+def kohya_lora(factors: dict, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
+    sd = {}
+    for native, (down, up, alpha) in factors.items():
+        head = prefix + native.replace(".", "_")
+        sd[head + ".lora_down.weight"] = down.clone()
+        sd[head + ".lora_up.weight"] = up.clone()
+        sd[head + ".alpha"] = torch.tensor(float(down.shape[0]) if alpha is None else alpha, dtype=torch.float64)
+    return sd
+
+
+def fused_state(model) -> dict[str, torch.Tensor]:
+    """The model's weights after ``fuse_lora``, under the plain (adapter-free) names."""
+    return {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def diffusers_fuse(case: Case, model, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The oracle: diffusers' pipeline loader converts ``lora``, PEFT injects it into ``model``, ``fuse_lora``."""
+    import diffusers
+
+    state = getattr(diffusers, case.pipeline).lora_state_dict({k: v.clone() for k, v in lora.items()})
+    state = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in state.items()}
+    model.load_lora_adapter(state, prefix="transformer")
+    model.fuse_lora()
+    return fused_state(model)
+
+
+def peft_deltas(model) -> dict[str, torch.Tensor]:
+    """{module path: ΔW (and path + ".bias": Δb)} of every PEFT LoRA layer injected in ``model`` (PEFT's own
+    ``get_delta_weight`` and ``scaling``)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        for adapter in mod.lora_A:
+            out[name] = mod.get_delta_weight(adapter).double()
+            bias = mod.lora_B[adapter].bias
+            if bias is not None:
+                out[name + ".bias"] = (bias * mod.scaling[adapter]).double()
+    return out
