@@ -79,7 +79,7 @@ def test_native_single_file_is_what_diffusers_reads(built):
 
 def test_every_key_is_placed(built, tmp_path):
     case, _, state, _, tmp, files = built
-    for layout, sd in files.items():
+    for layout in files:
         adapter = loratool.load(tmp / f"{layout}.safetensors")
         natives = case.targets if layout == "native" else case.kohya_targets
         assert {m.path for m in adapter} == expected_paths(case, natives), layout

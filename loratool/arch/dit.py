@@ -295,7 +295,8 @@ def _kohya_index(name: str):
     return PathIndex.from_paths(get(name).native_module_paths(), templated=True)
 
 
-def detect_native(paths: list[str], metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> DitFamily | None:
+def detect_native(paths: list[str], metadata: Mapping[str, str],
+                  shapes: Mapping[str, tuple[int, ...]]) -> DitFamily | None:
     """The family of a native-layout LoRA from its dotted module paths (prefix removed), metadata
     and the adapted weights' shapes (by path); None when no family knows every path."""
     keys = [f"diffusion_model.{p}.lora_A.weight" for p in paths]

@@ -129,7 +129,8 @@ SPEC = dit.DitFamily(
     variant=adapter_variant,
     base_variant=base_variant,
     mismatches=(
-        dit.Mismatch(r"\.attn2\.(add_k_proj|add_v_proj|norm_added_k)$", "image cross-attention (cross_attn.k_img / v_img)",
+        dit.Mismatch(r"\.attn2\.(add_k_proj|add_v_proj|norm_added_k)$",
+                     "image cross-attention (cross_attn.k_img / v_img)",
                      "only Wan 2.1 I2V / FLF2V 14B have it (CLIP image conditioning); this base has none "
                      "(T2V, or a Wan 2.2 model)"),
         dit.Mismatch(r"^condition_embedder\.image_embedder\.", "image embedder (img_emb)",
