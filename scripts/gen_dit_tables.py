@@ -32,6 +32,8 @@ ARCH = ROOT / "loratool" / "arch"
 _WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
                 text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_QWEN = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
 VARIANTS: dict[str, dict[str, dict]] = {
     # Wan-AI/Wan2.1-*-Diffusers and Wan2.2-*-Diffusers transformer/config.json
     "wan": {
@@ -44,6 +46,32 @@ VARIANTS: dict[str, dict[str, dict]] = {
                                out_channels=48),
         "wan2.2-t2v-a14b": dict(_WAN_14B),
         "wan2.2-i2v-a14b": dict(_WAN_14B, in_channels=36),
+    },
+    # black-forest-labs/FLUX.2-dev, FLUX.2-klein-4B, FLUX.2-klein-9B transformer/config.json
+    "flux2": {
+        "flux.2-dev": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                           num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256,
+                           mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True),
+        "flux.2-klein-4b": dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
+                                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+                                timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                                rope_theta=2000, guidance_embeds=False),
+        "flux.2-klein-9b": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=24,
+                                attention_head_dim=128, num_attention_heads=32, joint_attention_dim=12288,
+                                timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                                rope_theta=2000, guidance_embeds=False),
+    },
+    # lodestones/Chroma1-HD transformer/config.json
+    "chroma": {
+        "chroma1-hd": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                           num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56),
+                           approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5),
+    },
+    # Qwen/Qwen-Image(-Edit, -Edit-2511, -Layered) transformer/config.json
+    "qwen_image": {
+        "qwen-image": _QWEN,
+        "qwen-image-edit-2511": dict(_QWEN, zero_cond_t=True),
+        "qwen-image-layered": dict(_QWEN, use_additional_t_cond=True, use_layer3d_rope=True),
     },
 }
 
@@ -65,10 +93,19 @@ def family_table(spec: dit.DitFamily) -> dict:
     native: set[str] = set()
     spelled: set[str] = set()
     uncovered: set[str] = set()
+    params: set[str] = set()
     variants = VARIANTS[spec.name]
     for cfg in variants.values():
         model = meta_model(lambda c=cfg: cls(**c))
-        for path in weight_paths(model):
+        modules = set(weight_paths(model))
+        for name, _ in model.named_parameters():
+            module, _, suffix = name.rpartition(".")
+            if module in modules and suffix in ("weight", "bias"):
+                continue
+            params.add(name)
+            if spec.params is not None and spec.params.native_of(name) is None:
+                uncovered.add(name)
+        for path in modules:
             diff_paths.add(path)
             if spec.naming is None:
                 continue
@@ -90,6 +127,7 @@ def family_table(spec: dit.DitFamily) -> dict:
         "class": spec.diffusers_class,
         "variants": {name: _jsonable(cfg) for name, cfg in variants.items()},
         "diffusers_modules": sorted(p for p in diff_paths if block_zero(p, diff_blocks)),
+        "diffusers_params": sorted(p for p in params if block_zero(p, diff_blocks)),
         "native_modules": sorted(p for p in native if block_zero(p, native_blocks)),
         "spelling_modules": sorted(p for p in spelled if block_zero(p, native_blocks)),
     }

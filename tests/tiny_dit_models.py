@@ -17,6 +17,7 @@ Key names per layout, from the tools that write them (cited per family in ``CASE
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,9 +50,17 @@ class Case:
     diff_b: tuple[str, ...] = ()
     # the kohya LoRA must list every one of these native paths (converters that pop them unconditionally)
     kohya_targets: list[str] = field(default_factory=list)
-    variant: str = ""  # what ``info`` must say (a substring)
+    variant: str = ""  # what ``info`` must say about the LoRAs (a substring)
+    base_variant: str | None = None  # ... and about the tiny base (None: the base alone cannot tell)
     metadata: dict = field(default_factory=dict)
     source: str = ""  # where the key names come from
+    sf_prefix: str = "model.diffusion_model."  # what the family's single files put before the native names
+    native_alpha: bool = True  # native LoRA files carry .alpha keys (ai-toolkit's FLUX.2 files: none, alpha = r)
+    # the LoRA layout diffusers' pipeline loader converts for the merge oracle ("native" or "kohya")
+    oracle_layout: str = "native"
+    # diffusers converters with a width hard-coded for the released model: {function name: {old: new}}; the
+    # tests run diffusers' own source with the tiny model's width put in (see ``patched_converters``)
+    patches: dict = field(default_factory=dict)
 
 
 WAN_TINY = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
@@ -70,6 +79,34 @@ def _wan_blocks(n: int, i2v: bool) -> list[str]:
     return out
 
 
+QWEN_TINY = dict(in_channels=8, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                 joint_attention_dim=12, axes_dims_rope=(2, 2, 4))
+QWEN_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+              "attn.add_v_proj", "attn.to_add_out", "img_mod.1", "txt_mod.1", "img_mlp.net.0.proj", "img_mlp.net.2",
+              "txt_mlp.net.0.proj", "txt_mlp.net.2")
+QWEN_TARGETS = [*(f"transformer_blocks.{i}.{p}" for i in range(2) for p in QWEN_BLOCK), "img_in", "txt_in", "proj_out",
+                "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
+                "time_text_embed.timestep_embedder.linear_2"]
+
+
+def strip_comfy_prefix(sd: dict) -> dict:
+    """Single files whose native names are diffusers' (ComfyUI's repackaged Qwen-Image, LTX-Video, HiDream
+    files): the converter only drops ``model.diffusion_model.``."""
+    return {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}
+
+
+FLUX2_TINY = dict(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                  joint_attention_dim=16, timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2))
+FLUX2_BLOCKS = [*(f"double_blocks.0.{p}" for p in ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj",
+                                                   "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")),
+                "single_blocks.0.linear1", "single_blocks.0.linear2"]
+CHROMA_TINY = dict(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                   joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+                   approximator_hidden_dim=16, approximator_layers=2)
+CHROMA_BLOCKS = [*(f"double_blocks.0.{p}" for p in ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj",
+                                                    "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")),
+                 "single_blocks.0.linear1", "single_blocks.0.linear2", "img_in", "txt_in", "final_layer.linear"]
+
 CASES: dict[str, Case] = {
     # Wan-Video/Wan2.1 wan/modules/model.py names; diffusers _convert_non_diffusers_wan_lora_to_diffusers /
     # _convert_musubi_wan_lora_to_diffusers; musubi-tuner networks/lora_wan.py (lora_unet_, WanAttentionBlock).
@@ -84,10 +121,93 @@ CASES: dict[str, Case] = {
                        "img_emb.proj.3"),
         diff_b=("blocks.0.self_attn.q", "blocks.1.ffn.2"),
         kohya_targets=_wan_blocks(2, True),
-        variant="Wan 2.1 I2V",
+        variant="Wan 2.1 I2V", base_variant="Wan 2.1 I2V",
         source="Wan2.1 wan/modules/model.py; diffusers lora_conversion_utils Wan converters; musubi-tuner lora_wan.py",
     ),
+    # diffusers QwenImageTransformer2DModel names (= ComfyUI comfy/ldm/qwen_image, musubi-tuner qwen_image_model.py);
+    # diffusers _convert_non_diffusers_qwen_lora_to_diffusers (diffusion_model. and lora_unet_ keys, top-level modules);
+    # musubi-tuner modelspec.architecture "Qwen-Image-Edit" (utils/sai_model_spec.py).
+    "qwen_image": Case(
+        family="qwen_image", cls="QwenImageTransformer2DModel", config=QWEN_TINY, pipeline="QwenImagePipeline",
+        targets=QWEN_TARGETS, single_file=strip_comfy_prefix,
+        native_converter=lcu._convert_non_diffusers_qwen_lora_to_diffusers,
+        kohya_converter=lcu._convert_non_diffusers_qwen_lora_to_diffusers, kohya_targets=QWEN_TARGETS,
+        variant="Qwen-Image-Edit", metadata={"modelspec.architecture": "Qwen-Image-Edit/lora"},
+        source="diffusers transformer_qwenimage.py; lora_conversion_utils Qwen converter; musubi-tuner lora_qwen_image.py",
+    ),
+    # black-forest-labs/flux2 (= musubi-tuner flux_2/flux2_models.py) names; diffusers
+    # convert_flux2_transformer_checkpoint_to_diffusers, _convert_non_diffusers_flux2_lora_to_diffusers (diffusion_model.),
+    # _convert_kohya_flux2_lora_to_diffusers (lora_unet_); musubi-tuner modelspec "Flux.2-klein-4b".
+    # final_layer.adaLN_modulation.1 is left out here: diffusers' LoRA converter does not swap its halves (see
+    # test_flux2_final_modulation_follows_the_weights).
+    "flux2": Case(
+        family="flux2", cls="Flux2Transformer2DModel", config=FLUX2_TINY, pipeline="Flux2Pipeline",
+        targets=[*FLUX2_BLOCKS, "img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
+                 "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin",
+                 "single_stream_modulation.lin", "final_layer.linear"],
+        single_file=sfu.convert_flux2_transformer_checkpoint_to_diffusers, sf_prefix="", native_alpha=False,
+        native_converter=lcu._convert_non_diffusers_flux2_lora_to_diffusers,
+        kohya_converter=lcu._convert_kohya_flux2_lora_to_diffusers,
+        kohya_targets=[*FLUX2_BLOCKS, "img_in", "txt_in", "time_in.in_layer", "time_in.out_layer",
+                       "final_layer.linear"],
+        variant="klein 4B", metadata={"modelspec.architecture": "Flux.2-klein-4b/lora"},
+        source="flux2 / musubi-tuner flux2_models.py; diffusers Flux2 single-file and LoRA converters",
+    ),
+    # lodestones/flow (Chroma) BFL names; diffusers convert_chroma_transformer_checkpoint_to_diffusers (its Flux.1
+    # width 3072 set to the tiny one), Chroma LoRAs through the Flux loader: _convert_kohya_flux_lora_to_diffusers
+    # (width list [3072, 3072, 3072, 12288] likewise); it ignores alpha on final_layer.
+    "chroma": Case(
+        family="chroma", cls="ChromaTransformer2DModel", config=CHROMA_TINY, pipeline="ChromaPipeline",
+        targets=[*CHROMA_BLOCKS, "distilled_guidance_layer.in_proj", "distilled_guidance_layer.layers.1.in_layer",
+                 "distilled_guidance_layer.out_proj"],
+        single_file=sfu.convert_chroma_transformer_checkpoint_to_diffusers,
+        kohya_converter=lcu._convert_kohya_flux_lora_to_diffusers, kohya_targets=CHROMA_BLOCKS,
+        alpha_ignored=("final_layer.linear",), oracle_layout="kohya",
+        # sd-scripts library/sai_model_spec.py: ARCH_FLUX_1_CHROMA = "chroma" (+ "/lora"); without it a
+        # Chroma LoRA's keys are Flux.1's and it reads as Flux.1 (same diffusers names but for modulation)
+        metadata={"modelspec.architecture": "chroma/lora"},
+        patches={"convert_chroma_transformer_checkpoint_to_diffusers": {"inner_dim = 3072": "inner_dim = 16"},
+                 "_convert_kohya_flux_lora_to_diffusers": {"dims=[3072, 3072, 3072, 12288]": "dims=[16, 16, 16, 64]"}},
+        source="lodestones/flow; diffusers Chroma single-file converter, Flux kohya LoRA converter",
+    ),
 }
+
+
+def _patched(fn: Callable, replacements: dict[str, str]) -> Callable:
+    """``fn`` recompiled from its own source with ``replacements`` applied (each must occur)."""
+    import inspect
+    import textwrap
+
+    src = textwrap.dedent(inspect.getsource(fn))
+    for old, new in replacements.items():
+        assert old in src, (fn.__name__, old)
+        src = src.replace(old, new)
+    namespace = dict(fn.__globals__)
+    exec(compile(src, inspect.getsourcefile(fn), "exec"), namespace)
+    return namespace[fn.__name__]
+
+
+@contextlib.contextmanager
+def patched_converters(case: Case):
+    """diffusers' converters of ``case.patches`` with the tiny widths, wherever diffusers looks them up."""
+    from diffusers.loaders import lora_pipeline
+
+    saved = []
+    for name, replacements in case.patches.items():
+        for module in (lcu, sfu, lora_pipeline):
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, _patched(getattr(module, name), replacements))
+    try:
+        yield
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
+def converter(case: Case, fn: Callable) -> Callable:
+    """``fn`` as diffusers would run it on the tiny model (patched for its width when ``case`` says so)."""
+    return _patched(fn, case.patches[fn.__name__]) if fn.__name__ in case.patches else fn
 
 
 def tiny_model(case: Case, config: dict | None = None, seed: int = 0):
@@ -103,23 +223,25 @@ def tiny_model(case: Case, config: dict | None = None, seed: int = 0):
     return model
 
 
-def native_checkpoint(case: Case, state: dict[str, torch.Tensor], prefix: str = "model.diffusion_model.") -> dict:
+def native_checkpoint(case: Case, state: dict[str, torch.Tensor], prefix: str | None = None) -> dict:
     """The native single file of a diffusers state dict: each native module's parts stacked by rows (halves
     swapped where the naming says), native parameters renamed. Checked against diffusers' converter by the
     tests before any use."""
     spec = dit.get(case.family)
     naming = spec.primary
+    prefix = case.sf_prefix if prefix is None else prefix
     out: dict[str, torch.Tensor] = {}
     fused_parts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, tensor in state.items():
+        # parameters first: norm scales whose module is LoRA-able too are stored as ``.scale`` (BFL)
+        param = spec.param_naming.native_of(name) if spec.param_naming is not None else None
+        if param is not None:
+            out[prefix + param[0]] = tensor.clone()
+            continue
         module, _, suffix = name.rpartition(".")
         hit = naming.native_of(module) if suffix in ("weight", "bias") else None
-        if hit is not None:
-            fused_parts.setdefault((hit[0], suffix), {})[hit[1]] = tensor
-            continue
-        param = spec.params.native_of(name) if spec.params is not None else None
-        assert param is not None, f"{case.family}: no native name for {name}"
-        out[prefix + param[0]] = tensor.clone()
+        assert hit is not None, f"{case.family}: no native name for {name}"
+        fused_parts.setdefault((hit[0], suffix), {})[hit[1]] = tensor
     for (native, suffix), parts in fused_parts.items():
         targets = naming.diffusers_of(native)
         assert len(parts) == len(targets), (native, sorted(parts))
@@ -133,7 +255,7 @@ def native_checkpoint(case: Case, state: dict[str, torch.Tensor], prefix: str = 
 
 def check_native_checkpoint(case: Case, native: dict, state: dict) -> None:
     """diffusers' own single-file converter turns ``native`` back into ``state``, tensor for tensor."""
-    back = case.single_file(copy.copy(dict(native)))
+    back = converter(case, case.single_file)(copy.copy(dict(native)))
     assert set(back) == set(state), sorted(set(back) ^ set(state))[:8]
     for k, v in state.items():
         assert torch.equal(back[k], v), k
@@ -167,7 +289,7 @@ def native_lora(case: Case, factors: dict, seed: int = 7, down_up: tuple[str, st
     for native, (down, up, alpha) in factors.items():
         sd[f"{prefix}{native}.{down_up[0]}.weight"] = down.clone()
         sd[f"{prefix}{native}.{down_up[1]}.weight"] = up.clone()
-        if alpha is not None:
+        if alpha is not None and case.native_alpha:
             sd[f"{prefix}{native}.alpha"] = torch.tensor(alpha, dtype=torch.float64)
         if native in case.diff_b:
             sd[f"{prefix}{native}.diff_b"] = torch.randn(up.shape[0], generator=gen, dtype=torch.float64) * 0.1
@@ -193,7 +315,8 @@ def diffusers_fuse(case: Case, model, lora: dict[str, torch.Tensor]) -> dict[str
     """The oracle: diffusers' pipeline loader converts ``lora``, PEFT injects it into ``model``, ``fuse_lora``."""
     import diffusers
 
-    state = getattr(diffusers, case.pipeline).lora_state_dict({k: v.clone() for k, v in lora.items()})
+    with patched_converters(case):
+        state = getattr(diffusers, case.pipeline).lora_state_dict({k: v.clone() for k, v in lora.items()})
     state = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in state.items()}
     model.load_lora_adapter(state, prefix="transformer")
     model.fuse_lora()

@@ -88,6 +88,8 @@ class DitFamily:
     # shapes of canonical modules -> True when they fit this family (tie-breaks look-alike families)
     shapes_fit: Callable[[Mapping[str, tuple[int, ...]]], bool] | None = None
     mismatches: tuple[Mismatch, ...] = ()
+    # names shared with a more common family (Chroma's are Flux.1's): claim a file only on a marker or metadata
+    needs_marker: bool = False
     extra_kohya_prefixes: dict[str, str] = field(default_factory=dict)
 
     # --- namings -----------------------------------------------------------------------------
@@ -101,6 +103,14 @@ class DitFamily:
         if self.naming is not None:
             return self.naming
         return identity_naming(self.title, self.data["diffusers_modules"], self.block_lists)
+
+    @cached_property
+    def param_naming(self) -> fused.FusedNaming | None:
+        """Native parameter -> diffusers parameter for parameters outside the modules (``params``, or the
+        identity over the table's ``diffusers_params`` when native names are diffusers names)."""
+        if self.params is not None or self.naming is not None:
+            return self.params
+        return identity_naming(self.title, self.data.get("diffusers_params", ()), self.block_lists)
 
     @property
     def namings(self) -> tuple[fused.FusedNaming, ...]:
@@ -176,7 +186,7 @@ class DitFamily:
             return 0
         if any(re.search(m, p) for p in known for m in self.markers):
             return 95
-        return 60
+        return 0 if self.needs_marker else 60
 
     def explain(self, unmatched: Iterable[str]) -> list[tuple[str, str, list[str]]]:
         """[(group, reason, paths)] for the unmatched canonical paths a :class:`Mismatch` explains."""
@@ -192,6 +202,12 @@ class DitFamily:
 def _is_diffusers(spec: DitFamily, path: str) -> bool:
     """A diffusers module path of this family (block indices templated against the table)."""
     return _diffusers_templates(spec.name).get(template(path)) is not None
+
+
+def diffusers_module(path: str) -> bool:
+    """Whether ``path`` is a diffusers module path of any DiT family."""
+    t = template(path)
+    return any(t in _diffusers_templates(name) for name in specs())
 
 
 @cache

@@ -62,7 +62,7 @@ def targets(family: str, keys, shapes: Mapping[str, tuple[int, ...]], transforms
             for path, rows in zip(parts, naming.split_rows(module, weight[0], in_features)):
                 out[(dit.COMPONENT, f"{path}.{suffix}")] = Target(key, rows)
             continue
-        param = spec.params.diffusers_of(name) if spec.params is not None else None
+        param = spec.param_naming.diffusers_of(name) if spec.param_naming is not None else None
         if param is not None:
             out[(dit.COMPONENT, param[0])] = Target(key)
     return out

@@ -1,0 +1,93 @@
+"""Family-specific DiT behaviour beyond the shared matrix of tests/test_dit_families.py: swapped modulation
+halves where diffusers' LoRA converter and weight converter disagree, LoRAs for a sibling family or variant
+(Flux.1 on Chroma), detection by shapes where names are shared (FLUX.2 vs Flux.1, Z-Image vs Lumina 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_dit_models import CASES, converter, native_checkpoint, peft_deltas, tiny_model
+
+import loratool
+from loratool.ops.convert import convert
+from loratool.ops.merge import merge
+
+
+def swap(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2)
+    return torch.cat([b, a])
+
+
+def test_flux2_final_modulation_follows_the_weights(tmp_path):
+    """BFL stores final_layer.adaLN_modulation.1 as [shift; scale]; diffusers' weight converter
+    (convert_flux2_transformer_checkpoint_to_diffusers) swaps it into norm_out.linear [scale; shift], its LoRA
+    converter (_convert_non_diffusers_flux2_lora_to_diffusers) does not swap the LoRA's rows. A native LoRA
+    applies to the native weight as stored (ComfyUI); loratool's diffusers output must then be the swapped ΔW,
+    i.e. agree with the weight converter."""
+    import diffusers
+
+    case = CASES["flux2"]
+    model = tiny_model(case)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    native = native_checkpoint(case, state)
+    save_file(native, tmp_path / "base.safetensors")
+    gen = torch.Generator().manual_seed(5)
+    down = torch.randn(3, 16, generator=gen, dtype=torch.float64)
+    up = torch.randn(32, 3, generator=gen, dtype=torch.float64)
+    key = "diffusion_model.final_layer.adaLN_modulation.1"
+    save_file({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, tmp_path / "lora.safetensors")
+
+    merge(tmp_path / "base.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
+    merged = load_file(tmp_path / "out.safetensors")
+    stored = "final_layer.adaLN_modulation.1.weight"
+    assert torch.allclose(merged[stored], native[stored] + up @ down, rtol=0, atol=1e-12)
+    back = converter(case, case.single_file)(dict(merged))
+    assert torch.allclose(back["norm_out.linear.weight"], state["norm_out.linear.weight"] + swap(up @ down),
+                          rtol=0, atol=1e-12)
+
+    convert(tmp_path / "lora.safetensors", "diffusers", tmp_path / "d.safetensors")
+    state_d, metadata = diffusers.Flux2Pipeline.lora_state_dict(str(tmp_path / "d.safetensors"),
+                                                                  return_lora_metadata=True)
+    fresh = tiny_model(case)
+    fresh.load_lora_adapter(state_d, prefix="transformer", metadata=metadata)
+    delta = peft_deltas(fresh)["norm_out.linear"]
+    assert torch.allclose(delta, swap(up @ down), rtol=0, atol=1e-12)
+
+
+def test_flux1_lora_on_chroma_reports_the_modulation_it_cannot_place(tmp_path):
+    """A kohya Flux.1 LoRA (sd-scripts names, ss_base_model_version flux1) on a Chroma single file: the attention
+    and MLP modules merge; per-block modulation and the timestep / pooled-text embedders have no place in Chroma
+    (its distilled_guidance_layer replaces them) and come back as two named groups with that reason."""
+    case = CASES["chroma"]
+    state = tiny_model(case).state_dict()
+    save_file(native_checkpoint(case, dict(state)), tmp_path / "chroma.safetensors")
+    gen = torch.Generator().manual_seed(2)
+    shapes = {"double_blocks_0_img_attn_proj": (16, 16), "double_blocks_0_img_mod_lin": (96, 16),
+              "double_blocks_0_txt_mod_lin": (96, 16), "single_blocks_0_modulation_lin": (48, 16),
+              "time_in_in_layer": (16, 256), "vector_in_in_layer": (16, 768)}
+    lora = {}
+    for head, (out, inp) in shapes.items():
+        lora[f"lora_unet_{head}.lora_down.weight"] = torch.randn(2, inp, generator=gen)
+        lora[f"lora_unet_{head}.lora_up.weight"] = torch.randn(out, 2, generator=gen)
+    save_file(lora, tmp_path / "flux1.safetensors", metadata={"ss_base_model_version": "flux1"})
+    assert loratool.load(tmp_path / "flux1.safetensors").modules  # a Flux.1 LoRA, read as such
+
+    result = merge(tmp_path / "chroma.safetensors", [tmp_path / "flux1.safetensors"], tmp_path / "out.safetensors")
+    groups = {g["group"].split(" (")[0]: g for g in result.unmatched_groups}
+    assert groups["per-block modulation"]["modules"] == 3
+    assert "distilled_guidance_layer" in groups["per-block modulation"]["reason"]
+    assert groups["timestep / guidance / pooled-text embedders and the final modulation"]["modules"] == 2
+    assert result.matched == {"transformer": 1}
+
+
+@pytest.mark.parametrize("family, rows, expect", [("flux2", 9, "flux2"), ("flux", 7, "flux")])
+def test_flux2_and_flux1_native_loras_are_told_apart_by_shape(tmp_path, family, rows, expect):
+    """Same BFL names (``single_blocks.0.linear1``): FLUX.2's holds 3·D + 2·3·D rows, Flux.1's 3·D + 4·D."""
+    d = 16
+    sd = {"diffusion_model.single_blocks.0.linear1.lora_A.weight": torch.randn(2, d),
+          "diffusion_model.single_blocks.0.linear1.lora_B.weight": torch.randn(rows * d, 2),
+          "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, d),
+          "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * d, 2)}
+    save_file(sd, tmp_path / "l.safetensors")
+    assert loratool.load(tmp_path / "l.safetensors").family == expect
