@@ -133,10 +133,12 @@ CASES: dict[str, Case] = {
         native_converter=lcu._convert_non_diffusers_qwen_lora_to_diffusers,
         kohya_converter=lcu._convert_non_diffusers_qwen_lora_to_diffusers, kohya_targets=QWEN_TARGETS,
         variant="Qwen-Image-Edit", metadata={"modelspec.architecture": "Qwen-Image-Edit/lora"},
-        source="diffusers transformer_qwenimage.py; lora_conversion_utils Qwen converter; musubi-tuner lora_qwen_image.py",
+        source="diffusers transformer_qwenimage.py; lora_conversion_utils Qwen converter; musubi-tuner "
+               "lora_qwen_image.py",
     ),
     # black-forest-labs/flux2 (= musubi-tuner flux_2/flux2_models.py) names; diffusers
-    # convert_flux2_transformer_checkpoint_to_diffusers, _convert_non_diffusers_flux2_lora_to_diffusers (diffusion_model.),
+    # convert_flux2_transformer_checkpoint_to_diffusers, _convert_non_diffusers_flux2_lora_to_diffusers
+    # (diffusion_model.),
     # _convert_kohya_flux2_lora_to_diffusers (lora_unet_); musubi-tuner modelspec "Flux.2-klein-4b".
     # final_layer.adaLN_modulation.1 is left out here: diffusers' LoRA converter does not swap its halves (see
     # test_flux2_final_modulation_follows_the_weights).

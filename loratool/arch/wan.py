@@ -65,7 +65,8 @@ PARAMS = fused.FusedNaming(
     what="a Wan transformer parameter",
     blocks=(fused.Block("blocks", "blocks", {"modulation": ("scale_shift_table",)}),),
     # FLF2V's learned image-token positions (Wan2.1 MLPProj.emb_pos)
-    top={"head.modulation": ("scale_shift_table",), "img_emb.emb_pos": ("condition_embedder.image_embedder.pos_embed",)},
+    top={"head.modulation": ("scale_shift_table",),
+         "img_emb.emb_pos": ("condition_embedder.image_embedder.pos_embed",)},
     swapped=lambda native, module: False,
 )
 
