@@ -34,6 +34,10 @@ _WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 _QWEN = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
              num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+_HV = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+           num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+           qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+           rope_theta=256.0, rope_axes_dim=(16, 56, 56))
 VARIANTS: dict[str, dict[str, dict]] = {
     # Wan-AI/Wan2.1-*-Diffusers and Wan2.2-*-Diffusers transformer/config.json
     "wan": {
@@ -67,6 +71,13 @@ VARIANTS: dict[str, dict[str, dict]] = {
                            num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56),
                            approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5),
     },
+    # hunyuanvideo-community/HunyuanVideo, HunyuanVideo-I2V, lllyasviel/FramePackI2V_HY transformer/config.json
+    "hunyuan_video": {
+        "hunyuanvideo-t2v": _HV,
+        "hunyuanvideo-i2v": dict(_HV, in_channels=33, image_condition_type="latent_concat"),
+        "framepack": dict(_HV, _class="HunyuanVideoFramepackTransformer3DModel", has_image_proj=True,
+                          image_proj_dim=1152, has_clean_x_embedder=True),
+    },
     # Qwen/Qwen-Image(-Edit, -Edit-2511, -Layered) transformer/config.json
     "qwen_image": {
         "qwen-image": _QWEN,
@@ -88,7 +99,6 @@ def block_zero(path: str, blocks: set[str]) -> bool:
 def family_table(spec: dit.DitFamily) -> dict:
     import diffusers
 
-    cls = getattr(diffusers, spec.diffusers_class)
     diff_paths: set[str] = set()
     native: set[str] = set()
     spelled: set[str] = set()
@@ -96,7 +106,9 @@ def family_table(spec: dit.DitFamily) -> dict:
     params: set[str] = set()
     variants = VARIANTS[spec.name]
     for cfg in variants.values():
-        model = meta_model(lambda c=cfg: cls(**c))
+        cfg = dict(cfg)
+        cls = getattr(diffusers, cfg.pop("_class", spec.diffusers_class))
+        model = meta_model(lambda c=cfg, k=cls: k(**c))
         modules = set(weight_paths(model))
         for name, _ in model.named_parameters():
             module, _, suffix = name.rpartition(".")

@@ -58,8 +58,10 @@ def built(request, tmp_path_factory):
     model.save_pretrained(tmp / "transformer", safe_serialization=True)
     factors = lora_factors(case, state, seed=3)
     files = {"native": native_lora(case, factors)}
-    if case.kohya_converter is not None:
+    if case.kohya_targets:
         files["kohya"] = kohya_lora({p: factors[p] for p in case.kohya_targets})
+    if case.comfy:
+        files["comfy"] = native_lora(case, factors, prefix="diffusion_model.", names=case.comfy)
     for name, sd in files.items():
         save_file(sd, tmp / f"{name}.safetensors", metadata=case.metadata or None)
     return case, model, state, native, tmp, files
@@ -82,9 +84,9 @@ def test_every_key_is_placed(built, tmp_path):
     case, _, state, _, tmp, files = built
     for layout in files:
         adapter = loratool.load(tmp / f"{layout}.safetensors")
-        natives = case.targets if layout == "native" else case.kohya_targets
+        natives = case.kohya_targets if layout == "kohya" else case.targets
         assert {m.path for m in adapter} == expected_paths(case, natives), layout
-        assert adapter.source_format == ("native" if layout == "native" else "kohya")
+        assert adapter.source_format == ("kohya" if layout == "kohya" else "native")
         assert all(f"{m.path}.weight" in state for m in adapter)
     # the diffusers layout, as diffusers' own converter writes it
     import diffusers
@@ -119,14 +121,18 @@ def load_deltas(case, tiny, lora_file=None, state=None, metadata=None):
     return peft_deltas(model)
 
 
-@pytest.mark.parametrize("layout", ["native", "kohya"])
+@pytest.mark.parametrize("layout", ["native", "kohya", "comfy"])
 def test_convert_to_diffusers_equals_diffusers_converter(built, layout, tmp_path):
+    """ΔW for ΔW (PEFT's get_delta_weight on what diffusers loads). The ComfyUI-spelled file is held against
+    diffusers' conversion of the same LoRA in the original naming (diffusers reads only that one)."""
     case, _, _, _, tmp, files = built
-    if layout not in files or (layout == "native" and case.native_converter is None):
+    oracle = "native" if layout == "comfy" else layout
+    converter_of = {"native": case.native_converter, "kohya": case.kohya_converter}
+    if layout not in files or converter_of[oracle] is None:
         pytest.skip(f"{case.family}: diffusers has no converter for {layout} keys")
     convert(tmp / f"{layout}.safetensors", "diffusers", tmp_path / "out.safetensors")
     ours = load_deltas(case, None, tmp_path / "out.safetensors")
-    theirs = load_deltas(case, None, tmp / f"{layout}.safetensors")
+    theirs = load_deltas(case, None, tmp / f"{oracle}.safetensors")
     assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))[:6]
     worst = max(relerr(ours[k], theirs[k]) for k in theirs)
     assert worst <= 1e-12, worst

@@ -61,6 +61,9 @@ class Case:
     # diffusers converters with a width hard-coded for the released model: {function name: {old: new}}; the
     # tests run diffusers' own source with the tiny model's width put in (see ``patched_converters``)
     patches: dict = field(default_factory=dict)
+    native_prefix: str = "diffusion_model."  # diffusion-pipe's HunyuanVideo files: "transformer."
+    # a second native spelling of the targets the family reads ({native path: other spelling}): ComfyUI's
+    comfy: dict = field(default_factory=dict)
 
 
 WAN_TINY = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
@@ -106,6 +109,33 @@ CHROMA_TINY = dict(in_channels=8, num_layers=1, num_single_layers=1, attention_h
 CHROMA_BLOCKS = [*(f"double_blocks.0.{p}" for p in ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj",
                                                     "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")),
                  "single_blocks.0.linear1", "single_blocks.0.linear2", "img_in", "txt_in", "final_layer.linear"]
+
+HV_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+               num_single_layers=1, num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
+               rope_axes_dim=(2, 2, 4))
+HV_REFINER = "txt_in.individual_token_refiner.blocks.0"
+HV_TARGETS = [
+    *(f"double_blocks.0.{s}_{p}" for s in ("img", "txt") for p in ("attn_qkv", "attn_proj")),
+    *(f"double_blocks.0.{s}_{p}" for s in ("img", "txt") for p in ("mod.linear", "mlp.fc1", "mlp.fc2")),
+    "single_blocks.0.linear1", "single_blocks.0.linear2", "single_blocks.0.modulation.linear", "img_in.proj",
+    "txt_in.input_embedder", "txt_in.t_embedder.mlp.0", "txt_in.c_embedder.linear_1", f"{HV_REFINER}.self_attn_proj",
+    f"{HV_REFINER}.mlp.fc1", f"{HV_REFINER}.mlp.fc2", f"{HV_REFINER}.adaLN_modulation.1", "time_in.mlp.0",
+    "vector_in.in_layer", "guidance_in.mlp.2", "final_layer.linear"]
+# ComfyUI comfy/lora.py (HunyuanVideo, "diffusion-pipe lora format"): its Flux-style module names become the
+# Tencent ones by "_mod.lin."->"_mod.linear.", "_attn.qkv."->"_attn_qkv.", "_attn.proj."->"_attn_proj.",
+# "mlp.0."->"mlp.fc1.", "mlp.2."->"mlp.fc2.", ".modulation.lin."->".modulation.linear."; the embedders follow
+# comfy/ldm/flux/layers.py MLPEmbedder (in_layer / out_layer).
+HV_COMFY_RULES = (("_mod.linear", "_mod.lin"), ("_attn_qkv", "_attn.qkv"), ("_attn_proj", "_attn.proj"),
+                  ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2"), (".modulation.linear", ".modulation.lin"),
+                  ("t_embedder.mlp.0", "t_embedder.in_layer"), ("c_embedder.linear_1", "c_embedder.in_layer"),
+                  ("time_in.mlp.0", "time_in.in_layer"), ("guidance_in.mlp.2", "guidance_in.out_layer"))
+
+
+def _comfy_name(path: str, rules) -> str:
+    for old, new in rules:
+        path = path.replace(old, new)
+    return path
+
 
 CASES: dict[str, Case] = {
     # Wan-Video/Wan2.1 wan/modules/model.py names; diffusers _convert_non_diffusers_wan_lora_to_diffusers /
@@ -171,6 +201,21 @@ CASES: dict[str, Case] = {
         patches={"convert_chroma_transformer_checkpoint_to_diffusers": {"inner_dim = 3072": "inner_dim = 16"},
                  "_convert_kohya_flux_lora_to_diffusers": {"dims=[3072, 3072, 3072, 12288]": "dims=[16, 16, 16, 64]"}},
         source="lodestones/flow; diffusers Chroma single-file converter, Flux kohya LoRA converter",
+    ),
+    # Tencent/HunyuanVideo names (= musubi-tuner hunyuan_model/models.py); diffusion-pipe models/hunyuan_video.py
+    # writes them behind "transformer." without alphas; diffusers convert_hunyuan_video_transformer_to_diffusers
+    # and _convert_hunyuan_video_lora_to_diffusers (their hard-coded hidden size 3072 set to the tiny 16). Left
+    # out of the oracle: final_layer.adaLN_modulation.1 and the refiner's self_attn_qkv, which diffusers' LoRA
+    # converter splits along lora_A's rank too (wrong ΔW: see docs/families.md).
+    "hunyuan_video": Case(
+        family="hunyuan_video", cls="HunyuanVideoTransformer3DModel", config=HV_TINY, pipeline="HunyuanVideoPipeline",
+        targets=HV_TARGETS, single_file=sfu.convert_hunyuan_video_transformer_to_diffusers, sf_prefix="",
+        native_converter=lcu._convert_hunyuan_video_lora_to_diffusers, native_prefix="transformer.",
+        native_alpha=False, kohya_targets=HV_TARGETS,
+        comfy={p: _comfy_name(p, HV_COMFY_RULES) for p in HV_TARGETS},
+        patches={"_convert_hunyuan_video_lora_to_diffusers": {"hidden_size = 3072": "hidden_size = 16"},
+                 "convert_hunyuan_video_transformer_to_diffusers": {"hidden_size = 3072": "hidden_size = 16"}},
+        source="Tencent/HunyuanVideo; diffusion-pipe; ComfyUI comfy/lora.py; diffusers HunyuanVideo converters",
     ),
 }
 
@@ -285,15 +330,17 @@ def lora_factors(case: Case, state: dict, seed: int) -> dict[str, tuple[torch.Te
 
 
 def native_lora(case: Case, factors: dict, seed: int = 7, down_up: tuple[str, str] = ("lora_A", "lora_B"),
-                prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+                prefix: str | None = None, names: dict | None = None) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
+    prefix = case.native_prefix if prefix is None else prefix
     sd = {}
-    for native, (down, up, alpha) in factors.items():
+    for path, (down, up, alpha) in factors.items():
+        native = (names or {}).get(path, path)
         sd[f"{prefix}{native}.{down_up[0]}.weight"] = down.clone()
         sd[f"{prefix}{native}.{down_up[1]}.weight"] = up.clone()
         if alpha is not None and case.native_alpha:
             sd[f"{prefix}{native}.alpha"] = torch.tensor(alpha, dtype=torch.float64)
-        if native in case.diff_b:
+        if path in case.diff_b:
             sd[f"{prefix}{native}.diff_b"] = torch.randn(up.shape[0], generator=gen, dtype=torch.float64) * 0.1
     return sd
 

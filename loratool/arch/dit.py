@@ -64,11 +64,13 @@ class DitFamily:
     title: str  # "Wan 2.1 / 2.2"
     table: str  # JSON table name in loratool/arch
     diffusers_class: str  # "WanTransformer3DModel"
+    other_classes: tuple[str, ...] = ()  # diffusers classes of variants (FramePack's)
     # model_index.json ``_class_name`` prefixes of its pipelines
     pipelines: tuple[str, ...] = ()
     naming: fused.FusedNaming | None = None  # None: native names are diffusers names (identity)
     spellings: tuple[fused.FusedNaming, ...] = ()
     params: fused.FusedNaming | None = None  # native parameter -> diffusers parameter (single files)
+    spelling_params: fused.FusedNaming | None = None  # the same for files in the other spelling
     # diffusers block lists (identity families): "transformer_blocks", ...
     block_lists: tuple[str, ...] = ()
     # lower-case substrings of ``ss_base_model_version`` / ``modelspec.architecture`` naming this family
@@ -90,6 +92,9 @@ class DitFamily:
     mismatches: tuple[Mismatch, ...] = ()
     # names shared with a more common family (Chroma's are Flux.1's): claim a file only on a marker or metadata
     needs_marker: bool = False
+    # markers that only count in dotted keys: a kohya head loses the dot that tells them apart
+    # (HunyuanVideo's ``img_attn_qkv`` and Flux.1's ``img_attn.qkv`` are both ``img_attn_qkv``)
+    dotted_markers: tuple[str, ...] = ()
     extra_kohya_prefixes: dict[str, str] = field(default_factory=dict)
 
     # --- namings -----------------------------------------------------------------------------
@@ -117,9 +122,13 @@ class DitFamily:
         return (self.primary, *self.spellings)
 
     def native_module_paths(self) -> set[str]:
-        """Every native module path (block 0) of every spelling, and the diffusers ones."""
+        """Every native module path (block 0): the primary naming's, the diffusers ones, and the other spellings'
+        where their kohya (underscore) form is new — where it is not, both spell the same modules and the
+        primary naming restores it."""
         data = self.data
-        return set(data["native_modules"]) | set(data.get("spelling_modules", ())) | set(data["diffusers_modules"])
+        out = set(data["native_modules"]) | set(data["diffusers_modules"])
+        flat = {p.replace(".", "_") for p in out}
+        return out | {p for p in data.get("spelling_modules", ()) if p.replace(".", "_") not in flat}
 
     def knows(self, path: str) -> bool:
         """Whether ``path`` is a module of this family in any naming."""
@@ -176,16 +185,15 @@ class DitFamily:
         marker only we have is among them, 60 when every module is ours, else 0."""
         if self.metadata_says(metadata):
             return 120
-        paths = lora_paths(keys, self)
-        if not paths:
-            return 0
-        known = [p for p in paths if p is not None]
-        if len(known) < len(paths):
+        found = lora_paths(keys, self)
+        if not found or any(p is None for p, _ in found):
             return 0
         if self.shapes_fit is not None and shapes and not self.shapes_fit(shapes):
             return 0
-        if any(re.search(m, p) for p in known for m in self.markers):
-            return 95
+        for path, dotted in found:
+            if any(re.search(m, path) for m in self.markers) and (
+                    dotted or not any(re.search(m, path) for m in self.dotted_markers)):
+                return 95
         return 0 if self.needs_marker else 60
 
     def explain(self, unmatched: Iterable[str]) -> list[tuple[str, str, list[str]]]:
@@ -273,8 +281,9 @@ _LORA_SUFFIX = re.compile(
 _DOTTED_PREFIXES = ("base_model.model.", *NATIVE_PREFIXES, "transformer.")
 
 
-def lora_paths(keys: Iterable[str], spec: DitFamily) -> list[str | None]:
-    """The module path of every LoRA module in ``keys`` as this family would name it (None: not ours).
+def lora_paths(keys: Iterable[str], spec: DitFamily) -> list[tuple[str | None, bool]]:
+    """(module path as this family would name it or None when not ours, whether the key was dotted) for every
+    LoRA module in ``keys``.
 
     Dotted keys (native ``diffusion_model.``, diffusers ``transformer.``) give their path; kohya heads
     (``lora_unet_...``, ``lycoris_...``) are restored through this family's table."""
@@ -285,22 +294,22 @@ def lora_paths(keys: Iterable[str], spec: DitFamily) -> list[str | None]:
             continue
         heads[key[: m.start()]] = None
     index = _kohya_index(spec.name)
-    out: list[str | None] = []
+    out: list[tuple[str | None, bool]] = []
     for head in heads:
         dotted = next((head[len(p):] for p in _DOTTED_PREFIXES if head.startswith(p)), None)
         if dotted is not None:
-            out.append(dotted if spec.knows(dotted) else None)
+            out.append((dotted if spec.knows(dotted) else None, True))
             continue
         body = next((head[len(p) + 1:] for p in ("lora_unet_", "lora_unet", "lycoris") if head.startswith(p + "_")),
                     None)
         if body is None:
-            out.append(None)
+            out.append((None, False))
             continue
         try:
             path = index.restore(body)
         except Exception:  # an ambiguous body is not evidence either way
             path = None
-        out.append(path if path is not None and spec.knows(path) else None)
+        out.append((path if path is not None and spec.knows(path) else None, False))
     return out
 
 

@@ -42,11 +42,14 @@ def single_file_family(keys) -> str | None:
 def targets(family: str, keys, shapes: Mapping[str, tuple[int, ...]], transforms: bool) -> dict:
     """{(``transformer``, diffusers parameter): Target} of a single file of ``family``."""
     spec = dit.get(family)
-    naming = spec.primary
+    param_namings = [n for n in (spec.param_naming, spec.spelling_params) if n is not None]
     out: dict = {}
     for name, key in _inner(keys).items():
         module, _, suffix = name.rpartition(".")
-        parts = naming.diffusers_of(module) if suffix in ("weight", "bias") else None
+        parts = naming = None
+        if suffix in ("weight", "bias"):
+            naming = next((n for n in spec.namings if n.diffusers_of(module) is not None), None)
+            parts = naming.diffusers_of(module) if naming is not None else None
         if parts is not None:
             if len(parts) == 1:
                 if naming.swapped(module, None):
@@ -62,7 +65,7 @@ def targets(family: str, keys, shapes: Mapping[str, tuple[int, ...]], transforms
             for path, rows in zip(parts, naming.split_rows(module, weight[0], in_features)):
                 out[(dit.COMPONENT, f"{path}.{suffix}")] = Target(key, rows)
             continue
-        param = spec.param_naming.diffusers_of(name) if spec.param_naming is not None else None
+        param = next((n.diffusers_of(name) for n in param_namings if n.diffusers_of(name) is not None), None)
         if param is not None:
             out[(dit.COMPONENT, param[0])] = Target(key)
     return out
@@ -80,7 +83,7 @@ def diffusers_family(config: Mapping | None, pipeline: Mapping | None, keys) -> 
     cls = (config or {}).get("_class_name")
     if cls:
         for spec in dit.specs().values():
-            if spec.diffusers_class == cls:
+            if cls == spec.diffusers_class or cls in spec.other_classes:
                 return spec.name, cls
         return None
     paths = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".weight")}
