@@ -178,8 +178,9 @@ SPEC = dit.DitFamily(
     not_metadata=("hunyuan-video-1.5", "hunyuan_video_1_5", "hunyuanvideo-1.5"),
     markers=(r"_mlp\.fc[12]$", r"_mod\.linear$", r"\.modulation\.linear$", r"individual_token_refiner", r"^txt_in\.",
              r"^(time|guidance)_in\.mlp\.", r"_attn_(qkv|proj)$", r"_attn_[qk]_norm$",
-             r"^context_embedder\.token_refiner\.", r"^(image_projection|clean_x_embedder)\."),
+             r"^context_embedder\.token_refiner\.", r"^(image_projection|clean_x_embedder)\.", r"^img_in\.proj$"),
     dotted_markers=(r"_attn_(qkv|proj)$",),
+    needs_marker=True,  # ComfyUI's spelling is Flux.1's: attention-only files in it read as Flux.1
     single_file_marks=("txt_in.individual_token_refiner.blocks.0.norm1.weight",),
     variant=adapter_variant,
     base_variant=base_variant,
