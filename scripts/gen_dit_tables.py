@@ -78,6 +78,17 @@ VARIANTS: dict[str, dict[str, dict]] = {
         "framepack": dict(_HV, _class="HunyuanVideoFramepackTransformer3DModel", has_image_proj=True,
                           image_proj_dim=1152, has_clean_x_embedder=True),
     },
+    # Lightricks/LTX-Video (0.9.x 2B; 0.9.7 13B) transformer/config.json
+    "ltx_video": {
+        "ltxv-2b": dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+                        attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096,
+                        qk_norm="rms_norm_across_heads", attention_bias=True, attention_out_bias=True),
+        "ltxv-13b": dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+                         attention_head_dim=128, cross_attention_dim=4096, num_layers=48, caption_channels=4096,
+                         qk_norm="rms_norm_across_heads", attention_bias=True, attention_out_bias=True),
+    },
+    # Lightricks/LTX-2 transformer/config.json (diffusers' defaults are LTX-2's)
+    "ltx2": {"ltx-2": dict()},
     # Qwen/Qwen-Image(-Edit, -Edit-2511, -Layered) transformer/config.json
     "qwen_image": {
         "qwen-image": _QWEN,
@@ -133,7 +144,11 @@ def family_table(spec: dit.DitFamily) -> dict:
     if uncovered:
         raise SystemExit(f"{spec.name}: native naming lacks {sorted(uncovered)[:8]}")
     diff_blocks = {b.diffusers for b in spec.primary.blocks} if spec.naming is not None else set(spec.block_lists)
-    native_blocks = {b.native for n in spec.namings for b in n.blocks} if spec.naming is not None else set()
+    if spec.naming is None:  # native names are diffusers' own, maybe renamed by table
+        naming = dit.identity_naming(spec.title, sorted(diff_paths), spec.block_lists, spec.renames)
+        native = {naming.native_of(p)[0] for p in diff_paths}
+    native_blocks = {b.native for n in spec.namings for b in n.blocks} if spec.naming is not None \
+        else set(spec.block_lists)
     return {
         "family": spec.name,
         "class": spec.diffusers_class,

@@ -91,3 +91,32 @@ def test_flux2_and_flux1_native_loras_are_told_apart_by_shape(tmp_path, family, 
           "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * d, 2)}
     save_file(sd, tmp_path / "l.safetensors")
     assert loratool.load(tmp_path / "l.safetensors").family == expect
+
+
+def test_ltx_video_renamed_modules_land_where_diffusers_puts_the_weights(tmp_path):
+    """A native LTX-Video LoRA on ``patchify_proj`` / ``adaln_single.linear`` (Lightricks names; diffusers' LoRA
+    converter does not rename them): merged into the native single file it changes exactly what diffusers'
+    weight converter (convert_ltx_transformer_checkpoint_to_diffusers) calls ``proj_in`` / ``time_embed.linear``,
+    and merged into the diffusers folder it changes those same weights by the same ΔW."""
+    case = CASES["ltx_video"]
+    model = tiny_model(case)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file(native_checkpoint(case, state), tmp_path / "base.safetensors")
+    model.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    gen = torch.Generator().manual_seed(9)
+    lora, deltas = {}, {}
+    for native, canonical in (("patchify_proj", "proj_in"), ("adaln_single.linear", "time_embed.linear")):
+        out, inp = state[f"{canonical}.weight"].shape
+        down = torch.randn(2, inp, generator=gen, dtype=torch.float64)
+        up = torch.randn(out, 2, generator=gen, dtype=torch.float64)
+        lora[f"diffusion_model.{native}.lora_A.weight"], lora[f"diffusion_model.{native}.lora_B.weight"] = down, up
+        deltas[f"{canonical}.weight"] = up @ down
+    save_file(lora, tmp_path / "lora.safetensors")
+    merge(tmp_path / "base.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
+    merge(tmp_path / "transformer", [tmp_path / "lora.safetensors"], tmp_path / "out")
+    from_file = converter(case, case.single_file)(load_file(tmp_path / "out.safetensors"))
+    from_folder = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
+    for k, v in state.items():
+        want = v + deltas.get(k, 0)
+        assert torch.allclose(from_file[k], want, rtol=0, atol=1e-12), k
+        assert torch.allclose(from_folder[k], want, rtol=0, atol=1e-12), k

@@ -131,6 +131,24 @@ HV_COMFY_RULES = (("_mod.linear", "_mod.lin"), ("_attn_qkv", "_attn.qkv"), ("_at
                   ("time_in.mlp.0", "time_in.in_layer"), ("guidance_in.mlp.2", "guidance_in.out_layer"))
 
 
+LTXV_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                 num_layers=1, caption_channels=12)
+LTXV_TARGETS = [*(f"transformer_blocks.0.{a}.{p}" for a in ("attn1", "attn2")
+                  for p in ("to_q", "to_k", "to_v", "to_out.0")),
+                "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2", "caption_projection.linear_1",
+                "proj_out"]
+LTX2_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                 audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+                 audio_cross_attention_dim=8, num_layers=1, caption_channels=12)
+LTX2_ATTN = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
+LTX2_TARGETS = [
+    *(f"transformer_blocks.0.{a}.{p}" for a in LTX2_ATTN for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    *(f"transformer_blocks.0.{f}.{p}" for f in ("ff", "audio_ff") for p in ("net.0.proj", "net.2")),
+    "patchify_proj", "audio_patchify_proj", "adaln_single.linear", "audio_adaln_single.emb.timestep_embedder.linear_1",
+    "av_ca_video_scale_shift_adaln_single.linear", "av_ca_v2a_gate_adaln_single.linear", "caption_projection.linear_1",
+    "proj_out", "audio_proj_out"]
+
+
 def _comfy_name(path: str, rules) -> str:
     for old, new in rules:
         path = path.replace(old, new)
@@ -216,6 +234,23 @@ CASES: dict[str, Case] = {
         patches={"_convert_hunyuan_video_lora_to_diffusers": {"hidden_size = 3072": "hidden_size = 16"},
                  "convert_hunyuan_video_transformer_to_diffusers": {"hidden_size = 3072": "hidden_size = 16"}},
         source="Tencent/HunyuanVideo; diffusion-pipe; ComfyUI comfy/lora.py; diffusers HunyuanVideo converters",
+    ),
+    # Lightricks LTX-Video names (diffusion-pipe models/ltx_video.py saves them behind diffusion_model., alpha = r);
+    # diffusers convert_ltx_transformer_checkpoint_to_diffusers, _convert_non_diffusers_ltxv_lora_to_diffusers
+    # (which only strips the prefix: patchify_proj / adaln_single LoRAs are tested in test_dit_family_specifics).
+    "ltx_video": Case(
+        family="ltx_video", cls="LTXVideoTransformer3DModel", config=LTXV_TINY, pipeline="LTXPipeline",
+        targets=LTXV_TARGETS, single_file=sfu.convert_ltx_transformer_checkpoint_to_diffusers,
+        native_converter=lcu._convert_non_diffusers_ltxv_lora_to_diffusers, native_alpha=False,
+        source="Lightricks/LTX-Video; diffusion-pipe; diffusers LTX-Video converters",
+    ),
+    # Lightricks LTX-2 names; diffusers convert_ltx2_transformer_to_diffusers,
+    # _convert_non_diffusers_ltx2_lora_to_diffusers
+    "ltx2": Case(
+        family="ltx2", cls="LTX2VideoTransformer3DModel", config=LTX2_TINY, pipeline="LTX2Pipeline",
+        targets=LTX2_TARGETS, single_file=sfu.convert_ltx2_transformer_to_diffusers,
+        native_converter=lcu._convert_non_diffusers_ltx2_lora_to_diffusers, native_alpha=False,
+        source="Lightricks/LTX-2; diffusers LTX-2 converters",
     ),
 }
 

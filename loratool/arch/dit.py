@@ -73,6 +73,8 @@ class DitFamily:
     spelling_params: fused.FusedNaming | None = None  # the same for files in the other spelling
     # diffusers block lists (identity families): "transformer_blocks", ...
     block_lists: tuple[str, ...] = ()
+    # identity families whose native names differ by a few words: (regex on the diffusers path, native text)
+    renames: tuple[tuple[str, str], ...] = ()
     # lower-case substrings of ``ss_base_model_version`` / ``modelspec.architecture`` naming this family
     metadata: tuple[str, ...] = ()
     # metadata substrings that name another family although they contain one of ours ("flux" in "flux.2")
@@ -107,7 +109,7 @@ class DitFamily:
         """The naming written back (kohya, native): the original repository's, or the identity."""
         if self.naming is not None:
             return self.naming
-        return identity_naming(self.title, self.data["diffusers_modules"], self.block_lists)
+        return identity_naming(self.title, self.data["diffusers_modules"], self.block_lists, self.renames)
 
     @cached_property
     def param_naming(self) -> fused.FusedNaming | None:
@@ -115,7 +117,7 @@ class DitFamily:
         identity over the table's ``diffusers_params`` when native names are diffusers names)."""
         if self.params is not None or self.naming is not None:
             return self.params
-        return identity_naming(self.title, self.data.get("diffusers_params", ()), self.block_lists)
+        return identity_naming(self.title, self.data.get("diffusers_params", ()), self.block_lists, self.renames)
 
     @property
     def namings(self) -> tuple[fused.FusedNaming, ...]:
@@ -223,23 +225,31 @@ def _diffusers_templates(name: str) -> dict[str, bool]:
     return {template(p): True for p in get(name).data["diffusers_modules"]}
 
 
-def identity_naming(title: str, diffusers_modules: Iterable[str], block_lists: tuple[str, ...]) -> fused.FusedNaming:
-    """A naming whose native names are the diffusers names (blocks from ``block_lists``)."""
+def identity_naming(title: str, diffusers_modules: Iterable[str], block_lists: tuple[str, ...],
+                    renames: tuple[tuple[str, str], ...] = ()) -> fused.FusedNaming:
+    """A naming whose native names are the diffusers names (blocks from ``block_lists``), each rewritten by
+    ``renames`` — (regex on the diffusers path, replacement), in order: LTX's ``proj_in`` is ``patchify_proj``."""
     tables: dict[str, dict[str, tuple[str, ...]]] = {b: {} for b in block_lists}
     top: dict[str, tuple[str, ...]] = {}
     for path in diffusers_modules:
         head, _, rest = path.partition(".")
         if head in tables and rest.split(".", 1)[0].isdigit():
             inner = rest.split(".", 1)[1] if "." in rest else ""
-            tables[head][inner] = (inner,)
+            tables[head][_renamed("." + inner, renames)[1:]] = (inner,)
         else:
-            top[path] = (path,)
+            top[_renamed(path, renames)] = (path,)
     return fused.FusedNaming(
         what=f"a {title} transformer module",
         blocks=tuple(fused.Block(b, b, t) for b, t in tables.items()),
         top=top,
         swapped=lambda native, module: False,
     )
+
+
+def _renamed(path: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for pattern, native in renames:
+        path = re.sub(pattern, native, path)
+    return path
 
 
 # --- registry ------------------------------------------------------------------------------------
