@@ -89,6 +89,19 @@ VARIANTS: dict[str, dict[str, dict]] = {
     },
     # Lightricks/LTX-2 transformer/config.json (diffusers' defaults are LTX-2's)
     "ltx2": {"ltx-2": dict()},
+    # Tongyi-MAI/Z-Image-Turbo transformer/config.json
+    "z_image": {
+        "z-image": dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
+                        n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
+                        rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]),
+    },
+    # Alpha-VLLM/Lumina-Image-2.0 transformer/config.json
+    "lumina2": {
+        "lumina-image-2.0": dict(sample_size=128, patch_size=2, in_channels=16, hidden_size=2304, num_layers=26,
+                                 num_refiner_layers=2, num_attention_heads=24, num_kv_heads=8, multiple_of=256,
+                                 norm_eps=1e-5, scaling_factor=1.0, axes_dim_rope=(32, 32, 32),
+                                 axes_lens=(300, 512, 512), cap_feat_dim=2304),
+    },
     # Qwen/Qwen-Image(-Edit, -Edit-2511, -Layered) transformer/config.json
     "qwen_image": {
         "qwen-image": _QWEN,

@@ -23,6 +23,7 @@ from tiny_dit_models import (
     check_native_checkpoint,
     diffusers_fuse,
     kohya_lora,
+    kohya_split_lora,
     lora_factors,
     native_checkpoint,
     native_lora,
@@ -58,7 +59,9 @@ def built(request, tmp_path_factory):
     model.save_pretrained(tmp / "transformer", safe_serialization=True)
     factors = lora_factors(case, state, seed=3)
     files = {"native": native_lora(case, factors)}
-    if case.kohya_targets:
+    if case.kohya_split:
+        files["kohya"] = kohya_split_lora(case, factors, state)
+    elif case.kohya_targets:
         files["kohya"] = kohya_lora({p: factors[p] for p in case.kohya_targets})
     if case.comfy:
         files["comfy"] = native_lora(case, factors, prefix="diffusion_model.", names=case.comfy)
@@ -86,6 +89,9 @@ def test_every_key_is_placed(built, tmp_path):
         adapter = loratool.load(tmp / f"{layout}.safetensors")
         natives = case.kohya_targets if layout == "kohya" else case.targets
         assert {m.path for m in adapter} == expected_paths(case, natives), layout
+        if layout == "kohya" and case.kohya_split:
+            # diffusers names in a kohya file: each part its own module, none fused back
+            assert len(adapter) == len(expected_paths(case, natives))
         assert adapter.source_format == ("kohya" if layout == "kohya" else "native")
         assert all(f"{m.path}.weight" in state for m in adapter)
     # the diffusers layout, as diffusers' own converter writes it
@@ -147,14 +153,16 @@ def test_merge_equals_fuse_lora(built, base_kind, tmp_path):
     assert touched >= {t + ".weight" for t in expected_paths(case, oracle_targets(case))}
     base, out = (tmp / "transformer", tmp_path / "out") if base_kind == "folder" else \
         (tmp / "base.safetensors", tmp_path / "out.safetensors")
-    result = merge(base, [tmp / f"{layout}.safetensors"], out)
-    got = canonical_weights(out)
-    assert not result.unmatched, result.unmatched
-    for k in state:
-        if k in touched:
-            assert relerr(got[k], oracle[k], state[k]) <= 1e-10, k
-        else:
-            assert torch.equal(got[k], state[k]), k
+    # a split kohya file holds the native file's ΔW: both must merge to diffusers' result
+    for source in {layout, "native"} if case.kohya_split else {layout}:
+        result = merge(base, [tmp / f"{source}.safetensors"], out, force=True)
+        got = canonical_weights(out)
+        assert not result.unmatched, result.unmatched
+        for k in state:
+            if k in touched:
+                assert relerr(got[k], oracle[k], state[k]) <= 1e-10, (source, k)
+            else:
+                assert torch.equal(got[k], state[k]), (source, k)
 
 
 def test_extract_from_both_bases(built, tmp_path):

@@ -64,6 +64,9 @@ class Case:
     native_prefix: str = "diffusion_model."  # diffusion-pipe's HunyuanVideo files: "transformer."
     # a second native spelling of the targets the family reads ({native path: other spelling}): ComfyUI's
     comfy: dict = field(default_factory=dict)
+    # the kohya file names diffusers' modules (musubi-tuner's Z-Image): fused native modules are written as their
+    # diffusers parts, with the rows of up each part holds in the weight (same ΔW as the native file)
+    kohya_split: bool = False
 
 
 WAN_TINY = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
@@ -147,6 +150,22 @@ LTX2_TARGETS = [
     "patchify_proj", "audio_patchify_proj", "adaln_single.linear", "audio_adaln_single.emb.timestep_embedder.linear_1",
     "av_ca_video_scale_shift_adaln_single.linear", "av_ca_v2a_gate_adaln_single.linear", "caption_projection.linear_1",
     "proj_out", "audio_proj_out"]
+
+
+ZIMAGE_TINY = dict(in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                   axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])
+ZIMAGE_TARGETS = [*(f"layers.0.{p}" for p in ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2",
+                                              "feed_forward.w3", "adaLN_modulation.0")),
+                  "layers.1.attention.qkv", "noise_refiner.0.attention.qkv", "noise_refiner.0.feed_forward.w2",
+                  "noise_refiner.0.adaLN_modulation.0", "context_refiner.0.attention.out",
+                  "context_refiner.0.feed_forward.w1", "t_embedder.mlp.0", "cap_embedder.1"]
+LUMINA2_TINY = dict(sample_size=16, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+                    num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 2, 2),
+                    axes_lens=(64, 32, 32), cap_feat_dim=16)
+_LUMINA_BLOCK = ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+LUMINA2_TARGETS = [*(f"{b}.{p}" for b in ("layers.0", "layers.1", "noise_refiner.0", "context_refiner.0")
+                     for p in _LUMINA_BLOCK),
+                   *(f"{b}.adaLN_modulation.1" for b in ("layers.0", "layers.1", "noise_refiner.0"))]
 
 
 def _comfy_name(path: str, rules) -> str:
@@ -251,6 +270,33 @@ CASES: dict[str, Case] = {
         targets=LTX2_TARGETS, single_file=sfu.convert_ltx2_transformer_to_diffusers,
         native_converter=lcu._convert_non_diffusers_ltx2_lora_to_diffusers, native_alpha=False,
         source="Lightricks/LTX-2; diffusers LTX-2 converters",
+    ),
+    # Tongyi-MAI Z-Image names (ComfyUI); musubi-tuner's Z-Image LoRAs use diffusers' names (its
+    # networks/convert_z_image_lora_to_comfy.py fuses to_q/k/v into qkv, attention_to_out_0 -> attention_out):
+    # diffusers' _convert_non_diffusers_z_image_lora_to_diffusers reads those (protected n-grams + name fixups);
+    # convert_z_image_transformer_checkpoint_to_diffusers for single files.
+    "z_image": Case(
+        family="z_image", cls="ZImageTransformer2DModel", config=ZIMAGE_TINY, pipeline="ZImagePipeline",
+        targets=ZIMAGE_TARGETS, single_file=sfu.convert_z_image_transformer_checkpoint_to_diffusers,
+        kohya_converter=lcu._convert_non_diffusers_z_image_lora_to_diffusers, kohya_targets=ZIMAGE_TARGETS,
+        kohya_split=True, oracle_layout="kohya", metadata={"modelspec.architecture": "Z-Image/lora"},
+        source="Tongyi-MAI/Z-Image; musubi-tuner lora_zimage.py, convert_z_image_lora_to_comfy.py; diffusers "
+               "Z-Image converters",
+    ),
+    # Alpha-VLLM Lumina-Image-2.0 names (ComfyUI, sd-scripts lumina); diffusers convert_lumina2_to_diffusers and
+    # _convert_non_diffusers_lumina2_lora_to_diffusers with their hard-coded GQA widths (2304, 768, 768) set to
+    # the tiny (32, 16, 16); sd-scripts library/sai_model_spec.py ARCH_LUMINA_2 = "lumina-2".
+    "lumina2": Case(
+        family="lumina2", cls="Lumina2Transformer2DModel", config=LUMINA2_TINY, pipeline="Lumina2Pipeline",
+        # (bare keys: diffusers' converter lists the keys before stripping model.diffusion_model., then pops the
+        # stripped names' old spelling)
+        targets=LUMINA2_TARGETS, single_file=sfu.convert_lumina2_to_diffusers, sf_prefix="",
+        native_converter=lcu._convert_non_diffusers_lumina2_lora_to_diffusers, native_alpha=False,
+        kohya_targets=LUMINA2_TARGETS, metadata={"modelspec.architecture": "lumina-2/lora"},
+        patches={"_convert_non_diffusers_lumina2_lora_to_diffusers": {"[2304, 768, 768]": "[32, 16, 16]"},
+                 "convert_lumina2_to_diffusers": {"q_dim = 2304": "q_dim = 32", "k_dim = v_dim = 768":
+                                                  "k_dim = v_dim = 16"}},
+        source="Alpha-VLLM/Lumina-Image-2.0; diffusers Lumina 2 converters",
     ),
 }
 
@@ -388,6 +434,22 @@ def kohya_lora(factors: dict, prefix: str = "lora_unet_") -> dict[str, torch.Ten
         sd[head + ".lora_up.weight"] = up.clone()
         sd[head + ".alpha"] = torch.tensor(float(down.shape[0]) if alpha is None else alpha, dtype=torch.float64)
     return sd
+
+
+def kohya_split_lora(case: Case, factors: dict, state: dict) -> dict[str, torch.Tensor]:
+    """kohya keys in diffusers' module names: a fused native module's LoRA (shared down, up stacked by rows)
+    written as one LoRA per diffusers part, up cut at the part's rows in the diffusers state dict."""
+    naming = dit.get(case.family).primary
+    split = {}
+    for native in case.kohya_targets:
+        down, up, alpha = factors[native]
+        at = 0
+        for part in naming.diffusers_of(native):
+            rows = state[part + ".weight"].shape[0]
+            split[part] = (down, up[at:at + rows], alpha)
+            at += rows
+        assert at == up.shape[0], native
+    return kohya_lora(split)
 
 
 def fused_state(model) -> dict[str, torch.Tensor]:
