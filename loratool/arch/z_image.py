@@ -62,7 +62,8 @@ SPEC = dit.DitFamily(
     naming=NAMING,
     params=PARAMS,
     metadata=("z-image", "z_image", "zimage"),
-    markers=(r"\.adaLN_modulation\.0$", r"\.attention\.(to_[qkv]|to_out\.0|norm_[qk])$", r"^all_(x_embedder|final_layer)"),
+    markers=(r"\.adaLN_modulation\.0$", r"\.attention\.(to_[qkv]|to_out\.0|norm_[qk])$",
+             r"^all_(x_embedder|final_layer)"),
     single_file_marks=("x_pad_token", "layers.0.attention.qkv.weight"),
     shapes_fit=shapes_fit,
 )
