@@ -36,7 +36,10 @@ def test_flux2_final_modulation_follows_the_weights(tmp_path):
     down = torch.randn(3, 16, generator=gen, dtype=torch.float64)
     up = torch.randn(32, 3, generator=gen, dtype=torch.float64)
     key = "diffusion_model.final_layer.adaLN_modulation.1"
-    save_file({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, tmp_path / "lora.safetensors")
+    # one module alone is ambiguous (Z-Image and Lumina 2 have a final_layer.adaLN_modulation.1 too): musubi-tuner's
+    # modelspec names the family
+    save_file({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, tmp_path / "lora.safetensors",
+              metadata={"modelspec.architecture": "Flux.2-dev/lora"})
 
     merge(tmp_path / "base.safetensors", [tmp_path / "lora.safetensors"], tmp_path / "out.safetensors")
     merged = load_file(tmp_path / "out.safetensors")

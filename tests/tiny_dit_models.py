@@ -168,6 +168,28 @@ LUMINA2_TARGETS = [*(f"{b}.{p}" for b in ("layers.0", "layers.1", "noise_refiner
                    *(f"{b}.adaLN_modulation.1" for b in ("layers.0", "layers.1", "noise_refiner.0"))]
 
 
+KREA2_TINY = dict(in_channels=8, num_layers=1, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=24, timestep_embed_dim=8, text_hidden_dim=16, num_text_layers=2,
+                  text_num_attention_heads=2, text_num_key_value_heads=2, text_intermediate_size=24,
+                  num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(2, 2, 4))
+KREA2_TARGETS = [*(f"blocks.0.attn.{p}" for p in ("wq", "wk", "wv", "wo", "gate")),
+                 *(f"blocks.0.mlp.{p}" for p in ("gate", "up", "down")), "txtfusion.layerwise_blocks.0.attn.wq",
+                 "txtfusion.refiner_blocks.0.mlp.down", "txtfusion.projector", "first", "tmlp.0", "tproj.1",
+                 "txtmlp.1", "last.linear"]
+ANIMA_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=24, num_layers=1,
+                  text_embed_dim=16, adaln_lora_dim=8, max_size=(4, 8, 8), concat_padding_mask=True,
+                  extra_pos_embed_type=None, rope_scale=(1.0, 4.0, 4.0))
+ANIMA_TARGETS = [*(f"blocks.0.self_attn.{p}_proj" for p in ("q", "k", "v", "output")), "blocks.0.cross_attn.q_proj",
+                 "blocks.0.mlp.layer1", "blocks.0.mlp.layer2", "blocks.0.adaln_modulation_self_attn.1",
+                 "blocks.0.adaln_modulation_mlp.2", "final_layer.linear", "final_layer.adaln_modulation.1",
+                 "t_embedder.1.linear_1", "x_embedder.proj.1"]
+ERNIE_TINY = dict(hidden_size=32, num_attention_heads=2, num_layers=1, ffn_hidden_size=24, in_channels=8,
+                  out_channels=8, text_in_dim=16, rope_axes_dim=(4, 6, 6))
+ERNIE_TARGETS = [*(f"layers.0.self_attention.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")),
+                 *(f"layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "linear_fc2")), "text_proj",
+                 "time_embedding.linear_1", "final_norm.linear", "final_linear", "x_embedder.proj"]
+
+
 def _comfy_name(path: str, rules) -> str:
     for old, new in rules:
         path = path.replace(old, new)
@@ -297,6 +319,30 @@ CASES: dict[str, Case] = {
                  "convert_lumina2_to_diffusers": {"q_dim = 2304": "q_dim = 32", "k_dim = v_dim = 768":
                                                   "k_dim = v_dim = 16"}},
         source="Alpha-VLLM/Lumina-Image-2.0; diffusers Lumina 2 converters",
+    ),
+    # krea-ai/krea-2 names (= musubi-tuner krea2/krea2_mmdit.py, lora_unet_ keys from networks/lora_krea2.py);
+    # diffusers _convert_non_diffusers_krea2_lora_to_diffusers, convert_krea2_transformer_checkpoint_to_diffusers
+    "krea2": Case(
+        family="krea2", cls="Krea2Transformer2DModel", config=KREA2_TINY, pipeline="Krea2Pipeline",
+        targets=KREA2_TARGETS, single_file=sfu.convert_krea2_transformer_checkpoint_to_diffusers,
+        native_converter=lcu._convert_non_diffusers_krea2_lora_to_diffusers, native_alpha=False,
+        kohya_targets=KREA2_TARGETS, metadata={"modelspec.architecture": "Krea-2/lora"},
+        source="krea-ai/krea-2; musubi-tuner krea2_mmdit.py; diffusers Krea 2 converters",
+    ),
+    # Cosmos-Predict2 names under diffusion_model. (ComfyUI comfy/ldm/anima); diffusers
+    # _convert_non_diffusers_anima_lora_to_diffusers through AnimaLoraLoaderMixin (a modular pipeline only)
+    "anima": Case(
+        family="anima", cls="CosmosTransformer3DModel", config=ANIMA_TINY, pipeline="AnimaLoraLoaderMixin",
+        targets=ANIMA_TARGETS, native_converter=lcu._convert_non_diffusers_anima_lora_to_diffusers,
+        native_alpha=False, source="ComfyUI comfy/ldm/anima; diffusers Anima LoRA converter",
+    ),
+    # diffusers ErnieImageTransformer2DModel names under diffusion_model. (ErnieImageLoraLoaderMixin);
+    # convert_ernie_image_transformer_checkpoint_to_diffusers
+    "ernie_image": Case(
+        family="ernie_image", cls="ErnieImageTransformer2DModel", config=ERNIE_TINY, pipeline="ErnieImagePipeline",
+        targets=ERNIE_TARGETS, single_file=sfu.convert_ernie_image_transformer_checkpoint_to_diffusers,
+        native_converter=lambda sd: sd, native_alpha=False,
+        source="diffusers transformer_ernie_image.py, ErnieImageLoraLoaderMixin",
     ),
 }
 
@@ -457,12 +503,18 @@ def fused_state(model) -> dict[str, torch.Tensor]:
     return {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
 
 
+def pipeline_class(case: Case):
+    """The diffusers pipeline (or, where only a modular pipeline exists, its LoRA loader mixin) of ``case``."""
+    import diffusers
+    from diffusers.loaders import lora_pipeline
+
+    return getattr(diffusers, case.pipeline, None) or getattr(lora_pipeline, case.pipeline)
+
+
 def diffusers_fuse(case: Case, model, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The oracle: diffusers' pipeline loader converts ``lora``, PEFT injects it into ``model``, ``fuse_lora``."""
-    import diffusers
-
     with patched_converters(case):
-        state = getattr(diffusers, case.pipeline).lora_state_dict({k: v.clone() for k, v in lora.items()})
+        state = pipeline_class(case).lora_state_dict({k: v.clone() for k, v in lora.items()})
     state = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in state.items()}
     model.load_lora_adapter(state, prefix="transformer")
     model.fuse_lora()

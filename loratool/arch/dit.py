@@ -92,6 +92,8 @@ class DitFamily:
     # shapes of canonical modules -> True when they fit this family (tie-breaks look-alike families)
     shapes_fit: Callable[[Mapping[str, tuple[int, ...]]], bool] | None = None
     mismatches: tuple[Mismatch, ...] = ()
+    # the naming covers the LoRA targets the family's converters know, not every module (Anima: no norms)
+    partial: bool = False
     # names shared with a more common family (Chroma's are Flux.1's): claim a file only on a marker or metadata
     needs_marker: bool = False
     # markers that only count in dotted keys: a kohya head loses the dot that tells them apart

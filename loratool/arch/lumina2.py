@@ -83,8 +83,8 @@ SPEC = dit.DitFamily(
     pipelines=("Lumina2",),
     naming=NAMING,
     metadata=("lumina-2", "lumina2", "lumina_2", "lumina-image-2"),
-    markers=(r"\.adaLN_modulation\.1$", r"\.attn\.to_[qkv]$", r"feed_forward\.linear_", r"^time_caption_embed\.",
-             r"^norm_out\.linear_"),
+    markers=(r"^(layers|noise_refiner)\.\d+\.adaLN_modulation\.1$", r"\.attn\.to_[qkv]$", r"feed_forward\.linear_",
+             r"^time_caption_embed\.", r"^norm_out\.linear_"),
     single_file_marks=("layers.0.adaLN_modulation.1.weight", "layers.0.attention.qkv.weight"),
     single_file_not=("x_pad_token",),
 )
