@@ -75,8 +75,8 @@ def _native_family_names() -> list:
 
 
 def detect(src) -> bool:
-    """Every key is prefix + path + suffix; ``diffusion_model.`` files always, ``transformer.`` ones only
-    when some path is a native name no diffusers model uses (else they are diffusers files)."""
+    """Every key is prefix + path + suffix; ``diffusion_model.`` files always, ``transformer.`` ones only when
+    a DiT family knows every path and some of them only as native names (else they are diffusers files)."""
     parsed = _parsed(src.keys)
     if not parsed:
         return False
@@ -85,7 +85,8 @@ def detect(src) -> bool:
     from loratool.arch import dit
 
     paths = {path for _, path, _ in parsed}
-    return any(spec.native_only(p) for spec in dit.specs().values() for p in paths)
+    return any(all(spec.knows(p) for p in paths) and any(spec.native_only(p) for p in paths)
+               for spec in dit.specs().values())
 
 
 def _group(src) -> dict[str, dict[str, str]]:
