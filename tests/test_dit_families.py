@@ -265,3 +265,43 @@ def test_wan21_i2v_lora_on_t2v_base_is_reported_per_group(tmp_path, base_kind):
     with pytest.raises(MatchError, match="--strict"):
         merge(base, [tmp_path / "i2v.safetensors"], tmp_path / "strict.safetensors" if base_kind != "folder"
               else tmp_path / "strict", strict=True)
+
+
+def test_native_and_kohya_names_round_trip(built, tmp_path):
+    """native -> diffusers -> native and kohya -> canonical -> kohya: the same ΔW per module (native names written
+    back from diffusers ones: fused modules fuse again exactly), and the kohya file key for key."""
+    from loratool.delta import delta_weight
+
+    case, _, _, _, tmp, files = built
+    family = case.family
+    convert(tmp / "native.safetensors", "diffusers", tmp_path / "d.safetensors")
+    back = convert(tmp_path / "d.safetensors", "native", tmp_path / "n.safetensors", family=family)
+    assert back.modules == len(expected_paths(case, case.targets))
+    first = {m.path: m for m in loratool.load(tmp / "native.safetensors")}
+    again = {m.path: m for m in loratool.load(tmp_path / "n.safetensors", family=family)}
+    assert set(first) == set(again)
+    for path, m in first.items():
+        want, got = delta_weight(m, dtype=torch.float64), delta_weight(again[path], dtype=torch.float64)
+        assert torch.allclose(got, want, rtol=0, atol=1e-12), path
+    if "kohya" in files and not case.kohya_split:
+        convert(tmp / "kohya.safetensors", "kohya", tmp_path / "k.safetensors")
+        k = load_file(tmp_path / "k.safetensors")
+        assert set(k) == set(files["kohya"])
+        for key, v in files["kohya"].items():
+            assert torch.allclose(k[key].double(), v.double(), rtol=0, atol=1e-12), key
+
+
+def test_tables_cover_the_tiny_models():
+    """Every weight-owning module of each tiny diffusers model is in its family's generated table, and has a
+    native name (partial namings excepted)."""
+    import diffusers
+
+    from loratool.arch.generate import meta_model, weight_paths
+
+    for case in CASES.values():
+        spec = dit.get(case.family)
+        model = meta_model(lambda c=case: getattr(diffusers, c.cls)(**c.config))
+        for path in weight_paths(model):
+            assert dit.diffusers_module(path), (case.family, path)
+            if not spec.partial:
+                assert spec.primary.native_of(path) is not None, (case.family, path)

@@ -123,3 +123,82 @@ def test_ltx_video_renamed_modules_land_where_diffusers_puts_the_weights(tmp_pat
         want = v + deltas.get(k, 0)
         assert torch.allclose(from_file[k], want, rtol=0, atol=1e-12), k
         assert torch.allclose(from_folder[k], want, rtol=0, atol=1e-12), k
+
+
+def test_wan_fun_and_musubi_kohya_names_read_alike(tmp_path):
+    """VideoX-Fun (Wan-Fun) writes ``lora_unet__blocks_0_...`` (an empty module name before the path), musubi-tuner
+    ``lora_unet_blocks_0_...`` (networks/lora.py)."""
+    gen = torch.Generator().manual_seed(1)
+    heads = ["blocks_0_self_attn_q", "blocks_1_cross_attn_o", "blocks_0_ffn_2"]
+    for prefix in ("lora_unet_", "lora_unet__"):
+        sd = {}
+        for h in heads:
+            sd[f"{prefix}{h}.lora_down.weight"] = torch.randn(2, 16, generator=gen)
+            sd[f"{prefix}{h}.lora_up.weight"] = torch.randn(16, 2, generator=gen)
+        save_file(sd, tmp_path / "l.safetensors")
+        adapter = loratool.load(tmp_path / "l.safetensors")
+        assert sorted(m.path for m in adapter) == ["blocks.0.attn1.to_q", "blocks.0.ffn.net.2", "blocks.1.attn2.to_out.0"]
+
+
+def test_wan_lightx2v_full_diffs_merge_as_comfyui_applies_them(tmp_path):
+    """lightx2v / CausVid distill files carry ``.diff`` / ``.diff_b`` for whole weights, norm layers included
+    (diffusers' Wan converter drops the norm ones as "zeroed"; ComfyUI adds them): W + diff, b + diff_b, into the
+    native single file and the diffusers folder alike."""
+    case = CASES["wan"]
+    model = tiny_model(case)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file(native_checkpoint(case, state), tmp_path / "base.safetensors")
+    model.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    gen = torch.Generator().manual_seed(4)
+    lora, want = {}, dict(state)
+    for native, canonical in (("blocks.0.norm3", "blocks.0.norm2"), ("head.head", "proj_out"),
+                              ("blocks.1.self_attn.norm_q", "blocks.1.attn1.norm_q")):
+        for suffix, param in (("diff", "weight"), ("diff_b", "bias")):
+            key = f"{canonical}.{param}"
+            if key not in state:
+                continue
+            d = torch.randn(state[key].shape, generator=gen, dtype=torch.float64)
+            lora[f"diffusion_model.{native}.{suffix}"] = d
+            want[key] = state[key] + d
+    save_file(lora, tmp_path / "diff.safetensors")
+    merge(tmp_path / "base.safetensors", [tmp_path / "diff.safetensors"], tmp_path / "out.safetensors")
+    merge(tmp_path / "transformer", [tmp_path / "diff.safetensors"], tmp_path / "out")
+    from_file = converter(case, case.single_file)(load_file(tmp_path / "out.safetensors"))
+    from_folder = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
+    for k in state:
+        assert torch.allclose(from_file[k], want[k], rtol=0, atol=1e-12), k
+        assert torch.allclose(from_folder[k], want[k], rtol=0, atol=1e-12), k
+
+
+@pytest.mark.parametrize("metadata, expert", [
+    ({"modelspec.timestep_range": "875,1000"}, "high-noise"),
+    ({"modelspec.timestep_range": "0,875"}, "low-noise"),
+    ({"ss_sd_model_name": "wan2.2_t2v_low_noise_14B_fp16.safetensors"}, "low-noise"),
+])
+def test_wan22_expert_from_metadata(tmp_path, metadata, expert):
+    """musubi-tuner writes the trained timestep range as ``modelspec.timestep_range`` (training/trainer_base.py,
+    utils/sai_model_spec.py) and the DiT file name as ``ss_sd_model_name``: the A14B expert a LoRA is for."""
+    from loratool.ops.inspect import inspect
+
+    sd = {"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.randn(2, 5120),
+          "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.randn(5120, 2)}
+    save_file(sd, tmp_path / "l.safetensors", metadata={"modelspec.architecture": "wan2.1/lora", **metadata})
+    report = inspect(tmp_path / "l.safetensors")
+    assert report.family == "wan" and report.variant == f"Wan 2.2 A14B {expert} expert (T2V or I2V)"
+
+
+@pytest.mark.parametrize("name, variant", [
+    ("wan2.1-t2v-1.3b", "T2V 1.3B"), ("wan2.1-t2v-14b", "T2V 14B"), ("wan2.1-i2v-14b", "Wan 2.1 I2V 14B"),
+    ("wan2.2-ti2v-5b", "Wan 2.2 TI2V 5B"), ("wan2.2-i2v-a14b", "Wan 2.2 I2V 14B"),
+])
+def test_wan_base_variant_from_published_configs(name, variant):
+    """The variant of a Wan base from its shapes, on the published configs (diffusers' model on the meta device)."""
+    import diffusers
+
+    from loratool.arch import dit, wan
+    from loratool.arch.generate import meta_model
+
+    cfg = dict(dit.get("wan").data["variants"][name])
+    model = meta_model(lambda: diffusers.WanTransformer3DModel(**cfg))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert wan.base_variant(shapes) == variant

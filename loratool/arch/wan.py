@@ -78,25 +78,24 @@ IMAGE_ATTN = ("attn2.add_k_proj", "attn2.add_v_proj")
 
 
 def _describe(dim: int | None, in_channels: int | None, image_attention: bool, expert: str | None) -> str | None:
+    """Variant text from the attention width, the patch embedder's input channels, whether the CLIP image
+    cross-attention is there, and the A14B expert metadata names."""
     size = SIZES.get(dim) if dim else None
     task = TASKS.get(in_channels) if in_channels else None
-    if image_attention:
-        task = "I2V"
-        version = "Wan 2.1"  # only Wan 2.1 I2V / FLF2V carry CLIP image cross-attention
-    elif size == "5B":
-        task, version = "TI2V", "Wan 2.2"
-    elif task == "I2V":
-        version = "Wan 2.2"  # image latents concatenated, no image cross-attention
-    elif expert:
-        version = "Wan 2.2"
-    else:
-        version = None
-    words = [w for w in (version, task, size) if w]
+    a14b = f" (Wan 2.2 A14B {expert} expert)" if expert else ""
+    if image_attention:  # only Wan 2.1 I2V / FLF2V carry it
+        return " ".join(w for w in ("Wan 2.1 I2V", size) if w)
+    if size == "5B":
+        return "Wan 2.2 TI2V 5B"
+    if task == "I2V":  # image latents concatenated, no image cross-attention
+        return " ".join(w for w in ("Wan 2.2 I2V", size) if w) + a14b
+    if task == "T2V" or size == "1.3B":
+        return " ".join(w for w in ("T2V", size) if w) + a14b
     if expert:
-        words.append(f"A14B {expert} expert" if size in (None, "14B") else f"{expert} expert")
-    if not task and not image_attention and size in ("14B", "1.3B", None):
-        words.append("(no image cross-attention: T2V, or Wan 2.2 I2V)" if size != "1.3B" else "T2V")
-    return " ".join(words) or None
+        return f"Wan 2.2 A14B {expert} expert (T2V or I2V)"
+    if size:
+        return f"{size} (T2V or Wan 2.2 I2V: no image cross-attention)"
+    return None
 
 
 def adapter_variant(modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:

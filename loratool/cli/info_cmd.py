@@ -45,6 +45,8 @@ def _summary(report: InfoReport) -> Table:
     table.add_row("format", report.format)
     table.add_row("size", f"{human_size(report.size_bytes)} ({', '.join(report.files)})")
     table.add_row("family", report.family or "unknown")
+    if report.variant:
+        table.add_row("variant", report.variant)
     for k, v in report.base_model.items():
         table.add_row(k, _short(v))
     table.add_row("components", _counts(report.component_modules))
@@ -101,6 +103,8 @@ def render_checkpoint(report: CheckpointReport) -> None:
     table.add_column("value")
     table.add_row("format", f"base checkpoint ({report.kind})")
     table.add_row("family", report.family or "unknown")
+    if report.variant:
+        table.add_row("variant", report.variant)
     if report.architecture:
         table.add_row("architecture", report.architecture)
     table.add_row("size", f"{human_size(report.size_bytes)} ({len(report.files)} file(s))")
