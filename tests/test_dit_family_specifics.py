@@ -137,7 +137,8 @@ def test_wan_fun_and_musubi_kohya_names_read_alike(tmp_path):
             sd[f"{prefix}{h}.lora_up.weight"] = torch.randn(16, 2, generator=gen)
         save_file(sd, tmp_path / "l.safetensors")
         adapter = loratool.load(tmp_path / "l.safetensors")
-        assert sorted(m.path for m in adapter) == ["blocks.0.attn1.to_q", "blocks.0.ffn.net.2", "blocks.1.attn2.to_out.0"]
+        want = ["blocks.0.attn1.to_q", "blocks.0.ffn.net.2", "blocks.1.attn2.to_out.0"]
+        assert sorted(m.path for m in adapter) == want
 
 
 def test_wan_lightx2v_full_diffs_merge_as_comfyui_applies_them(tmp_path):
