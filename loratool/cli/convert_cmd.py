@@ -13,7 +13,8 @@ from loratool.cli.render import console, print_json
 @app.command("convert")
 def convert_command(
     path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference."),
-    to: str = typer.Option(..., "--to", help="Output layout: kohya, diffusers, peft, loralib or native (ComfyUI keys)."),
+    to: str = typer.Option(..., "--to",
+                           help="Output layout: kohya, diffusers, peft, loralib or native (ComfyUI keys)."),
     out: str = typer.Option(..., "-o", "--output", "--out", help="Output file (PEFT: folder)."),
     from_: FromLayout = None,
     base: BaseModel = None,
