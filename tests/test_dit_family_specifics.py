@@ -203,3 +203,37 @@ def test_wan_base_variant_from_published_configs(name, variant):
     model = meta_model(lambda: diffusers.WanTransformer3DModel(**cfg))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert wan.base_variant(shapes) == variant
+
+
+@pytest.mark.parametrize("timesteps, expert", [("0,875", "transformer_2"), ("875,1000", "transformer")])
+def test_wan22_a14b_pipeline_routes_a_lora_to_its_expert(tmp_path, timesteps, expert):
+    """Wan 2.2 A14B (diffusers Wan-AI/Wan2.2-T2V-A14B-Diffusers): transformer/ is the high-noise expert,
+    transformer_2/ the low-noise one; musubi-tuner records the trained range in modelspec.timestep_range."""
+    import json
+
+    from tiny_dit_models import WAN_TINY, lora_factors
+
+    case = CASES["wan"]
+    experts = {}
+    for i, name in enumerate(("transformer", "transformer_2")):
+        model = tiny_model(case, WAN_TINY, seed=i)
+        model.save_pretrained(tmp_path / "pipe" / name, safe_serialization=True)
+        experts[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+         "transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}))
+    i2v = tiny_model(case).state_dict()  # the case's targets include I2V modules: keep the T2V ones
+    factors = {p: f for p, f in lora_factors(case, i2v, seed=3).items() if "img" not in p}
+    from tiny_dit_models import kohya_lora
+
+    save_file(kohya_lora(factors), tmp_path / "l.safetensors",
+              metadata={"modelspec.architecture": "wan2.1/lora", "modelspec.timestep_range": timesteps})
+    result = merge(tmp_path / "pipe", [tmp_path / "l.safetensors"], tmp_path / "out")
+    assert result.matched == {expert: len(factors)}
+    for name, state in experts.items():
+        merged = load_file(tmp_path / "out" / name / "diffusion_pytorch_model.safetensors")
+        changed = any(not torch.equal(merged[k], v) for k, v in state.items())
+        assert changed == (name == expert), name
+    # the low-noise expert's folder on its own is a transformer too
+    alone = merge(tmp_path / "pipe" / "transformer_2", [tmp_path / "l.safetensors"], tmp_path / "alone")
+    assert alone.matched == {"transformer": len(factors)}

@@ -147,3 +147,22 @@ def explain_unmatched(ckpt, labels: list[str]) -> list[dict]:
         out.append({"group": group, "reason": reason, "modules": len(paths), "examples": paths[:3],
                     "labels": [lab for p in paths for lab in by_path[p]]})
     return out
+
+
+def route_expert(ckpt, adapter):
+    """A Wan 2.2 A14B pipeline folder holds two experts: ``transformer/`` (high noise, early steps) and
+    ``transformer_2/`` (low noise). A LoRA whose metadata names the low-noise expert (musubi-tuner's
+    ``modelspec.timestep_range``, ``ss_sd_model_name``) is merged into ``transformer_2``; any other goes to
+    ``transformer`` as diffusers' loader does. Returns ``adapter`` or a renamed copy."""
+    comps = {g.component for g in ckpt.groups}
+    if not {dit.COMPONENT, "transformer_2"} <= comps or dit.timestep_expert(adapter.metadata) != "low-noise":
+        return adapter
+    from dataclasses import replace
+
+    from loratool.adapter import Adapter
+
+    out = Adapter(metadata=dict(adapter.metadata), source_format=adapter.source_format, family=adapter.family,
+                  dialect=adapter.dialect, config=dict(adapter.config), extras=dict(adapter.extras))
+    for m in adapter:
+        out.add(replace(m, component="transformer_2") if m.component == dit.COMPONENT else m)
+    return out

@@ -376,7 +376,10 @@ def open_checkpoint(ref: str | os.PathLike) -> Checkpoint:
         if not groups:
             raise InputError(f"{root}: pipeline folder without safetensors weights in its component folders")
         return Checkpoint(root, groups, is_folder=True, kind="pipeline")
-    group = _folder_group(root, Path("."), _component_of(root.name) or _component_from_config(root))
+    component = _component_of(root.name) or _component_from_config(root)
+    if component == "transformer_2":  # Wan 2.2 A14B's low-noise expert opened on its own: a transformer
+        component = "transformer"
+    group = _folder_group(root, Path("."), component)
     if group is None:
         raise InputError(
             f"{root}: no safetensors weights here (expected a .safetensors file, a *.safetensors.index.json, "

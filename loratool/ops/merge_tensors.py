@@ -355,8 +355,10 @@ def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: s
     if not allow_nonfinite:
         for adapter, name in zip(adapters, names):
             _check_adapter_finite(adapter, name)
+    from loratool.arch.dit_checkpoints import explain_unmatched, route_expert
+
+    adapters = [route_expert(ckpt, a) for a in adapters]
     plan = match(adapters, values, ckpt, names=names)
-    from loratool.arch.dit_checkpoints import explain_unmatched
 
     plan.unmatched_groups = explain_unmatched(ckpt, plan.unmatched)
     if strict and plan.unmatched:
