@@ -113,6 +113,14 @@ VARIANTS: dict[str, dict[str, dict]] = {
     },
     # baidu ERNIE-Image transformer/config.json (diffusers' defaults)
     "ernie_image": {"ernie-image": dict()},
+    # hunyuanvideo-community/HunyuanVideo-1.5-Diffusers (diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py)
+    "hunyuan_video_1_5": {
+        "480p_t2v": dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128,
+                         num_layers=54, num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1,
+                         qk_norm="rms_norm", text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152,
+                         rope_theta=256.0, rope_axes_dim=(16, 56, 56), use_meanflow=False, target_size=640,
+                         task_type="t2v"),
+    },
     # Qwen/Qwen-Image(-Edit, -Edit-2511, -Layered) transformer/config.json
     "qwen_image": {
         "qwen-image": _QWEN,

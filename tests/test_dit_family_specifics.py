@@ -237,3 +237,80 @@ def test_wan22_a14b_pipeline_routes_a_lora_to_its_expert(tmp_path, timesteps, ex
     # the low-noise expert's folder on its own is a transformer too
     alone = merge(tmp_path / "pipe" / "transformer_2", [tmp_path / "l.safetensors"], tmp_path / "alone")
     assert alone.matched == {"transformer": len(factors)}
+
+
+HV15_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                 num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(2, 2, 4))
+
+
+def test_hunyuan_video_1_5_musubi_and_comfy_names(tmp_path):
+    """HunyuanVideo 1.5 has no diffusers LoRA converter. musubi-tuner names (split q / k / v: lora_unet_double_blocks_0
+    _img_attn_q, img_mlp_fc1, img_mod_linear) and ComfyUI's (musubi-tuner's convert_hunyuan_video_1_5_lora_to_comfy.py:
+    q / k / v concatenated into img_attn_qkv with a block-diagonal up and alpha × 3) read to the same modules; the
+    diffusers file loratool writes loads into diffusers' HunyuanVideo15Transformer3DModel with every key placed,
+    and PEFT's fuse of it equals loratool's merge into the transformer/ folder."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.HunyuanVideo15Transformer3DModel(**HV15_TINY).double()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    gen = torch.Generator().manual_seed(3)
+    split, comfy = {}, {}
+    for s in ("img", "txt"):
+        downs, ups = [], []
+        for p in "qkv":
+            head = f"lora_unet_double_blocks_0_{s}_attn_{p}"
+            down, up = torch.randn(2, 16, generator=gen, dtype=torch.float64), torch.randn(16, 2, generator=gen,
+                                                                                         dtype=torch.float64)
+            split.update({f"{head}.lora_down.weight": down, f"{head}.lora_up.weight": up,
+                          f"{head}.alpha": torch.tensor(1.0, dtype=torch.float64)})
+            downs.append(down)
+            ups.append(up)
+        head = f"lora_unet_double_blocks_0_{s}_attn_qkv"
+        comfy.update({f"{head}.lora_down.weight": torch.cat(downs), f"{head}.lora_up.weight": torch.block_diag(*ups),
+                      f"{head}.alpha": torch.tensor(3.0, dtype=torch.float64)})
+    for musubi_name, comfy_name, out, inp in (("img_mlp_fc1", "img_mlp_0", 64, 16), ("img_mod_linear", "img_mod_lin",
+                                                                                       96, 16)):
+        down, up = torch.randn(2, inp, generator=gen, dtype=torch.float64), torch.randn(out, 2, generator=gen,
+                                                                                      dtype=torch.float64)
+        for sd, name in ((split, musubi_name), (comfy, comfy_name)):
+            sd[f"lora_unet_double_blocks_0_{name}.lora_down.weight"] = down
+            sd[f"lora_unet_double_blocks_0_{name}.lora_up.weight"] = up
+    meta = {"modelspec.architecture": "hunyuan-video-1.5/lora"}
+    save_file(split, tmp_path / "musubi.safetensors", metadata=meta)
+    save_file(comfy, tmp_path / "comfy.safetensors", metadata=meta)
+    a, b = (loratool.load(tmp_path / f"{n}.safetensors") for n in ("musubi", "comfy"))
+    assert {m.hints["kohya_family"] for m in [*a, *b]} == {"hunyuan_video_1_5"}
+    assert {m.path for m in a} == {m.path for m in b}
+    from loratool.delta import delta_weight
+
+    for m in a:
+        other = b.modules[m.key]
+        assert torch.allclose(delta_weight(other, dtype=torch.float64), delta_weight(m, dtype=torch.float64),
+                              rtol=0, atol=1e-12), m.path
+
+    convert(tmp_path / "musubi.safetensors", "diffusers", tmp_path / "d.safetensors")
+    peft_state = load_file(tmp_path / "d.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "d.safetensors", "pt") as f:
+        import json
+
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    fresh = diffusers.HunyuanVideo15Transformer3DModel(**HV15_TINY).double()
+    fresh.load_state_dict(state)
+    fresh.load_lora_adapter(peft_state, prefix="transformer", metadata=metadata)
+    injected = {k for k in fresh.state_dict() if "lora_" in k}
+    assert len(injected) == len(peft_state)  # every key of the file placed, no module left without one
+    fresh.fuse_lora()
+    from tiny_dit_models import fused_state
+
+    oracle = fused_state(fresh)
+    merge(tmp_path / "transformer", [tmp_path / "comfy.safetensors"], tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
+    changed = 0
+    for k, v in state.items():
+        assert torch.allclose(merged[k], oracle[k], rtol=0, atol=1e-12), k
+        changed += not torch.equal(oracle[k], v)
+    assert changed == 8  # q, k, v, add_q, add_k, add_v, ff.net.0.proj, norm1.linear

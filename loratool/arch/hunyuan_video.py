@@ -185,4 +185,74 @@ SPEC = dit.DitFamily(
     variant=adapter_variant,
     base_variant=base_variant,
 )
-FAMILY = SPEC.family
+
+
+# --- HunyuanVideo 1.5 -------------------------------------------------------------------------------------------
+# Tencent-Hunyuan/HunyuanVideo-1.5 names (= musubi-tuner hunyuan_video_1_5/hunyuan_video_1_5_models.py, its LoRAs
+# lora_unet_double_blocks_0_img_attn_q), mapped to diffusers' HunyuanVideo15Transformer3DModel as diffusers'
+# scripts/convert_hunyuan_video1_5_to_diffusers.py does: q / k / v are separate Linears (no fused qkv but in the
+# token refiner), there are no single blocks, and byt5_in / vision_in / cond_type_embedding are new. ComfyUI fuses
+# the double blocks' q / k / v and spells them Flux-style (musubi-tuner's networks/
+# convert_hunyuan_video_1_5_lora_to_comfy.py: img_attn_q/k/v -> img_attn_qkv, img_mlp_fc1 -> img_mlp_0,
+# img_mod_linear -> img_mod_lin): read as a second spelling.
+DOUBLE_15 = {
+    "img_mod.linear": ("norm1.linear",),
+    **{f"img_attn_{p}": (f"attn.to_{p}",) for p in "qkv"},
+    "img_attn_q_norm": ("attn.norm_q",), "img_attn_k_norm": ("attn.norm_k",),
+    "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp.fc1": ("ff.net.0.proj",), "img_mlp.fc2": ("ff.net.2",),
+    "txt_mod.linear": ("norm1_context.linear",),
+    **{f"txt_attn_{p}": (f"attn.add_{p}_proj",) for p in "qkv"},
+    "txt_attn_q_norm": ("attn.norm_added_q",), "txt_attn_k_norm": ("attn.norm_added_k",),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp.fc1": ("ff_context.net.0.proj",), "txt_mlp.fc2": ("ff_context.net.2",),
+}
+TOP_15 = {
+    "img_in.proj": ("x_embedder.proj",),
+    "vision_in.proj.0": ("image_embedder.norm_in",), "vision_in.proj.1": ("image_embedder.linear_1",),
+    "vision_in.proj.3": ("image_embedder.linear_2",), "vision_in.proj.4": ("image_embedder.norm_out",),
+    "txt_in.input_embedder": TOP["txt_in.input_embedder"],
+    **{k: TOP[k] for k in ("txt_in.t_embedder.mlp.0", "txt_in.t_embedder.mlp.2", "txt_in.c_embedder.linear_1",
+                           "txt_in.c_embedder.linear_2")},
+    "byt5_in.layernorm": ("context_embedder_2.norm",),
+    **{f"byt5_in.fc{i}": (f"context_embedder_2.linear_{i}",) for i in (1, 2, 3)},
+    "time_in.mlp.0": ("time_embed.timestep_embedder.linear_1",),
+    "time_in.mlp.2": ("time_embed.timestep_embedder.linear_2",),
+    "cond_type_embedding": ("cond_type_embed",),
+    "final_layer.linear": ("proj_out",),
+    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
+}
+NAMING_15 = fused.FusedNaming(
+    what="a HunyuanVideo 1.5 transformer module",
+    blocks=(fused.Block("double_blocks", "transformer_blocks", DOUBLE_15),
+            fused.Block(REFINER, "context_embedder.token_refiner.refiner_blocks", REFINER_BLOCK)),
+    top=TOP_15,
+    swapped=lambda native, module: native == SWAPPED,
+    split_rows=split_rows,
+)
+COMFY_15 = fused.FusedNaming(
+    what="a HunyuanVideo 1.5 transformer module",
+    blocks=(fused.Block("double_blocks", "transformer_blocks", {
+        "img_attn_qkv": QKV, "txt_attn_qkv": ADD_QKV, "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",),
+        "txt_mlp.0": ("ff_context.net.0.proj",), "txt_mlp.2": ("ff_context.net.2",),
+        "img_mod.lin": ("norm1.linear",), "txt_mod.lin": ("norm1_context.linear",)}),),
+    top={},
+    swapped=lambda native, module: False,
+    split_rows=split_rows,
+)
+HV15 = dit.DitFamily(
+    name="hunyuan_video_1_5",
+    title="HunyuanVideo 1.5",
+    table="hunyuan_video_1_5_modules",
+    diffusers_class="HunyuanVideo15Transformer3DModel",
+    pipelines=("HunyuanVideo15",),
+    naming=NAMING_15,
+    spellings=(COMFY_15,),
+    metadata=("hunyuan-video-1.5", "hunyuan_video_1_5", "hunyuanvideo-1.5"),
+    markers=(r"_attn_[qkv]$", r"^(byt5_in|vision_in|cond_type_embedding)", r"^(context_embedder_2|image_embedder)\.",
+             r"^cond_type_embed$"),
+    dotted_markers=(),
+    single_file_marks=("byt5_in.fc1.weight", "double_blocks.0.img_attn_q.weight"),
+)
+SPECS = (SPEC, HV15)
+FAMILIES = [s.family for s in SPECS]
