@@ -240,7 +240,8 @@ def test_wan22_a14b_pipeline_routes_a_lora_to_its_expert(tmp_path, timesteps, ex
 
 
 HV15_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-                 num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(2, 2, 4))
+                 num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
+                 rope_axes_dim=(2, 2, 4))
 
 
 def test_hunyuan_video_1_5_musubi_and_comfy_names(tmp_path):
