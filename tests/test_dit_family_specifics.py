@@ -315,3 +315,24 @@ def test_hunyuan_video_1_5_musubi_and_comfy_names(tmp_path):
         assert torch.allclose(merged[k], oracle[k], rtol=0, atol=1e-12), k
         changed += not torch.equal(oracle[k], v)
     assert changed == 8  # q, k, v, add_q, add_k, add_v, ff.net.0.proj, norm1.linear
+
+
+def test_hidream_simpletuner_lycoris_names(tmp_path):
+    """SimpleTuner's LyCORIS export names modules ``lycoris_`` + diffusers path with underscores (ComfyUI maps them
+    as ``"lycoris_{}".format(key_lora.replace(".", "_"))``); HiDream's ``double_stream_blocks`` / ``ff_i`` /
+    ``shared_experts`` underscores come back from the table."""
+    from loratool.ops.inspect import inspect
+
+    gen = torch.Generator().manual_seed(1)
+    sd = {}
+    for head, (out, inp) in {"double_stream_blocks_0_block_attn1_to_q": (16, 16),
+                             "double_stream_blocks_0_block_ff_i_shared_experts_w1": (40, 16),
+                             "single_stream_blocks_3_block_attn1_to_out": (16, 16)}.items():
+        sd[f"lycoris_{head}.lokr_w1"] = torch.randn(4, 4, generator=gen)
+        sd[f"lycoris_{head}.lokr_w2"] = torch.randn(out // 4, inp // 4, generator=gen)
+    save_file(sd, tmp_path / "l.safetensors")
+    report = inspect(tmp_path / "l.safetensors")
+    assert report.family == "hidream"
+    assert sorted(m.name for m in report.modules) == [
+        "double_stream_blocks.0.block.attn1.to_q", "double_stream_blocks.0.block.ff_i.shared_experts.w1",
+        "single_stream_blocks.3.block.attn1.to_out"]

@@ -190,6 +190,18 @@ ERNIE_TARGETS = [*(f"layers.0.self_attention.{p}" for p in ("to_q", "to_k", "to_
                  "time_embedding.linear_1", "final_norm.linear", "final_linear", "x_embedder.proj"]
 
 
+HIDREAM_TINY = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+                    attention_head_dim=8, num_attention_heads=2, caption_channels=[16, 12], text_emb_dim=8,
+                    num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(4, 4), max_resolution=(16, 16),
+                    llama_layers=[0, 1])
+HIDREAM_TARGETS = [*(f"double_stream_blocks.0.block.attn1.{p}" for p in ("to_q", "to_k", "to_v", "to_out", "to_q_t",
+                                                                         "to_out_t")),
+                   "double_stream_blocks.0.block.ff_i.experts.1.w1", "double_stream_blocks.0.block.ff_i.shared_experts.w2",
+                   "double_stream_blocks.0.block.ff_t.w3", "double_stream_blocks.0.block.adaLN_modulation.1",
+                   "single_stream_blocks.0.block.attn1.to_v", "single_stream_blocks.0.block.ff_i.experts.0.w3",
+                   "caption_projection.2.linear", "x_embedder.proj", "final_layer.linear"]
+
+
 def _comfy_name(path: str, rules) -> str:
     for old, new in rules:
         path = path.replace(old, new)
@@ -343,6 +355,15 @@ CASES: dict[str, Case] = {
         targets=ERNIE_TARGETS, single_file=sfu.convert_ernie_image_transformer_checkpoint_to_diffusers,
         native_converter=lambda sd: sd, native_alpha=False,
         source="diffusers transformer_ernie_image.py, ErnieImageLoraLoaderMixin",
+    ),
+    # diffusers HiDreamImageTransformer2DModel names under diffusion_model. (ComfyUI comfy/lora.py HiDream map;
+    # diffusers _convert_non_diffusers_hidream_lora_to_diffusers, convert_hidream_transformer_to_diffusers)
+    "hidream": Case(
+        family="hidream", cls="HiDreamImageTransformer2DModel", config=HIDREAM_TINY,
+        pipeline="HiDreamImagePipeline", targets=HIDREAM_TARGETS,
+        single_file=sfu.convert_hidream_transformer_to_diffusers,
+        native_converter=lcu._convert_non_diffusers_hidream_lora_to_diffusers, native_alpha=False,
+        source="HiDream-ai/HiDream-I1; ComfyUI comfy/lora.py; diffusers HiDream converters",
     ),
 }
 
