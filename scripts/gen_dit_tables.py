@@ -125,8 +125,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "hidream": {
         "hidream-i1": dict(patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32,
                            attention_head_dim=128, num_attention_heads=20, caption_channels=[4096, 4096],
-                           text_emb_dim=2048, num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32),
-                           max_resolution=(128, 128), llama_layers=list(range(48))),
+                           text_emb_dim=2048, num_routed_experts=4, num_activated_experts=2,
+                           axes_dims_rope=(64, 32, 32), max_resolution=(128, 128), llama_layers=list(range(48))),
     },
     # Qwen/Qwen-Image(-Edit, -Edit-2511, -Layered) transformer/config.json
     "qwen_image": {

@@ -196,7 +196,8 @@ HIDREAM_TINY = dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, n
                     llama_layers=[0, 1])
 HIDREAM_TARGETS = [*(f"double_stream_blocks.0.block.attn1.{p}" for p in ("to_q", "to_k", "to_v", "to_out", "to_q_t",
                                                                          "to_out_t")),
-                   "double_stream_blocks.0.block.ff_i.experts.1.w1", "double_stream_blocks.0.block.ff_i.shared_experts.w2",
+                   "double_stream_blocks.0.block.ff_i.experts.1.w1",
+                   "double_stream_blocks.0.block.ff_i.shared_experts.w2",
                    "double_stream_blocks.0.block.ff_t.w3", "double_stream_blocks.0.block.adaLN_modulation.1",
                    "single_stream_blocks.0.block.attn1.to_v", "single_stream_blocks.0.block.ff_i.experts.0.w3",
                    "caption_projection.2.linear", "x_embedder.proj", "final_layer.linear"]
