@@ -45,17 +45,10 @@ NAMING = fused.FusedNaming(
     split_rows=flux.split_rows,
     part_widths=flux.part_widths,
 )
-# RMSNorm scales are stored as ``.scale`` (BFL), diffusers ``.weight``
-PARAMS = fused.FusedNaming(
-    what="a Chroma transformer parameter",
-    blocks=(fused.Block("double_blocks", "transformer_blocks",
-                        {f"{k}.scale": (f"{v}.weight",) for k, v in QK_NORMS["double"].items()}),
-            fused.Block("single_blocks", "single_transformer_blocks",
-                        {f"{k}.scale": (f"{v}.weight",) for k, v in QK_NORMS["single"].items()}),
-            fused.Block(f"{GUIDANCE}.norms", f"{GUIDANCE}.norms", {"scale": ("weight",)})),
-    top={},
-    swapped=lambda native, module: False,
-)
+PARAMS = dit.scale_params("a Chroma transformer parameter", (
+    ("double_blocks", "transformer_blocks", QK_NORMS["double"]),
+    ("single_blocks", "single_transformer_blocks", QK_NORMS["single"]),
+    (f"{GUIDANCE}.norms", f"{GUIDANCE}.norms", {"": ""})))
 
 SPEC = dit.DitFamily(
     name="chroma",

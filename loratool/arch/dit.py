@@ -25,7 +25,6 @@ Families whose native names are diffusers' own (Qwen-Image, LTX-Video, HiDream) 
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -227,6 +226,22 @@ def _diffusers_templates(name: str) -> dict[str, bool]:
     return {template(p): True for p in get(name).data["diffusers_modules"]}
 
 
+def scale_params(what: str, blocks: tuple[tuple[str, str, dict[str, str]], ...],
+                 top: dict[str, str] | None = None) -> fused.FusedNaming:
+    """Parameters of RMSNorms stored as ``<norm>.scale`` (BFL / Krea code) where diffusers has ``<norm>.weight``:
+    ``blocks`` = (native block, diffusers block, {native norm: diffusers norm}), ``top`` likewise outside blocks."""
+
+    def params(table: dict[str, str]) -> dict[str, tuple[str]]:
+        return {fused.join(k, "scale"): (fused.join(v, "weight"),) for k, v in table.items()}
+
+    return fused.FusedNaming(
+        what=what,
+        blocks=tuple(fused.Block(n, d, params(t)) for n, d, t in blocks),
+        top=params(top or {}),
+        swapped=lambda native, module: False,
+    )
+
+
 def identity_naming(title: str, diffusers_modules: Iterable[str], block_lists: tuple[str, ...],
                     renames: tuple[tuple[str, str], ...] = ()) -> fused.FusedNaming:
     """A naming whose native names are the diffusers names (blocks from ``block_lists``), each rewritten by
@@ -263,15 +278,15 @@ SPEC_MODULES = ("wan", "hunyuan_video", "ltx", "qwen_image", "z_image", "lumina2
 
 @cache
 def specs() -> dict[str, DitFamily]:
+    """Every DiT family by name (the ``SPEC`` / ``SPECS`` of the arch modules :func:`loratool.arch.families` loads)."""
+    import sys
+
+    from loratool import arch
+
+    arch.families()
     out: dict[str, DitFamily] = {}
     for mod_name in SPEC_MODULES:
-        full = f"loratool.arch.{mod_name}"
-        try:
-            mod = importlib.import_module(full)
-        except ModuleNotFoundError as exc:
-            if exc.name != full:
-                raise
-            continue
+        mod = sys.modules.get(f"loratool.arch.{mod_name}")
         for spec in [*getattr(mod, "SPECS", ()), *([mod.SPEC] if hasattr(mod, "SPEC") else [])]:
             out[spec.name] = spec
     return out

@@ -64,15 +64,10 @@ NAMING = fused.FusedNaming(
     swapped=lambda native, module: native in SWAPPED,
 )
 # QK-norm scales are stored as ``.scale`` (BFL RMSNorm), diffusers ``.weight``
-PARAMS = fused.FusedNaming(
-    what="a FLUX.2 transformer parameter",
-    blocks=(fused.Block("double_blocks", "transformer_blocks",
-                        {f"{k}.scale": (f"{v[0]}.weight",) for k, v in DOUBLE_BLOCK.items() if k.endswith("_norm")}),
-            fused.Block("single_blocks", "single_transformer_blocks",
-                        {f"{k}.scale": (f"{v[0]}.weight",) for k, v in SINGLE_BLOCK.items() if k.endswith("_norm")})),
-    top={},
-    swapped=lambda native, module: False,
-)
+PARAMS = dit.scale_params("a FLUX.2 transformer parameter", tuple(
+    (native, diffusers, {k: v[0] for k, v in table.items() if k.endswith("_norm")})
+    for native, diffusers, table in (("double_blocks", "transformer_blocks", DOUBLE_BLOCK),
+                                     ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK))))
 WIDTHS = {6144: "dev", 3072: "klein 4B", 4096: "klein 9B"}
 
 

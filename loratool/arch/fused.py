@@ -221,7 +221,7 @@ def _in_block(path: str, block: str) -> tuple[str, str] | None:
     return (index, rest) if index.isdigit() else None
 
 
-def _join(*parts: str) -> str:
+def join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
@@ -259,7 +259,7 @@ class FusedNaming:
             index, rest = hit
             for native, targets in block.table.items():
                 if rest in targets:
-                    return _join(block.native, index, native), targets.index(rest)
+                    return join(block.native, index, native), targets.index(rest)
             return None
         for native, targets in self.top.items():
             if path in targets:
@@ -273,7 +273,7 @@ class FusedNaming:
             if hit is not None:
                 index, rest = hit
                 targets = block.table.get(rest)
-                return None if targets is None else tuple(_join(block.diffusers, index, t) for t in targets)
+                return None if targets is None else tuple(join(block.diffusers, index, t) for t in targets)
         return self.top.get(native)
 
     def unknown(self, path: str) -> MatchError:

@@ -132,15 +132,10 @@ COMFY_TOP = {
     "final_layer.linear": ("proj_out",), "final_layer.adaLN_modulation.1": ("norm_out.linear",),
 }
 COMFY = _naming("a HunyuanVideo transformer module", COMFY_DOUBLE, COMFY_SINGLE, COMFY_REFINER, COMFY_TOP)
-COMFY_PARAMS = fused.FusedNaming(
-    what="a HunyuanVideo transformer parameter",
-    blocks=(fused.Block("double_blocks", "transformer_blocks",
-                        {f"{k}.scale": (f"{v[0]}.weight",) for k, v in COMFY_DOUBLE.items() if k.endswith("_norm")}),
-            fused.Block("single_blocks", "single_transformer_blocks",
-                        {f"{k}.scale": (f"{v[0]}.weight",) for k, v in COMFY_SINGLE.items() if k.endswith("_norm")})),
-    top={},
-    swapped=lambda native, module: False,
-)
+COMFY_PARAMS = dit.scale_params("a HunyuanVideo transformer parameter", tuple(
+    (native, diffusers, {k: v[0] for k, v in table.items() if k.endswith("_norm")})
+    for native, diffusers, table in (("double_blocks", "transformer_blocks", COMFY_DOUBLE),
+                                     ("single_blocks", "single_transformer_blocks", COMFY_SINGLE))))
 # x_embedder input channels: 16 latent channels; I2V concatenates the image latent and a mask (33)
 TASKS = {16: "T2V", 33: "I2V"}
 
