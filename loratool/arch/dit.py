@@ -9,18 +9,18 @@ holds:
 
 * ``naming``: native module -> diffusers module(s) (a :class:`~loratool.arch.fused.FusedNaming`;
   several targets = row-fused, split / fused exactly by :mod:`loratool.arch.fused`);
-* ``spellings``: other native spellings that are read but never written (musubi-tuner's own model
-  definitions where they differ from the original repository);
+* ``spellings``: other native spellings that are read but never written (ComfyUI's Flux-style HunyuanVideo
+  names, its fused HunyuanVideo 1.5 q/k/v);
 * ``params``: native parameters outside any LoRA-able module (RMSNorm scales stored as ``scale``,
   ``modulation`` tables) -> diffusers parameters, for single-file checkpoints;
 * a JSON table ``<table>.json`` generated from diffusers' model class on the ``meta`` device by
-  ``scripts/gen_arch_tables.py``: the published variants' configs and every weight-owning module
+  ``scripts/gen_dit_tables.py``: the published variants' configs and every weight-owning module
   path in both namings (block 0 only: kohya name restoration templates the block index). kohya
   heads lose their dots; they are restored from this table (so ``adaLN_modulation`` or
   ``noise_refiner`` are never split at their underscores by guessing).
 
-Families whose native names are diffusers' own (Qwen-Image, LTX-Video, HiDream) give no
-``naming``: it is built from the table as the identity.
+Families whose native names are diffusers' own (Qwen-Image, HiDream, ERNIE-Image) or differ by a few words
+(LTX-Video, LTX-2: ``renames``) give no ``naming``: it is built from the table.
 """
 
 from __future__ import annotations

@@ -69,9 +69,12 @@ def _parsed(keys: list[str]) -> list[tuple[str, str, str]] | None:
     return out
 
 
-def _native_family_names() -> list:
-    """Families that name a ``transformer`` component natively: the DiT families, Flux.1, SD3."""
-    return [f for f in arch.families().values() if "transformer" in f.kohya_prefixes.values()]
+def _bfl_families() -> list:
+    """The families besides the DiT ones that name a ``transformer`` natively: Flux.1 (BFL), SD3 (MMDiT)."""
+    from loratool.arch import dit
+
+    return [f for f in arch.families().values()
+            if "transformer" in f.kohya_prefixes.values() and dit.find(f.name) is None]
 
 
 def detect(src) -> bool:
@@ -129,7 +132,7 @@ def _family(src, opts, groups):
     # Flux.1 BFL / SD3 MMDiT names in ComfyUI format: the family whose vocabulary holds every path
     from loratool.formats.kohya_names import PathIndex
 
-    for fam in _native_family_names():
+    for fam in _bfl_families():
         index = PathIndex.from_paths(fam.native_paths(COMPONENT), templated=True)
         if all(index.restore(p.replace(".", "_")) == p for p in groups):
             return fam
