@@ -27,6 +27,7 @@ from tiny_dit_models import (
     lora_factors,
     native_checkpoint,
     native_lora,
+    one_thread,  # noqa: F401  (autouse fixture)
     patched_converters,
     peft_deltas,
     pipeline_class,
@@ -41,16 +42,6 @@ from loratool.ops.inspect import inspect
 from loratool.ops.merge import merge
 
 FAMILIES = sorted(CASES)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: with two OpenMP threads on a busy 2-core box one 128×32 SVD takes 0.3 s instead of 2 ms
-    (measured, load average 11); the thread policy of the ops is not what these tests are about."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def relerr(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor | None = None) -> float:

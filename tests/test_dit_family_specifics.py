@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_dit_models import CASES, converter, native_checkpoint, peft_deltas, tiny_model
+from tiny_dit_models import CASES, converter, native_checkpoint, one_thread, peft_deltas, tiny_model  # noqa: F401
 
 import loratool
 from loratool.ops.convert import convert

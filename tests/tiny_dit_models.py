@@ -22,11 +22,23 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from diffusers.loaders import lora_conversion_utils as lcu
 from diffusers.loaders import single_file_utils as sfu
 
 from loratool.arch import dit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: with two OpenMP threads on a busy 2-core box one 128×32 SVD takes 0.3 s instead of 2 ms
+    (measured, load average 11); the thread policy of the ops is not what the DiT tests are about. Imported (autouse)
+    by the test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @dataclass
