@@ -414,26 +414,11 @@ def extract(
 
 
 def _base_family(w: _Weights) -> str | None:
-    """The arch family of the base (so writers name the modules natively), from its headers and configs."""
-    import json
-
+    """The arch family of the base (so writers name the modules natively)."""
     from loratool import arch
-    from loratool.arch.checkpoints import base_family
+    from loratool.ops.inspect import checkpoint_family_of
 
-    ckpt = w.ckpt
-    shapes = {k: tuple(p.file.info(k).shape) for g in ckpt.groups for k, p in g.key_to_part.items()}
-    folder = ckpt.root if ckpt.is_folder else ckpt.root.parent
-    configs = {}
-    for name in ("model_index.json", "config.json"):
-        try:
-            configs[name] = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            configs[name] = None
-    if ckpt.kind == "pipeline":
-        family, _ = base_family(shapes, pipeline=configs["model_index.json"])
-    else:
-        family, _ = base_family(shapes, config=configs["config.json"] if isinstance(configs["config.json"], dict)
-                                else None)
+    family, _ = checkpoint_family_of(w.ckpt)
     return family if family in arch.families() else None
 
 

@@ -241,14 +241,24 @@ def is_base_folder(folder: Path) -> bool:
     return (folder / "model_index.json").is_file() or any(folder.glob("*.safetensors.index.json"))
 
 
+def checkpoint_family_of(ckpt, shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[str | None, str | None]:
+    """(family, architecture) of an opened base checkpoint from its headers and its configs
+    (``model_index.json`` of a pipeline, ``config.json`` beside a component)."""
+    from loratool.arch.checkpoints import base_family
+
+    if shapes is None:
+        shapes = {k: tuple(p.file.info(k).shape) for g in ckpt.groups for k, p in g.key_to_part.items()}
+    if ckpt.kind == "pipeline":
+        return base_family(shapes, pipeline=_json_beside(ckpt.root, "model_index.json"))
+    folder = ckpt.root if ckpt.is_folder else ckpt.root.parent
+    return base_family(shapes, config=_json_beside(folder, "config.json"))
+
+
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
     """Describe a base model from its safetensors headers (no tensor data is read)."""
-    from loratool.arch.checkpoints import base_family
     from loratool.io.checkpoint import guess_component, open_checkpoint
 
     ckpt = open_checkpoint(path)
-    root = ckpt.root
-    folder = root if ckpt.is_folder else root.parent
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: Counter[str] = Counter()
     components: Counter[str] = Counter()
@@ -274,10 +284,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
             unmapped += sorted(k for k in group.key_to_part if k not in used)
         else:
             components[group.component or guess_component(group.key_to_part)] += len(group.key_to_part)
-    if ckpt.kind == "pipeline":
-        family, architecture = base_family(shapes, pipeline=_json_beside(root, "model_index.json"))
-    else:
-        family, architecture = base_family(shapes, config=_json_beside(folder, "config.json"))
+    family, architecture = checkpoint_family_of(ckpt, shapes)
     files = sorted(str(f) for f in ckpt.weight_files())
     variant = _base_variant(family, ckpt, shapes)
     warnings = []
