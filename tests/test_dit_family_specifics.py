@@ -336,3 +336,42 @@ def test_hidream_simpletuner_lycoris_names(tmp_path):
     assert sorted(m.name for m in report.modules) == [
         "double_stream_blocks.0.block.attn1.to_q", "double_stream_blocks.0.block.ff_i.shared_experts.w1",
         "single_stream_blocks.3.block.attn1.to_out"]
+
+
+def test_cli_info_convert_merge_on_a_wan_lora(tmp_path, capsys):
+    """The CLI end to end (in process): ``info`` prints family and variant, ``convert --to native`` writes ComfyUI
+    keys, ``merge`` warns once per explained group; a native file of unknown names fails on one line, exit 2."""
+    import json
+
+    from tiny_dit_models import WAN_TINY, lora_factors, native_lora
+
+    from loratool.cli import main
+
+    case = CASES["wan"]
+    i2v = tiny_model(case).state_dict()
+    save_file(native_lora(case, lora_factors(case, i2v, seed=3)), tmp_path / "i2v.safetensors")
+    assert main(["info", str(tmp_path / "i2v.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "wan" in out and "Wan 2.1 I2V" in out
+    assert main(["convert", str(tmp_path / "i2v.safetensors"), "--to", "diffusers",
+                 "-o", str(tmp_path / "d.safetensors")]) == 0
+    assert main(["convert", str(tmp_path / "d.safetensors"), "--to", "native", "--family", "wan",
+                 "-o", str(tmp_path / "n.safetensors")]) == 0
+    native_keys = load_file(tmp_path / "n.safetensors")
+    assert all(k.startswith("diffusion_model.") for k in native_keys)
+    assert "diffusion_model.blocks.0.cross_attn.k_img.lora_A.weight" in native_keys
+    capsys.readouterr()
+    tiny_model(case, WAN_TINY).save_pretrained(tmp_path / "t2v", safe_serialization=True)
+    assert main(["merge", str(tmp_path / "t2v"), str(tmp_path / "i2v.safetensors"), "-o", str(tmp_path / "m")]) == 0
+    err = capsys.readouterr().err
+    assert "4 adapter modules skipped, image cross-attention (cross_attn.k_img / v_img): only Wan 2.1 I2V" \
+        in " ".join(err.split())
+    assert main(["merge", str(tmp_path / "t2v"), str(tmp_path / "i2v.safetensors"), "-o", str(tmp_path / "j"),
+                 "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["unmatched_groups"]
+    assert {g["modules"] for g in groups} == {4, 2}
+    save_file({"diffusion_model.nothing.here.lora_A.weight": torch.zeros(2, 4),
+               "diffusion_model.nothing.here.lora_B.weight": torch.zeros(4, 2)}, tmp_path / "odd.safetensors")
+    assert main(["info", str(tmp_path / "odd.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot tell which model family" in err and "Traceback" not in err

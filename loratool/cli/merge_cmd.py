@@ -42,7 +42,7 @@ def merge_command(
         return
     explained = {m for g in result.unmatched_groups for m in g["labels"]}
     for g in result.unmatched_groups:
-        warn(f"{g['modules']} adapter modules ({g['group']}) skipped: {g['reason']}")
+        warn(f"{g['modules']} adapter modules skipped, {g['group']}: {g['reason']}")
     rest = [u for u in result.unmatched if u not in explained]
     if rest:
         shown = ", ".join(rest[:20])
