@@ -362,6 +362,16 @@ def detect_native(paths: list[str], metadata: Mapping[str, str],
 
 # --- variants --------------------------------------------------------------------------------------
 
+def rows_fit(shapes: Mapping[str, tuple[int, ...]], rules: Mapping[tuple[str, ...], int]) -> bool:
+    """Whether every adapted weight whose path ends with one of a rule's suffixes has ``ratio × in-features``
+    rows (``rules``: suffixes -> ratio): tells apart families that share names but not widths."""
+    for path, shape in shapes.items():
+        for suffixes, ratio in rules.items():
+            if len(shape) >= 2 and path.endswith(suffixes) and shape[0] != ratio * shape[1]:
+                return False
+    return True
+
+
 def variant_of(family: str | None, modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:
     """The variant text ``info`` shows for an adapter of ``family`` (None when not a DiT family or unknown)."""
     spec = find(family)

@@ -94,14 +94,7 @@ def base_variant(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
 def shapes_fit(shapes: Mapping[str, tuple[int, ...]]) -> bool:
     """FLUX.2 against Flux.1 (same BFL names): linear1 holds 3·D + 2·3·D rows (Flux.1: 3·D + 4·D), the
     SwiGLU img_mlp.0 2·3·D (Flux.1: 4·D)."""
-    for path, shape in shapes.items():
-        if len(shape) < 2:
-            continue
-        if path.endswith(("linear1", "attn.to_qkv_mlp_proj")) and shape[0] != 9 * shape[1]:
-            return False
-        if path.endswith(("img_mlp.0", "txt_mlp.0", "ff.linear_in")) and shape[0] != 6 * shape[1]:
-            return False
-    return True
+    return dit.rows_fit(shapes, {("linear1", "attn.to_qkv_mlp_proj"): 9, ("img_mlp.0", "txt_mlp.0", "ff.linear_in"): 6})
 
 
 SPEC = dit.DitFamily(

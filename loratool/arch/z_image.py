@@ -47,10 +47,7 @@ PARAMS = fused.FusedNaming(what="a Z-Image transformer parameter", blocks=(),
 def shapes_fit(shapes) -> bool:
     """Z-Image against Lumina 2 (same native names): Z-Image's qkv is three equal thirds (as many KV heads as
     query heads), Lumina 2's is grouped-query (fewer KV rows)."""
-    for path, shape in shapes.items():
-        if path.endswith("attention.qkv") and len(shape) == 2 and shape[0] != 3 * shape[1]:
-            return False
-    return True
+    return dit.rows_fit(shapes, {("attention.qkv",): 3})
 
 
 SPEC = dit.DitFamily(
