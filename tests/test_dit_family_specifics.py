@@ -375,3 +375,41 @@ def test_cli_info_convert_merge_on_a_wan_lora(tmp_path, capsys):
     assert main(["info", str(tmp_path / "odd.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "cannot tell which model family" in err and "Traceback" not in err
+
+
+def test_framepack_musubi_lora_in_diffusers_names(tmp_path):
+    """musubi-tuner's FramePack model is diffusers-based (frame_pack/hunyuan_video_packed.py): its LoRAs name diffusers
+    modules in kohya form (lora_unet_transformer_blocks_0_attn_to_q, networks/lora_framepack.py), and its metadata
+    modelspec.architecture is "framepack" (utils/sai_model_spec.py). Read as HunyuanVideo / FramePack; merged into a
+    diffusers HunyuanVideoFramepackTransformer3DModel folder it gives W + alpha/r · up @ down (musubi-tuner's
+    merge_lora.py definition; diffusers has no FramePack kohya converter)."""
+    import diffusers
+
+    from loratool.ops.inspect import inspect
+
+    cfg = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+               num_single_layers=1, num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
+               rope_axes_dim=(2, 2, 4), has_image_proj=True, image_proj_dim=12, has_clean_x_embedder=True)
+    torch.manual_seed(0)
+    model = diffusers.HunyuanVideoFramepackTransformer3DModel(**cfg).double()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    gen = torch.Generator().manual_seed(6)
+    lora, deltas = {}, {}
+    for path in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.0.proj",
+                 "single_transformer_blocks.0.proj_mlp", "image_projection.up"):
+        out, inp = state[f"{path}.weight"].shape
+        down = torch.randn(2, inp, generator=gen, dtype=torch.float64)
+        up = torch.randn(out, 2, generator=gen, dtype=torch.float64)
+        head = "lora_unet_" + path.replace(".", "_")
+        lora.update({f"{head}.lora_down.weight": down, f"{head}.lora_up.weight": up,
+                     f"{head}.alpha": torch.tensor(1.0, dtype=torch.float64)})
+        deltas[f"{path}.weight"] = (up @ down) / 2
+    save_file(lora, tmp_path / "fp.safetensors", metadata={"modelspec.architecture": "framepack/lora"})
+    report = inspect(tmp_path / "fp.safetensors")
+    assert (report.family, report.variant) == ("hunyuan_video", "FramePack")
+    assert inspect(tmp_path / "transformer").family == "hunyuan_video"
+    merge(tmp_path / "transformer", [tmp_path / "fp.safetensors"], tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors")
+    for k, v in state.items():
+        assert torch.allclose(merged[k], v + deltas.get(k, 0), rtol=0, atol=1e-12), k
