@@ -17,11 +17,12 @@ from typing import Any
 
 from loratool.errors import FormatError
 
-LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "gguf")
+LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "gguf", "native")
 # LyCORIS before kohya (same key naming, more kinds); PEFT before diffusers (diffusers'
 # current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B).
-DETECT_ORDER = ("gguf", "peft", "lycoris", "kohya", "diffusers", "loralib")
-WRITABLE = ("kohya", "diffusers", "peft", "loralib", "gguf")
+# native (ComfyUI ``diffusion_model.`` keys) early: diffusion-pipe puts an adapter_config.json beside them.
+DETECT_ORDER = ("gguf", "native", "peft", "lycoris", "kohya", "diffusers", "loralib")
+WRITABLE = ("kohya", "diffusers", "peft", "loralib", "gguf", "native")
 MODULES = {"gguf": "gguf_lora"}  # layout name -> module, where they differ
 
 

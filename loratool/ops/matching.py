@@ -56,6 +56,8 @@ class MatchPlan:
     replacements: dict[tuple[Path, str], tuple[int, str, torch.Tensor]] = field(default_factory=dict)
     matched: dict[str, int] = field(default_factory=dict)  # adapter component -> modules placed
     unmatched: list[str] = field(default_factory=list)  # "component:path" (with the adapter when several)
+    # unmatched modules the base's family explains, per group: {"group", "reason", "modules", "examples"}
+    unmatched_groups: list[dict] = field(default_factory=list)
 
     @property
     def total_matched(self) -> int:
