@@ -104,7 +104,7 @@ class LoraModule:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the base weight this module adapts (as the base stores it)."""
-        from loratool.delta import weight_shape
+        from loratool.shapes import weight_shape
 
         return weight_shape(self)
 

@@ -23,27 +23,7 @@ import torch
 
 from loratool.adapter import LoraModule
 from loratool.errors import MatchError
-
-
-def weight_shape(module: LoraModule) -> tuple[int, ...]:
-    """The shape of the base weight the module adapts, as far as the factors tell."""
-    t = module.tensors
-    hint = module.hints.get("weight_shape")
-    if hint is not None:
-        return tuple(int(x) for x in hint)
-    if module.kind == "full":
-        return tuple(t["diff"].shape)
-    if module.kind == "lora":
-        down, up = t["down"], t["up"]
-        if module.layer == "embedding":
-            return (int(down.shape[1]), int(up.shape[0]))
-        if module.layer == "conv":
-            kernel = tuple(t["mid"].shape[2:]) if "mid" in t else tuple(down.shape[2:])
-            return (int(up.shape[0]), int(down.shape[1]), *kernel)
-        shape = (int(up.shape[0]), int(down.shape[1]))
-        return shape[::-1] if module.fan_in_fan_out else shape
-    # loha / lokr: compute the product once; the reader sets a hint when it knows better.
-    return tuple(_lycoris_delta(module, torch.float32, None).shape)
+from loratool.shapes import weight_shape as weight_shape  # re-exported: the shape rules live there
 
 
 def _rebuild_tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

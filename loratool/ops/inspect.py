@@ -7,9 +7,9 @@ are read for real, since alpha values are data. Pickled files (``.pt``/``.bin``)
 and are loaded whole (restricted unpickler) either way.
 
 With ``stats`` every module's ΔW is described by its singular values σ₁ ≥ σ₂ ≥ … computed from
-the factors (:func:`loratool.ops.factor_form.to_factor_form` + :func:`loratool.ops.linalg.factor_svd`:
-QR of up and downᵀ and an SVD of the small core; dense SVD only for modules with no smaller
-exact form, e.g. ``full``), in float64:
+its exact factor form (:func:`loratool.ops.factor_form.singular_values`: QR / Gram of up and downᵀ
+and an SVD of the small core; for LoKr the products σᵢ(W₁)·σⱼ(W₂) of its Kronecker factors; a
+dense SVD only for modules with no smaller exact form, e.g. ``full``), in float64:
 
 * ``norm``            ‖ΔW‖_F = √(Σ σᵢ²)
 * ``effective_rank``  exp(−Σ pᵢ log pᵢ) with pᵢ = σᵢ / Σ σⱼ (Roy & Vetterli 2007; between 1
@@ -317,15 +317,10 @@ def _num(x: float) -> float | int:
 
 def module_stats(module: LoraModule) -> ModuleStats:
     """σ-based description of ΔW from the factors (see the module docstring for definitions)."""
-    from loratool.ops.factor_form import to_factor_form
-    from loratool.ops.linalg import dense_svd, factor_svd
+    from loratool.ops.factor_form import singular_values, to_factor_form
 
     form = to_factor_form(module, dtype=torch.float64)
-    if form.is_dense:
-        svd = dense_svd(form.dense, dtype=torch.float64)
-    else:
-        svd = factor_svd(form.up, form.down, form.scale, dtype=torch.float64)
-    s = svd.S.clamp(min=0)
+    s = singular_values(form, dtype=torch.float64).clamp(min=0)
     total = float(s.sum())
     smax = float(s[0]) if s.numel() else 0.0
     if total == 0.0:

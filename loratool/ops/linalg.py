@@ -153,6 +153,36 @@ def stacked_factor_svd(
     return factor_svd(up, down, 1.0, rank=rank, dtype=dtype)
 
 
+
+def kron_svd(
+    a: LowRankSVD,
+    b: LowRankSVD,
+    scale: float = 1.0,
+    *,
+    rank: int | None = None,
+    choose: Callable[[torch.Tensor], int] | None = None,
+) -> LowRankSVD:
+    """SVD of scale · kron(A, B) from full SVDs of A [a₁, b₁] and B [a₂, b₂].
+
+    kron(Ua·Sa·Vaᵀ, Ub·Sb·Vbᵀ) = kron(Ua, Ub) · kron(Sa, Sb) · kron(Va, Vb)ᵀ, and the Kronecker
+    product of matrices with orthonormal columns has orthonormal columns, so this is an SVD:
+    the singular values are every product σa_i·σb_j·|scale|, the vectors kron(ua_i, ub_j) and
+    kron(va_i, vb_j). They are sorted descending, ``rank`` / ``choose(S)`` picks k, and only
+    the k kept vectors are formed (O(k·(a₁a₂ + b₁b₂)) after the two small SVDs).
+    """
+    prod = (a.S[:, None] * b.S[None, :]).reshape(-1) * abs(float(scale))
+    s, order = torch.sort(prod, descending=True, stable=True)
+    energy = float(a.energy) * float(b.energy) * float(scale) ** 2
+    k = choose(s) if choose is not None else rank
+    if k is not None:
+        s, order = s[:k], order[:k]
+    i, j = order // b.S.shape[0], order % b.S.shape[0]
+    k = int(s.shape[0])
+    u = (a.U[:, i].unsqueeze(1) * b.U[:, j].unsqueeze(0)).reshape(-1, k)
+    vh = (a.Vh[i].unsqueeze(2) * b.Vh[j].unsqueeze(1)).reshape(k, -1)
+    return LowRankSVD(-u if scale < 0 else u, s, vh, energy)
+
+
 def dense_svd(matrix: torch.Tensor, *, rank: int | None = None, dtype: torch.dtype | None = None) -> LowRankSVD:
     """Thin SVD of a dense matrix (for modules with no useful exact factor form)."""
     if dtype is None:

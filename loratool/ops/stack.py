@@ -1,8 +1,9 @@
 """Add several adapters into one: ΔW = Σᵢ wᵢ · ΔWᵢ, module by module over the union of modules.
 
 Every contribution is first brought to its exact factor form ΔMᵢ = sᵢ · upᵢ @ downᵢ
-(:mod:`loratool.ops.factor_form`); a dense one (``full``, large LoHa/LoKr products) is factored
-exactly by its SVD, keeping every singular value above the usual rounding tolerance.
+(:mod:`loratool.ops.factor_form`); a dense one (``full``, large LoHa products) or a Kronecker one
+(LoKr, through the Kronecker product of its factors' SVDs) is factored exactly by its SVD, keeping
+every singular value above the usual rounding tolerance (:func:`~loratool.ops.factor_form.explicit_factors`).
 
 * ``concat`` (exact): up = [c₁·up₁ | c₂·up₂ | …], down = [down₁; down₂; …] with
   cᵢ = wᵢ · sᵢ / s', so s' · up @ down = Σ wᵢ sᵢ upᵢ downᵢ. Ranks add up; the weight is applied
@@ -35,9 +36,9 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import delta_bias
 from loratool.errors import MatchError, NonFiniteError, UsageError
 from loratool.ops import Progress
-from loratool.ops.device import pick_device
-from loratool.ops.factor_form import FactorForm, to_factor_form, to_module, transposed
-from loratool.ops.linalg import compute_dtype, dense_svd, numerical_rank, split_factors, stacked_factor_svd
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device
+from loratool.ops.factor_form import FactorForm, explicit_factors, svd_flops, to_factor_form, to_module, transposed
+from loratool.ops.linalg import compute_dtype, split_factors, stacked_factor_svd
 from loratool.ops.rank_rules import select_rank
 from loratool.ops.resize import STALE_KEYS, network_metadata, output_layout
 
@@ -90,16 +91,6 @@ class StackResult:
         }
 
 
-def _contribution_factors(form: FactorForm) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(up, down, scale) of one contribution; a dense ΔM is factored exactly by its SVD."""
-    if not form.is_dense:
-        return form.up, form.down, form.scale
-    svd = dense_svd(form.dense, dtype=form.dense.dtype)
-    k = numerical_rank(svd, form.shape)
-    svd = svd.truncate(k)
-    return svd.U * svd.S, svd.Vh, 1.0
-
-
 def _check_same_target(key: tuple[str, str], entries: list[tuple[int, LoraModule, FactorForm]],
                        labels: list[str]) -> None:
     i0, m0, f0 = entries[0]
@@ -139,7 +130,7 @@ def stack_module(
     scale, rslora = _output_scale(modules)
     ups, downs, coefs = [], [], []
     for i, _m, form in forms:
-        up, down, s = _contribution_factors(form)
+        up, down, s = explicit_factors(form)
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise NonFiniteError(f"{key[0]}:{key[1]} in {labels[i]}: factors hold NaN or Inf")
         ups.append(up)
@@ -173,6 +164,7 @@ def stack(
     rank: int | None = None,
     labels: Sequence[str] | None = None,
     device: str = "auto",
+    threads: int | None = None,
     progress: Progress | None = None,
 ) -> StackResult:
     """Σ wᵢ ΔWᵢ of ``adapters`` over the union of their modules (see the module docstring)."""
@@ -210,8 +202,8 @@ def stack(
                 continue
             out.extras[key] = tensor
 
-    reports: list[ModuleStack] = []
-    for done, (key, all_entries) in enumerate(keys.items(), start=1):
+    work: list[tuple[tuple[str, str], list[tuple[int, LoraModule]]]] = []
+    for key, all_entries in keys.items():
         entries = [(i, m) for i, m in all_entries if weights[i] != 0.0]
         if not entries:
             warnings.append(f"{key[0]}:{key[1]}: every input holding it has weight 0; left out")
@@ -221,11 +213,20 @@ def stack(
                 f"{key[0]}:{key[1]}: DoRA module in {', '.join(labels[i] for i, _ in entries)}; "
                 "DoRA magnitudes are absolute, not deltas, and cannot be added"
             )
-        module, report = stack_module(key, entries, weights, method, rank, labels, dev)
+        work.append((key, entries))
+
+    def one(item: tuple[tuple[str, str], list[tuple[int, LoraModule]]]) -> tuple[LoraModule, ModuleStack]:
+        return stack_module(item[0], item[1], weights, method, rank, labels, dev)
+
+    def cost(item: tuple[tuple[str, str], list[tuple[int, LoraModule]]]) -> float:
+        return sum(svd_flops(m) for _, m in item[1])
+
+    reports: list[ModuleStack] = []
+    for done, (module, report) in enumerate(ThreadPolicy(threads, dev).map(one, work, cost=cost), start=1):
         out.add(module)
         reports.append(report)
         if progress is not None:
-            progress("stacking", done, len(keys))
+            progress("stacking", done, len(work))
 
     result = StackResult(adapter=out, modules=reports, method=method, rank=int(rank) if rank else None,
                          weights=weights, labels=labels, device=str(dev), warnings=warnings)
@@ -257,6 +258,7 @@ def stack_files(
     rank: int | None = None,
     to: str | None = None,
     device: str = "auto",
+    threads: int | None = None,
     force: bool = False,
     base: str | os.PathLike | None = None,
     family: str | None = None,
@@ -269,11 +271,13 @@ def stack_files(
     if weights and len(weights) != len(paths):
         raise UsageError(f"--weights: {len(weights)} weights for {len(paths)} adapters; give one per adapter")
     layout = output_layout(None, to) if to else None
+    check_threads(threads)
     check_output(out, inputs=tuple(paths), force=force)
     adapters = [load(p, base=base, family=family) for p in paths]
     layout = layout or output_layout(adapters[0].source_format, None)
     labels = [Path(str(p)).name for p in paths]
-    result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress)
+    result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, threads=threads,
+                   progress=progress)
     result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
     result.output = Path(out)
     result.output_format = layout
