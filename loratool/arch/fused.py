@@ -24,10 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 
-import torch
-
 from loratool.adapter import LoraModule
 from loratool.errors import FormatError, MatchError
+from loratool.header_only import torch
 
 Rows = list[tuple[int, int]]
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
-from loratool.cli.options import Device, Force
+from loratool.cli.options import Device, Force, Threads
 from loratool.cli.render import console, print_json, progress_bar, warn
 from loratool.errors import UsageError
 from loratool.float_dtypes import float_code
@@ -40,6 +40,7 @@ def extract_command(
     save_dtype: str = typer.Option("fp32", "--save-dtype", help="dtype of the written factors: fp32, fp16 or bf16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the randomized solver's sketch."),
     device: Device = "auto",
+    threads: Threads = None,
     force: Force = False,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
@@ -47,6 +48,9 @@ def extract_command(
     if to is not None and to not in _WRITE_LAYOUTS:
         raise UsageError(f"--to {to}: choose one of {', '.join(_WRITE_LAYOUTS)}")
     code = float_code(save_dtype, "--save-dtype")
+    from loratool.io.preflight import inputs_exist
+
+    inputs_exist(finetuned, base)  # before the op imports torch
     from loratool.io.safetensors_file import torch_dtypes
     from loratool.ops.extract import extract_to_file
 
@@ -54,7 +58,7 @@ def extract_command(
         result = extract_to_file(
             finetuned, base, output, to=to, force=force, rank=rank, conv_rank=conv_rank, dynamic=dynamic,
             param=param, exact=exact, include=include or None, exclude=exclude or None, min_diff=min_diff,
-            clamp_quantile=clamp_quantile, embeddings=embeddings, device=device,
+            clamp_quantile=clamp_quantile, embeddings=embeddings, device=device, threads=threads,
             out_dtype=torch_dtypes()[code], seed=seed, progress=progress,
         )
     if as_json:

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
-from loratool.cli.options import Device, Force
+from loratool.cli.options import Device, Force, Threads
 from loratool.cli.render import console, print_json, progress_bar, warn
 
 
@@ -22,6 +22,7 @@ def merge_command(
     ),
     dtype: str = typer.Option(None, "--dtype", help="Output dtype for float tensors: fp16, bf16 or fp32."),
     device: Device = "auto",
+    threads: Threads = None,
     strict: bool = typer.Option(False, "--strict", help="Unmatched adapter modules are an error."),
     force: Force = False,
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf results instead of failing."),
@@ -34,8 +35,8 @@ def merge_command(
 
     with progress_bar(enabled=not as_json) as progress:
         result = merge(
-            base, loras, output, alpha or None, dtype=dtype, device=device, strict=strict, force=force,
-            allow_nonfinite=allow_nonfinite, sync=sync, progress=progress,
+            base, loras, output, alpha or None, dtype=dtype, device=device, threads=threads, strict=strict,
+            force=force, allow_nonfinite=allow_nonfinite, sync=sync, progress=progress,
         )
     if as_json:
         print_json(result.to_json())

@@ -16,3 +16,9 @@ Family = Annotated[
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", min=1,
+                 help="CPU threads the maths may use (default: every CPU; per-module work runs single-threaded "
+                      "unless more threads are measured to be faster)."),
+]

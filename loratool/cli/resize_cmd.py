@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
-from loratool.cli.options import BaseModel, Device, Family, Force
+from loratool.cli.options import BaseModel, Device, Family, Force, Threads
 from loratool.cli.render import console, print_json, progress_bar, warn
 
 
@@ -22,6 +22,7 @@ def resize_command(
     param: float = typer.Option(None, "--param", help="P of the --dynamic rule."),
     to: str = typer.Option(None, "--to", help="Output layout (default: the input's)."),
     device: Device = "auto",
+    threads: Threads = None,
     family: Family = None,
     base: BaseModel = None,
     force: Force = False,
@@ -29,11 +30,14 @@ def resize_command(
     show_all: bool = typer.Option(False, "--all", help="List every module (the table shows 30 by default)."),
 ) -> None:
     """Re-rank every module to its best rank-k approximation, from the factors (no dense SVD)."""
+    from loratool.io.preflight import inputs_exist
+
+    inputs_exist(lora, base)  # before the op imports torch
     from loratool.ops.resize import resize_file
 
     with progress_bar(enabled=not as_json) as progress:
         result = resize_file(lora, output, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
-                             to=to, force=force, family=family, base=base, progress=progress)
+                             threads=threads, to=to, force=force, family=family, base=base, progress=progress)
     if as_json:
         print_json(result.to_json())
         return

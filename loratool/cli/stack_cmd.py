@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
-from loratool.cli.options import BaseModel, Device, Family, Force
+from loratool.cli.options import BaseModel, Device, Family, Force, Threads
 from loratool.cli.render import console, print_json, progress_bar, warn
 
 
@@ -23,17 +23,21 @@ def stack_command(
     rank: int = typer.Option(None, "--rank", "-r", help="Output rank for --method svd."),
     to: str = typer.Option(None, "--to", help="Output layout (default: the first input's)."),
     device: Device = "auto",
+    threads: Threads = None,
     family: Family = None,
     base: BaseModel = None,
     force: Force = False,
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of a table."),
 ) -> None:
     """Add LoRAs into one: ΔW = Σ wᵢ·ΔWᵢ over the union of their modules."""
+    from loratool.io.preflight import inputs_exist
+
+    inputs_exist(*loras, base)  # before the op imports torch
     from loratool.ops.stack import stack_files
 
     with progress_bar(enabled=not as_json) as progress:
         result = stack_files(loras, output, weights or None, method=method, rank=rank, to=to, device=device,
-                             force=force, family=family, base=base, progress=progress)
+                             threads=threads, force=force, family=family, base=base, progress=progress)
     if as_json:
         print_json(result.to_json())
         return

@@ -34,14 +34,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from loratool.adapter import Adapter
 from loratool.arch.clip import CLIP_COMPONENTS, TEXT_MODEL, canonical_clip_path
 from loratool.errors import FormatError
 from loratool.formats import ReadOptions, WriteOptions
 from loratool.formats import peft as peft_layout
 from loratool.formats import peft_config as pc
+from loratool.header_only import torch
 from loratool.io.atomic import atomic_path, check_output
 
 NAME = "diffusers"

@@ -36,14 +36,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-from safetensors.torch import save
-
 from loratool import arch
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, UsageError
 from loratool.formats.kohya_hash import HASH_KEYS, kohya_hashes
 from loratool.formats.kohya_names import HeadResolver, to_head
+from loratool.header_only import torch
 from loratool.io.atomic import atomic_path, check_output
 
 NAME = "kohya"
@@ -322,6 +320,8 @@ def network_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> dic
 
 
 def write(adapter: Adapter, out: Path, opts) -> list[Path]:
+    from safetensors.torch import save
+
     out = check_output(out, opts.inputs, opts.force)
     if adapter.extras:
         names = ", ".join(f"{c}:{n}" for c, n in list(adapter.extras)[:3])

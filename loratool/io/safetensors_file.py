@@ -261,6 +261,26 @@ class SafetensorsFile:
             raise InputError(f"{self.path}: tensor {name!r} is cut short (file changed while reading?)")
         return data
 
+    def raw_bytes_many(self, names: list[str]) -> dict[str, bytes]:
+        """The bytes of several (small) tensors, through one open file."""
+        out: dict[str, bytes] = {}
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        try:
+            for name in names:
+                info = self.header.tensors[name]
+                data = os.pread(fd, info.nbytes, self.header.data_offset + info.start)
+                if len(data) != info.nbytes:
+                    raise InputError(f"{self.path}: tensor {name!r} is cut short (file changed while reading?)")
+                out[name] = data
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        finally:
+            os.close(fd)
+        return out
+
     def get(self, name: str) -> torch.Tensor:
         import torch
 

@@ -181,6 +181,10 @@ class ThreadPolicy:
         with self._large.timed(cost) as n, torch_threads(n):
             yield n
 
+    def work(self, cost: float) -> contextlib.AbstractContextManager:
+        """:meth:`large` for work of at least :data:`LARGE_FLOPS` flops, else :meth:`small`."""
+        return self.large(cost) if cost >= LARGE_FLOPS else self.small()
+
     def map(self, fn: Callable[[T], R], items: Iterable[T], cost: Callable[[T], float] | None = None) -> Iterator[R]:
         """``fn`` over ``items``, results in order. Small items run single-threaded, in a pool of
         worker threads where that is measured to pay; items whose ``cost`` (flops) reaches

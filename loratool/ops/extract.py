@@ -40,7 +40,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.errors import MatchError, UsageError
 from loratool.ops import Progress
-from loratool.ops.device import pick_device
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device
 from loratool.ops.extract_defaults import DEFAULT_RANK
 from loratool.ops.randomized_svd import TruncatedSVD, exact_svd, frobenius_sq, truncated_svd
 
@@ -255,6 +255,15 @@ def _factor(delta: torch.Tensor, layer: str, fan_in_fan_out: bool, s: _Settings)
     return up, down, svd, k, matrix
 
 
+def _svd_flops(delta: torch.Tensor, layer: str, s: _Settings) -> float:
+    """Rough flops of :func:`_factor` (sizes the work for the thread policy): a few products with
+    the [m, n] matrix at sketch width k + 16, or a full SVD."""
+    m, n = int(delta.shape[0]), delta.numel() // max(1, int(delta.shape[0]))
+    full = s.exact or getattr(s.rule, "method", None) == "sv_cumulative"
+    width = min(m, n) if full else min(m, n, (s.conv_rank if layer == "conv" else s.rank) + 16)
+    return (4.0 if full else 16.0) * m * n * width
+
+
 def _make_module(component: str, path: str, layer: str, fan_in_fan_out: bool, shape, up, down, k) -> LoraModule:
     if layer == "conv":
         down = down.reshape(k, *shape[1:])
@@ -306,6 +315,7 @@ def extract(
     clamp_quantile: float | None = None,
     embeddings: bool = False,
     device: str = "auto",
+    threads: int | None = None,
     dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype = torch.float32,
     seed: int = 0,
@@ -325,6 +335,7 @@ def extract(
     if clamp_quantile is not None and not 0.0 < clamp_quantile <= 1.0:
         raise UsageError(f"--clamp-quantile {clamp_quantile}: must be in (0, 1]")
     rule = _rule(dynamic, param)
+    check_threads(threads)
     includes, excludes = _compile(include, "--include"), _compile(exclude, "--exclude")
     dev = pick_device(device)
     if dev.type == "mps" and dtype == torch.float64:
@@ -335,6 +346,7 @@ def extract(
         generator=torch.Generator().manual_seed(seed),
     )
 
+    policy = ThreadPolicy(threads, dev)
     ft, bs = _Weights(finetuned), _Weights(base)
     common = [key for key in ft.params if key in bs.params]
     if not common:
@@ -376,10 +388,11 @@ def extract(
             else:
                 result.unchanged += 1
             continue
-        # In place: `a` is a buffer of our own (Checkpoint.read_tensor), never the file's memory.
-        delta = a.to(device=dev, dtype=dtype).sub_(b.to(device=dev, dtype=dtype))
-        del a, b
-        max_abs = float(torch.linalg.vector_norm(delta, float("inf"))) if delta.numel() else 0.0
+        with policy.small():  # elementwise and memory-bound: no thread team to pay for
+            # In place: `a` is a buffer of our own (Checkpoint.read_tensor), never the file's memory.
+            delta = a.to(device=dev, dtype=dtype).sub_(b.to(device=dev, dtype=dtype))
+            del a, b
+            max_abs = float(torch.linalg.vector_norm(delta, float("inf"))) if delta.numel() else 0.0
         if not math.isfinite(max_abs):
             from loratool.errors import NonFiniteError
 
@@ -393,12 +406,13 @@ def extract(
             continue
         path = name[: -len(".weight")]
         fan_in_fan_out = layer == "linear" and comp == "model" and bool(_CONV1D_NAME.search(path))
-        up, down, svd, k, matrix = _factor(delta, layer, fan_in_fan_out, settings)
-        up, down = up.to(out_dtype), down.to(out_dtype)
+        with policy.work(_svd_flops(delta, layer, settings)):
+            up, down, svd, k, matrix = _factor(delta, layer, fan_in_fan_out, settings)
+            up, down = up.to(out_dtype), down.to(out_dtype)
+            # ‖ΔW − up·down‖ of the factors as written; the residual overwrites the product (one buffer).
+            residual = (up.to(dtype) @ down.to(dtype)).sub_(matrix)
+            err = math.sqrt(frobenius_sq(residual))
         norm = math.sqrt(svd.total_energy)
-        # ‖ΔW − up·down‖ of the factors as written; the residual overwrites the product (one buffer).
-        residual = (up.to(dtype) @ down.to(dtype)).sub_(matrix)
-        err = math.sqrt(frobenius_sq(residual))
         captured = math.sqrt(min(1.0, float(svd.S[:k].double().square().sum()) / svd.total_energy)) \
             if svd.total_energy > 0 else 1.0
         del delta, matrix, residual

@@ -37,13 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from loratool import formats
 from loratool.adapter import Adapter, LoraModule
 from loratool.api import base_vocabulary, read_source
 from loratool.errors import FormatError
-from loratool.formats.source import Source, open_source
+from loratool.formats.source import Source, header_view, open_source
+from loratool.header_only import DTYPES, dtype_name, read_header_only, torch
 from loratool.io import hub
 from loratool.ops import Progress
 from loratool.validate import nonfinite_modules
@@ -263,7 +262,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
             for key in part.file.keys():
                 info = part.file.info(key)
                 shapes[key] = tuple(info.shape)
-                dtypes[_dtype_name(info.dtype)] += 1
+                dtypes[DTYPES[info.dtype_name][0]] += 1
                 parameters += math.prod(info.shape)
         if group.targets is not None:
             unmapped += sorted(k for k in group.key_to_part if k not in used)
@@ -289,23 +288,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
 # ---------------------------------------------------------------- header-only reading
 
 
-def header_only_source(src: Source) -> Source:
-    """``src`` with meta tensors standing in for the data (scalars read for real)."""
-    if src._safetensors is None:
-        return src  # a pickle is already in memory
-    file = src._safetensors
-    tensors: dict[str, torch.Tensor] = {}
-    for name, info in file.header.tensors.items():
-        if math.prod(info.shape) <= 1:
-            tensors[name] = file.get(name)
-        else:
-            tensors[name] = torch.empty(info.shape, dtype=info.dtype, device="meta")
-    return Source(path=src.path, folder=src.folder, config=src.config, config_path=src.config_path,
-                  metadata=dict(src.metadata), _tensors=tensors)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _dtype_name(dtype) -> str:
+    return dtype_name(dtype)
 
 
 def _num(x: float) -> float | int:
@@ -436,17 +420,20 @@ def inspect(
         if is_base_folder(p) or p.name.endswith(".safetensors.index.json"):
             return inspect_checkpoint(path)
     src = open_source(path, config=config)
+    view = None if stats else header_view(src)  # names and shapes without torch or tensor data
     name = format
     if name is None:
         try:
-            name = formats.detect(src)
+            name = formats.detect(view or src)
         except FormatError:
             if src._safetensors is not None and looks_like_base(src.keys):
                 return inspect_checkpoint(path)
             raise
     opts = formats.ReadOptions(vocabulary=base_vocabulary(base) if base is not None else None, family=family)
-    adapter = read_source(src if stats else header_only_source(src), name, opts, path)
-    header_only = not stats and src._safetensors is not None
+    if stats:
+        adapter, header_only = read_source(src, name, opts, path), False
+    else:
+        adapter, header_only = read_header_only(src, name, opts, path, view=view)
     metadata = dict(adapter.metadata or src.metadata)
     warnings: list[str] = []
     modules = [_module_info(m) for m in adapter]
@@ -482,7 +469,7 @@ def inspect(
         format=name,
         size_bytes=sum(Path(f).stat().st_size for f in _files(src)),
         files=_files(src),
-        family=_family(src, adapter, metadata, family),
+        family=_family(view or src, adapter, metadata, family),
         base_model=_base_model(src, adapter, metadata),
         components=adapter.components,
         modules=modules,

@@ -242,6 +242,7 @@ def merge(
     *,
     dtype: str | torch.dtype | None = None,
     device: str = "auto",
+    threads: int | None = None,
     strict: bool = False,
     force: bool = False,
     allow_nonfinite: bool = False,
@@ -261,6 +262,8 @@ def merge(
         raise UsageError("give at least one LoRA to merge")
     out_code = _out_code(dtype)
     values = _strengths(strengths, len(loras))
+    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        raise UsageError(f"--threads {threads}: must be a positive integer")
     ckpt = open_checkpoint(base)
     out = Path(out)
     if ckpt.is_folder and out.suffix == ".safetensors":
