@@ -65,6 +65,7 @@ def test_info_help_and_early_errors_never_import_torch(tmp_path, single_files):
     nope = str(tmp_path / "nope.safetensors")
     out = str(tmp_path / "out.safetensors")
     commands = [["info", p, "--json"] for p in paths] + [["info", p] for p in paths] + [
+        ["info", str(FIXTURES)], ["info", str(FIXTURES), "--json"],  # a folder of adapters: one line each
         ["--help"], ["info", "--help"], ["resize", "--help"], ["merge", "--help"],
         ["info", nope], ["info", str(FIXTURES / "kohya_tiny_sd.safetensors"), "--no-such-flag"],
         ["resize", nope, "-r", "4", "-o", out], ["resize", paths[0], "-r", "4", "-o", out, "--threads", "0"],
@@ -75,8 +76,9 @@ def test_info_help_and_early_errors_never_import_torch(tmp_path, single_files):
     assert [r for r in results if r["torch"]] == []
     assert len(results) == len(commands)
     codes = [r["rc"] for r in results]
-    assert codes[: 2 * len(paths) + 4] == [0] * (2 * len(paths) + 4)
-    assert all(rc == 2 for rc in codes[2 * len(paths) + 4:])
+    ok = 2 * len(paths) + 6
+    assert codes[:ok] == [0] * ok
+    assert all(rc == 2 for rc in codes[ok:])
 
 
 @pytest.mark.parametrize("name", LAYOUT_FIXTURES + BASES)

@@ -15,6 +15,7 @@ from loratool.cli.render import console, print_json, progress_bar, warn
 
 if TYPE_CHECKING:
     from loratool.ops.inspect import CheckpointReport, InfoReport
+    from loratool.ops.scan import ScanReport
 
 MAX_VALUE_CHARS = 120
 
@@ -117,6 +118,25 @@ def render_checkpoint(report: CheckpointReport) -> None:
         warn(w)
 
 
+def render_scan(report: ScanReport) -> None:
+    table = Table(title=f"{report.path}: {len(report.entries)} file(s)", title_justify="left")
+    for col in ("file", "format", "family", "modules", "rank", "alpha", "dtype", "size"):
+        table.add_column(col, justify="right" if col in ("modules", "rank", "size") else "left")
+    root = Path(report.path)
+    for e in report.entries:
+        name = str(Path(e.path).relative_to(root)) if Path(e.path).is_relative_to(root) else e.path
+        if e.error is not None:
+            table.add_row(name, "error", "-", "-", "-", "-", "-", human_size(e.size_bytes))
+            continue
+        lo, hi = e.ranks["min"], e.ranks["max"]
+        rank = "-" if lo is None else str(lo) if lo == hi else f"{lo}–{hi}"
+        table.add_row(name, e.format or "-", e.family or "unknown", str(e.modules), rank, _counts(e.alphas),
+                      _counts(e.dtypes), human_size(e.size_bytes))
+    _print(table)
+    for w in report.warnings:
+        warn(w)
+
+
 def render(report: InfoReport) -> None:
     _print(_summary(report))
     if report.modules:
@@ -149,7 +169,8 @@ def render(report: InfoReport) -> None:
 
 @app.command("info")
 def info_command(
-    path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference (or a base checkpoint)."),
+    path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference (or a base checkpoint, "
+                               "or a folder of adapters: one header-only line per file)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (stable contract)."),
     stats: bool = typer.Option(False, "--stats", help="Read the tensors: per-module ‖ΔW‖F and effective rank."),
     from_: FromLayout = None,
@@ -162,8 +183,9 @@ def info_command(
     On a base checkpoint (single-file SD/SDXL/Flux/SD3, diffusers component or pipeline folder, HF
     model): its model family, tensor count, dtype mix and size, from the headers alone."""
     from loratool.ops.inspect import CheckpointReport, inspect
+    from loratool.ops.scan import ScanReport
 
-    with progress_bar(enabled=stats and not json_out) as progress:
+    with progress_bar(enabled=(stats or Path(path).is_dir()) and not json_out) as progress:
         report = inspect(path, from_, base=base, config=config, family=family, stats=stats, progress=progress)
     if json_out:
         print_json(report.to_json())
@@ -171,5 +193,7 @@ def info_command(
             warn(w)
     elif isinstance(report, CheckpointReport):
         render_checkpoint(report)
+    elif isinstance(report, ScanReport):
+        render_scan(report)
     else:
         render(report)

@@ -35,7 +35,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loratool import formats
 from loratool.adapter import Adapter, LoraModule
@@ -46,6 +46,9 @@ from loratool.header_only import DTYPES, dtype_name, read_header_only, torch
 from loratool.io import hub
 from loratool.ops import Progress
 from loratool.validate import nonfinite_modules
+
+if TYPE_CHECKING:
+    from loratool.ops.scan import ScanReport
 
 # Metadata keys holding bulky JSON: kept in ``metadata``, left out of the training table.
 BULKY_KEYS = frozenset({
@@ -323,7 +326,7 @@ def module_stats(module: LoraModule) -> ModuleStats:
 # ---------------------------------------------------------------- metadata
 
 
-def _family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str | None) -> str | None:
+def adapter_family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str | None) -> str | None:
     if given:
         return given
     try:
@@ -342,7 +345,7 @@ def _family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str 
     return None
 
 
-def _base_model(src: Source, adapter: Adapter, metadata: dict[str, str]) -> dict[str, str]:
+def base_model_hints(src: Source, adapter: Adapter, metadata: dict[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in ("ss_base_model_version", "ss_sd_model_name", "modelspec.architecture", "modelspec.title"):
         if metadata.get(key):
@@ -410,15 +413,20 @@ def inspect(
     family: str | None = None,
     stats: bool = False,
     progress: Progress | None = None,
-) -> InfoReport | CheckpointReport:
-    """Describe an adapter; reads tensor data only for ``stats`` (or for a pickle).
+) -> InfoReport | CheckpointReport | ScanReport:
+    """Describe an adapter; reads tensor data only for ``stats``.
 
-    A base model instead of an adapter gives a :class:`CheckpointReport` (see the module docstring).
+    A base model instead of an adapter gives a :class:`CheckpointReport` (see the module docstring);
+    a folder of adapters a :class:`~loratool.ops.scan.ScanReport` (one header-only summary per file).
     """
     if format is None and not hub.is_hub_ref(path):
         p = Path(path)
         if is_base_folder(p) or p.name.endswith(".safetensors.index.json"):
             return inspect_checkpoint(path)
+        from loratool.ops.scan import is_library_folder, scan
+
+        if not stats and is_library_folder(p):
+            return scan(p, family=family, progress=progress)
     src = open_source(path, config=config)
     view = None if stats else header_view(src)  # names and shapes without torch or tensor data
     name = format
@@ -469,8 +477,8 @@ def inspect(
         format=name,
         size_bytes=sum(Path(f).stat().st_size for f in _files(src)),
         files=_files(src),
-        family=_family(view or src, adapter, metadata, family),
-        base_model=_base_model(src, adapter, metadata),
+        family=adapter_family(view or src, adapter, metadata, family),
+        base_model=base_model_hints(src, adapter, metadata),
         components=adapter.components,
         modules=modules,
         extras=extras,
