@@ -10,7 +10,8 @@ may run on):
   microsecond-sized ops that costs 10× on an idle 2-core machine and up to 100× when another
   process holds a core (measured: 300 SDXL modules resized in 1.2 s with one thread, 13-32 s
   with two). Across modules, :meth:`ThreadPolicy.map` may run a pool of worker threads (each
-  single-threaded) — only where it is measured to be faster.
+  single-threaded) or give the torch threads to one module at a time — only where that is
+  measured to be faster.
 * **Large maths** (dense SVDs, products with a whole weight, merges of big weights) may use
   several threads: :meth:`ThreadPolicy.large` picks the thread count by timing the work itself.
 * Both choices are races (:class:`Race`) between settings that are all safe: the single-threaded
@@ -160,7 +161,7 @@ class ThreadPolicy:
             counts.append(self.threads // 2)
         counts.append(self.threads)
         self._large = Race(counts)
-        self._pool = Race(["serial", "pool"] if self.threads > 1 else ["serial"])
+        self._map = Race(["serial", "pool", "threads"] if self.threads > 1 else ["serial"])
 
     @contextlib.contextmanager
     def small(self) -> Iterator[None]:
@@ -186,36 +187,29 @@ class ThreadPolicy:
         return self.large(cost) if cost >= LARGE_FLOPS else self.small()
 
     def map(self, fn: Callable[[T], R], items: Iterable[T], cost: Callable[[T], float] | None = None) -> Iterator[R]:
-        """``fn`` over ``items``, results in order. Small items run single-threaded, in a pool of
-        worker threads where that is measured to pay; items whose ``cost`` (flops) reaches
-        :data:`LARGE_FLOPS` run one at a time under :meth:`large`."""
+        """``fn`` over ``items``, results in order, in chunks of consecutive items; each chunk runs
+        one of: one after another single-threaded (``serial``), spread over a pool of worker
+        threads that are each single-threaded (``pool``), or one after another with several torch
+        threads (``threads``) — whichever :class:`Race` measures fastest per unit of ``cost``
+        (flops; default 1 per item)."""
         items = list(items)
-        costs = [float(cost(x)) if cost is not None else 1.0 for x in items]
-        if not self.cpu:
+        if not self.cpu or not items:
             yield from (fn(x) for x in items)
             return
+        costs = [float(cost(x)) if cost is not None else 1.0 for x in items]
         chunk = 4 * self.threads
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="loratool-maths") if self.threads > 1 else None
         try:
-            i = 0
-            while i < len(items):
-                if cost is not None and costs[i] >= LARGE_FLOPS:
-                    with self.large(costs[i]):
-                        result = fn(items[i])
-                    yield result
-                    i += 1
-                    continue
-                j = i
-                while j < len(items) and j - i < chunk and not (cost is not None and costs[j] >= LARGE_FLOPS):
-                    j += 1
-                batch, work = items[i:j], sum(costs[i:j])
-                with self.small(), self._pool.timed(work) as how:
-                    if how == "pool" and pool is not None and len(batch) > 1:
-                        results = list(pool.map(fn, batch))
+            for i in range(0, len(items), chunk):
+                batch = items[i:i + chunk]
+                with self._map.timed(sum(costs[i:i + chunk])) as how:
+                    if how == "pool" and len(batch) > 1:
+                        with torch_threads(1):
+                            results = list(pool.map(fn, batch))
                     else:
-                        results = [fn(x) for x in batch]
+                        with torch_threads(self.threads if how == "threads" else 1):
+                            results = [fn(x) for x in batch]
                 yield from results
-                i = j
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -222,7 +222,7 @@ def singular_values(form: FactorForm, *, dtype: torch.dtype | None = None) -> to
         return 0
 
     form_svd(form, choose=spectrum_only, dtype=dtype)
-    return found[0]
+    return found[-1]  # the route that was kept (a Gram route that fails its check is redone by QR)
 
 
 def explicit_factors(form: FactorForm) -> tuple[torch.Tensor, torch.Tensor, float]:
