@@ -84,10 +84,18 @@ def block_diagonal(up: torch.Tensor, rows: Rows) -> bool:
     if up.shape[1] % g:
         return False
     rr = up.shape[1] // g
-    mask = torch.ones_like(up, dtype=torch.bool)
-    for k, (a, b) in enumerate(rows):
-        mask[a:b, k * rr:(k + 1) * rr] = False
-    return not bool(up[mask].any())
+    # block by block (no mask the size of up): rows_j × cols_k for every j ≠ k, and rows no block covers
+    ends = [0] + [b for _, b in sorted(rows)]
+    starts = [a for a, _ in sorted(rows)] + [up.shape[0]]
+    gaps = [(end, start) for end, start in zip(ends, starts) if start > end]
+    for k in range(g):
+        cols = slice(k * rr, (k + 1) * rr)
+        for j, (a, b) in enumerate(rows):
+            if j != k and bool(up[a:b, cols].any()):
+                return False
+        if any(bool(up[a:b, cols].any()) for a, b in gaps):
+            return False
+    return True
 
 
 def as_full(module: LoraModule) -> LoraModule:
