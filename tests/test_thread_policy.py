@@ -27,11 +27,15 @@ def _simulate(race: Race, rates: dict, calls: int, cost: float = 1.0) -> tuple[f
 def test_race_tries_each_setting_then_keeps_the_fastest_within_the_exploration_budget():
     race = Race([1, 2])
     total, used = _simulate(race, {1: 1.0, 2: 10.0}, 200)
-    assert used[:2] == [1, 2]  # the safe setting first, then the other once
+    assert used[0] == 1 and 2 in used  # the safe setting first; the other once the credit allows
+    assert used.index(2) >= 1 / EXPLORE_SHARE  # an untried setting may lose one run's time: 20 runs earn it
     best = 200 * 1.0
-    # re-tries of the slow setting cost at most EXPLORE_SHARE of the time, beyond the first trial
-    assert total - best <= (10.0 - 1.0) * (1 + EXPLORE_SHARE * 200 / 9.0) + 1e-9
+    # what the slow setting lost stays within EXPLORE_SHARE of the time, plus one try's loss
+    assert total - best <= EXPLORE_SHARE * total + (10.0 - 1.0)
     assert total / best < 1.15
+    fast = Race([1, 2])
+    _, used = _simulate(fast, {1: 1.0, 2: 0.4}, 100)
+    assert used[-30:].count(2) >= 28  # once measured faster, it is kept (the other re-tried now and then)
 
 
 def test_race_follows_a_change_of_load():
@@ -65,6 +69,7 @@ def test_small_maths_is_single_threaded_and_threads_one_means_one():
 
 def test_map_keeps_order_and_uses_every_setting_with_several_threads():
     policy = ThreadPolicy(2, "cpu")
+    policy._map = Race(["serial", "pool", "threads"], explore_share=1.0)  # short work: let it try everything
     threads_seen: set[str] = set()
 
     def work(x):

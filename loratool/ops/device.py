@@ -14,11 +14,11 @@ may run on):
   measured to be faster.
 * **Large maths** (dense SVDs, products with a whole weight, merges of big weights) may use
   several threads: :meth:`ThreadPolicy.large` picks the thread count by timing the work itself.
-* Both choices are races (:class:`Race`) between settings that are all safe: the single-threaded
-  setting is always one of them and is tried first, the others are retried only while the
-  extra time they cost stays under :data:`EXPLORE_SHARE` of the time spent so far. So an op is
-  never much slower than its single-threaded run, idle or busy, and uses the cores when they
-  are free.
+* Both choices are races (:class:`Race`) between settings that are all correct: the
+  single-threaded setting is always one of them and runs first; the others are tried, and
+  re-tried, only while the time they may lose stays under :data:`EXPLORE_SHARE` of the time spent
+  so far. So an op is never much slower than its single-threaded run, idle or busy, and uses the
+  cores when they are free (an op too short to earn a try just runs single-threaded).
 
 On CUDA / MPS the CPU thread count does not matter for the maths: no thread setting changes
 and :meth:`ThreadPolicy.map` runs serially.
@@ -91,11 +91,12 @@ def check_threads(threads: int | None) -> int | None:
 class Race:
     """Pick the fastest of a few settings for repeated work by timing the work itself.
 
-    Each setting is tried once, in the order given (put the safe one first); after that the
-    setting with the lowest seconds per unit of cost (a running mean) is used, and a slower one
-    is re-tried only when the time it is expected to lose, (its rate − the best rate) · cost,
-    fits in the credit: :data:`EXPLORE_SHARE` of all time measured, minus what earlier re-tries
-    lost. A machine whose load changes is followed; the re-tries cost at most that share.
+    The first setting (the safe one: single-threaded) runs first. Another setting is tried only
+    when the time it may lose fits in the credit: :data:`EXPLORE_SHARE` of all time measured so
+    far, minus what earlier tries lost. An untried setting is assumed to take up to twice as long
+    as the best so far; a measured one its running mean rate (seconds per unit of cost) — so the
+    fastest setting is used once known, and slower ones are re-tried now and then, following a
+    machine whose load changes, at a cost of about that share of the time.
     """
 
     def __init__(self, settings: Sequence, explore_share: float = EXPLORE_SHARE):
@@ -105,24 +106,31 @@ class Race:
         self.credit = 0.0
         self._lock = threading.Lock()
 
+    def _best(self):
+        known = [s for s in self.settings if self.rate[s] is not None]
+        return min(known, key=lambda s: self.rate[s]) if known else self.settings[0]
+
     def pick(self, cost: float = 1.0):
         with self._lock:
+            best = self._best()
+            if self.rate[best] is None:
+                return best
             for s in self.settings:
-                if self.rate[s] is None:
-                    return s
-            best = min(self.settings, key=lambda s: self.rate[s])
-            for s in self.settings:
-                if s is not best and (self.rate[s] - self.rate[best]) * cost <= self.credit:
+                if s is best:
+                    continue
+                loss = (self.rate[s] if self.rate[s] is not None else 2 * self.rate[best]) - self.rate[best]
+                if loss * cost <= self.credit:
                     return s
             return best
 
     def record(self, setting, seconds: float, cost: float = 1.0) -> None:
         cost = max(float(cost), 1e-12)
         with self._lock:
-            if all(r is not None for r in self.rate.values()):
-                best = min(self.settings, key=lambda s: self.rate[s])
-                lost = 0.0 if setting is best else max(0.0, seconds - self.rate[best] * cost)
-                self.credit += self.explore_share * seconds - lost
+            best = self._best()
+            lost = 0.0
+            if setting is not best and self.rate[best] is not None:
+                lost = max(0.0, seconds - self.rate[best] * cost)
+            self.credit += self.explore_share * seconds - lost
             old = self.rate[setting]
             rate = seconds / cost
             self.rate[setting] = rate if old is None else (1 - _EWMA) * old + _EWMA * rate
