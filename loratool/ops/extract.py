@@ -226,8 +226,9 @@ class _Settings:
     generator: torch.Generator
 
 
-def _factor(delta: torch.Tensor, layer: str, fan_in_fan_out: bool, s: _Settings):
-    """(up, down, TruncatedSVD, k, matrix) for one ΔW; see the module docstring for shapes."""
+def _factor(delta: torch.Tensor, layer: str, fan_in_fan_out: bool, s: _Settings, total: float | None = None):
+    """(up, down, TruncatedSVD, k, matrix) for one ΔW (``total``: ‖ΔW‖²_F when known); see the
+    module docstring for shapes."""
     if layer == "conv":
         matrix = delta.reshape(delta.shape[0], -1)
     elif layer == "embedding" or fan_in_fan_out:
@@ -236,7 +237,7 @@ def _factor(delta: torch.Tensor, layer: str, fan_in_fan_out: bool, s: _Settings)
         matrix = delta
     max_rank = max(1, min(s.conv_rank if layer == "conv" else s.rank, *matrix.shape))
     method = getattr(s.rule, "method", None)
-    total = frobenius_sq(matrix)
+    total = frobenius_sq(matrix) if total is None else total
     if method == "sv_cumulative":  # needs Σσ over the whole spectrum: only a full SVD has it
         svd = exact_svd(matrix, min(matrix.shape), total)
     else:
@@ -388,26 +389,31 @@ def extract(
             else:
                 result.unchanged += 1
             continue
+        layer, why = _classify(name, len(shape_f), embeddings)
         with policy.small():  # elementwise and memory-bound: no thread team to pay for
             # In place: `a` is a buffer of our own (Checkpoint.read_tensor), never the file's memory.
             delta = a.to(device=dev, dtype=dtype).sub_(b.to(device=dev, dtype=dtype))
             del a, b
-            max_abs = float(torch.linalg.vector_norm(delta, float("inf"))) if delta.numel() else 0.0
-        if not math.isfinite(max_abs):
+            # min_diff 0 asks only "changed at all?": ‖ΔW‖² (needed for the SVD anyway) says it in one pass
+            total = None
+            if layer is not None and min_diff == 0:
+                total = frobenius_sq(delta.reshape(delta.shape[0], -1)) if delta.numel() else 0.0
+            max_abs = None if total is not None else \
+                float(torch.linalg.vector_norm(delta, float("inf"))) if delta.numel() else 0.0
+        if not math.isfinite(max_abs if total is None else total):
             from loratool.errors import NonFiniteError
 
             raise NonFiniteError(f"{finetuned} / {base}: {comp}:{name} differs by NaN or Inf")
-        if max_abs <= min_diff:
+        if (total == 0.0) if total is not None else max_abs <= min_diff:
             result.unchanged += 1
             continue
-        layer, why = _classify(name, delta.dim(), embeddings)
         if layer is None:
             result.not_extracted.append(Skipped(comp, name, why, shape_f, max_abs))
             continue
         path = name[: -len(".weight")]
         fan_in_fan_out = layer == "linear" and comp == "model" and bool(_CONV1D_NAME.search(path))
         with policy.work(_svd_flops(delta, layer, settings)):
-            up, down, svd, k, matrix = _factor(delta, layer, fan_in_fan_out, settings)
+            up, down, svd, k, matrix = _factor(delta, layer, fan_in_fan_out, settings, total)
             up, down = up.to(out_dtype), down.to(out_dtype)
             # ‖ΔW − up·down‖ of the factors as written; the residual overwrites the product (one buffer).
             residual = (up.to(dtype) @ down.to(dtype)).sub_(matrix)
