@@ -9,8 +9,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from loratool.cli import main
+from loratool.io.safetensors_file import read_header
 from loratool.ops.inspect import inspect
-from loratool.ops.scan import ScanReport, adapter_paths, is_library_folder, scan
+from loratool.ops.scan import SUMMARY_KEYS, ScanReport, adapter_paths, is_library_folder, scan
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -41,21 +42,29 @@ def test_scan_matches_info_per_file(tmp_path):
     assert [p.relative_to(lib).as_posix() for p in paths] == [
         "base.safetensors", "broken.safetensors", "loralib.pt", "llm/peft_tiny_llama", "sd/a.safetensors",
         "sd/lycoris/loha.safetensors", "sd/lycoris/lokr.safetensors"]
-    report = scan(lib)
-    by_name = {Path(e.path).relative_to(lib).as_posix(): e for e in report.entries}
-    assert by_name["base.safetensors"].format == "checkpoint" and by_name["base.safetensors"].error is None
-    broken = by_name["broken.safetensors"]
-    assert broken.format is None and "broken.safetensors" in broken.error and "\n" not in broken.error
-    for name in ("loralib.pt", "llm/peft_tiny_llama", "sd/a.safetensors", "sd/lycoris/loha.safetensors",
-                 "sd/lycoris/lokr.safetensors"):
-        entry, info = by_name[name], inspect(lib / name).to_json()
-        assert entry.error is None and entry.header_only
-        assert (entry.format, entry.family, entry.modules, entry.kinds, entry.ranks, entry.dtypes) == (
-            info["format"], info["family"], info["module_count"], info["kinds"],
-            {"min": info["ranks"]["min"], "max": info["ranks"]["max"]}, info["dtypes"]), name
-        assert entry.size_bytes == info["size_bytes"] or name == "loralib.pt"  # info counts the sidecar too
-    data = report.to_json()
-    assert data["file_count"] == 7 and data["error_count"] == 1 and data["formats"]["lycoris"] == 2
+    quick, deep = scan(lib), scan(lib, modules=True)
+    for report in (quick, deep):
+        by_name = {Path(e.path).relative_to(lib).as_posix(): e for e in report.entries}
+        assert by_name["base.safetensors"].format == "checkpoint" and by_name["base.safetensors"].error is None
+        broken = by_name["broken.safetensors"]
+        assert broken.format is None and "broken.safetensors" in broken.error and "\n" not in broken.error
+        for name in ("loralib.pt", "llm/peft_tiny_llama", "sd/a.safetensors", "sd/lycoris/loha.safetensors",
+                     "sd/lycoris/lokr.safetensors"):
+            entry, info = by_name[name], inspect(lib / name).to_json()
+            assert entry.error is None and entry.header_only
+            assert (entry.format, entry.family) == (info["format"], info["family"]), name
+            assert entry.size_bytes == info["size_bytes"] or name == "loralib.pt"  # info counts the sidecar too
+            if report is deep:
+                assert (entry.modules, entry.kinds, entry.ranks) == (
+                    info["module_count"], info["kinds"], {"min": info["ranks"]["min"], "max": info["ranks"]["max"]})
+            else:
+                assert entry.modules is None
+        data = report.to_json()
+        assert data["file_count"] == 7 and data["error_count"] == 1 and data["formats"]["lycoris"] == 2
+    kohya = next(e for e in quick.entries if e.path.endswith("sd/a.safetensors"))
+    header = read_header(lib / "sd" / "a.safetensors")
+    assert kohya.tensors == len(header.tensors) and kohya.dtypes == {"float16": len(header.tensors)}
+    assert kohya.training == {k: v for k, v in header.metadata.items() if k in SUMMARY_KEYS}
 
 
 def test_cli_folder_json_and_table(tmp_path, capsys):

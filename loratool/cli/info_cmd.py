@@ -120,18 +120,26 @@ def render_checkpoint(report: CheckpointReport) -> None:
 
 def render_scan(report: ScanReport) -> None:
     table = Table(title=f"{report.path}: {len(report.entries)} file(s)", title_justify="left")
-    for col in ("file", "format", "family", "modules", "rank", "alpha", "dtype", "size"):
-        table.add_column(col, justify="right" if col in ("modules", "rank", "size") else "left")
+    deep = any(e.modules is not None for e in report.entries)
+    cols = ("file", "format", "family", "tensors") + (("modules", "rank") if deep else ("dim", "alpha")) + \
+        ("dtype", "size")
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("tensors", "modules", "rank", "dim", "alpha", "size")
+                         else "left")
     root = Path(report.path)
     for e in report.entries:
         name = str(Path(e.path).relative_to(root)) if Path(e.path).is_relative_to(root) else e.path
         if e.error is not None:
-            table.add_row(name, "error", "-", "-", "-", "-", "-", human_size(e.size_bytes))
+            table.add_row(name, "error", *["-"] * (len(cols) - 3), human_size(e.size_bytes))
             continue
-        lo, hi = e.ranks["min"], e.ranks["max"]
-        rank = "-" if lo is None else str(lo) if lo == hi else f"{lo}–{hi}"
-        table.add_row(name, e.format or "-", e.family or "unknown", str(e.modules), rank, _counts(e.alphas),
-                      _counts(e.dtypes), human_size(e.size_bytes))
+        if deep:
+            lo, hi = (e.ranks or {}).get("min"), (e.ranks or {}).get("max")
+            middle = ["-" if e.modules is None else str(e.modules),
+                      "-" if lo is None else str(lo) if lo == hi else f"{lo}–{hi}"]
+        else:  # what the training metadata says (kohya ss_network_dim / _alpha)
+            middle = [e.training.get("ss_network_dim", "-"), e.training.get("ss_network_alpha", "-")]
+        table.add_row(name, e.format or "-", e.family or "unknown", str(e.tensors), *middle, _counts(e.dtypes),
+                      human_size(e.size_bytes))
     _print(table)
     for w in report.warnings:
         warn(w)

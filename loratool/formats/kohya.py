@@ -33,6 +33,7 @@ that holds alpha exactly (else float32, else float64).
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -79,6 +80,7 @@ LYCORIS_ONLY = ("hada_", "lokr_", "diff", "lora_mid.weight")
 _HEAD = re.compile(r"^[A-Za-z0-9_]+$")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # detection and grouping ask for the same keys several times
 def split_key(key: str) -> tuple[str, str] | None:
     """(head, suffix) for a kohya-shaped key, else None."""
     head, dot, suffix = key.partition(".")

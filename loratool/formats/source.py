@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,8 +38,8 @@ class Source:
     _safetensors: SafetensorsFile | None = None
     _tensors: dict[str, torch.Tensor] | None = None
 
-    @property
-    def keys(self) -> list[str]:
+    @functools.cached_property
+    def keys(self) -> list[str]:  # cached: every layout's detect() reads it
         if self._safetensors is not None:
             return self._safetensors.keys()
         return list(self.tensors)

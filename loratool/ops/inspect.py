@@ -326,7 +326,7 @@ def module_stats(module: LoraModule) -> ModuleStats:
 # ---------------------------------------------------------------- metadata
 
 
-def adapter_family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str | None) -> str | None:
+def adapter_family(src: Source, adapter: Adapter | None, metadata: dict[str, str], given: str | None) -> str | None:
     if given:
         return given
     try:
@@ -345,12 +345,12 @@ def adapter_family(src: Source, adapter: Adapter, metadata: dict[str, str], give
     return None
 
 
-def base_model_hints(src: Source, adapter: Adapter, metadata: dict[str, str]) -> dict[str, str]:
+def base_model_hints(src: Source, adapter: Adapter | None, metadata: dict[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in ("ss_base_model_version", "ss_sd_model_name", "modelspec.architecture", "modelspec.title"):
         if metadata.get(key):
             out[key] = metadata[key]
-    configs = [src.config or {}, *adapter.config.values()]
+    configs = [src.config or {}, *(adapter.config.values() if adapter is not None else ())]
     for cfg in configs:
         name = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
         if isinstance(name, str) and name:
