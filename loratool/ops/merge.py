@@ -282,8 +282,10 @@ def merge(
 
             plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
             copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
-            with merge_tensors.compute_threads(dev):
-                merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)
+            policy = merge_tensors.ThreadPolicy(threads, dev)
+            with policy.small():  # one torch thread unless the policy measures more to be faster
+                merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier,
+                                                  policy)
                 dropped: list[str] = []
                 if ckpt.is_folder:
                     files, dropped = _mirror_folder(ckpt, merger, tmp)
