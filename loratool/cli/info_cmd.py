@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from loratool.cli.app import app
-from loratool.cli.options import BaseModel, Family, FromLayout, SidecarConfig
+from loratool.cli.options import BaseModel, Family, FromLayout, SidecarConfig, Threads
 from loratool.cli.render import console, print_json, progress_bar, warn
 
 if TYPE_CHECKING:
@@ -185,6 +185,7 @@ def info_command(
     base: BaseModel = None,
     config: SidecarConfig = None,
     family: Family = None,
+    threads: Threads = None,
 ) -> None:
     """Show format, modules, ranks, alphas, dtypes, base model hints and training metadata.
 
@@ -194,7 +195,8 @@ def info_command(
     from loratool.ops.scan import ScanReport
 
     with progress_bar(enabled=(stats or Path(path).is_dir()) and not json_out) as progress:
-        report = inspect(path, from_, base=base, config=config, family=family, stats=stats, progress=progress)
+        report = inspect(path, from_, base=base, config=config, family=family, stats=stats, threads=threads,
+                         progress=progress)
     if json_out:
         print_json(report.to_json())
         for w in report.warnings:

@@ -412,6 +412,7 @@ def inspect(
     config: str | os.PathLike | None = None,
     family: str | None = None,
     stats: bool = False,
+    threads: int | None = None,
     progress: Progress | None = None,
 ) -> InfoReport | CheckpointReport | ScanReport:
     """Describe an adapter; reads tensor data only for ``stats``.
@@ -450,14 +451,17 @@ def inspect(
         broken = set(nonfinite_modules(adapter))
         if broken:
             warnings.append(f"{len(broken)} module(s) hold NaN or Inf, no stats for them: {', '.join(sorted(broken))}")
-        total = len(adapter)
-        for i, (info, module) in enumerate(zip(modules, adapter)):
-            if progress:
-                progress("stats", i, total)
-            if f"{module.component}:{module.path}" not in broken:
-                info.stats = module_stats(module)
+        from loratool.ops.device import ThreadPolicy
+        from loratool.ops.factor_form import svd_flops
+
+        todo = [(info, m) for info, m in zip(modules, adapter) if f"{m.component}:{m.path}" not in broken]
         if progress:
-            progress("stats", total, total)
+            progress("stats", 0, len(todo))
+        policy = ThreadPolicy(threads, "cpu")
+        for i, stat in enumerate(policy.map(module_stats, [m for _, m in todo], cost=svd_flops), start=1):
+            todo[i - 1][0].stats = stat
+            if progress:
+                progress("stats", i, len(todo))
     assumed = sum(m.alpha_assumed for m in modules)
     if name == "loralib" and src.config is None:
         warnings.append(
