@@ -159,6 +159,13 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+def single_threaded() -> contextlib.AbstractContextManager:
+    """One torch thread inside: the setting for everything an op does outside its measured maths
+    (reading, splitting fused rows, writing, hashing); :class:`ThreadPolicy` raises it where that is
+    measured to pay."""
+    return torch_threads(1)
+
+
 class ThreadPolicy:
     """How many CPU threads an op's maths uses (see the module docstring)."""
 

@@ -40,7 +40,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.errors import MatchError, UsageError
 from loratool.ops import Progress
-from loratool.ops.device import ThreadPolicy, check_threads, pick_device
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded
 from loratool.ops.extract_defaults import DEFAULT_RANK
 from loratool.ops.randomized_svd import TruncatedSVD, exact_svd, frobenius_sq, truncated_svd
 
@@ -466,13 +466,14 @@ def extract_to_file(
     from loratool.io.atomic import check_output
 
     check_output(out, (finetuned, base), force)  # fail before the long work, not after
-    result = extract(finetuned, base, **kwargs)
-    if not len(result.adapter):
-        raise MatchError(
-            f"{finetuned} minus {base}: no weight changed by more than --min-diff that a LoRA can express; "
-            f"nothing to write ({result.unchanged} unchanged, {len(result.not_extracted)} not extractable)"
-        )
-    fmt = to or default_format(result.adapter)
-    result.format = fmt
-    result.output = save(result.adapter, out, fmt, force=force, inputs=(finetuned, base))
+    with single_threaded():  # the reads, casts and the writer's work: no thread team for those
+        result = extract(finetuned, base, **kwargs)
+        if not len(result.adapter):
+            raise MatchError(
+                f"{finetuned} minus {base}: no weight changed by more than --min-diff that a LoRA can express; "
+                f"nothing to write ({result.unchanged} unchanged, {len(result.not_extracted)} not extractable)"
+            )
+        fmt = to or default_format(result.adapter)
+        result.format = fmt
+        result.output = save(result.adapter, out, fmt, force=force, inputs=(finetuned, base))
     return result

@@ -176,7 +176,6 @@ def to_factor_form(
     return FactorForm(shape, wshape, dense=dense.contiguous())
 
 
-
 def _finite(t: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
         raise FloatingPointError("ΔW holds NaN or Inf")
@@ -233,7 +232,6 @@ def explicit_factors(form: FactorForm) -> tuple[torch.Tensor, torch.Tensor, floa
     svd = form_svd(form, dtype=form.dtype)
     svd = svd.truncate(numerical_rank(svd, form.shape))
     return svd.U * svd.S, svd.Vh, 1.0
-
 
 
 def _svd_flops(m: int, n: int, r: int | None = None) -> float:

@@ -171,7 +171,6 @@ def stacked_factor_svd(
     return factor_svd(up, down, 1.0, rank=rank, dtype=dtype)
 
 
-
 def kron_svd(
     a: LowRankSVD,
     b: LowRankSVD,

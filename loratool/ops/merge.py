@@ -279,11 +279,12 @@ def merge(
         jobs = [(part.path, dest, _spans(part)) for part, dest in copies]
         with CopyAhead(jobs, defer=_guess_rewrites(copies, loras), sync=sync) as copier:
             from loratool.ops import merge_tensors  # torch: imported while the copy runs
+            from loratool.ops.device import ThreadPolicy, single_threaded
 
-            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
-            copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
-            policy = merge_tensors.ThreadPolicy(threads, dev)
-            with policy.small():  # one torch thread unless the policy measures more to be faster
+            with single_threaded():  # one torch thread unless the policy measures more to be faster
+                plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
+                copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
+                policy = ThreadPolicy(threads, dev)
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier,
                                                   policy)
                 dropped: list[str] = []

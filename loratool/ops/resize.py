@@ -33,7 +33,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import delta_bias
 from loratool.errors import NonFiniteError, UsageError
 from loratool.ops import Progress
-from loratool.ops.device import ThreadPolicy, check_threads, pick_device
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded
 from loratool.ops.factor_form import form_svd, svd_flops, to_factor_form, to_module
 from loratool.ops.linalg import compute_dtype, split_factors
 from loratool.ops.rank_rules import RankRule, select_rank
@@ -283,11 +283,12 @@ def resize_file(
     check_threads(threads)
     layout = output_layout(None, to) if to else None
     check_output(out, inputs=(path,), force=force)
-    adapter = load(path, format=format, base=base, config=config, family=family)
-    layout = layout or output_layout(adapter.source_format, None)
-    result = resize(adapter, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
-                    threads=threads, progress=progress)
-    result.files = save(result.adapter, out, layout, force=force, inputs=(path,), family=family)
+    with single_threaded():  # reading and writing split / fuse tensors too: no thread team for those
+        adapter = load(path, format=format, base=base, config=config, family=family)
+        layout = layout or output_layout(adapter.source_format, None)
+        result = resize(adapter, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
+                        threads=threads, progress=progress)
+        result.files = save(result.adapter, out, layout, force=force, inputs=(path,), family=family)
     result.output = Path(out)
     result.output_format = layout
     return result

@@ -36,7 +36,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import delta_bias
 from loratool.errors import MatchError, NonFiniteError, UsageError
 from loratool.ops import Progress
-from loratool.ops.device import ThreadPolicy, check_threads, pick_device
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded
 from loratool.ops.factor_form import FactorForm, explicit_factors, svd_flops, to_factor_form, to_module, transposed
 from loratool.ops.linalg import compute_dtype, split_factors, stacked_factor_svd
 from loratool.ops.rank_rules import select_rank
@@ -273,12 +273,13 @@ def stack_files(
     layout = output_layout(None, to) if to else None
     check_threads(threads)
     check_output(out, inputs=tuple(paths), force=force)
-    adapters = [load(p, base=base, family=family) for p in paths]
-    layout = layout or output_layout(adapters[0].source_format, None)
-    labels = [Path(str(p)).name for p in paths]
-    result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, threads=threads,
-                   progress=progress)
-    result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
+    with single_threaded():  # reading and writing split / fuse tensors too: no thread team for those
+        adapters = [load(p, base=base, family=family) for p in paths]
+        layout = layout or output_layout(adapters[0].source_format, None)
+        labels = [Path(str(p)).name for p in paths]
+        result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, threads=threads,
+                       progress=progress)
+        result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
     result.output = Path(out)
     result.output_format = layout
     return result
