@@ -440,7 +440,10 @@ def inspect(
             raise
     opts = formats.ReadOptions(vocabulary=base_vocabulary(base) if base is not None else None, family=family)
     if stats:
-        adapter, header_only = read_source(src, name, opts, path), False
+        from loratool.ops.device import single_threaded
+
+        with single_threaded():  # a reader's splits and casts: no thread team for those
+            adapter, header_only = read_source(src, name, opts, path), False
     else:
         adapter, header_only = read_header_only(src, name, opts, path, view=view)
     metadata = dict(adapter.metadata or src.metadata)
