@@ -1,10 +1,11 @@
 """What ``loratool info`` reports about an adapter: a dataclass, never printed here.
 
-Without ``stats`` no tensor data of a safetensors file is read: the layout's own ``read`` runs on
-a header-only :class:`~loratool.formats.source.Source` whose tensors are ``meta`` tensors
-(shape and dtype, no storage). Only tensors with at most one element (kohya ``.alpha`` scalars)
-are read for real, since alpha values are data. Pickled files (``.pt``/``.bin``) have no header
-and are loaded whole (restricted unpickler) either way.
+Without ``stats`` no tensor data is read and torch is not imported: the layout's own ``read``
+runs on a header-only :class:`~loratool.formats.source.Source` whose tensors are shape-only
+stand-ins (:mod:`loratool.header_only`; zip-format pickles described from their pickle index,
+:mod:`loratool.io.pickle_header`). Only tensors with at most one element (kohya ``.alpha``
+scalars) are read for real, since alpha values are data. A reader that needs tensor values runs
+again on the real tensors (``header_only`` false).
 
 With ``stats`` every module's ΔW is described by its singular values σ₁ ≥ σ₂ ≥ … computed from
 its exact factor form (:func:`loratool.ops.factor_form.singular_values`: QR / Gram of up and downᵀ
@@ -291,10 +292,6 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
 # ---------------------------------------------------------------- header-only reading
 
 
-def _dtype_name(dtype) -> str:
-    return dtype_name(dtype)
-
-
 def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -389,7 +386,7 @@ def _module_info(m: LoraModule) -> ModuleInfo:
         alpha=None if alpha is None else _num(alpha),
         scale=_num(m.scale),
         shape=[int(x) for x in m.weight_shape],
-        dtype=_dtype_name(m.dtype),
+        dtype=dtype_name(m.dtype),
         dora=m.magnitude is not None,
         rslora=m.rslora,
         fan_in_fan_out=m.fan_in_fan_out,
@@ -476,7 +473,7 @@ def inspect(
     if stats and any(m.dora for m in modules):
         warnings.append("stats describe ΔW of DoRA modules without the magnitude re-normalisation")
     extras = [
-        {"component": c, "name": n, "shape": [int(x) for x in t.shape], "dtype": _dtype_name(t.dtype)}
+        {"component": c, "name": n, "shape": [int(x) for x in t.shape], "dtype": dtype_name(t.dtype)}
         for (c, n), t in adapter.extras.items()
     ]
     return InfoReport(
