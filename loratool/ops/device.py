@@ -48,6 +48,10 @@ LARGE_FLOPS = 2e8
 EXPLORE_SHARE = 0.05
 # Weight of the newest measurement in a setting's running rate.
 _EWMA = 0.3
+# An untried setting is assumed to take up to this many times the best one's time (measured on a
+# busy 2-core machine: two threads made a 1024² SVD 3× and a thin GEMM 2× slower): its first try
+# waits for enough credit, and then falls on work small enough to afford.
+UNTRIED_SLOWDOWN = 4.0
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -95,8 +99,9 @@ class Race:
 
     The first setting (the safe one: single-threaded) runs first. Another setting is tried only
     when the time it may lose fits in the credit: :data:`EXPLORE_SHARE` of all time measured so
-    far, minus what earlier tries lost. An untried setting is assumed to take up to twice as long
-    as the best so far; a measured one its running mean rate (seconds per unit of cost) — so the
+    far, minus what earlier tries lost. An untried setting is assumed to take up to
+    :data:`UNTRIED_SLOWDOWN` times as long as the best so far; a measured one its running mean
+    rate (seconds per unit of cost) — so the
     fastest setting is used once known, and slower ones are re-tried now and then, following a
     machine whose load changes, at a cost of about that share of the time.
     """
@@ -120,7 +125,8 @@ class Race:
             for s in self.settings:
                 if s is best:
                     continue
-                loss = (self.rate[s] if self.rate[s] is not None else 2 * self.rate[best]) - self.rate[best]
+                known = self.rate[s] if self.rate[s] is not None else UNTRIED_SLOWDOWN * self.rate[best]
+                loss = known - self.rate[best]
                 if loss * cost <= self.credit:
                     return s
             return best
