@@ -41,8 +41,8 @@ def test_race_tries_each_setting_then_keeps_the_fastest_within_the_exploration_b
 
 def test_race_follows_a_change_of_load():
     race = Race([1, 2])
-    _simulate(race, {1: 1.0, 2: 0.5}, 150)  # idle: two threads are faster (found once the credit allows a try)
-    assert race.pick() == 2
+    _, used = _simulate(race, {1: 1.0, 2: 0.5}, 150)  # idle: two threads are faster (tried once credit allows)
+    assert used[-40:].count(2) >= 35
     _, used = _simulate(race, {1: 1.0, 2: 5.0}, 300)  # a core got busy: two threads are now slow
     assert used[-50:].count(1) >= 45
 
