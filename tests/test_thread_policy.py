@@ -123,3 +123,23 @@ def test_cli_threads_option(tmp_path, capsys):
     capsys.readouterr()
     assert main(["resize", str(fixture), "-r", "2", "-o", str(tmp_path / "c.safetensors"), "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_ops_run_single_threaded_outside_measured_maths_and_restore_the_setting(monkeypatch):
+    from loratool.adapter import Adapter, LoraModule
+    from loratool.ops import resize as resize_mod
+
+    seen: list[int] = []
+    real = resize_mod._update_metadata
+
+    def spy(*args, **kwargs):  # bookkeeping after the modules: not measured maths
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(resize_mod, "_update_metadata", spy)
+    adapter = Adapter()
+    adapter.add(LoraModule("unet", "a", tensors={"down": torch.randn(4, 8), "up": torch.randn(6, 4)}))
+    with torch_threads(2):
+        resize_mod.resize(adapter, 2, device="cpu")
+        assert torch.get_num_threads() == 2
+    assert seen == [1]

@@ -29,6 +29,7 @@ and :meth:`ThreadPolicy.map` runs serially.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -168,9 +169,20 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def single_threaded() -> contextlib.AbstractContextManager:
     """One torch thread inside: the setting for everything an op does outside its measured maths
-    (reading, splitting fused rows, writing, hashing); :class:`ThreadPolicy` raises it where that is
-    measured to pay."""
+    (reading, splitting fused rows, writing, hashing, the small bookkeeping between modules);
+    :class:`ThreadPolicy` raises it where that is measured to pay."""
     return torch_threads(1)
+
+
+def single_threaded_op(fn: Callable[..., R]) -> Callable[..., R]:
+    """Decorator: the whole op runs under :func:`single_threaded` (its policy raises it where it pays)."""
+
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        with single_threaded():
+            return fn(*args, **kwargs)
+
+    return op
 
 
 class ThreadPolicy:

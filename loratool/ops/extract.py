@@ -40,7 +40,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.errors import MatchError, UsageError
 from loratool.ops import Progress
-from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded, single_threaded_op
 from loratool.ops.extract_defaults import DEFAULT_RANK
 from loratool.ops.randomized_svd import TruncatedSVD, exact_svd, frobenius_sq, truncated_svd
 
@@ -301,6 +301,7 @@ def _rule(dynamic: str | None, param: float | None):
     return RankRule(dynamic, param)
 
 
+@single_threaded_op
 def extract(
     finetuned: str | os.PathLike,
     base: str | os.PathLike,

@@ -33,7 +33,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import delta_bias
 from loratool.errors import NonFiniteError, UsageError
 from loratool.ops import Progress
-from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded, single_threaded_op
 from loratool.ops.factor_form import form_svd, svd_flops, to_factor_form, to_module
 from loratool.ops.linalg import compute_dtype, split_factors
 from loratool.ops.rank_rules import RankRule, select_rank
@@ -143,6 +143,7 @@ def resize_module(
     return out, report
 
 
+@single_threaded_op
 def resize(
     adapter: Adapter,
     rank: int,

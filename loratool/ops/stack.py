@@ -36,7 +36,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import delta_bias
 from loratool.errors import MatchError, NonFiniteError, UsageError
 from loratool.ops import Progress
-from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded, single_threaded_op
 from loratool.ops.factor_form import FactorForm, explicit_factors, svd_flops, to_factor_form, to_module, transposed
 from loratool.ops.linalg import compute_dtype, split_factors, stacked_factor_svd
 from loratool.ops.rank_rules import select_rank
@@ -156,6 +156,7 @@ def stack_module(
     return out, report
 
 
+@single_threaded_op
 def stack(
     adapters: Sequence[Adapter],
     weights: Sequence[float] | None = None,
