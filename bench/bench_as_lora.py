@@ -122,7 +122,8 @@ def main() -> None:
             ours_f = {}
             for m in res.adapter:
                 ours_f["base_model.model." + m.path] = (m.tensors["up"] * m.scale, m.tensors["down"])
-            print(f"{kind} rank {target:5d}: PEFT {t_peft:7.3f} s, worst rel. error {_worst_error(model, peft_f):.2e} | "
+            print(f"{kind} rank {target:5d}: PEFT {t_peft:7.3f} s, "
+                  f"worst rel. error {_worst_error(model, peft_f):.2e} | "
                   f"loratool {t_ours:7.3f} s, worst rel. error {_worst_error(model, ours_f):.2e} | "
                   f"speed-up ×{t_peft / t_ours:5.1f} | load {load:.2f}")
 

@@ -1,29 +1,31 @@
-"""Time ``loratool extract`` on SDXL- and Flux-shaped weight pairs: randomized solver vs full SVD.
+"""Time ``loratool extract`` against a plain single-threaded script, idle and with one core busy.
 
-Two parts, both printed with the machine's load average (``uptime``) next to the timings:
+    python bench/bench_extract.py [--quick] [--threads N] [--repeat 2] [--whole-model [--family flux]]
 
-1. Whole model, solver only (in memory). Every 2-D/4-D weight of the SDXL U-Net (794 weights,
-   2.57 B parameters) or the Flux.1 transformer (504 weights, 11.9 B), with their real shapes
-   (table below, read off diffusers' ``UNet2DConditionModel`` with the SDXL config and
-   ``FluxTransformer2DModel``), gets a fine-tune-like ΔW and goes through the per-module maths
-   of ``extract``: ‖ΔW‖², the truncated SVD, up/down and the error of up·down. Every module is
-   timed with the randomized solver (``--fraction`` < 1 takes an evenly spread subset and says
-   it extrapolates). The full SVD runs on ``--full-per-shape`` weights of every distinct shape
-   and is extrapolated by shape counts (labelled as such; ``--full-per-shape 0`` skips it).
-   ΔW per module: a random signed permutation of rows and columns of one of two reference
-   deltas per shape, so its singular values are exactly the reference's and every module's
-   optimal rank-k error is known from one full SVD of each reference (computed once, untimed):
+1. Files, end to end (the default): one weight of every distinct SDXL U-Net shape as fp16
+   safetensors pairs (base, and base + a fine-tune-like ΔW), through :func:`loratool.ops.extract.extract`
+   with its thread policy, against the script a user would write: load both files, per weight
+   ΔW in float32, the same randomized SVD (:func:`~loratool.ops.randomized_svd.truncated_svd`,
+   same seed), factors and their error, with ``torch.set_num_threads(1)``; and the same script
+   with the full SVD (the classic method, for scale). Each idle and again while a child process
+   spins one core (started and stopped here). Target: loratool / single-threaded script ≤ 1.3
+   in both cases.
+2. ``--whole-model``: every 2-D/4-D weight of the SDXL U-Net (794 weights, 2.57 B parameters) or
+   the Flux.1 transformer (504 weights, 11.9 B), with their real shapes (table below, read off
+   diffusers' ``UNet2DConditionModel`` with the SDXL config and ``FluxTransformer2DModel``), gets
+   a fine-tune-like ΔW and goes through the per-module maths of ``extract``: ‖ΔW‖², the
+   truncated SVD, up/down and the error of up·down. Every module is timed with the randomized
+   solver (``--fraction`` < 1 takes an evenly spread subset and says it extrapolates); the full
+   SVD runs on two weights of every distinct shape and is extrapolated by shape counts (labelled
+   as such). ΔW per module: a random signed permutation of rows and columns of one of two
+   reference deltas per shape, so its singular values are exactly the reference's and every
+   module's optimal rank-k error is known from one full SVD of each reference (untimed):
    "steep" σᵢ ∝ i^-1 on a 256-dim subspace + a flat Gaussian bulk with 20 % of the energy, and
    "flat" σᵢ ∝ i^-0.4 + a bulk with 50 % of the energy (rank 16 keeps ~35–70 % of ‖ΔW‖, like
    real full fine-tunes).
-2. End to end (files): one weight of every distinct SDXL shape as fp16 safetensors pairs, run
-   through ``extract()`` with the randomized solver and with ``exact=True`` (reading, dtype
-   conversion, ΔW, SVD, error check): shows what the file side adds.
 
-It prints; it never asserts a time. Peak RSS is the process's high-water mark (getrusage).
-
-    python bench/bench_extract.py                      # SDXL whole model + files (~10 min on 2 cores)
-    python bench/bench_extract.py --family flux --fraction 0.1 --no-files
+The load average is printed beside every figure; it never asserts a time. Peak RSS is the
+process's high-water mark. ``--quick``: a third of the shapes, one repeat, no full-SVD script.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_common import CASES, best_of, load, one_core_busy, peak_rss_mb
 from safetensors.torch import save_file
 
 from loratool.ops.extract import extract
@@ -60,17 +62,6 @@ FLUX = [
 ]
 FAMILIES = {"sdxl": SDXL_UNET, "flux": FLUX}
 SPECTRA = {"steep": (1.0, 0.2), "flat": (0.4, 0.5)}  # name: (power-law exponent, bulk energy share)
-
-
-def uptime() -> str:
-    try:
-        return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "load average n/a"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reference_delta(m: int, n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
@@ -111,7 +102,7 @@ def whole_model(family: str, rank: int, fraction: float, seed: int) -> None:
     n_all = sum(c for _, c in shapes)
     params = sum(math.prod(s) * c for s, c in shapes)
     print(f"\n== {family}: whole model, solver only, rank {rank}: {n_all} weights, {params / 1e9:.2f} B parameters")
-    print(f"   before: {uptime()}")
+    print(f"   before: {load()}")
     t_rand = t_rand_all = t_full_est = 0.0
     n_rand = n_full = 0
     worst, worst_at = 0.0, ""
@@ -161,7 +152,7 @@ def whole_model(family: str, rank: int, fraction: float, seed: int) -> None:
         steps += s_shape
         print(f"{str(list(shape)):>22} {count:5d} {len(picks):5d} {t_shape:8.2f} {full_each:9.2f} "
               f"{min(s_shape):4d}-{max(s_shape):<4d} {w_shape:14.5f}")
-    print(f"   after: {uptime()}")
+    print(f"   after: {load()}")
     label = "measured" if n_rand == n_all else f"extrapolated from {n_rand} timed weights"
     print(f"randomized: {t_rand:.1f} s for {n_rand} weights; whole model {t_rand_all:.1f} s ({label})")
     print(f"   half steps (products with ΔW) per weight: mean {sum(steps) / len(steps):.2f}, max {max(steps)}; "
@@ -174,55 +165,83 @@ def whole_model(family: str, rank: int, fraction: float, seed: int) -> None:
           f"{max(math.prod(s) for s, _ in shapes) * 4 / 2**20:.0f} MB in float32)")
 
 
-def files_end_to_end(rank: int, seed: int) -> None:
-    """One weight of every distinct SDXL shape in fp16 files, through extract() twice."""
+def write_pair(folder: Path, shapes: list[tuple[tuple[int, ...], int]], seed: int) -> tuple[Path, Path]:
+    """One weight of each shape as fp16 safetensors: base and fine-tune (base + a "flat" ΔW)."""
     gen = torch.Generator().manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        base, ft = {}, {}
-        for i, (shape, _) in enumerate(SDXL_UNET):
-            m, n = shape[0], math.prod(shape[1:])
-            w = torch.randn(shape, generator=gen) * 0.02
-            base[f"w{i}.weight"] = w.half()
-            ft[f"w{i}.weight"] = (w + reference_delta(m, n, "flat", gen).reshape(shape) * 10).half()
-        f_base, f_ft = Path(tmp) / "base.safetensors", Path(tmp) / "ft.safetensors"
-        save_file(base, str(f_base))
-        save_file(ft, str(f_ft))
+    base, ft = {}, {}
+    for i, (shape, _) in enumerate(shapes):
+        m, n = shape[0], math.prod(shape[1:])
+        w = torch.randn(shape, generator=gen) * 0.02
+        base[f"w{i}.weight"] = w.half()
+        ft[f"w{i}.weight"] = (w + reference_delta(m, n, "flat", gen).reshape(shape) * 10).half()
+    f_base, f_ft = folder / "base.safetensors", folder / "ft.safetensors"
+    save_file(base, str(f_base))
+    save_file(ft, str(f_ft))
+    return f_ft, f_base
+
+
+def baseline_extract(f_ft: Path, f_base: Path, rank: int, exact: bool, seed: int) -> int:
+    """The plain script: load both files, per weight ΔW in float32, the same SVD routine, factors and
+    their error; ``torch.set_num_threads(1)``."""
+    from safetensors.torch import load_file
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = load_file(str(f_ft)), load_file(str(f_base))
+        gen = torch.Generator().manual_seed(seed)
+        for key in a:
+            d = a[key].float().sub_(b[key].float())
+            module_work(d.reshape(d.shape[0], -1), rank, exact, gen)
+    finally:
+        torch.set_num_threads(before)
+    return len(a)
+
+
+def versus(shapes, rank: int, args) -> None:
+    """extract() against the single-threaded script, idle and with one core busy."""
+    with tempfile.TemporaryDirectory(prefix="loratool-bench-") as tmp:
+        f_ft, f_base = write_pair(Path(tmp), shapes, args.seed)
         mb = f_base.stat().st_size / 2**20
-        del base, ft
-        print(f"\n== files: one weight of each of the {len(SDXL_UNET)} SDXL shapes, fp16, {mb:.0f} MB per file, "
-              f"rank {rank}")
-        print(f"   before: {uptime()}")
-        t0 = time.perf_counter()
-        fast = extract(f_ft, f_base, rank=rank, device="cpu", seed=seed)
-        t_fast = time.perf_counter() - t0
-        rss = peak_rss_mb()
-        print(f"   randomized done: {uptime()}")
-        t0 = time.perf_counter()
-        slow = extract(f_ft, f_base, rank=rank, device="cpu", exact=True)
-        t_slow = time.perf_counter() - t0
-        print(f"   full SVD done: {uptime()}")
-    worst = max(a.rel_error / b.rel_error for a, b in zip(fast.modules, slow.modules) if b.rel_error > 0)
-    print(f"extract() randomized {t_fast:.1f} s, full SVD {t_slow:.1f} s: {t_slow / t_fast:.1f}x; "
-          f"worst error / full-SVD error {worst:.5f}; peak RSS after the randomized run {rss:.0f} MB")
+        print(f"\n== extract of one weight of each of {len(shapes)} SDXL shapes ({mb:.0f} MB fp16 per file), "
+              f"rank {rank}: loratool vs the single-threaded script (same randomized SVD; target ratio ≤ 1.3)")
+        worst = 0.0
+        for case, busy in CASES:
+            with one_core_busy(busy):
+                base = best_of(lambda: baseline_extract(f_ft, f_base, rank, False, args.seed), args.repeat)
+                full = best_of(lambda: baseline_extract(f_ft, f_base, rank, True, args.seed), 1) if args.full else None
+                ours = best_of(lambda: extract(f_ft, f_base, rank=rank, device="cpu", seed=args.seed,
+                                               threads=args.threads), args.repeat)
+                state = load()
+            worst = max(worst, ours / base)
+            extra = f"   full-SVD script {full:6.2f} s ({full / ours:.1f}× loratool)" if full is not None else ""
+            print(f"  {case:<14} script {base:6.2f} s   loratool {ours:6.2f} s   ratio {ours / base:5.2f}{extra}   "
+                  f"({state})", flush=True)
+        print(f"  worst ratio {worst:.2f} (target ≤ 1.3)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a third of the shapes, one repeat, no full-SVD run")
     ap.add_argument("--family", choices=["sdxl", "flux", "both"], default="sdxl")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--whole-model", action="store_true",
+                    help="also the whole-model solver comparison (randomized vs full SVD, ~10 min on 2 cores)")
     ap.add_argument("--fraction", type=float, default=1.0, help="share of each shape's weights run randomized")
-    ap.add_argument("--no-files", action="store_true", help="skip the end-to-end file run")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="loratool --threads (default: its policy)")
+    ap.add_argument("--repeat", type=int, default=2, help="best of N runs per timing")
+    ap.add_argument("--no-full", dest="full", action="store_false", help="skip the full-SVD script")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; {uptime()}")
-    for family in (["sdxl", "flux"] if args.family == "both" else [args.family]):
-        whole_model(family, args.rank, args.fraction, args.seed)
-    if not args.no_files:
-        files_end_to_end(args.rank, args.seed)
-    print(f"\npeak RSS: {peak_rss_mb():.0f} MB")
+    if args.quick:
+        args.repeat, args.full = 1, False
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; {load()}")
+    shapes = SDXL_UNET[::3] if args.quick else SDXL_UNET
+    versus(shapes, args.rank, args)
+    if args.whole_model:
+        for family in (["sdxl", "flux"] if args.family == "both" else [args.family]):
+            whole_model(family, args.rank, args.fraction, args.seed)
+    print(f"\npeak RSS: {peak_rss_mb():.0f} MB; {load()}")
 
 
 if __name__ == "__main__":

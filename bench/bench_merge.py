@@ -1,6 +1,7 @@
 """Benchmark: ``loratool merge`` of a rank-16 LoRA into a synthetic fp16 base versus ``cp`` of the same file.
 
-Usage: ``python bench/bench_merge.py [--gb 4.2] [--touch 0.5] [--rank 16] [--dir /tmp]``
+Usage: ``python bench/bench_merge.py [--quick] [--gb 4.2] [--touch 0.5] [--rank 16] [--dir /tmp]
+[--threads N] [--device cpu|cuda|auto]``
 
 The base (``--gb`` of 4096×5120 fp16 tensors) is written with the streaming writer, so this
 script never holds it in memory. ``cp`` runs before and after the merge (the first run also
@@ -12,7 +13,9 @@ each child are printed too: on a machine with few cores the merge's wall time is
 CPU time over the cores (torch's import alone is seconds of CPU). Peak RSS of the merge process
 is read from ``getrusage(RUSAGE_CHILDREN)`` after it exits. The load average is printed before
 and after: on a shared machine compare runs at similar load. Everything is removed at the end.
-Targets: ratio to ``cp`` ≤ 1.5, peak RSS < 1 GB.
+Targets: ratio to ``cp`` ≤ 1.5 (and for the synced pair), peak RSS < 1 GB. When a CUDA device is
+there (``--device auto``), the merge is timed again with ``--device cuda`` (the float work on
+the GPU). ``--quick``: a 1 GB base, no synced pair (~1 min).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import load
 from safetensors.torch import save_file
 
 from loratool.io.safetensors_writer import StreamingWriter, TensorSpec
@@ -79,10 +83,6 @@ def timed(cmd: list[str], **kwargs) -> tuple[float, float, subprocess.CompletedP
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), proc
 
 
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=4.2, help="base size in GB (default 4.2)")
@@ -91,7 +91,12 @@ def main() -> int:
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where to put the files (needs 3× --gb free)")
     ap.add_argument("--no-sync-run", dest="sync_run", action="store_false",
                     help="skip the durable comparison (merge --sync against cp + sync)")
+    ap.add_argument("--quick", action="store_true", help="1 GB base, no synced pair")
+    ap.add_argument("--threads", type=int, default=None, help="loratool merge --threads")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (cpu, and cuda too when there is one)")
     args = ap.parse_args()
+    if args.quick:
+        args.gb, args.sync_run = min(args.gb, 1.0), False
     n = max(1, int(args.gb * 1e9 / (ROWS * COLS * 2)))
     free = shutil.disk_usage(args.dir).free
     need = 3 * n * ROWS * COLS * 2
@@ -112,7 +117,7 @@ def main() -> int:
         cp1, cp_cpu, _ = timed(["cp", str(base), str(copy)])
         copy.unlink()
         merge_cmd = [sys.executable, "-m", "loratool", "merge", str(base), str(lora), "-o", str(out),
-                     "--device", "cpu", "--json"]
+                     "--device", "cpu", "--json"] + (["--threads", str(args.threads)] if args.threads else [])
         merge_s, merge_cpu, proc = timed(merge_cmd, capture_output=True, text=True)
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         summary = json.loads(proc.stdout)
@@ -121,10 +126,10 @@ def main() -> int:
         copy.unlink()
         cp_mean = (cp1 + cp2) / 2
         ratio = merge_s / cp_mean
-        print(f"cp: {cp1:.2f} s then {cp2:.2f} s (mean {cp_mean:.2f} s), {cp_cpu:.2f} CPU-s")
+        print(f"cp: {cp1:.2f} s then {cp2:.2f} s (mean {cp_mean:.2f} s), {cp_cpu:.2f} CPU-s   ({load()})")
         print(f"loratool merge: {merge_s:.2f} s wall (inside merge(): {summary['seconds']:.2f} s), "
               f"{merge_cpu:.2f} CPU-s; {summary['merged_tensors']} tensors merged, {summary['skipped']} copied")
-        print(f"ratio merge/cp: {ratio:.2f} (target <= 1.5)  {'OK' if ratio <= 1.5 else 'OVER'}")
+        print(f"ratio merge/cp: {ratio:.2f} (target <= 1.5)  {'OK' if ratio <= 1.5 else 'OVER'}   ({load()})")
         print(f"peak RSS of the merge process: {peak_mb:.0f} MB (target < 1024)  {'OK' if peak_mb < 1024 else 'OVER'}")
         if args.sync_run:
             cp_sync, _, _ = timed(["sh", "-c", 'cp "$1" "$2" && sync "$2"', "cp+sync", str(base), str(copy)])
@@ -132,7 +137,15 @@ def main() -> int:
             merge_sync, _, _ = timed(merge_cmd + ["--sync"], capture_output=True)
             out.unlink()
             print(f"durable: cp + sync FILE {cp_sync:.2f} s, merge --sync {merge_sync:.2f} s, "
-                  f"ratio {merge_sync / cp_sync:.2f}")
+                  f"ratio {merge_sync / cp_sync:.2f} (target <= 1.5)   ({load()})")
+        if args.device in ("auto", "cuda") and torch.cuda.is_available():
+            gpu_cmd = [c if c != "cpu" else "cuda" for c in merge_cmd]
+            gpu_s, gpu_cpu, proc = timed(gpu_cmd, capture_output=True, text=True)
+            out.unlink()
+            print(f"loratool merge --device cuda: {gpu_s:.2f} s wall, {gpu_cpu:.2f} CPU-s, "
+                  f"ratio merge/cp {gpu_s / cp_mean:.2f}   ({load()})")
+        elif args.device == "cuda":
+            print("no CUDA device here: the GPU path was not measured")
         print(f"load average after: {load()}")
         return 0
     finally:

@@ -1,39 +1,50 @@
-"""Resize benchmark: loratool's factor SVD against the usual dense-SVD resize, in one run.
+"""Resize benchmark: loratool against a plain single-threaded factor-SVD script, idle and with one
+core busy, plus SDXL-shaped LoKr / LoHa files and the dense-SVD method for scale.
 
-    python bench/bench_resize.py [--sample 20] [--device cpu] [--threads N] [--skip-flux]
+    python bench/bench_resize.py [--quick] [--threads N] [--repeat 2] [--sample 6]
 
-* SDXL-shaped kohya LoRA: the real SDXL U-Net attention modules (every Linear / 1×1 conv inside
-  a Transformer2DModel, names and shapes from diffusers' ``UNet2DConditionModel`` built with the
-  SDXL config on the ``meta`` device) plus both CLIP text encoders (CLIP-L 12×768, CLIP-G 32×1280),
-  rank 64, alpha 32, random fp16 factors, resized to rank 16.
-* Dense baseline (what kohya's ``resize_lora.py`` does per module): ΔW = up @ down in float32,
-  full ``torch.linalg.svd``, keep 16. It is timed on a random sample of modules and
-  EXTRAPOLATED to the whole LoRA by the SVD cost model m·n·min(m, n) (labelled as such).
-* Flux-shaped rank-32 LoRA (19 double + 38 single blocks, hidden 3072, MLP 12288, diffusers
-  names), bf16, resized to rank 16 by loratool: whole-LoRA time.
-* Agreement: max over the sampled modules of ‖ΔW_k(dense) − ΔW_k(loratool)‖ / ‖ΔW_k(dense)‖.
-* Peak memory: the process's peak RSS.
+Inputs (random factors, real shapes):
 
-The script prints; it never asserts on time.
+* SDXL-shaped kohya LoRA: every Linear / 1×1 conv inside the SDXL U-Net's Transformer2DModels
+  (names and shapes from diffusers' ``UNet2DConditionModel`` with the SDXL config on the ``meta``
+  device) plus both CLIP text encoders, rank 64, alpha 32, fp16 → rank 16.
+* Flux-shaped LoRA: 19 double + 38 single blocks (hidden 3072, MLP 12288), rank 32, bf16 → rank 8.
+* SDXL-shaped LyCORIS LoKr and LoHa files: the same modules, shapes exactly as LyCORIS 4.1.3's own
+  ``LokrModule`` / ``LohaModule`` build them (dim 16, factor -1; some LoKr modules fall back to
+  LyCORIS' full-matrix mode), written by loratool's kohya writer, resized to rank 16 end to end.
+
+Measured in one run, each case idle and again while a child process spins one core (started and
+stopped by this script):
+
+* baseline: the plain script a user would write — per module, QR of up and of downᵀ, SVD of the
+  r×r core, keep k, split √σ onto both sides — float64, ``torch.set_num_threads(1)``;
+* loratool: :func:`loratool.ops.resize.resize` with its default thread policy (``--threads``).
+
+Printed: best-of-``--repeat`` seconds, the ratio loratool / baseline (target ≤ 1.3 in both
+cases), the whole-file times (target: SDXL and Flux < 10 s, LoKr / LoHa < 30 s), and the dense
+method (form ΔW, full SVD) timed on ``--sample`` modules and EXTRAPOLATED by m·n·min(m, n)
+(labelled as such). The load average is printed beside every figure. It never asserts on time.
+``--quick``: the U-Net part of SDXL only, a third of Flux, one repeat, no dense sample (~1 min).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
-import resource
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from bench_common import CASES, best_of, load, one_core_busy, peak_rss_mb
 
 from loratool.adapter import Adapter, LoraModule
+from loratool.api import save
 from loratool.delta import delta_weight
-from loratool.ops.linalg import factor_svd
-from loratool.ops.resize import resize
-
-RANK_IN, RANK_OUT = 64, 16
+from loratool.ops.resize import resize, resize_file
 
 
 def sdxl_unet_shapes() -> list[tuple[str, tuple[int, ...]]]:
@@ -70,9 +81,9 @@ def clip_shapes(layers: int, hidden: int, mlp: int) -> list[tuple[str, tuple[int
     return out
 
 
-def flux_shapes(hidden: int = 3072, mlp: int = 12288) -> list[tuple[str, tuple[int, ...]]]:
+def flux_shapes(hidden: int = 3072, mlp: int = 12288, double: int = 19, single: int = 38):
     out = []
-    for i in range(19):
+    for i in range(double):
         p = f"transformer_blocks.{i}"
         for name in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                      "attn.add_v_proj", "attn.to_add_out"):
@@ -82,7 +93,7 @@ def flux_shapes(hidden: int = 3072, mlp: int = 12288) -> list[tuple[str, tuple[i
             out.append((f"{p}.{ff}.net.2", (hidden, mlp)))
         out.append((f"{p}.norm1.linear", (6 * hidden, hidden)))
         out.append((f"{p}.norm1_context.linear", (6 * hidden, hidden)))
-    for i in range(38):
+    for i in range(single):
         p = f"single_transformer_blocks.{i}"
         for name in ("attn.to_q", "attn.to_k", "attn.to_v"):
             out.append((f"{p}.{name}", (hidden, hidden)))
@@ -92,7 +103,7 @@ def flux_shapes(hidden: int = 3072, mlp: int = 12288) -> list[tuple[str, tuple[i
     return out
 
 
-def build(shapes: dict[str, list], rank: int, alpha: float, dtype: torch.dtype, seed: int) -> Adapter:
+def build_lora(shapes: dict[str, list], rank: int, alpha: float, dtype: torch.dtype, seed: int) -> Adapter:
     gen = torch.Generator().manual_seed(seed)
     adapter = Adapter(source_format="kohya", metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
     for component, entries in shapes.items():
@@ -106,88 +117,150 @@ def build(shapes: dict[str, list], rank: int, alpha: float, dtype: torch.dtype, 
     return adapter
 
 
-def dense_resize(module: LoraModule, k: int) -> torch.Tensor:
-    """The usual method: dense ΔW, full SVD, keep k. Returns ΔW_k [out, in·k·k]."""
-    delta = delta_weight(module, dtype=torch.float32)
-    mat = delta.reshape(delta.shape[0], -1)
-    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-    return (u[:, :k] * s[:k]) @ vh[:k]
+_LYCORIS_SLOTS = {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a",
+                  "lokr_w2_b": "w2b", "hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b"}
 
 
-def svd_cost(module: LoraModule) -> float:
-    shape = module.weight_shape
-    m, n = shape[0], math.prod(shape[1:])
-    return float(m) * n * min(m, n)
+def build_lycoris(shapes: dict[str, list], algo: str, dim: int, seed: int) -> Adapter:
+    """Modules shaped exactly as LyCORIS' own LokrModule / LohaModule build them, random values."""
+    import logging
+
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    cls = LokrModule if algo == "lokr" else LohaModule
+    gen = torch.Generator().manual_seed(seed)
+    adapter = Adapter(source_format="lycoris", metadata={"ss_network_module": "lycoris.kohya",
+                                                         "ss_network_dim": str(dim), "ss_network_alpha": str(dim)})
+    for component, entries in shapes.items():
+        for path, shape in entries:
+            with torch.device("meta"):
+                org = torch.nn.Linear(shape[1], shape[0]) if len(shape) == 2 else torch.nn.Conv2d(shape[1], shape[0], 1)
+            lyco = cls("x", org, 1.0, dim, dim, factor=-1)
+            tensors = {}
+            for key, value in lyco.state_dict().items():
+                if key in _LYCORIS_SLOTS:
+                    t = torch.randn(tuple(value.shape), generator=gen) / math.sqrt(max(value.shape[-1], 1))
+                    tensors[_LYCORIS_SLOTS[key]] = t.half()
+            layer = "conv" if len(shape) == 4 else "linear"
+            adapter.add(LoraModule(component, path, kind=algo, layer=layer, alpha=float(dim), tensors=tensors,
+                                   hints={"weight_shape": shape}))
+    return adapter
 
 
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+def baseline_resize(adapter: Adapter, k: int) -> int:
+    """The plain script: per module QR + QR + r×r SVD in float64, one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for m in adapter:
+            up = m.tensors["up"].double().reshape(m.tensors["up"].shape[0], -1)
+            down = m.tensors["down"].double().reshape(m.rank, -1)
+            qu, ru = torch.linalg.qr(up)
+            qd, rd = torch.linalg.qr(down.T)
+            uc, s, vch = torch.linalg.svd((ru @ rd.T) * m.scale, full_matrices=False)
+            root = s[:k].sqrt()
+            new_up, new_down = ((qu @ uc[:, :k]) * root).to(m.dtype), (root[:, None] * (vch[:k] @ qd.T)).to(m.dtype)
+            del new_up, new_down
+    finally:
+        torch.set_num_threads(before)
+    return len(adapter)
+
+
+def dense_extrapolated(adapter: Adapter, k: int, sample: int) -> tuple[float, int]:
+    """Form ΔW, full SVD, keep k, on a random sample; extrapolated by m·n·min(m, n)."""
+    modules = list(adapter)
+    picks = random.Random(0).sample(modules, min(sample, len(modules)))
+
+    def cost(m: LoraModule) -> float:
+        s = m.weight_shape
+        a, b = s[0], math.prod(s[1:])
+        return float(a) * b * min(a, b)
+
+    t = 0.0
+    for m in picks:
+        t0 = time.perf_counter()
+        d = delta_weight(m, dtype=torch.float32)
+        u, s, vh = torch.linalg.svd(d.reshape(d.shape[0], -1), full_matrices=False)
+        (u[:, :k] * s[:k]) @ vh[:k]
+        t += time.perf_counter() - t0
+    return t * sum(cost(m) for m in modules) / sum(cost(m) for m in picks), len(picks)
+
+
+def versus(label: str, adapter: Adapter, k: int, args) -> list[float]:
+    """loratool vs baseline, idle and with one core busy; returns the ratios."""
+    ratios = []
+    for case, busy in CASES:
+        with one_core_busy(busy):
+            base = best_of(lambda: baseline_resize(adapter, k), args.repeat)
+            ours = best_of(lambda: resize(adapter, k, device=args.device, threads=args.threads), args.repeat)
+            state = load()
+        ratios.append(ours / base)
+        print(f"  {label:<34} {case:<14} baseline {base:6.2f} s   loratool {ours:6.2f} s   "
+              f"ratio {ours / base:5.2f}   ({state})", flush=True)
+    return ratios
+
+
+def whole_file(label: str, adapter: Adapter, k: int, args, tmp: Path, family: str | None) -> float:
+    src = tmp / f"{label}.safetensors"
+    save(adapter, src, "kohya", family=family)
+    out = tmp / f"{label}_r{k}.safetensors"
+    t0 = time.perf_counter()
+    res = resize_file(src, out, k, device=args.device, threads=args.threads, force=True, family=family)
+    t = time.perf_counter() - t0
+    methods: dict[str, int] = {}
+    for m in res.modules:
+        methods[m.method] = methods.get(m.method, 0) + 1
+    print(f"  {label:<34} whole file {src.stat().st_size / 2**20:7.1f} MB → rank {k}: {t:6.2f} s   "
+          f"({len(res.modules)} modules, methods {methods}, mean ‖ΔW‖ kept {res.mean_fro_kept:.4f}; {load()})",
+          flush=True)
+    return t
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sample", type=int, default=20, help="modules timed for the dense baseline")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller inputs, one repeat, no dense sample")
+    ap.add_argument("--threads", type=int, default=None, help="loratool --threads (default: its policy)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--skip-flux", action="store_true")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads for both methods (0: torch's default)")
+    ap.add_argument("--repeat", type=int, default=2, help="best of N runs per timing")
+    ap.add_argument("--sample", type=int, default=6, help="modules timed for the dense-SVD extrapolation")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    if args.quick:
+        args.repeat, args.sample = 1, 0
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch default {torch.get_num_threads()} threads, "
+          f"device {args.device}; {load()}")
+    unet = sdxl_unet_shapes()
+    sdxl_shapes = {"unet": unet} if args.quick else {
+        "unet": unet, "text_encoder": clip_shapes(12, 768, 3072), "text_encoder_2": clip_shapes(32, 1280, 5120)}
+    flux = {"transformer": flux_shapes(double=6, single=13) if args.quick else flux_shapes()}
+    sdxl = build_lora(sdxl_shapes, 64, 32.0, torch.float16, seed=0)
+    flux_lora = build_lora(flux, 32, 32.0, torch.bfloat16, seed=1)
+    print(f"SDXL-shaped LoRA: {len(sdxl)} modules, rank 64 fp16; Flux-shaped LoRA: {len(flux_lora)} modules, "
+          f"rank 32 bf16{' (--quick: U-Net only, a third of Flux)' if args.quick else ''}")
 
-    shapes = {"unet": sdxl_unet_shapes(), "text_encoder": clip_shapes(12, 768, 3072),
-              "text_encoder_2": clip_shapes(32, 1280, 5120)}
-    sdxl = build(shapes, RANK_IN, 32.0, torch.float16, seed=0)
-    n_params = sum(t.numel() for m in sdxl.modules.values() for t in m.tensors.values())
-    print(f"SDXL-shaped kohya LoRA: {len(sdxl)} modules ({len(shapes['unet'])} U-Net, "
-          f"{len(shapes['text_encoder'])} CLIP-L, {len(shapes['text_encoder_2'])} CLIP-G), rank {RANK_IN}, "
-          f"{n_params / 1e6:.1f} M parameters (fp16)")
+    print("\n== maths only (in memory): loratool resize vs the single-threaded factor-SVD script (target ≤ 1.3)")
+    ratios = versus("SDXL r64 → 16", sdxl, 16, args) + versus("Flux r32 → 8", flux_lora, 8, args)
+    print(f"  worst ratio {max(ratios):.2f} (target ≤ 1.3)")
 
-    t0 = time.perf_counter()
-    res = resize(sdxl, RANK_OUT, device=args.device)
-    ours = time.perf_counter() - t0
-    print(f"loratool factor-SVD resize to rank {RANK_OUT}, whole LoRA: {ours:.2f} s "
-          f"(mean Frobenius norm kept {res.mean_fro_kept:.4f})")
-
-    rng = random.Random(0)
-    modules = list(sdxl.modules.values())
-    sample = rng.sample(modules, min(args.sample, len(modules)))
-    dense_t = 0.0
-    worst = worst_float = 0.0
-    for module in sample:
-        t0 = time.perf_counter()
-        want = dense_resize(module, RANK_OUT)
-        dense_t += time.perf_counter() - t0
-        got = delta_weight(res.adapter.modules[module.key], dtype=torch.float32)
-        got = got.reshape(got.shape[0], -1)
-        worst = max(worst, float((got - want).norm() / want.norm()))
-        svd = factor_svd(module.tensors["up"].reshape(module.tensors["up"].shape[0], -1),
-                         module.tensors["down"].reshape(RANK_IN, -1), module.scale, rank=RANK_OUT)
-        ours_float = ((svd.U * svd.S) @ svd.Vh).float()
-        worst_float = max(worst_float, float((ours_float - want).norm() / want.norm()))
-    cost_all = sum(svd_cost(m) for m in modules)
-    cost_sample = sum(svd_cost(m) for m in sample)
-    dense_all = dense_t * cost_all / cost_sample
-    print(f"dense-SVD resize (form ΔW + torch.linalg.svd), measured on {len(sample)} sampled modules: "
-          f"{dense_t:.2f} s")
-    print(f"dense-SVD resize, whole LoRA EXTRAPOLATED by m·n·min(m,n): {dense_all:.1f} s "
-          f"({dense_all / 60:.1f} min)")
-    print(f"speed-up (extrapolated dense / measured loratool): {dense_all / ours:.0f}×")
-    print(f"agreement on the sampled modules, max ‖ΔW_k(dense) − ΔW_k(loratool)‖ / ‖ΔW_k(dense)‖: "
-          f"{worst_float:.2e} before the fp16 cast, {worst:.2e} as stored in fp16")
-    del res, sdxl
-
-    if not args.skip_flux:
-        flux = build({"transformer": flux_shapes()}, 32, 32.0, torch.bfloat16, seed=1)
-        print(f"Flux-shaped LoRA: {len(flux)} modules, rank 32 (bf16)")
-        t0 = time.perf_counter()
-        fres = resize(flux, RANK_OUT, device=args.device)
-        print(f"loratool resize of the whole Flux-shaped rank-32 LoRA to rank {RANK_OUT}: "
-              f"{time.perf_counter() - t0:.2f} s (mean Frobenius norm kept {fres.mean_fro_kept:.4f})")
-        del fres, flux
-    print(f"peak RSS: {peak_rss_mb():.0f} MB")
+    with tempfile.TemporaryDirectory(prefix="loratool-bench-") as tmp:
+        tmp = Path(tmp)
+        print("\n== whole files (read, resize, write), idle (target: LoRA < 10 s, LoKr / LoHa < 30 s)")
+        whole_file("sdxl_lora_r64", sdxl, 16, args, tmp, "sdxl")
+        whole_file("flux_lora_r32", flux_lora, 8, args, tmp, "flux")
+        lyco = {}
+        for algo in ("lokr", "loha"):
+            lyco[algo] = build_lycoris(sdxl_shapes, algo, 16, seed=2)
+            whole_file(f"sdxl_{algo}_dim16", lyco[algo], 16, args, tmp, "sdxl")
+    if args.sample:
+        print(f"\n== for scale: the dense method (ΔW + full SVD), timed on {args.sample} sampled modules, "
+              f"EXTRAPOLATED by m·n·min(m,n)")
+        for label, adapter, k in (("SDXL LoRA r64 → 16", sdxl, 16), ("SDXL LoKr → 16", lyco["lokr"], 16),
+                                  ("SDXL LoHa → 16", lyco["loha"], 16)):
+            t, n = dense_extrapolated(adapter, k, args.sample)
+            print(f"  {label:<34} dense whole adapter ≈ {t:7.1f} s (extrapolated from {n} modules; {load()})")
+    print(f"\npeak RSS {peak_rss_mb():.0f} MB; {load()}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("lora", "loha", "lokr", "full")
 LAYERS = ("linear", "conv", "embedding")
@@ -131,7 +132,7 @@ class LoraModule:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the base weight this module adapts (as the base stores it)."""
-        from loratool.delta import weight_shape
+        from loratool.shapes import weight_shape
 
         return weight_shape(self)
 

@@ -27,52 +27,12 @@ Both give m / ‖W + ΔW‖ ⊙ (W + ΔW) at λ = 1.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from loratool.adapter import LoraModule
 from loratool.errors import MatchError
-
-
-def weight_shape(module: LoraModule) -> tuple[int, ...]:
-    """The shape of the base weight the module adapts, as far as the factors tell."""
-    t = module.tensors
-    hint = module.hints.get("weight_shape")
-    if hint is not None:
-        return tuple(int(x) for x in hint)
-    if module.kind == "full":
-        return tuple(t["diff"].shape)
-    if module.kind == "lora":
-        down, up = t["down"], t["up"]
-        if module.layer == "embedding":
-            return (int(down.shape[1]), int(up.shape[0]))
-        if module.layer == "conv":
-            kernel = tuple(t["mid"].shape[2:]) if "mid" in t else tuple(down.shape[2:])
-            return (int(up.shape[0]), int(down.shape[1]), *kernel)
-        shape = (int(up.shape[0]), int(down.shape[1]))
-        return shape[::-1] if module.fan_in_fan_out else shape
-    # loha / lokr: the product's shape (a conv product without Tucker core is flattened,
-    # [out, in·kh·kw]; the reader sets the ``weight_shape`` hint when it knows the kernel).
-    return product_shape(module)
-
-
-def _half_shape(t: dict, a: str, b: str, core: str | None) -> tuple[int, ...]:
-    rows, cols = int(t[a].shape[0]), math.prod(int(x) for x in t[b].shape[1:])
-    if core is not None and core in t:
-        return (rows, cols, *(int(x) for x in t[core].shape[2:]))
-    return (rows, cols)
-
-
-def product_shape(module: LoraModule) -> tuple[int, ...]:
-    """Shape of a LoHa / LoKr module's ΔW as :func:`_lycoris_delta` builds it, from the factors' shapes."""
-    t = module.tensors
-    if module.kind == "loha":
-        return _half_shape(t, "w1a", "w1b", "t1")
-    w1 = tuple(int(x) for x in t["w1"].shape) if "w1" in t else _half_shape(t, "w1a", "w1b", None)
-    w2 = tuple(int(x) for x in t["w2"].shape) if "w2" in t else _half_shape(t, "w2a", "w2b", "t2")
-    w1 = w1 + (1,) * (len(w2) - len(w1))  # kron of a matrix with a conv kernel: w1 as [a, b, 1, 1]
-    return tuple(x * y for x, y in zip(w1, w2))
+from loratool.shapes import product_shape as product_shape  # re-exported: the shape rules live there
+from loratool.shapes import weight_shape as weight_shape
 
 
 def _rebuild_tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

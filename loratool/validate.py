@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 import numbers
 
-import torch
-
 from loratool.adapter import KINDS, LAYERS, Adapter, LoraModule
 from loratool.errors import InputError
+from loratool.header_only import is_tensor, torch
 
 # The tensors each kind cannot do without; alternatives are listed as tuples (any one set).
 _REQUIRED: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -50,7 +49,7 @@ def check_module(module: LoraModule, where: str) -> None:
     if missing:
         raise InputError(f"{name}: {module.kind} module lacks {', '.join(missing)} (incomplete or corrupt file)")
     for key, tensor in module.all_tensors().items():
-        if not isinstance(tensor, torch.Tensor):
+        if not is_tensor(tensor):
             raise InputError(f"{name}: {key} is a {type(tensor).__name__}, not a tensor")
         if not tensor.is_floating_point():
             raise InputError(f"{name}: {key} has dtype {tensor.dtype}; adapter tensors must be floating point")
@@ -89,7 +88,7 @@ def check_adapter(adapter: Adapter, where: str) -> None:
     for module in adapter:
         check_module(module, where)
     for (component, tname), tensor in adapter.extras.items():
-        if not isinstance(tensor, torch.Tensor):
+        if not is_tensor(tensor):
             raise InputError(f"{where}: extra {component}:{tname} is a {type(tensor).__name__}, not a tensor")
 
 

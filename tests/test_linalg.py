@@ -196,9 +196,11 @@ def test_factor_form_agrees_with_delta_weight(module):
     want = delta.T if transposed(module) else delta.reshape(delta.shape[0], -1)
     assert form.shape == tuple(want.shape)
     assert _rel(form.matrix(), want) < 1e-12
-    if module.kind == "lora" or module.path in ("loha", "lokr", "lokr_tucker"):
-        assert not form.is_dense  # products with a small exact factor form never go dense
-    if module.path in ("full", "loha_big", "lokr_conv"):  # product rank reaches min(out, in·k·k)
+    if module.kind == "lora" or module.path == "loha":
+        assert not form.is_dense and not form.is_kron  # products with a small exact factor form never go dense
+    if module.kind == "lokr":  # kept as kron(W₁, W₂), whatever its rank
+        assert form.is_kron
+    if module.path in ("full", "loha_big"):  # product rank reaches min(out, in·k·k)
         assert form.is_dense
 
 

@@ -38,11 +38,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 
-import torch
-
 from loratool.arch import flux, sd3, sdxl
 from loratool.arch.fused import swap_halves
 from loratool.errors import FormatError
+from loratool.header_only import torch
 
 UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIXES = {

@@ -28,10 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 
-import torch
-
 from loratool.adapter import LoraModule
 from loratool.errors import FormatError, MatchError
+from loratool.header_only import torch
 
 Rows = list[tuple[int, int]]
 
@@ -65,6 +64,10 @@ def dit_evidence(ev, widths: dict[int, str], pooled: int, text_encoder_2: re.Pat
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """[a; b] -> [b; a] along dim 0 (native shift/scale <-> diffusers scale/shift; its own inverse)."""
+    from loratool.header_only import ShapeTensor
+
+    if isinstance(t, ShapeTensor):  # header-only: the same shape, no values to move
+        return t.clone()
     a, b = t.chunk(2, dim=0)
     return torch.cat([b, a], dim=0)
 
@@ -112,15 +115,25 @@ def renamed(module: LoraModule, path: str) -> LoraModule:
 
 def block_diagonal(up: torch.Tensor, rows: Rows) -> bool:
     """True when ``up`` [out, G·r'] is zero outside the diagonal blocks (rows_g × cols_g); False for a
-    tensor without values (``meta``): the shared-down split is exact either way."""
+    tensor without values (a header-only stand-in, ``meta``): the shared-down split is exact either way."""
+    from loratool.header_only import ShapeTensor
+
     g = len(rows)
-    if up.is_meta or up.shape[1] % g:
+    if isinstance(up, ShapeTensor) or up.is_meta or up.shape[1] % g:
         return False
     rr = up.shape[1] // g
-    mask = torch.ones_like(up, dtype=torch.bool)
-    for k, (a, b) in enumerate(rows):
-        mask[a:b, k * rr:(k + 1) * rr] = False
-    return not bool(up[mask].any())
+    # block by block (no mask the size of up): rows_j × cols_k for every j ≠ k, and rows no block covers
+    ends = [0] + [b for _, b in sorted(rows)]
+    starts = [a for a, _ in sorted(rows)] + [up.shape[0]]
+    gaps = [(end, start) for end, start in zip(ends, starts) if start > end]
+    for k in range(g):
+        cols = slice(k * rr, (k + 1) * rr)
+        for j, (a, b) in enumerate(rows):
+            if j != k and bool(up[a:b, cols].any()):
+                return False
+        if any(bool(up[a:b, cols].any()) for a, b in gaps):
+            return False
+    return True
 
 
 def as_full(module: LoraModule) -> LoraModule:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from loratool.cli.app import command
-from loratool.cli.options import FLOAT_DTYPES, Device, DynamicParam, DynamicRule, Force, Json, ShowAll, choices
+from loratool.cli.options import FLOAT_DTYPES, Device, DynamicParam, DynamicRule, Force, Json, ShowAll, Threads, choices
 from loratool.cli.render import Column, display_path, grouped, print_json, progress_bar, say, table, warn
 from loratool.errors import UsageError
 from loratool.float_dtypes import float_code
@@ -52,6 +52,7 @@ def extract_command(
                                    help="dtype of the written factors."),
     seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the randomized solver's sketch."),
     device: Device = "auto",
+    threads: Threads = None,
     force: Force = False,
     as_json: Json = False,
     show_all: ShowAll = False,
@@ -63,6 +64,9 @@ def extract_command(
     if to is not None and to not in _WRITE_LAYOUTS:
         raise UsageError(f"--to {to}: choose one of {', '.join(_WRITE_LAYOUTS)}")
     code = float_code(save_dtype, "--save-dtype")
+    from loratool.io.preflight import inputs_exist
+
+    inputs_exist(finetuned, base)  # before the op imports torch
     from loratool.io.safetensors_file import torch_dtypes
     from loratool.ops.extract import extract_to_file
 
@@ -70,7 +74,7 @@ def extract_command(
         result = extract_to_file(
             finetuned, base, output, to=to, force=force, rank=rank, conv_rank=conv_rank, dynamic=dynamic,
             param=param, exact=exact, include=include or None, exclude=exclude or None, min_diff=min_diff,
-            clamp_quantile=clamp_quantile, embeddings=embeddings, device=device,
+            clamp_quantile=clamp_quantile, embeddings=embeddings, device=device, threads=threads,
             out_dtype=torch_dtypes()[code], seed=seed, progress=progress,
         )
     if as_json:

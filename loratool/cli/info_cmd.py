@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from loratool.cli.app import command
-from loratool.cli.options import BaseModel, Family, FromLayout, Json, ShowAll, SidecarConfig
+from loratool.cli.options import BaseModel, Family, FromLayout, Json, ShowAll, SidecarConfig, Threads
 from loratool.cli.render import (
     Column,
     counts,
@@ -18,6 +18,7 @@ from loratool.cli.render import (
     fields,
     grouped,
     human_size,
+    natural_key,
     print_json,
     progress_bar,
     table,
@@ -27,9 +28,11 @@ from loratool.cli.training_view import other_rows, training_rows
 
 if TYPE_CHECKING:
     from loratool.ops.inspect import CheckpointReport, InfoReport, ModuleInfo
+    from loratool.ops.scan import ScanReport
 
 MAX_VALUE_CHARS = 120
 MODULE_ROWS = 40
+SCAN_ROWS = 200
 # Markers a module row may carry, and what each means (printed under the table when used).
 MARKERS = {
     "*": "alpha not stored: alpha = rank assumed (scale 1)",
@@ -173,6 +176,34 @@ def render_checkpoint(report: CheckpointReport) -> None:
         warn(w)
 
 
+def render_scan(report: ScanReport, show_all: bool = False) -> None:
+    """One row per file of a folder scan (header-only: what the headers and training metadata say)."""
+    deep = any(e.modules is not None for e in report.entries)
+    columns = [Column("file", path=True, sep="/"), Column("format"), Column("family"), Column("tensors", "right")]
+    columns += [Column("modules", "right"), Column("rank", "right")] if deep else \
+        [Column("dim", "right"), Column("alpha", "right")]
+    columns += [Column("dtype"), Column("size", "right")]
+    root = Path(report.path)
+    rows = []
+    for e in sorted(report.entries, key=lambda e: natural_key(e.path)):
+        name = str(Path(e.path).relative_to(root)) if Path(e.path).is_relative_to(root) else e.path
+        if e.error is not None:
+            rows.append([name, "error", *["-"] * (len(columns) - 3), human_size(e.size_bytes)])
+            continue
+        if deep:
+            lo, hi = (e.ranks or {}).get("min"), (e.ranks or {}).get("max")
+            middle = ["-" if e.modules is None else str(e.modules),
+                      "-" if lo is None else str(lo) if lo == hi else f"{lo}–{hi}"]
+        else:  # what the training metadata says (kohya ss_network_dim / _alpha)
+            middle = [e.training.get("ss_network_dim", "-"), e.training.get("ss_network_alpha", "-")]
+        rows.append([name, e.format or "-", e.family or "unknown", str(e.tensors), *middle, counts(e.dtypes),
+                     human_size(e.size_bytes)])
+    table(columns, rows, title=f"{display_path(report.path)}: {len(report.entries)} files",
+          limit=None if show_all else SCAN_ROWS, what="files")
+    for w in report.warnings:
+        warn(w)
+
+
 def render_blocks(report, json_out: bool) -> None:
     if json_out:
         print_json("info", report.to_json())
@@ -190,7 +221,8 @@ def render_blocks(report, json_out: bool) -> None:
                            "loratool info fixtures/kohya_tiny_sd.safetensors --blocks"])
 def info_command(
     path: str = typer.Argument(..., metavar="PATH",
-                               help="Adapter file, PEFT folder or hf:// reference (or a base checkpoint)."),
+                               help="Adapter file, PEFT folder or hf:// reference (or a base checkpoint, or a folder "
+                                    "of adapters: one header-only line per file)."),
     json_out: Json = False,
     stats: bool = typer.Option(False, "--stats", help="Read the tensors: per-module ‖ΔW‖F and effective rank."),
     show_all: ShowAll = False,
@@ -200,6 +232,7 @@ def info_command(
     family: Family = None,
     blocks: bool = typer.Option(False, "--blocks", help="List which modules each LoRA Block Weight entry "
                                 "(BASE, IN04, M00, OUT05 / Flux CLIP, D07, S12…) controls."),
+    threads: Threads = None,
 ) -> None:
     """Show an adapter's format, trigger phrase, modules, ranks, alphas, dtypes, base model and training metadata.
 
@@ -207,19 +240,23 @@ def info_command(
     model): its model family, tensor count, dtype mix and size, from the headers alone. No tensor
     data is read without --stats."""
     from loratool.ops.inspect import CheckpointReport, inspect
+    from loratool.ops.scan import ScanReport
 
     if blocks:
         from loratool.ops.block_weights import block_report
 
         render_blocks(block_report(path, from_, base=base, config=config, family=family), json_out)
         return
-    with progress_bar(enabled=stats and not json_out) as progress:
-        report = inspect(path, from_, base=base, config=config, family=family, stats=stats, progress=progress)
+    with progress_bar(enabled=(stats or Path(path).is_dir()) and not json_out) as progress:
+        report = inspect(path, from_, base=base, config=config, family=family, stats=stats, threads=threads,
+                         progress=progress)
     if json_out:
         print_json("info", report.to_json())
         for w in report.warnings:
             warn(w)
     elif isinstance(report, CheckpointReport):
         render_checkpoint(report)
+    elif isinstance(report, ScanReport):
+        render_scan(report, show_all)
     else:
         render(report, show_all)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from loratool.cli.app import command
-from loratool.cli.options import FLOAT_DTYPES, BlockWeights, Device, Force, Json, Strength
+from loratool.cli.options import FLOAT_DTYPES, BlockWeights, Device, Force, Json, Strength, Threads
 from loratool.cli.render import Column, display_path, print_json, progress_bar, say, table, warn
 
 UNMATCHED_SHOWN = 20
@@ -33,6 +33,7 @@ def merge_command(
                               help="Output dtype of float tensors (default: each tensor's own; quantized weights "
                                    "are written dequantized in it)."),
     device: Device = "auto",
+    threads: Threads = None,
     strict: bool = typer.Option(False, "--strict", help="Unmatched adapter modules are an error."),
     force: Force = False,
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write NaN/Inf results instead of failing."),
@@ -64,7 +65,7 @@ def merge_command(
 
     with progress_bar(enabled=not as_json) as progress:
         result = merge(
-            base, loras, output, alpha or None, dtype=dtype, device=device, strict=strict, force=force,
+            base, loras, output, alpha or None, dtype=dtype, device=device, threads=threads, strict=strict, force=force,
             allow_nonfinite=allow_nonfinite, sync=sync, ignore_family=ignore_family, progress=progress,
             block_weights=block_weights, strength_patterns=strength, rounding=rounding, seed=seed,
             requantize=requantize, base_16bit=base_16bit,

@@ -87,3 +87,9 @@ Strength = Annotated[
                  help="Multiplier for the modules a glob or block name matches "
                  "(e.g. 'text_encoder:0.5', 'up_blocks.*:0.8', 'OUT03:0'); later patterns win."),
 ]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", min=1,
+                 help="CPU threads the maths may use (default: every CPU; per-module work runs single-threaded "
+                      "unless more threads are measured to be faster)."),
+]

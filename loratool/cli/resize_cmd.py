@@ -7,7 +7,18 @@ from pathlib import Path
 import typer
 
 from loratool.cli.app import command
-from loratool.cli.options import BaseModel, Device, DynamicParam, DynamicRule, Family, Force, Json, ShowAll, ToLayout
+from loratool.cli.options import (
+    BaseModel,
+    Device,
+    DynamicParam,
+    DynamicRule,
+    Family,
+    Force,
+    Json,
+    ShowAll,
+    Threads,
+    ToLayout,
+)
 from loratool.cli.render import Column, display_path, grouped, print_json, progress_bar, say, table, warn
 
 MODULE_ROWS = 30
@@ -27,6 +38,7 @@ def resize_command(
     param: DynamicParam = None,
     to: ToLayout = None,
     device: Device = "auto",
+    threads: Threads = None,
     family: Family = None,
     base: BaseModel = None,
     force: Force = False,
@@ -37,11 +49,14 @@ def resize_command(
 
     The layout and scale semantics are kept (kohya alpha rescaled, PEFT rank_pattern / alpha_pattern);
     the table says how much of ‖ΔW‖F each module kept."""
+    from loratool.io.preflight import inputs_exist
+
+    inputs_exist(lora, base)  # before the op imports torch
     from loratool.ops.resize import resize_file
 
     with progress_bar(enabled=not as_json) as progress:
         result = resize_file(lora, output, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
-                             to=to, force=force, family=family, base=base, progress=progress)
+                             threads=threads, to=to, force=force, family=family, base=base, progress=progress)
     if as_json:
         print_json("resize", result.to_json())
         return

@@ -20,6 +20,7 @@ from loratool.cli.options import (
     Json,
     ShowAll,
     Strength,
+    Threads,
     ToLayout,
     choices,
 )
@@ -68,6 +69,7 @@ def stack_command(
     dtype: str = typer.Option(None, "--dtype", metavar=FLOAT_DTYPES,
                               help="dtype of the written factors (default: what the stacking computed)."),
     device: Device = "auto",
+    threads: Threads = None,
     family: Family = None,
     base: BaseModel = None,
     force: Force = False,
@@ -80,6 +82,9 @@ def stack_command(
     first input's layout."""
     if len(loras) < 2:
         raise UsageError(f"stack needs two or more LoRAs, got {len(loras)}: `loratool stack LORA LORA... -o OUT`")
+    from loratool.io.preflight import inputs_exist
+
+    inputs_exist(*loras, base)  # before the op imports torch
     from loratool.ops.stack import stack_files
 
     options = None
@@ -93,8 +98,8 @@ def stack_command(
             rule=RankRule(dynamic, param) if dynamic or param is not None else None)
     with progress_bar(enabled=not as_json) as progress:
         result = stack_files(loras, output, weights or None, method=method, rank=rank, to=to, device=device,
-                             force=force, family=family, base=base, dtype=dtype, progress=progress, options=options,
-                             block_weights=block_weights, strength_patterns=strength)
+                             threads=threads, force=force, family=family, base=base, dtype=dtype, progress=progress,
+                             options=options, block_weights=block_weights, strength_patterns=strength)
     if as_json:
         print_json("stack", result.to_json())
         return

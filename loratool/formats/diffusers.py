@@ -34,8 +34,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from loratool.adapter import Adapter
 from loratool.arch.clip import CLIP_COMPONENTS, TEXT_MODEL, canonical_clip_path
 from loratool.errors import FormatError
@@ -43,6 +41,7 @@ from loratool.formats import ReadOptions, WriteOptions
 from loratool.formats import peft as peft_layout
 from loratool.formats import peft_config as pc
 from loratool.formats.outputs import check_target
+from loratool.header_only import torch
 from loratool.io.atomic import atomic_path
 
 NAME = "diffusers"

@@ -36,15 +36,16 @@ import re
 from collections import Counter
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.arch import load_table
 from loratool.errors import FormatError, InputError
 from loratool.formats import ReadOptions, WriteOptions
+from loratool.header_only import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 from loratool.io.atomic import atomic_path, check_output
 
 NAME = "gguf"
@@ -149,6 +150,7 @@ def open_gguf(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     Other GGUF files (models) give their metadata and no tensors."""
     import gguf
+    import numpy as np
 
     try:
         reader = gguf.GGUFReader(str(path))
@@ -265,6 +267,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def tensors_for(adapter: Adapter, config: dict[str, Any],
                 where: str) -> tuple[str, float, list[tuple[str, np.ndarray]]]:
     """(GGUF arch, file alpha, [(tensor name, data)]) in the order the script writes them."""
+
     _, spec = _architecture(config, where)
     tied = bool(config.get("tie_word_embeddings", False))
     alpha = file_alpha(adapter)

@@ -37,25 +37,24 @@ that holds alpha exactly (else float32, else float64).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from safetensors.torch import save
-
 from loratool import arch
 from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.arch.layer_kinds import conv_kernel
-from loratool.delta import product_shape
 from loratool.errors import FormatError, UsageError
 from loratool.formats.kohya_hash import HASH_KEYS, kohya_hashes
 from loratool.formats.kohya_names import HeadResolver, to_head
 from loratool.formats.outputs import check_target
+from loratool.header_only import torch
 from loratool.io.atomic import atomic_path
+from loratool.shapes import product_shape
 
 NAME = "kohya"
 
@@ -92,6 +91,7 @@ LYCORIS_ONLY = ("hada_", "lokr_", "diff", "lora_mid.weight")
 _HEAD = re.compile(r"^[A-Za-z0-9_]+$")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # detection and grouping ask for the same keys several times
 def split_key(key: str) -> tuple[str, str] | None:
     """(head, suffix) for a kohya-shaped key, else None."""
     head, dot, suffix = key.partition(".")
@@ -405,6 +405,8 @@ def network_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> dic
 
 
 def write(adapter: Adapter, out: Path, opts) -> list[Path]:
+    from safetensors.torch import save
+
     out = check_target(NAME, out, opts.inputs, opts.force)
     if adapter.extras:
         names = ", ".join(f"{c}:{n}" for c, n in list(adapter.extras)[:3])

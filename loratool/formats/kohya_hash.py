@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save
+if TYPE_CHECKING:
+    import torch
 
 LEGACY_OFFSET = 0x100000
 LEGACY_LENGTH = 0x10000
@@ -40,5 +41,7 @@ def legacy_hash(data: bytes) -> str:
 
 def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
     """{"sshs_model_hash": ..., "sshs_legacy_hash": ...} exactly as sd-scripts computes them."""
+    from safetensors.torch import save
+
     data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
     return {"sshs_model_hash": model_hash(data), "sshs_legacy_hash": legacy_hash(data)}

@@ -44,11 +44,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, OutputError
 from loratool.formats.outputs import check_target
+from loratool.header_only import torch
 from loratool.io.atomic import atomic_path, check_output
 
 NAME = "loralib"
@@ -180,7 +179,7 @@ def _merged_up(b: torch.Tensor, enable: list[bool], r: int) -> torch.Tensor:
     """Block-diagonal [out, r·G] from loralib's [out_g·G, r]: block j goes to the j-th enabled rows."""
     groups = sum(enable)
     out_g = b.shape[0] // groups
-    up = torch.zeros((out_g * len(enable), r * groups), dtype=b.dtype, device=b.device)
+    up = b.new_zeros((out_g * len(enable), r * groups))  # new_zeros: header-only stand-ins have it too
     j = 0
     for block, on in enumerate(enable):
         if on:

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from loratool import arch
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, UsageError
 from loratool.formats import kohya
 from loratool.formats import peft as peft_layout
+from loratool.header_only import torch
 from loratool.io.atomic import atomic_path, check_output
 
 NAME = "native"

@@ -35,9 +35,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save as save_safetensors
-
 from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.components import COMPONENTS
@@ -45,6 +42,7 @@ from loratool.errors import FormatError
 from loratool.formats import ReadOptions, WriteOptions
 from loratool.formats import peft_config as pc
 from loratool.formats.outputs import check_target
+from loratool.header_only import torch
 from loratool.io.atomic import atomic_path
 
 NAME = "peft"
@@ -317,6 +315,8 @@ def component_payload(adapter: Adapter, component: str) -> tuple[dict[str, torch
 def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes; tensors sharing storage (one factor used by two modules) are copied,
     since safetensors refuses shared memory."""
+    from safetensors.torch import save as save_safetensors
+
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():

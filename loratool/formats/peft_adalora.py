@@ -22,13 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.errors import FormatError
 from loratool.formats import ReadOptions
 from loratool.formats import peft as peft_format
+from loratool.header_only import torch
 
 PEFT_TYPE = "ADALORA"
 RANKNUM_EPS = 1e-5  # PEFT adds it to ranknum in forward and merge

@@ -10,18 +10,21 @@ reference to any of these. Detection only needs ``keys`` and ``metadata``, so an
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loratool.errors import InputError
+from loratool.header_only import NeedsTorch, ShapeTensor, StoredDtype, decode_scalar
 from loratool.io import hub
 from loratool.io.pickle_safe import load_pickle_state_dict
-from loratool.io.safetensors_file import SafetensorsFile, TensorInfo
+from loratool.io.safetensors_file import ITEMSIZES, SafetensorsFile, TensorInfo
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -39,8 +42,8 @@ class Source:
     # A folder of component folders: one source per component folder (then this one holds no tensors).
     parts: list[Source] = field(default_factory=list)
 
-    @property
-    def keys(self) -> list[str]:
+    @functools.cached_property
+    def keys(self) -> list[str]:  # cached: every layout's detect() reads it
         if self.parts:
             return [k for part in self.parts for k in part.keys]
         if self._safetensors is not None:
@@ -90,11 +93,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def component_folders(folder: Path) -> list[Path]:
-    """The subfolders of ``folder`` that are PEFT adapter folders, when ``folder`` itself holds no weights."""
+    """The subfolders of ``folder`` that are PEFT adapter folders named after a model component
+    (``unet``, ``text_encoder``...: what a pipeline adapter is saved as), when ``folder`` itself holds
+    no weights. Adapter folders with other names make a library of adapters, not one adapter."""
+    from loratool.components import COMPONENTS
+
     if any((folder / name).is_file() for name in PEFT_WEIGHTS) or any(folder.glob("*.safetensors")):
         return []
-    return sorted(sub for sub in folder.iterdir() if sub.is_dir() and (sub / "adapter_config.json").is_file()
-                  and any((sub / name).is_file() for name in PEFT_WEIGHTS))
+    found = sorted(sub for sub in folder.iterdir() if sub.is_dir() and (sub / "adapter_config.json").is_file()
+                   and any((sub / name).is_file() for name in PEFT_WEIGHTS))
+    return found if found and all(sub.name in COMPONENTS for sub in found) else []
 
 
 def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None) -> Source:
@@ -139,13 +147,48 @@ def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None
         raise InputError(f"{cfg_path}: no such config file")
     cfg = _read_json(cfg_path) if cfg_path is not None else None
     src = Source(path=p, folder=folder, config=cfg, config_path=cfg_path)
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        src._tensors = load_pickle_state_dict(p)
-    elif p.suffix.lower() == ".gguf":  # llama.cpp LoRA adapters
+    if p.suffix.lower() == ".gguf":  # llama.cpp LoRA adapters
         from loratool.formats.gguf_lora import open_gguf
 
         src._tensors, src.metadata = open_gguf(p)
-    else:
+    elif p.suffix.lower() not in PICKLE_SUFFIXES:
         src._safetensors = SafetensorsFile(p)
         src.metadata = dict(src._safetensors.metadata)
+    elif not p.is_file():
+        raise InputError(f"{p}: no such file")
+    # a pickle is loaded (with torch, weights only) when its keys or tensors are first asked for
     return src
+
+
+def header_view(src: Source) -> Source | None:
+    """``src`` with :class:`~loratool.header_only.ShapeTensor` stand-ins for its tensors, read
+    without torch and without tensor data (one-element tensors are read: alphas are data); None
+    when ``src`` cannot be described that way (a pickle the header-only unpickler refuses)."""
+    if src.parts:  # a folder of component folders: a view of each
+        views = [header_view(part) for part in src.parts]
+        if any(v is None for v in views):
+            return None
+        return Source(path=src.path, folder=src.folder, parts=views)
+    if src._tensors is not None and src._safetensors is None:
+        return None  # already in memory: nothing to save
+    try:
+        if src._safetensors is not None:
+            tensors = _header_tensors(src._safetensors)
+        else:
+            from loratool.io.pickle_header import pickle_shapes
+
+            tensors = pickle_shapes(src.path)
+    except NeedsTorch:
+        return None
+    if tensors is None:
+        return None
+    return Source(path=src.path, folder=src.folder, config=src.config, config_path=src.config_path,
+                  metadata=dict(src.metadata), _tensors=tensors)
+
+
+def _header_tensors(file: SafetensorsFile) -> dict[str, ShapeTensor]:
+    infos = file.header.tensors
+    scalars = [n for n, i in infos.items() if i.end - i.start == ITEMSIZES[i.dtype_name]]
+    values = file.raw_bytes_many(scalars) if scalars else {}
+    return {n: ShapeTensor(i.shape, StoredDtype(i.dtype_name),
+                           decode_scalar(i.dtype_name, values[n]) if n in values else None) for n, i in infos.items()}

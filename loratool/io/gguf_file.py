@@ -30,10 +30,10 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from loratool.errors import InputError
-from loratool.io.safetensors_file import Header, SafetensorsFile, TensorInfo, torch_dtypes
+from loratool.io.safetensors_file import Header, SafetensorsFile, torch_dtypes
 
 if TYPE_CHECKING:
     import torch
@@ -53,14 +53,23 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
 _STRING, _ARRAY = 8, 9
 
 
-@dataclass(frozen=True)
-class GGUFTensorInfo(TensorInfo):
-    """A GGUF tensor: ``dtype_name`` is the ggml type name (``Q4_K``, ``F16``...), ``shape`` the
+class GGUFTensorInfo(NamedTuple):
+    """A GGUF tensor, read as a safetensors :class:`TensorInfo` is (the same first fields, a tuple
+    for the same reason): ``dtype_name`` is the ggml type name (``Q4_K``, ``F16``...), ``shape`` the
     logical numpy-order shape, ``[start, end)`` its bytes inside the data area."""
 
+    name: str
+    dtype_name: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
     stored_name: str = ""
     ggml_type: int = 0
     stored_shape: tuple[int, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
 
     @property
     def dtype(self) -> torch.dtype:

@@ -15,9 +15,8 @@ import re
 import warnings
 from pathlib import Path
 
-import torch
-
 from loratool.errors import InputError
+from loratool.header_only import torch
 
 _REASON = re.compile(r"(unsupported global[^\n]*|unsupported operand[^\n]*|[^\n]*GLOBAL [^\n]*)", re.IGNORECASE)
 

@@ -35,7 +35,7 @@ from loratool.delta import delta_bias, merge_weight
 from loratool.errors import MatchError, UsageError
 from loratool.ops import Progress
 from loratool.ops.device import pick_device
-from loratool.ops.factor_form import to_factor_form, to_module, transposed
+from loratool.ops.factor_form import explicit_factors, to_factor_form, to_module, transposed
 from loratool.ops.lowrank_fit import Fit, factored_norm, fit_dense, fit_factors
 from loratool.ops.rank_rules import RankRule
 
@@ -169,8 +169,9 @@ def convert_module(module: LoraModule, rank: int | None, rule: RankRule | None, 
                                          norm, factored_norm(p, q), "exact")
         if form.is_dense:
             fit = fit_dense(form.dense, rank, rule, out_dtype=out_dtype, generator=generator)
-        else:
-            fit = fit_factors(form.up, form.down, form.scale, rank, rule, out_dtype=out_dtype)
+        else:  # a Kronecker form (LoKr) becomes U·Σ, Vh from its factors' SVDs, at its exact rank
+            up, down, scale = explicit_factors(form)
+            fit = fit_factors(up, down, scale, rank, rule, out_dtype=out_dtype)
     clean = replace(module, magnitude=None)
     out = _keep_naming(to_module(clean, wshape, fit.up, fit.down, scale=1.0, rslora=False, dtype=out_dtype), module)
     bias = delta_bias(module, dtype=torch.float64)
@@ -220,9 +221,9 @@ def as_lora(
                   extras=dict(adapter.extras))
     result = AsLoraResult(out)
     generator = torch.Generator().manual_seed(int(seed))
-    from loratool.ops.merge_tensors import compute_threads  # the one CPU thread policy (small per-module maths)
+    from loratool.ops.device import single_threaded  # per-module maths: one CPU thread (ops.device's policy)
 
-    with compute_threads(dev):
+    with single_threaded():
         for done, module in enumerate(adapter, start=1):
             if not needs_conversion(module):
                 out.add(module)

@@ -238,10 +238,10 @@ class Combiner:
         return out
 
     def threads(self):
-        """The CPU thread policy for per-module maths (one place: ``merge_tensors.compute_threads``)."""
-        from loratool.ops.merge_tensors import compute_threads
+        """Per-module maths runs on one CPU thread (:mod:`loratool.ops.device`'s policy for small maths)."""
+        from loratool.ops.device import single_threaded
 
-        return compute_threads(self.device)
+        return single_threaded()
 
     def _check(self, key: tuple[str, str], entries: list[tuple[int, LoraModule]]) -> None:
         dora = [self.labels[i] for i, m in entries if m.magnitude is not None]

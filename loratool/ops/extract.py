@@ -46,7 +46,7 @@ from loratool.errors import MatchError, UsageError
 from loratool.io.codecs import layout_of
 from loratool.ops import Progress
 from loratool.ops.argument_order import check_extract_order
-from loratool.ops.device import pick_device
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded, single_threaded_op
 from loratool.ops.extract_defaults import DEFAULT_RANK
 from loratool.ops.randomized_svd import TruncatedSVD, exact_svd, frobenius_sq, truncated_svd
 
@@ -240,8 +240,9 @@ class _Settings:
     generator: torch.Generator
 
 
-def _factor(delta: torch.Tensor, layer: str, fan_in_fan_out: bool, s: _Settings):
-    """(up, down, TruncatedSVD, k, matrix) for one ΔW; see the module docstring for shapes."""
+def _factor(delta: torch.Tensor, layer: str, fan_in_fan_out: bool, s: _Settings, total: float | None = None):
+    """(up, down, TruncatedSVD, k, matrix) for one ΔW (``total``: ‖ΔW‖²_F when known); see the
+    module docstring for shapes."""
     if layer == "conv":
         matrix = delta.reshape(delta.shape[0], -1)
     elif layer == "embedding" or fan_in_fan_out:
@@ -250,7 +251,7 @@ def _factor(delta: torch.Tensor, layer: str, fan_in_fan_out: bool, s: _Settings)
         matrix = delta
     max_rank = max(1, min(s.conv_rank if layer == "conv" else s.rank, *matrix.shape))
     method = getattr(s.rule, "method", None)
-    total = frobenius_sq(matrix)
+    total = frobenius_sq(matrix) if total is None else total
     if method == "sv_cumulative":  # needs Σσ over the whole spectrum: only a full SVD has it
         svd = exact_svd(matrix, min(matrix.shape), total)
     else:
@@ -267,6 +268,15 @@ def _factor(delta: torch.Tensor, layer: str, fan_in_fan_out: bool, s: _Settings)
     if s.clamp_quantile is not None:
         up, down = _clamp(up, down, s.clamp_quantile)
     return up, down, svd, k, matrix
+
+
+def _svd_flops(delta: torch.Tensor, layer: str, s: _Settings) -> float:
+    """Rough flops of :func:`_factor` (sizes the work for the thread policy): a few products with
+    the [m, n] matrix at sketch width k + 16, or a full SVD."""
+    m, n = int(delta.shape[0]), delta.numel() // max(1, int(delta.shape[0]))
+    full = s.exact or getattr(s.rule, "method", None) == "sv_cumulative"
+    width = min(m, n) if full else min(m, n, (s.conv_rank if layer == "conv" else s.rank) + 16)
+    return (4.0 if full else 16.0) * m * n * width
 
 
 def _make_module(component: str, path: str, layer: str, fan_in_fan_out: bool, shape, up, down, k) -> LoraModule:
@@ -305,6 +315,7 @@ def _rule(dynamic: str | None, param: float | None):
     return RankRule(dynamic, param)
 
 
+@single_threaded_op
 def extract(
     finetuned: str | os.PathLike,
     base: str | os.PathLike,
@@ -320,6 +331,7 @@ def extract(
     clamp_quantile: float | None = None,
     embeddings: bool = False,
     device: str = "auto",
+    threads: int | None = None,
     dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype = torch.float32,
     seed: int = 0,
@@ -340,6 +352,7 @@ def extract(
         raise UsageError(f"--clamp-quantile {clamp_quantile}: must be in (0, 1]")
     rule = _rule(dynamic, param)
     order_warnings = check_extract_order(finetuned, base)
+    check_threads(threads)
     includes, excludes = _compile(include, "--include"), _compile(exclude, "--exclude")
     dev = pick_device(device)
     if dev.type == "mps" and dtype == torch.float64:
@@ -350,6 +363,7 @@ def extract(
         generator=torch.Generator().manual_seed(seed),
     )
 
+    policy = ThreadPolicy(threads, dev)
     ft, bs = _Weights(finetuned), _Weights(base)
     common = [key for key in ft.params if key in bs.params]
     if not common:
@@ -392,29 +406,36 @@ def extract(
             else:
                 result.unchanged += 1
             continue
-        # In place: `a` is a buffer of our own (Checkpoint.read_weight), never the file's memory.
-        delta = a.to(device=dev, dtype=dtype).sub_(b.to(device=dev, dtype=dtype))
-        del a, b
-        max_abs = float(torch.linalg.vector_norm(delta, float("inf"))) if delta.numel() else 0.0
-        if not math.isfinite(max_abs):
+        layer, why = _classify(name, len(shape_f), embeddings)
+        with policy.small():  # elementwise and memory-bound: no thread team to pay for
+            # In place: `a` is a buffer of our own (Checkpoint.read_weight), never the file's memory.
+            delta = a.to(device=dev, dtype=dtype).sub_(b.to(device=dev, dtype=dtype))
+            del a, b
+            # min_diff 0 asks only "changed at all?": ‖ΔW‖² (needed for the SVD anyway) says it in one pass
+            total = None
+            if layer is not None and min_diff == 0:
+                total = frobenius_sq(delta.reshape(delta.shape[0], -1)) if delta.numel() else 0.0
+            max_abs = None if total is not None else \
+                float(torch.linalg.vector_norm(delta, float("inf"))) if delta.numel() else 0.0
+        if not math.isfinite(max_abs if total is None else total):
             from loratool.errors import NonFiniteError
 
             raise NonFiniteError(f"{finetuned} / {base}: {comp}:{name} differs by NaN or Inf")
-        if max_abs <= min_diff:
+        if (total == 0.0) if total is not None else max_abs <= min_diff:
             result.unchanged += 1
             continue
-        layer, why = _classify(name, delta.dim(), embeddings)
         if layer is None:
             result.not_extracted.append(Skipped(comp, name, why, shape_f, max_abs))
             continue
         path = name[: -len(".weight")]
         fan_in_fan_out = layer == "linear" and comp == "model" and bool(_CONV1D_NAME.search(path))
-        up, down, svd, k, matrix = _factor(delta, layer, fan_in_fan_out, settings)
-        up, down = up.to(out_dtype), down.to(out_dtype)
+        with policy.work(_svd_flops(delta, layer, settings)):
+            up, down, svd, k, matrix = _factor(delta, layer, fan_in_fan_out, settings, total)
+            up, down = up.to(out_dtype), down.to(out_dtype)
+            # ‖ΔW − up·down‖ of the factors as written; the residual overwrites the product (one buffer).
+            residual = (up.to(dtype) @ down.to(dtype)).sub_(matrix)
+            err = math.sqrt(frobenius_sq(residual))
         norm = math.sqrt(svd.total_energy)
-        # ‖ΔW − up·down‖ of the factors as written; the residual overwrites the product (one buffer).
-        residual = (up.to(dtype) @ down.to(dtype)).sub_(matrix)
-        err = math.sqrt(frobenius_sq(residual))
         captured = math.sqrt(min(1.0, float(svd.S[:k].double().square().sum()) / svd.total_energy)) \
             if svd.total_energy > 0 else 1.0
         del delta, matrix, residual
@@ -477,14 +498,15 @@ def extract_to_file(
     from loratool.io.atomic import check_output
 
     check_output(out, (finetuned, base), force)  # fail before the long work, not after
-    result = extract(finetuned, base, **kwargs)
-    if not len(result.adapter):
-        raise MatchError(
-            f"{finetuned} minus {base}: no weight changed by more than --min-diff that a LoRA can express; "
-            f"nothing to write ({result.unchanged} unchanged, {len(result.not_extracted)} not extractable)"
-        )
-    fmt = to or default_format(result.adapter)
-    result.format = fmt
-    result.files = save(result.adapter, out, fmt, force=force, inputs=(finetuned, base))
-    result.output = Path(out)
+    with single_threaded():  # the reads, casts and the writer's work: no thread team for those
+        result = extract(finetuned, base, **kwargs)
+        if not len(result.adapter):
+            raise MatchError(
+                f"{finetuned} minus {base}: no weight changed by more than --min-diff that a LoRA can express; "
+                f"nothing to write ({result.unchanged} unchanged, {len(result.not_extracted)} not extractable)"
+            )
+        fmt = to or default_format(result.adapter)
+        result.format = fmt
+        result.files = save(result.adapter, out, fmt, force=force, inputs=(finetuned, base))
+        result.output = Path(out)
     return result

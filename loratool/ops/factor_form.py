@@ -11,24 +11,32 @@ Exact forms (s = module.scale):
 * lora + Tucker:   down'[p, (i, h, w)] = Σ_q mid[p, q, h, w] · down[q, i]         (rank r)
 * loha:            (A₁B₁) ⊙ (A₂B₂) = (A₁ • A₂)(B₁ ⊙ᶜ B₂): up[o, (p, p')] = A₁[o, p]·A₂[o, p'],
                    down[(p, p'), j] = B₁[p, j]·B₂[p', j]                         (rank r₁·r₂)
-* lokr:            kron(U₁V₁, U₂V₂) = kron(U₁, U₂) · kron(V₁, V₂), a whole factor W taken as
-                   I·W or W·I, whichever is thinner                                (rank r₁·r₂)
+* lokr:            kron(W₁, W₂) with W₁ [a₁, b₁] and W₂ [a₂, b₂·k·k] (each whole, or U·V, W₂ Tucker-rebuilt)
+                   kept as the pair of factors: ΔM = s · kron(W₁, W₂)            (``kron``)
 * full:            dense diff.
 
-A product form whose rank reaches min(out, in·k·k) is returned dense instead: it is no smaller
+A LoHa product whose rank reaches min(out, in·k·k) is returned dense instead: it is no smaller
 than the matrix. ``delta.delta_weight`` stays the definition; tests check these forms against it.
+
+:func:`form_svd` is the one SVD of any form: :func:`~loratool.ops.linalg.factor_svd` for factors
+(QR / Gram of the thin factors plus a small core SVD), :func:`~loratool.ops.linalg.kron_svd` for
+Kronecker products (the SVD of kron(W₁, W₂) is the Kronecker product of the factors' SVDs: no
+dense ΔM), a dense SVD only for ``dense``. :func:`singular_values` gives the spectrum alone and
+:func:`explicit_factors` an exact (up, down) pair of minimal rank for any form.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from loratool.adapter import LoraModule
 from loratool.delta import delta_weight
-from loratool.ops.linalg import dense_svd, numerical_rank
+from loratool.ops.linalg import LowRankSVD, compute_dtype, dense_svd, factor_svd, kron_svd, numerical_rank
+from loratool.shapes import lokr_factor_shapes
 
 # Hints that carry maths (the DoRA axis and strength semantics) survive re-factoring.
 _KEEP_HINTS = ("weight_shape", "dora_axis", "dora_strength")
@@ -44,18 +52,37 @@ class FactorForm:
     down: torch.Tensor | None = None
     scale: float = 1.0
     dense: torch.Tensor | None = None
+    # ΔM = scale · kron(A, B), each factor a FactorForm of its own (factors or dense)
+    kron: tuple[FactorForm, FactorForm] | None = None
 
     @property
     def is_dense(self) -> bool:
         return self.dense is not None
 
     @property
+    def is_kron(self) -> bool:
+        return self.kron is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.kron is not None:
+            return self.kron[0].dtype
+        return (self.dense if self.dense is not None else self.up).dtype
+
+    @property
     def rank(self) -> int:
-        return min(self.shape) if self.dense is not None else int(self.up.shape[1])
+        """An upper bound of rank(ΔM): the inner dimension of the form."""
+        if self.dense is not None:
+            return min(self.shape)
+        if self.kron is not None:
+            return self.kron[0].rank * self.kron[1].rank
+        return int(self.up.shape[1])
 
     def matrix(self) -> torch.Tensor:
         if self.dense is not None:
             return self.dense
+        if self.kron is not None:
+            return torch.kron(self.kron[0].matrix(), self.kron[1].matrix()) * self.scale
         return (self.up @ self.down) * self.scale
 
 
@@ -84,23 +111,16 @@ def _matrix_shape(weight_shape: tuple[int, ...], swap: bool) -> tuple[int, int]:
     return (int(weight_shape[0]), math.prod(int(x) for x in weight_shape[1:]))
 
 
-def _whole_pair(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [a, b] as U @ V with the smaller inner dimension (I·W or W·I)."""
-    a, b = w.shape
-    if a <= b:
-        return torch.eye(a, dtype=w.dtype, device=w.device), w
-    return w, torch.eye(b, dtype=w.dtype, device=w.device)
-
-
-def _lokr_pair(t: dict, name: str, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _lokr_factor(t: dict, name: str, dtype, device) -> FactorForm:
+    """One Kronecker factor of a LoKr module as a matrix [a, b·k·k]: whole (dense) or a @ b."""
     if name in t:
-        return _whole_pair(_mat(t[name].to(device=device, dtype=dtype)))
+        w = _mat(t[name].to(device=device, dtype=dtype))
+        return FactorForm(tuple(w.shape), tuple(w.shape), dense=w)
     a = _mat(t[f"{name}a"].to(device=device, dtype=dtype))
     b = t[f"{name}b"].to(device=device, dtype=dtype)
     core = t.get("t2") if name == "w2" else None
-    if core is not None:
-        return a, _tucker_down(core.to(device=device, dtype=dtype), b)
-    return a, _mat(b)
+    down = _tucker_down(core.to(device=device, dtype=dtype), b) if core is not None else _mat(b)
+    return FactorForm((int(a.shape[0]), int(down.shape[1])), (int(a.shape[0]), int(down.shape[1])), up=a, down=down)
 
 
 def _loha_pair(t: dict, a: str, b: str, core: str, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,23 +149,23 @@ def to_factor_form(
         down = _tucker_down(t["mid"].to(device=device, dtype=dtype), down) if "mid" in t else _mat(down)
         return FactorForm(shape, wshape, up=up, down=down, scale=module.scale)
 
-    if module.kind in ("loha", "lokr"):
+    if module.kind == "lokr":
         wshape = tuple(module.weight_shape)
         shape = _matrix_shape(wshape, swap)
-        if module.kind == "loha":
-            a1, b1 = _loha_pair(t, "w1a", "w1b", "t1", dtype, device)
-            a2, b2 = _loha_pair(t, "w2a", "w2b", "t2", dtype, device)
-            inner = a1.shape[1] * a2.shape[1]
-        else:
-            u1, v1 = _lokr_pair(t, "w1", dtype, device)
-            u2, v2 = _lokr_pair(t, "w2", dtype, device)
-            inner = u1.shape[1] * u2.shape[1]
-        if not swap and inner < min(shape):
-            if module.kind == "loha":
-                up = torch.einsum("op,oq->opq", a1, a2).reshape(a1.shape[0], -1)
-                down = torch.einsum("pj,qj->pqj", b1, b2).reshape(-1, b1.shape[1])
-            else:
-                up, down = torch.kron(u1, u2), torch.kron(v1, v2)
+        w1_shape, _ = lokr_factor_shapes(module)
+        if not swap and math.prod(w1_shape[2:]) == 1:  # the kernel, if any, is in w2
+            a = _lokr_factor(t, "w1", dtype, device)
+            b = _lokr_factor(t, "w2", dtype, device)
+            if (a.shape[0] * b.shape[0], a.shape[1] * b.shape[1]) == shape:
+                return FactorForm(shape, wshape, scale=module.scale, kron=(a, b))
+    elif module.kind == "loha":
+        wshape = tuple(module.weight_shape)
+        shape = _matrix_shape(wshape, swap)
+        a1, b1 = _loha_pair(t, "w1a", "w1b", "t1", dtype, device)
+        a2, b2 = _loha_pair(t, "w2a", "w2b", "t2", dtype, device)
+        if not swap and a1.shape[1] * a2.shape[1] < min(shape):
+            up = torch.einsum("op,oq->opq", a1, a2).reshape(a1.shape[0], -1)
+            down = torch.einsum("pj,qj->pqj", b1, b2).reshape(-1, b1.shape[1])
             if tuple(up.shape[:1]) + tuple(down.shape[1:]) == shape:
                 return FactorForm(shape, wshape, up=up, down=down, scale=module.scale)
         # No smaller exact form (or an unusual stored layout): fall back to the definition.
@@ -157,14 +177,84 @@ def to_factor_form(
     return FactorForm(shape, wshape, dense=dense.contiguous())
 
 
-def exact_factors(form: FactorForm) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(up, down, scale) with scale · up @ down = ΔM; a dense ΔM is factored exactly by its SVD
-    (every singular value above the usual rounding tolerance kept)."""
-    if not form.is_dense:
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise FloatingPointError("ΔW holds NaN or Inf")
+    return t
+
+
+def form_svd(
+    form: FactorForm,
+    *,
+    rank: int | None = None,
+    choose: Callable[[torch.Tensor], int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> LowRankSVD:
+    """The exact SVD of ΔM, truncated to ``rank`` or to ``choose(S)`` (S: every singular value).
+
+    Raises ``FloatingPointError`` when the form holds NaN or Inf.
+    """
+    if form.dense is not None:
+        work = dtype or compute_dtype(form.dense.device, form.dense.numel())
+        svd = dense_svd(_finite(form.dense), dtype=work)
+        k = choose(svd.S) if choose is not None else rank
+        return svd.truncate(k) if k is not None else svd
+    if form.kron is not None:
+        a, b = (form_svd(f, dtype=dtype) for f in form.kron)
+        return kron_svd(a, b, form.scale, rank=rank, choose=choose)
+    work = dtype or compute_dtype(form.up.device, sum(form.shape) * form.rank)
+    return factor_svd(form.up, form.down, form.scale, rank=rank, choose=choose, dtype=work)
+
+
+def singular_values(form: FactorForm, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every singular value of ΔM that can be nonzero, descending (no singular vectors formed
+    for Kronecker forms: σ(kron(A, B)) = {σᵢ(A)·σⱼ(B)})."""
+    if form.kron is not None:
+        sa, sb = (singular_values(f, dtype=dtype) for f in form.kron)
+        return torch.sort((sa[:, None] * sb[None, :]).reshape(-1) * abs(form.scale), descending=True).values
+    if form.dense is not None:
+        work = dtype or compute_dtype(form.dense.device, form.dense.numel())
+        return torch.linalg.svdvals(_finite(form.dense).to(work))
+    found: list[torch.Tensor] = []
+
+    def spectrum_only(S: torch.Tensor) -> int:  # keep no triplet: no singular vectors are formed
+        found.append(S)
+        return 0
+
+    form_svd(form, choose=spectrum_only, dtype=dtype)
+    return found[-1]  # the route that was kept (a Gram route that fails its check is redone by QR)
+
+
+def explicit_factors(form: FactorForm) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up, down, scale) with scale · up @ down = ΔM: the form's own factors, else (dense and
+    Kronecker forms) U·Σ and Vh of its SVD at the numerical rank (every σ above rounding)."""
+    if form.up is not None:
         return form.up, form.down, form.scale
-    svd = dense_svd(form.dense, dtype=form.dense.dtype)
+    svd = form_svd(form, dtype=form.dtype)
     svd = svd.truncate(numerical_rank(svd, form.shape))
     return svd.U * svd.S, svd.Vh, 1.0
+
+
+def _svd_flops(m: int, n: int, r: int | None = None) -> float:
+    if r is None or r >= min(m, n):
+        return 4.0 * m * n * min(m, n)
+    return 4.0 * (m + n) * r * r + 20.0 * r ** 3
+
+
+def svd_flops(module: LoraModule) -> float:
+    """Rough flops of :func:`form_svd` on ``module``'s form, from shapes alone (sizes work for
+    :class:`~loratool.ops.device.ThreadPolicy`)."""
+    t = module.tensors
+    m, n = _matrix_shape(tuple(module.weight_shape), transposed(module))
+    if module.kind == "lora":
+        return _svd_flops(m, n, module.rank)
+    if module.kind == "loha":
+        return _svd_flops(m, n, int(t["w1b"].shape[0]) * int(t["w2b"].shape[0]))
+    if module.kind == "lokr":
+        w1, w2 = lokr_factor_shapes(module)
+        ranks = [int(t[f"{w}b"].shape[0]) if f"{w}b" in t else None for w in ("w1", "w2")]
+        return sum(_svd_flops(s[0], math.prod(s[1:]), r) for s, r in zip((w1, w2), ranks)) + 4.0 * (m + n) * min(m, n)
+    return _svd_flops(m, n)
 
 
 def to_module(

@@ -1,15 +1,16 @@
 """What ``loratool info`` reports about an adapter: a dataclass, never printed here.
 
-Without ``stats`` no tensor data of a safetensors file is read: the layout's own ``read`` runs on
-a header-only :class:`~loratool.formats.source.Source` whose tensors are ``meta`` tensors
-(shape and dtype, no storage). Only tensors with at most one element (kohya ``.alpha`` scalars)
-are read for real, since alpha values are data. Pickled files (``.pt``/``.bin``) have no header
-and are loaded whole (restricted unpickler) either way.
+Without ``stats`` no tensor data is read and torch is not imported: the layout's own ``read``
+runs on a header-only :class:`~loratool.formats.source.Source` whose tensors are shape-only
+stand-ins (:mod:`loratool.header_only`; zip-format pickles described from their pickle index,
+:mod:`loratool.io.pickle_header`). Only tensors with at most one element (kohya ``.alpha``
+scalars) are read for real, since alpha values are data. A reader that needs tensor values runs
+again on the real tensors (``header_only`` false).
 
 With ``stats`` every module's ΔW is described by its singular values σ₁ ≥ σ₂ ≥ … computed from
-the factors (:func:`loratool.ops.factor_form.to_factor_form` + :func:`loratool.ops.linalg.factor_svd`:
-QR of up and downᵀ and an SVD of the small core; dense SVD only for modules with no smaller
-exact form, e.g. ``full``), in float64:
+its exact factor form (:func:`loratool.ops.factor_form.singular_values`: QR / Gram of up and downᵀ
+and an SVD of the small core; for LoKr the products σᵢ(W₁)·σⱼ(W₂) of its Kronecker factors; a
+dense SVD only for modules with no smaller exact form, e.g. ``full``), in float64:
 
 * ``norm``            ‖ΔW‖_F = √(Σ σᵢ²)
 * ``effective_rank``  exp(−Σ pᵢ log pᵢ) with pᵢ = σᵢ / Σ σⱼ (Roy & Vetterli 2007; between 1
@@ -33,21 +34,23 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loratool import formats
 from loratool.adapter import Adapter, LoraModule
 from loratool.api import base_vocabulary, read_source
 from loratool.delta_rank import delta_rank
 from loratool.errors import FormatError
-from loratool.formats.source import Source, open_source
+from loratool.formats.source import Source, header_view, open_source
+from loratool.header_only import dtype_name, read_header_only, torch
 from loratool.io import hub
 from loratool.ops import Progress
 from loratool.ops.argument_order import looks_like_base
 from loratool.ops.training_metadata import top_tags, trigger_phrases
 from loratool.validate import nonfinite_modules
+
+if TYPE_CHECKING:
+    from loratool.ops.scan import ScanReport
 
 # Metadata keys holding bulky JSON: kept in ``metadata``, left out of the training table.
 BULKY_KEYS = frozenset({
@@ -332,27 +335,6 @@ def _base_variant(family: str | None, ckpt, shapes: dict[str, tuple[int, ...]]) 
 # ---------------------------------------------------------------- header-only reading
 
 
-def header_only_source(src: Source) -> Source:
-    """``src`` with meta tensors standing in for the data (scalars read for real)."""
-    if src.parts:
-        return Source(path=src.path, folder=src.folder, parts=[header_only_source(p) for p in src.parts])
-    if src._safetensors is None:
-        return src  # a pickle is already in memory
-    file = src._safetensors
-    tensors: dict[str, torch.Tensor] = {}
-    for name, info in file.header.tensors.items():
-        if math.prod(info.shape) <= 1:
-            tensors[name] = file.get(name)
-        else:
-            tensors[name] = torch.empty(info.shape, dtype=info.dtype, device="meta")
-    return Source(path=src.path, folder=src.folder, config=src.config, config_path=src.config_path,
-                  metadata=dict(src.metadata), _tensors=tensors)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _num(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -362,15 +344,10 @@ def _num(x: float) -> float | int:
 
 def module_stats(module: LoraModule) -> ModuleStats:
     """σ-based description of ΔW from the factors (see the module docstring for definitions)."""
-    from loratool.ops.factor_form import to_factor_form
-    from loratool.ops.linalg import dense_svd, factor_svd
+    from loratool.ops.factor_form import singular_values, to_factor_form
 
     form = to_factor_form(module, dtype=torch.float64)
-    if form.is_dense:
-        svd = dense_svd(form.dense, dtype=torch.float64)
-    else:
-        svd = factor_svd(form.up, form.down, form.scale, dtype=torch.float64)
-    s = svd.S.clamp(min=0)
+    s = singular_values(form, dtype=torch.float64).clamp(min=0)
     total = float(s.sum())
     smax = float(s[0]) if s.numel() else 0.0
     if total == 0.0:
@@ -389,9 +366,17 @@ def module_stats(module: LoraModule) -> ModuleStats:
 # ---------------------------------------------------------------- metadata
 
 
-def _family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str | None) -> str | None:
-    if given or adapter.family:  # read_source set it from names, shapes and metadata
+def adapter_family(src: Source, adapter: Adapter | None, metadata: dict[str, str], given: str | None) -> str | None:
+    if given or (adapter is not None and adapter.family):  # read_source set it from names, shapes and metadata
         return given or adapter.family
+    try:
+        from loratool import arch
+
+        fam = arch.detect(src.keys, metadata)
+        if fam is not None:
+            return fam.name
+    except ImportError:  # naming tables not installed: metadata alone decides
+        pass
     for key in ("ss_base_model_version", "modelspec.architecture"):
         value = metadata.get(key, "").lower()
         for prefix, name in _FAMILY_HINTS:
@@ -400,12 +385,12 @@ def _family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str 
     return None
 
 
-def _base_model(src: Source, adapter: Adapter, metadata: dict[str, str]) -> dict[str, str]:
+def base_model_hints(src: Source, adapter: Adapter | None, metadata: dict[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in ("ss_base_model_version", "ss_sd_model_name", "modelspec.architecture", "modelspec.title"):
         if metadata.get(key):
             out[key] = metadata[key]
-    configs = [src.config or {}, *adapter.config.values()]
+    configs = [src.config or {}, *(adapter.config.values() if adapter is not None else ())]
     for cfg in configs:
         name = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
         if isinstance(name, str) and name:
@@ -429,7 +414,7 @@ def _module_info(m: LoraModule) -> ModuleInfo:
         alpha=None if alpha is None else _num(alpha),
         scale=_num(m.scale),
         shape=[int(x) for x in m.weight_shape],
-        dtype=_dtype_name(m.dtype),
+        dtype=dtype_name(m.dtype),
         dora=m.magnitude is not None,
         rslora=m.rslora,
         fan_in_fan_out=m.fan_in_fan_out,
@@ -449,28 +434,40 @@ def inspect(
     config: str | os.PathLike | None = None,
     family: str | None = None,
     stats: bool = False,
+    threads: int | None = None,
     progress: Progress | None = None,
-) -> InfoReport | CheckpointReport:
-    """Describe an adapter; reads tensor data only for ``stats`` (or for a pickle).
+) -> InfoReport | CheckpointReport | ScanReport:
+    """Describe an adapter; reads tensor data only for ``stats``.
 
-    A base model instead of an adapter gives a :class:`CheckpointReport` (see the module docstring).
+    A base model instead of an adapter gives a :class:`CheckpointReport` (see the module docstring);
+    a folder of adapters a :class:`~loratool.ops.scan.ScanReport` (one header-only summary per file).
     """
     if format is None and not hub.is_hub_ref(path):
         p = Path(path)
         if is_base_folder(p) or p.name.endswith(".safetensors.index.json") or _is_gguf_base(p):
             return inspect_checkpoint(path)
+        from loratool.ops.scan import is_library_folder, scan
+
+        if not stats and is_library_folder(p):
+            return scan(p, family=family, progress=progress)
     src = open_source(path, config=config)
+    view = None if stats else header_view(src)  # names and shapes without torch or tensor data
     name = format
     if name is None:
         try:
-            name = formats.detect(src)
+            name = formats.detect(view or src)
         except FormatError:
             if src._safetensors is not None and looks_like_base(src.keys):
                 return inspect_checkpoint(path)
             raise
     opts = formats.ReadOptions(vocabulary=base_vocabulary(base) if base is not None else None, family=family)
-    adapter = read_source(src if stats else header_only_source(src), name, opts, path)
-    header_only = not stats and all(p._safetensors is not None for p in (src.parts or [src]))
+    if stats:
+        from loratool.ops.device import single_threaded
+
+        with single_threaded():  # a reader's splits and casts: no thread team for those
+            adapter, header_only = read_source(src, name, opts, path), False
+    else:
+        adapter, header_only = read_header_only(src, name, opts, path, view=view)
     metadata = dict(adapter.metadata or src.metadata)
     warnings: list[str] = []
     modules = [_module_info(m) for m in adapter]
@@ -479,14 +476,17 @@ def inspect(
         broken = set(nonfinite_modules(adapter))
         if broken:
             warnings.append(f"{len(broken)} module(s) hold NaN or Inf, no stats for them: {', '.join(sorted(broken))}")
-        total = len(adapter)
-        for i, (info, module) in enumerate(zip(modules, adapter)):
-            if progress:
-                progress("stats", i, total)
-            if f"{module.component}:{module.path}" not in broken:
-                info.stats = module_stats(module)
+        from loratool.ops.device import ThreadPolicy
+        from loratool.ops.factor_form import svd_flops
+
+        todo = [(info, m) for info, m in zip(modules, adapter) if f"{m.component}:{m.path}" not in broken]
         if progress:
-            progress("stats", total, total)
+            progress("stats", 0, len(todo))
+        policy = ThreadPolicy(threads, "cpu")
+        for i, stat in enumerate(policy.map(module_stats, [m for _, m in todo], cost=svd_flops), start=1):
+            todo[i - 1][0].stats = stat
+            if progress:
+                progress("stats", i, len(todo))
     assumed = sum(m.alpha_assumed for m in modules)
     if name == "loralib" and src.config is None:
         warnings.append(
@@ -498,10 +498,10 @@ def inspect(
     if stats and any(m.dora for m in modules):
         warnings.append("stats describe ΔW of DoRA modules without the magnitude re-normalisation")
     extras = [
-        {"component": c, "name": n, "shape": [int(x) for x in t.shape], "dtype": _dtype_name(t.dtype)}
+        {"component": c, "name": n, "shape": [int(x) for x in t.shape], "dtype": dtype_name(t.dtype)}
         for (c, n), t in adapter.extras.items()
     ]
-    family_name = _family(src, adapter, metadata, family)
+    family_name = adapter_family(view or src, adapter, metadata, family)
     from loratool.arch import dit
 
     return InfoReport(
@@ -511,7 +511,7 @@ def inspect(
         size_bytes=sum(Path(f).stat().st_size for f in _files(src)),
         files=_files(src),
         family=family_name,
-        base_model=_base_model(src, adapter, metadata),
+        base_model=base_model_hints(src, adapter, metadata),
         components=adapter.components,
         modules=modules,
         extras=extras,

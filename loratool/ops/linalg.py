@@ -10,7 +10,7 @@ For ΔW = s · up @ down with up [m, r] and down [r, n]:
 
 which is the exact SVD of ΔW: Qu·Uc and Qd·Vc have orthonormal columns. Ru and Rd may come
 from any factorisation with orthonormal Q: Householder QR, or (faster, float64, well-conditioned
-factors) the square root of the r×r Gram matrix, upᵀ·up = Ruᵀ·Ru. The cost is
+factors) the Cholesky factor of the r×r Gram matrix, upᵀ·up = Ruᵀ·Ru. The cost is
 O((m + n)·r²) instead of the O(m·n·min(m, n)) of a dense SVD, and by Eckart–Young the first k
 triplets give the best rank-k approximation in the Frobenius and spectral norms.
 """
@@ -25,7 +25,8 @@ import torch
 # Factor work up to this many elements is done in float64 (cheap at LoRA sizes and leaves
 # rounding far below the 1e-5 relative error we promise); larger modules use float32.
 FLOAT64_MAX_ELEMENTS = 1 << 23
-# Gram route only when λ_min(G) / λ_max(G) exceeds this (κ(factor) ≤ ~3e4).
+# Gram route only when the Cholesky diagonal of G spans less than this (squared), and the Q it
+# gives is orthonormal to 1e-9 (κ(G) ≲ 1e7).
 GRAM_MAX_COND = 1e-9
 
 
@@ -67,22 +68,39 @@ def compute_dtype(device: torch.device, elements: int) -> torch.dtype:
 
 
 def _gram_root(a: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(R, R⁺) with a = Q·R, Q orthonormal, from the r×r Gram matrix only (R⁺ the inverse).
+    """(R, R⁻¹) with a = Q·R, Q orthonormal, from the r×r Gram matrix only.
 
-    G = aᵀa (side 0) or a·aᵀ (side 1) = W·Λ·Wᵀ; R = Λ^½·Wᵀ and R⁺ = W·Λ^-½, so Q = a·R⁺.
-    Only used in float64 and when κ(G) ≤ 1e9 (Q orthonormal to ≈ eps·κ(G) ≤ 1e-7); None
-    otherwise, and the caller takes the QR route.
+    G = aᵀa (side 0) or a·aᵀ (side 1) = L·Lᵀ (Cholesky); R = Lᵀ, so Q = a·R⁻¹. Only in float64,
+    and only when the Cholesky factor's diagonal spans less than :data:`GRAM_MAX_COND` (squared):
+    None otherwise (and for a singular G), and the caller takes the QR route. Q's orthonormality
+    is then checked on the result (:func:`_orthonormal`): κ(G) can exceed what the diagonal shows.
     """
     if a.dtype != torch.float64:
         return None
     g = a.T @ a if side == 0 else a @ a.T
     if not torch.isfinite(g).all():
         raise FloatingPointError("factors hold NaN or Inf")
-    lam, w = torch.linalg.eigh(g)
-    if not bool(lam[0] > lam[-1] * GRAM_MAX_COND) or not bool(lam[-1] > 0):
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) != 0:
         return None
-    root = lam.sqrt()
-    return root.unsqueeze(1) * w.T, w / root
+    d = chol.diagonal()
+    lo, hi = float(d.min()), float(d.max())
+    if not (hi > 0 and lo * lo > hi * hi * GRAM_MAX_COND):
+        return None
+    r = chol.T
+    eye = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
+    return r, torch.linalg.solve_triangular(r, eye, upper=True)
+
+
+def _orthonormal(a: torch.Tensor, r_inv: torch.Tensor, side: int, tol: float = 1e-9) -> bool:
+    """Whether Q = a·R⁻¹ (side 0; Qᵀ = R⁻ᵀ·a for side 1) has orthonormal columns, probed with a
+    few fixed random vectors x: ‖Q·X‖ must equal ‖X‖ (XᵀQᵀQX = XᵀX) to ``tol`` relative.
+    Costs a few products with a, against the r² ones of the Gram matrix."""
+    gen = torch.Generator(device=a.device).manual_seed(0)
+    x = torch.randn(r_inv.shape[0], 4, generator=gen, dtype=a.dtype, device=a.device)
+    y = a @ (r_inv @ x) if side == 0 else (x.T @ r_inv.T @ a).T
+    want = x.T @ x
+    return float((y.T @ y - want).abs().max()) <= tol * float(want.abs().max())
 
 
 def factor_svd(
@@ -99,9 +117,9 @@ def factor_svd(
     ``up`` [m, r] and ``down`` [r, n] are used on their own device; ``dtype`` defaults to
     :func:`compute_dtype`. ``rank`` truncates the result; ``choose(S)`` picks the rank from all
     singular values before the tall singular vectors are formed (only k columns are computed).
-    Well-conditioned float64 factors take the Gram route (two r×r eigen-decompositions instead
-    of two tall QRs: the same R factors, an order of magnitude faster on CPUs); others take
-    Householder QR. Raises
+    Well-conditioned float64 factors take the Gram route (two r×r Cholesky factorisations
+    instead of two tall QRs: the same R factors up to signs, an order of magnitude faster on
+    CPUs); others take Householder QR. Raises
     ``FloatingPointError`` when the factors hold NaN or Inf.
     """
     m, r = up.shape
@@ -114,7 +132,7 @@ def factor_svd(
     down = down.to(dtype)
     gu = _gram_root(up, 0) if r <= min(m, n) else None
     gd = _gram_root(down, 1) if gu is not None else None
-    if gu is not None and gd is not None:
+    if gu is not None and gd is not None and _orthonormal(up, gu[1], 0) and _orthonormal(down, gd[1], 1):
         (ru, ru_inv), (rd, rd_inv) = gu, gd
         uc, s, vch = torch.linalg.svd((ru @ rd.T) * scale, full_matrices=False)
         energy = float((s.double() ** 2).sum())
@@ -151,6 +169,35 @@ def stacked_factor_svd(
     up = torch.cat([u.to(dtype) * s for u, s in zip(ups, scales)], dim=1)
     down = torch.cat([d.to(dtype) for d in downs], dim=0)
     return factor_svd(up, down, 1.0, rank=rank, dtype=dtype)
+
+
+def kron_svd(
+    a: LowRankSVD,
+    b: LowRankSVD,
+    scale: float = 1.0,
+    *,
+    rank: int | None = None,
+    choose: Callable[[torch.Tensor], int] | None = None,
+) -> LowRankSVD:
+    """SVD of scale · kron(A, B) from full SVDs of A [a₁, b₁] and B [a₂, b₂].
+
+    kron(Ua·Sa·Vaᵀ, Ub·Sb·Vbᵀ) = kron(Ua, Ub) · kron(Sa, Sb) · kron(Va, Vb)ᵀ, and the Kronecker
+    product of matrices with orthonormal columns has orthonormal columns, so this is an SVD:
+    the singular values are every product σa_i·σb_j·|scale|, the vectors kron(ua_i, ub_j) and
+    kron(va_i, vb_j). They are sorted descending, ``rank`` / ``choose(S)`` picks k, and only
+    the k kept vectors are formed (O(k·(a₁a₂ + b₁b₂)) after the two small SVDs).
+    """
+    prod = (a.S[:, None] * b.S[None, :]).reshape(-1) * abs(float(scale))
+    s, order = torch.sort(prod, descending=True, stable=True)
+    energy = float(a.energy) * float(b.energy) * float(scale) ** 2
+    k = choose(s) if choose is not None else rank
+    if k is not None:
+        s, order = s[:k], order[:k]
+    i, j = order // b.S.shape[0], order % b.S.shape[0]
+    k = int(s.shape[0])
+    u = (a.U[:, i].unsqueeze(1) * b.U[:, j].unsqueeze(0)).reshape(-1, k)
+    vh = (a.Vh[i].unsqueeze(2) * b.Vh[j].unsqueeze(1)).reshape(k, -1)
+    return LowRankSVD(-u if scale < 0 else u, s, vh, energy)
 
 
 def dense_svd(matrix: torch.Tensor, *, rank: int | None = None, dtype: torch.dtype | None = None) -> LowRankSVD:

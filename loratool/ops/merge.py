@@ -299,6 +299,7 @@ def merge(
     *,
     dtype: str | torch.dtype | None = None,
     device: str = "auto",
+    threads: int | None = None,
     strict: bool = False,
     force: bool = False,
     allow_nonfinite: bool = False,
@@ -335,6 +336,8 @@ def merge(
     check_merge_order(base, list(loras))
     out_code = _out_code(dtype)
     values = _strengths(strengths, len(loras))
+    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        raise UsageError(f"--threads {threads}: must be a positive integer")
     ckpt = open_checkpoint(base)
     quantized_base = None
     if base_16bit is not None:
@@ -361,16 +364,17 @@ def merge(
         jobs = [(part.path, dest, _spans(part)) for part, dest in copies]
         with CopyAhead(jobs, defer=_guess_rewrites(copies, loras), sync=sync) as copier:
             from loratool.ops import merge_tensors  # torch: imported while the copy runs
+            from loratool.ops.device import ThreadPolicy, single_threaded
 
-            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite,
-                                                        block_weights, strength_patterns, warnings, ignore_family)
-            check_quantized(ckpt, plan, policy)
-            if quantized_base is not None:
-                check_pair_values(quantized_base, ckpt, plan)
-            copier.settle(_rewrites(copies, rewritten(ckpt, plan)))
-            with merge_tensors.compute_threads(dev):
+            with single_threaded():  # one torch thread unless the policy measures more to be faster
+                plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite,
+                                                            block_weights, strength_patterns, warnings, ignore_family)
+                check_quantized(ckpt, plan, policy)
+                if quantized_base is not None:
+                    check_pair_values(quantized_base, ckpt, plan)
+                copier.settle(_rewrites(copies, rewritten(ckpt, plan)))
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier,
-                                                  policy)
+                                                  policy, ThreadPolicy(threads, dev))
                 dropped: list[str] = []
                 if ckpt.is_folder:
                     files, dropped = _mirror_folder(ckpt, merger, tmp, DTYPE_NAMES.get(out_code))

@@ -32,11 +32,10 @@ Every such merge reports the update each module kept (:mod:`loratool.ops.kept`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -49,10 +48,11 @@ from loratool.io.codecs import Entry, QuantPolicy, layout_of
 from loratool.io.codecs.fp8 import FP8
 from loratool.io.copy_ahead import CopyAhead
 from loratool.io.patch_writer import PatchWriter
+from loratool.io.read_ahead import ReadAhead
 from loratool.io.safetensors_file import itemsize, torch_dtypes
 from loratool.io.safetensors_writer import SEGMENT_BYTES, StreamingWriter, TensorSpec
 from loratool.ops import Progress
-from loratool.ops.device import pick_device
+from loratool.ops.device import ThreadPolicy, pick_device
 from loratool.ops.family_check import check_families
 from loratool.ops.kept import KeptReport, region_records
 from loratool.ops.matching import MatchPlan, match
@@ -120,8 +120,9 @@ class PartMerger:
 
     def __init__(self, ckpt: Checkpoint, plan: MatchPlan, out_code: str | None, device: torch.device,
                  allow_nonfinite: bool, progress: Progress | None, copier: CopyAhead,
-                 policy: QuantPolicy | None = None):
+                 policy: QuantPolicy | None = None, threads: ThreadPolicy | None = None):
         self.ckpt = ckpt
+        self.threads = threads or ThreadPolicy(None, device)  # CPU threads of the float work
         self.plan = plan
         self.out_code = out_code
         self.policy = policy or QuantPolicy()
@@ -190,8 +191,10 @@ class PartMerger:
 
         src = os.open(f.path, os.O_RDONLY)
         try:
+            ahead = ReadAhead(src, list(spans.values()))
             with PatchWriter(dest, spans, self.copier) as writer:
                 for info in changed:
+                    ahead.reached(spans[info.name][0])
                     self._write_changed(writer, f, src, info, touched=True)
                     copied(self.copier.settled(dest))
             self._tick(len(spans) - len(changed))  # the aux tensors written with their weights
@@ -208,12 +211,15 @@ class PartMerger:
         specs = [spec for spec in out.values() if spec is not None]
         src = os.open(f.path, os.O_RDONLY)
         try:
+            at = header.data_offset
+            ahead = ReadAhead(src, [(at + i.start, at + i.end) for i in order if self._touched(f.path, i.name)])
             with StreamingWriter(dest, specs, header.metadata) as writer:
                 for info in order:
                     touched = self._touched(f.path, info.name)
                     if out[info.name] is None:
                         self._tick()  # an auxiliary tensor of a weight written dequantized
                     elif touched or info.name in entries or out[info.name].dtype != info.dtype:
+                        ahead.reached(at + info.start)
                         self._write_changed(writer, f, src, info, touched)
                     else:
                         writer.copy_tensor(info.name, f.path, header.data_offset + info.start, info.nbytes)
@@ -232,24 +238,34 @@ class PartMerger:
             self._tick()
             return
         rows = self._row_merges(f, info)
-        if rows is not None:
-            self._write_blocked(writer, f, src, info, rows)
-        else:
-            tensor = self._compute(f, info.name) if touched else Checkpoint.read_tensor(f, info.name)
-            writer.write_tensor(info.name, tensor.to(self._target_dtype(info)))
+        with self.threads.work(self._flops(f, info) if touched else 0.0):
+            if rows is not None:
+                self._write_blocked(writer, f, src, info, rows)
+            else:
+                tensor = self._compute(f, info.name) if touched else Checkpoint.read_tensor(f, info.name)
+                writer.write_tensor(info.name, tensor.to(self._target_dtype(info)))
         self.merged += touched
         self.skipped += not touched
         self._tick()
+
+    def _flops(self, f, info) -> float:
+        """Rough float work of merging one tensor (sizes it for the thread policy)."""
+        numel = 1
+        for s in info.shape:
+            numel *= int(s)
+        ranks = sum(a.module.rank or 1 for a in self.plan.applications.get((f.path, info.name), ()))
+        return float(numel) * (2 * ranks + 8)
 
     def _row_merges(self, f, info) -> list[tuple[int, int, RowMerge]] | None:
         """(first row, end row, RowMerge) per application when the tensor can be merged by row blocks, else None.
 
         Block-wise merging is the same arithmetic as :meth:`_compute` on fewer rows at a time;
-        it is used on the CPU for float tensors whose every application is row-separable
-        (plain Linear LoRA, PEFT DoRA) and that no ``modules_to_save`` tensor replaces.
+        it is used for float tensors whose every application is row-separable (plain Linear LoRA,
+        PEFT DoRA) and that no ``modules_to_save`` tensor replaces, on any device (the float work
+        runs there, block by block; the stored and the written bytes stay in host memory).
         """
         key = (f.path, info.name)
-        if self.device.type != "cpu" or info.dtype_name not in CONVERTIBLE or key in self.plan.replacements:
+        if info.dtype_name not in CONVERTIBLE or key in self.plan.replacements:
             return None
         work_dtype = torch.float64 if info.dtype == torch.float64 else torch.float32
         out: list[tuple[int, int, RowMerge]] = []
@@ -257,7 +273,7 @@ class PartMerger:
             if app.bias or len(info.shape) != 2 or app.transform is not None:
                 return None  # a transposed / half-swapped weight is not merged row block by row block
             lo, hi = app.rows if app.rows is not None else (0, info.shape[0])
-            rm = row_merge(app.module, app.strength, (hi - lo, info.shape[1]), dtype=work_dtype)
+            rm = row_merge(app.module, app.strength, (hi - lo, info.shape[1]), dtype=work_dtype, device=self.device)
             if rm is None:
                 return None
             out.append((lo, hi, rm))
@@ -285,11 +301,12 @@ class PartMerger:
         block = max(1, _BLOCK_BYTES // (row * itemsize(work_dtype)))
         seg_rows = max(block, (SEGMENT_BYTES // (row * max(in_size, out_size))) // block * block)
         seg_rows = min(seg_rows, n_rows)
-        block = min(block, seg_rows)
+        # cache-sized blocks on the CPU; on an accelerator a whole segment per transfer
+        block = min(block, seg_rows) if self.device.type == "cpu" else seg_rows
         labels = [f"{rm.module.component}:{rm.module.path}" for _, _, rm in merges]
         stored_at = f.header.data_offset + info.start
         raw = torch.empty(seg_rows * row * in_size, dtype=torch.uint8)
-        work_buf = torch.empty(block * row, dtype=work_dtype)
+        work_buf = torch.empty(block * row, dtype=work_dtype, device=self.device)
         for r0 in range(0, n_rows, seg_rows):
             n = min(seg_rows, n_rows - r0)
             stored = raw[: n * row * in_size]
@@ -431,27 +448,6 @@ class PartMerger:
         meta["total_size"] = total
         index["metadata"] = meta
         dest.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def compute_threads(dev: torch.device) -> Iterator[None]:
-    """One torch thread while merging on the CPU; the previous setting is restored after.
-
-    The work is streamed in cache-sized blocks while a writer thread does the I/O: with one
-    compute thread a core stays free for the kernel copies, and small ops do not pay OpenMP's
-    hand-off (measured: 2 threads made a 4096×5120 block merge 4× slower on a busy 2-core box).
-    """
-    if dev.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 
 
 def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: str, strict: bool,

@@ -1,9 +1,10 @@
 """Re-rank every module of an adapter to its best rank-k approximation (Eckart–Young).
 
-Per module: ΔM = s · up @ down (see :mod:`loratool.ops.factor_form`) → exact SVD from the
-factors (:func:`loratool.ops.linalg.factor_svd`, no dense ΔW) → k by the rank rule → the
-first k triplets. Modules with no useful factor form (``full``, large LoHa/LoKr products)
-take a dense SVD of their ΔM.
+Per module: ΔM in its exact factor form (see :mod:`loratool.ops.factor_form`: s · up @ down for
+LoRA / LoCon / Tucker and LoHa, s · kron(W₁, W₂) for LoKr) → exact SVD from that form
+(:func:`loratool.ops.factor_form.form_svd`, no dense ΔW) → k by the rank rule → the first k
+triplets. Only modules with no smaller form (``full``, LoHa products whose rank r₁·r₂ reaches
+the matrix size) take a dense SVD of their ΔM.
 
 Scale rule: the output keeps the module's scale s' = s (alpha/r keeps its meaning, as kohya
 users expect), so alpha' = s · k (s · √k with rsLoRA) and
@@ -32,9 +33,9 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import delta_bias
 from loratool.errors import NonFiniteError, UsageError
 from loratool.ops import Progress
-from loratool.ops.device import pick_device
-from loratool.ops.factor_form import exact_factors, to_factor_form, to_module
-from loratool.ops.linalg import compute_dtype, dense_svd, factor_svd, split_factors, stacked_factor_svd
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded, single_threaded_op
+from loratool.ops.factor_form import explicit_factors, form_svd, svd_flops, to_factor_form, to_module
+from loratool.ops.linalg import compute_dtype, split_factors, stacked_factor_svd
 from loratool.ops.rank_rules import RankRule, select_rank
 
 STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
@@ -49,7 +50,7 @@ class ModuleResize:
     rank_in: int
     rank_out: int
     fro_kept: float  # ‖ΔW_k‖_F / ‖ΔW‖_F
-    method: str  # "factor", "dense" or "unchanged"
+    method: str  # "factor", "kron" (Kronecker SVD), "dense" or "unchanged"
     norm: float = 0.0  # ‖ΔW‖_F = √(Σ σᵢ²)
 
     def to_json(self) -> dict[str, Any]:
@@ -117,22 +118,13 @@ def resize_module(
     """The best rank-k version of one module (k from ``rule`` capped at ``max_rank``)."""
     device = device or torch.device("cpu")
     name = f"{module.component}:{module.path}"
-    probe_dtype = compute_dtype(device, 0)
-    form = to_factor_form(module, dtype=probe_dtype, device=device)
-    if form.is_dense:
-        if not torch.isfinite(form.dense).all():
-            raise NonFiniteError(f"{name}: ΔW holds NaN or Inf")
-        svd = dense_svd(form.dense, dtype=compute_dtype(device, form.dense.numel()))
-        method = "dense"
-    else:
-        try:
-            svd = factor_svd(form.up, form.down, form.scale,
-                             dtype=compute_dtype(device, (sum(form.shape)) * form.rank),
-                             choose=lambda S: select_rank(S, max_rank, rule))
-        except FloatingPointError:
-            raise NonFiniteError(f"{name}: LoRA factors hold NaN or Inf") from None
-        method = "factor"
-    k = select_rank(svd.S, max_rank, rule) if method == "dense" else svd.rank
+    form = to_factor_form(module, dtype=compute_dtype(device, 0), device=device)
+    try:
+        svd = form_svd(form, choose=lambda S: select_rank(S, max_rank, rule))
+    except FloatingPointError:
+        raise NonFiniteError(f"{name}: {'ΔW holds' if form.is_dense else 'LoRA factors hold'} NaN or Inf") from None
+    method = "dense" if form.is_dense else "kron" if form.is_kron else "factor"
+    k = svd.rank
     kept = svd.fro_kept(k)
     report = ModuleResize(module.component, module.path, module.kind, module.layer, module.rank or form.rank,
                           k, kept, method, float(svd.energy) ** 0.5)
@@ -196,7 +188,7 @@ def resize_fused(
     total = sum(rows)
     ups, downs, coefs = [], [], []
     for g, form in enumerate(forms):
-        up, down, s = exact_factors(form)
+        up, down, s = explicit_factors(form)
         padded = torch.zeros(total, up.shape[1], dtype=up.dtype, device=up.device)
         padded[sum(rows[:g]):sum(rows[:g + 1])] = up
         ups.append(padded)
@@ -228,6 +220,7 @@ def resize_fused(
     return out
 
 
+@single_threaded_op
 def resize(
     adapter: Adapter,
     rank: int,
@@ -236,9 +229,12 @@ def resize(
     dynamic: str | None = None,
     param: float | None = None,
     device: str = "auto",
+    threads: int | None = None,
     progress: Progress | None = None,
 ) -> ResizeResult:
-    """Resize every module; ``conv_rank`` (default ``rank``) caps conv k×k modules."""
+    """Resize every module; ``conv_rank`` (default ``rank``) caps conv k×k modules.
+
+    ``threads`` caps the CPU threads (:class:`~loratool.ops.device.ThreadPolicy`; default: all)."""
     if rank is None or int(rank) < 1:
         raise UsageError(f"--rank {rank}: must be a positive integer")
     if conv_rank is not None and int(conv_rank) < 1:
@@ -251,17 +247,28 @@ def resize(
     reports: list[ModuleResize] = []
     total = len(adapter.modules)
     warnings: list[str] = []
+    policy = ThreadPolicy(threads, dev)
     modules = list(adapter.modules.values())
     groups = _fused_groups(modules)
-    done: set[tuple[str, str]] = set()
+    items: list[tuple[LoraModule, ...]] = []  # one module, or the parts of one fused native module
+    in_group: set[tuple[str, str]] = set()
     for module in modules:
-        if module.key in done:
-            continue
-        cap = conv_rank if is_kxk_conv(module) else int(rank)
         fused = module.hints.get("fused")
         group = groups.get((module.component, str(fused[0]))) if fused is not None else None
-        results = resize_fused(group, cap, rule, device=dev) if group else [resize_module(module, cap, rule,
-                                                                                           device=dev)]
+        if group is None:
+            items.append((module,))
+        elif module.key not in in_group:
+            in_group.update(p.key for p in group)
+            items.append(tuple(group))
+
+    def one(item: tuple[LoraModule, ...]) -> list[tuple[LoraModule, ModuleResize]]:
+        cap = conv_rank if is_kxk_conv(item[0]) else int(rank)
+        if len(item) > 1:
+            return resize_fused(list(item), cap, rule, device=dev)
+        return [resize_module(item[0], cap, rule, device=dev)]
+
+    done: set[tuple[str, str]] = set()
+    for results in policy.map(one, items, cost=lambda item: sum(svd_flops(p) for p in item)):
         for new, report in results:
             out.add(new)
             reports.append(report)
@@ -355,6 +362,7 @@ def resize_file(
     dynamic: str | None = None,
     param: float | None = None,
     device: str = "auto",
+    threads: int | None = None,
     to: str | None = None,
     force: bool = False,
     format: str | None = None,
@@ -369,14 +377,16 @@ def resize_file(
     from loratool.io.atomic import check_output
 
     RankRule(dynamic, param)  # argument errors before any reading
+    check_threads(threads)
     layout = output_layout(None, to) if to else None
     check_output(out, inputs=(path,), force=force)
-    adapter = load(path, format=format, base=base, config=config, family=family)
-    layout = layout or output_layout(adapter.source_format, None)
-    check_target(layout, out, (path,), force)  # a name contradicting the layout fails before the work
-    result = resize(adapter, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
-                    progress=progress)
-    result.files = save(result.adapter, out, layout, force=force, inputs=(path,), family=family)
+    with single_threaded():  # reading and writing split / fuse tensors too: no thread team for those
+        adapter = load(path, format=format, base=base, config=config, family=family)
+        layout = layout or output_layout(adapter.source_format, None)
+        check_target(layout, out, (path,), force)  # a name contradicting the layout fails before the work
+        result = resize(adapter, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
+                        threads=threads, progress=progress)
+        result.files = save(result.adapter, out, layout, force=force, inputs=(path,), family=family)
     result.output = Path(out)
     result.output_format = layout
     return result

@@ -1,8 +1,9 @@
 """Add several adapters into one: ΔW = Σᵢ wᵢ · ΔWᵢ, module by module over the union of modules.
 
 Every contribution is first brought to its exact factor form ΔMᵢ = sᵢ · upᵢ @ downᵢ
-(:mod:`loratool.ops.factor_form`); a dense one (``full``, large LoHa/LoKr products) is factored
-exactly by its SVD, keeping every singular value above the usual rounding tolerance.
+(:mod:`loratool.ops.factor_form`); a dense one (``full``, large LoHa products) or a Kronecker one
+(LoKr, through the Kronecker product of its factors' SVDs) is factored exactly by its SVD, keeping
+every singular value above the usual rounding tolerance (:func:`~loratool.ops.factor_form.explicit_factors`).
 
 * ``concat`` (exact): up = [c₁·up₁ | c₂·up₂ | …], down = [down₁; down₂; …] with
   cᵢ = wᵢ · sᵢ / s', so s' · up @ down = Σ wᵢ sᵢ upᵢ downᵢ. Ranks add up; the weight is applied
@@ -36,8 +37,8 @@ from loratool.delta import delta_bias
 from loratool.errors import MatchError, NonFiniteError, UsageError
 from loratool.float_dtypes import float_code
 from loratool.ops import Progress
-from loratool.ops.device import pick_device
-from loratool.ops.factor_form import FactorForm, exact_factors, to_factor_form, to_module, transposed
+from loratool.ops.device import ThreadPolicy, check_threads, pick_device, single_threaded, single_threaded_op
+from loratool.ops.factor_form import FactorForm, explicit_factors, svd_flops, to_factor_form, to_module, transposed
 from loratool.ops.linalg import compute_dtype, split_factors, stacked_factor_svd
 from loratool.ops.rank_rules import select_rank
 from loratool.ops.resize import STALE_KEYS, network_metadata, output_layout
@@ -149,7 +150,7 @@ def stack_module(
     scale, rslora = _output_scale(modules)
     ups, downs, coefs = [], [], []
     for i, _m, form in forms:
-        up, down, s = exact_factors(form)
+        up, down, s = explicit_factors(form)
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise NonFiniteError(f"{key[0]}:{key[1]} in {labels[i]}: factors hold NaN or Inf")
         ups.append(up)
@@ -174,6 +175,7 @@ def stack_module(
     return out, report
 
 
+@single_threaded_op
 def stack(
     adapters: Sequence[Adapter],
     weights: Sequence[float] | None = None,
@@ -182,6 +184,7 @@ def stack(
     rank: int | None = None,
     labels: Sequence[str] | None = None,
     device: str = "auto",
+    threads: int | None = None,
     progress: Progress | None = None,
     options: Any = None,
     module_weights: Any = None,
@@ -236,6 +239,8 @@ def stack(
             out.extras[key] = tensor
 
     reports: list[ModuleStack] = []
+    # (key, contributing entries, per-input weights for this module)
+    work: list[tuple[tuple[str, str], list[tuple[int, LoraModule]], list[float]]] = []
     for done, (key, all_entries) in enumerate(keys.items(), start=1):
         mod_weights = weights if module_weights is None else module_weights.scaled(weights, all_entries)
         if combiner is not None:  # every input takes part, as in mergekit (a missing module is ΔW = 0)
@@ -255,11 +260,19 @@ def stack(
                 f"{key[0]}:{key[1]}: DoRA module in {', '.join(labels[i] for i, _ in entries)}; "
                 "DoRA magnitudes are absolute, not deltas, and cannot be added"
             )
-        module, report = stack_module(key, entries, mod_weights, method, rank, labels, dev)
+        work.append((key, entries, mod_weights))
+
+    def one(item: tuple[tuple[str, str], list[tuple[int, LoraModule]], list[float]]) -> tuple[LoraModule, ModuleStack]:
+        return stack_module(item[0], item[1], item[2], method, rank, labels, dev)
+
+    def cost(item: tuple[tuple[str, str], list[tuple[int, LoraModule]], list[float]]) -> float:
+        return sum(svd_flops(m) for _, m in item[1])
+
+    for done, (module, report) in enumerate(ThreadPolicy(threads, dev).map(one, work, cost=cost), start=1):
         out.add(module)
         reports.append(report)
         if progress is not None:
-            progress("stacking", done, len(keys))
+            progress("stacking", done, len(work))
 
     result = StackResult(adapter=out, modules=reports, method=method, rank=int(rank) if rank else None,
                          weights=weights, labels=labels, device=str(dev), warnings=warnings)
@@ -313,6 +326,7 @@ def stack_files(
     rank: int | None = None,
     to: str | None = None,
     device: str = "auto",
+    threads: int | None = None,
     force: bool = False,
     base: str | os.PathLike | None = None,
     family: str | None = None,
@@ -337,25 +351,27 @@ def stack_files(
     if weights and len(weights) != len(paths):
         raise UsageError(f"--weights: {len(weights)} weights for {len(paths)} adapters; give one per adapter")
     layout = output_layout(None, to) if to else None
+    check_threads(threads)
     check_output(out, inputs=tuple(paths), force=force)
     from loratool.ops import combine_methods
 
     if method in combine_methods.METHODS:  # refuse bad options before loading anything
         combine_methods.combiner(method, rank, options, len(paths), [], pick_device(device))
-    adapters = [load(p, base=base, family=family) for p in paths]
-    layout = layout or output_layout(adapters[0].source_format, None)
-    check_target(layout, out, tuple(paths), force)  # a name contradicting the layout fails before the work
-    labels = [Path(str(p)).name for p in paths]
-    mw = None
-    if block_weights or strength_patterns:
-        from loratool.ops.block_weights import module_weights
+    with single_threaded():  # reading and writing split / fuse tensors too: no thread team for those
+        adapters = [load(p, base=base, family=family) for p in paths]
+        layout = layout or output_layout(adapters[0].source_format, None)
+        check_target(layout, out, tuple(paths), force)  # a name contradicting the layout fails before the work
+        labels = [Path(str(p)).name for p in paths]
+        mw = None
+        if block_weights or strength_patterns:
+            from loratool.ops.block_weights import module_weights
 
-        mw = module_weights(adapters, block_weights, strength_patterns, family=family)
-    result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress,
-                   options=options, module_weights=mw)
-    if code is not None:
-        cast_factors(result, dtype)
-    result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
+            mw = module_weights(adapters, block_weights, strength_patterns, family=family)
+        result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, threads=threads,
+                       progress=progress, options=options, module_weights=mw)
+        if code is not None:
+            cast_factors(result, dtype)
+        result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
     result.output = Path(out)
     result.output_format = layout
     return result

@@ -1,0 +1,186 @@
+"""``loratool info FOLDER``: one header-only summary per adapter file in a folder (a LoRA library).
+
+Every ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` file under the folder
+(subfolders included, hidden ones skipped) and every PEFT folder (``adapter_config.json``
+beside its weights) is summarised from its header alone (no tensor data, no torch):
+
+* always: the layout (``formats.detect``), the model family (``arch.detect`` on the keys and
+  metadata, as ``info`` decides it), tensor and parameter counts, stored dtypes, size, and the
+  training metadata a library listing shows (``ss_network_dim`` / ``_alpha`` / ``_module``, base
+  model, title, output name);
+* with ``modules=True``: also what ``info`` says about the modules (count, kinds, ranks, alphas),
+  through the layout's own reader on the header (:func:`loratool.header_only.read_header_only`)
+  — exact, and about ten times slower (a reader builds every module).
+
+A file no layout claims is reported as a base checkpoint when its keys carry no LoRA marker, and
+any file that cannot be read is listed with its one-line error instead of stopping the scan.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loratool import formats
+from loratool.delta_rank import delta_rank
+from loratool.errors import FormatError, LoratoolError
+from loratool.formats.peft import CONFIG_NAME
+from loratool.formats.source import PEFT_WEIGHTS, PICKLE_SUFFIXES, header_view, open_source
+from loratool.header_only import DTYPES, dtype_name, read_header_only
+from loratool.ops import Progress
+from loratool.ops.inspect import adapter_family, base_model_hints, looks_like_base
+
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+# Metadata a library listing shows (kohya ss_* and modelspec.* keys).
+SUMMARY_KEYS = ("ss_output_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+                "modelspec.title", "modelspec.author", "modelspec.trigger_phrase")
+
+
+@dataclass
+class ScanEntry:
+    path: str
+    size_bytes: int
+    format: str | None = None  # a layout, "checkpoint" (a base model), or None when unreadable
+    family: str | None = None
+    tensors: int = 0
+    parameters: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)  # stored dtype -> tensors
+    training: dict[str, str] = field(default_factory=dict)  # the metadata of SUMMARY_KEYS the file has
+    base_model: dict[str, str] = field(default_factory=dict)
+    # with modules=True (None otherwise): what the layout's reader builds
+    modules: int | None = None
+    kinds: dict[str, int] | None = None
+    ranks: dict[str, int | None] | None = None
+    alphas: dict[str, int] | None = None
+    components: list[str] | None = None
+    header_only: bool = True
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ScanReport:
+    path: str
+    entries: list[ScanEntry]
+    format: str = "folder"
+
+    @property
+    def errors(self) -> int:
+        return sum(e.error is not None for e in self.entries)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [e.error for e in self.entries if e.error is not None]  # each names its file
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` contract of ``info FOLDER``."""
+        return {
+            "path": self.path,
+            "format": self.format,
+            "file_count": len(self.entries),
+            "error_count": self.errors,
+            "formats": dict(Counter(e.format or "error" for e in self.entries).most_common()),
+            "families": dict(Counter(e.family or "unknown" for e in self.entries if e.error is None).most_common()),
+            "size_bytes": sum(e.size_bytes for e in self.entries),
+            "entries": [e.to_json() for e in self.entries],
+        }
+
+
+def is_library_folder(path: str | os.PathLike) -> bool:
+    """A folder that is not one adapter (no PEFT weights, not exactly one .safetensors file)."""
+    from loratool.formats.source import component_folders
+
+    p = Path(path)
+    if not p.is_dir() or any((p / n).is_file() for n in (*PEFT_WEIGHTS, CONFIG_NAME)) or component_folders(p):
+        return False
+    return len(list(p.glob("*.safetensors"))) != 1 or any(d.is_dir() for d in p.iterdir() if not d.name.startswith("."))
+
+
+def adapter_paths(folder: Path) -> list[Path]:
+    """Weight files and PEFT folders under ``folder``, sorted; a PEFT folder's own files are not listed."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        if here != folder and any(n in filenames for n in (*PEFT_WEIGHTS, CONFIG_NAME)):
+            found.append(here)
+            dirnames[:] = []
+            continue
+        found += [here / n for n in sorted(filenames) if not n.startswith(".") and n.lower().endswith(WEIGHT_SUFFIXES)]
+    return found
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def scan_file(path: str | os.PathLike, family: str | None = None, modules: bool = False) -> ScanEntry:
+    """The header-only summary of one adapter file or PEFT folder (errors in ``error``)."""
+    path = Path(path)
+    entry = ScanEntry(path=str(path), size_bytes=_size(path))
+    try:
+        src = open_source(path)
+        view = header_view(src) if modules or src._safetensors is None else None
+        keyed = view or src
+        if src._safetensors is not None:  # dtype codes from the header: no torch dtypes looked up
+            infos = [(i.shape, DTYPES[i.dtype_name][0]) for i in src._safetensors.header.tensors.values()]
+        else:
+            infos = [(shape, dtype_name(d)) for shape, d in keyed.tensor_infos().values()]
+        entry.tensors = len(infos)
+        entry.parameters = sum(math.prod(shape) for shape, _ in infos)
+        entry.dtypes = dict(Counter(d for _, d in infos).most_common())
+        metadata = dict(src.metadata)
+        entry.training = {k: metadata[k] for k in SUMMARY_KEYS if metadata.get(k)}
+        try:
+            name = formats.detect(keyed)
+        except FormatError:
+            if looks_like_base(keyed.keys):
+                entry.format = "checkpoint"
+                return entry
+            raise
+        entry.format = name
+        if not modules:
+            entry.family = adapter_family(keyed, None, metadata, family)
+            entry.base_model = base_model_hints(src, None, metadata)
+            if entry.family is not None:
+                return entry
+            # keys and metadata do not say: the reader's module names and shapes do (as info decides it)
+            adapter, entry.header_only = read_header_only(src, name, formats.ReadOptions(), path, view=view)
+            entry.family = adapter.family
+            return entry
+        adapter, entry.header_only = read_header_only(src, name, formats.ReadOptions(family=family), path, view=view)
+    except LoratoolError as exc:
+        message = " ".join(str(exc).split()) or exc.__class__.__name__
+        entry.error = message if str(path) in message else f"{path}: {message}"
+        return entry
+    found = list(adapter)
+    ranks = [delta_rank(m) for m in found]  # as info counts them (LoKr: rank(w1)·rank(w2))
+    entry.family = adapter_family(keyed, adapter, adapter.metadata or metadata, family)
+    entry.base_model = base_model_hints(src, adapter, adapter.metadata or metadata)
+    entry.modules = len(found)
+    entry.kinds = dict(Counter(m.kind for m in found).most_common())
+    entry.ranks = {"min": min(ranks, default=None), "max": max(ranks, default=None)}
+    entry.alphas = dict(Counter(f"{m.effective_alpha:g}" for m in found).most_common())
+    entry.components = adapter.components
+    return entry
+
+
+def scan(folder: str | os.PathLike, *, family: str | None = None, modules: bool = False,
+         progress: Progress | None = None) -> ScanReport:
+    """:func:`scan_file` for every adapter under ``folder`` (see the module docstring)."""
+    root = Path(folder)
+    paths = adapter_paths(root)
+    entries = []
+    for i, p in enumerate(paths):
+        entries.append(scan_file(p, family, modules))
+        if progress is not None:
+            progress("scanning", i + 1, len(paths))
+    return ScanReport(path=str(root), entries=entries)
