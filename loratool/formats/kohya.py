@@ -42,6 +42,7 @@ from safetensors.torch import save
 from loratool import arch
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, UsageError
+from loratool.formats import lycoris_kinds
 from loratool.formats.kohya_hash import HASH_KEYS, kohya_hashes
 from loratool.formats.kohya_names import HeadResolver, to_head
 from loratool.io.atomic import atomic_path, check_output
@@ -68,16 +69,17 @@ SUFFIXES: dict[str, tuple[str, str]] = {
     "lokr_t2": ("lokr", "t2"),
     "diff": ("full", "diff"),
     "diff_b": ("full", "diff_b"),
+    **lycoris_kinds.SUFFIXES,  # OFT / BOFT / GLoRA / norm deltas
 }
 SHARED = ("alpha", "dora_scale")
-SUFFIX_OF = {kind_name: suffix for suffix, kind_name in SUFFIXES.items()}
+SUFFIX_OF = {**{kind_name: suffix for suffix, kind_name in SUFFIXES.items()}, **lycoris_kinds.SUFFIX_OF}
 # Canonical tensors a kind cannot do without: alternatives separated by "|".
 REQUIRED = {"lora": ("down", "up"), "loha": ("w1a", "w1b", "w2a", "w2b"), "lokr": ("w1|w1a", "w2|w2a"),
-            "full": ("diff",)}
+            "full": ("diff",), **lycoris_kinds.REQUIRED}
 PAIRS = (("w1a", "w1b"), ("w2a", "w2b"))
 # Tucker cores whose "a" factor LyCORIS stores as [r, out] instead of [out, r].
 TUCKER_A = {"loha": (("t1", "w1a"), ("t2", "w2a")), "lokr": (("t2", "w2a"),)}
-LYCORIS_ONLY = ("hada_", "lokr_", "diff", "lora_mid.weight")
+LYCORIS_ONLY = ("hada_", "lokr_", "diff", "lora_mid.weight", *lycoris_kinds.SUFFIXES)
 _HEAD = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -149,6 +151,7 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
         raise FormatError(f"{where}: {what} ({', '.join(sorted(parts))})")
     kind = kinds.pop()
     tensors = {SUFFIXES[s][1]: t for s, t in parts.items() if s in SUFFIXES}
+    kind = lycoris_kinds.refine(kind, tensors)
     for need in REQUIRED[kind]:
         if not any(n in tensors for n in need.split("|")):
             raise FormatError(f"{where}: {kind} module lacks {SUFFIX_OF[(kind, need.split('|')[0])]}")
@@ -167,6 +170,8 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
         layer = "conv" if down.dim() == 4 else "linear"
     elif kind == "full":
         layer = "conv" if tensors["diff"].dim() > 2 else "linear"
+    elif kind in lycoris_kinds.REQUIRED:
+        layer = lycoris_kinds.layer_of(kind, tensors)
     else:
         layer = "conv" if any(t.dim() > 2 for t in tensors.values()) else "linear"
     alpha = None

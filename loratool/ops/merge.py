@@ -278,7 +278,11 @@ def merge(
             from loratool.ops import merge_tensors  # torch: imported while the copy runs
 
             plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
-            copier.settle(_rewrites(copies, plan.applications.keys() | plan.replacements.keys()))
+            for part, dest in copies:  # a widened tensor changes the file's layout: written from scratch
+                if any(fp == part.path for fp, _ in plan.reshaped):
+                    copier.drop(dest)
+            copier.settle(_rewrites([c for c in copies if c[1] in copier],
+                                    plan.applications.keys() | plan.replacements.keys()))
             with merge_tensors.compute_threads(dev):
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)
                 dropped: list[str] = []

@@ -158,7 +158,8 @@ class PartMerger:
         """Write ``part`` from its first byte: the dtype of some tensors changes, and with it every offset."""
         f = part.file
         header = f.header
-        specs = [TensorSpec(i.name, self._target_dtype(i), i.shape) for i in order]
+        specs = [TensorSpec(i.name, self._target_dtype(i), self.plan.reshaped.get((f.path, i.name), i.shape))
+                 for i in order]
         src = os.open(f.path, os.O_RDONLY)
         try:
             with StreamingWriter(dest, specs, header.metadata) as writer:
@@ -193,7 +194,8 @@ class PartMerger:
         (plain Linear LoRA, PEFT DoRA) and that no ``modules_to_save`` tensor replaces.
         """
         key = (f.path, info.name)
-        if self.device.type != "cpu" or info.dtype_name not in CONVERTIBLE or key in self.plan.replacements:
+        if self.device.type != "cpu" or info.dtype_name not in CONVERTIBLE or key in self.plan.replacements \
+                or key in self.plan.reshaped:
             return None
         work_dtype = torch.float64 if info.dtype == torch.float64 else torch.float32
         out: list[tuple[int, int, RowMerge]] = []

@@ -1,0 +1,136 @@
+"""LyCORIS DiagOFT / BOFT / GLoRA / norm modules, written by lycoris 4.1.3 itself (kohya-named keys:
+``lycoris_<path>.oft_blocks``, ``.rescale``, ``.alpha``, ``.a1.weight`` … ``.b2.weight``, ``.w_norm``,
+``.b_norm``; ``lycoris/modules/{diag_oft,boft,glora,norms}.py``), read and merged by loratool.
+
+Oracle: lycoris' own ``merge_to(λ)`` (``get_merged_weight``) on the same model. OFT modules are merged
+in float32 because lycoris inverts (I − Q) in float32 whatever the module's dtype (``get_r``:
+``.float().inverse()``); GLoRA and norm deltas run in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lycoris
+import pytest
+import torch
+from merge_oracles import assert_merged, save_base
+from tiny_models import tiny_unet
+
+import loratool
+from loratool.delta import delta_weight, merge_weight
+from loratool.errors import MatchError
+from loratool.ops.merge import merge
+
+
+@pytest.fixture(scope="module")
+def _unet_once():
+    return tiny_unet()
+
+
+def _network(model, algo: str, dtype, seed: int = 3, **kw):
+    net = lycoris.create_lycoris(model, 1.0, linear_dim=kw.pop("dim", 4), linear_alpha=kw.pop("alpha", 2.0),
+                                 algo=algo, **kw)
+    net.apply_to()
+    net.to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # lycoris starts OFT / GLoRA at the identity: give every tensor a value
+        for name, p in net.named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.02 if "oft_blocks" in name else 0.1))
+    return net
+
+
+def _merge_case(tmp_path, unet, algo, dtype, strength, **kw):
+    model = unet.to(dtype)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    (tmp_path / "unet").mkdir()
+    base_path = save_base(base, tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    net = _network(model, algo, dtype, **kw)
+    lyco = tmp_path / "lyco.safetensors"
+    net.save_weights(str(lyco), dtype, {"ss_network_module": "lycoris.kohya"})
+    net.merge_to(strength)
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items() if k in base}
+    out = tmp_path / "merged.safetensors"
+    result = merge(base_path, [lyco], out, strengths=strength, device="cpu")
+    assert not result.unmatched, result.unmatched[:5]
+    assert result.matched == {"unet": len(net.loras)}
+    return out, expected, base, net, lyco
+
+
+def _changed(expected, base) -> int:
+    """Weights the oracle changed (an OFT block of size 1 is the identity: R = I)."""
+    n = sum(not torch.equal(expected[k], base[k]) for k in base)
+    assert n
+    return n
+
+
+@pytest.mark.parametrize("kw,kind", [
+    (dict(algo="diag-oft", constraint=1e-4, rescaled=True), "oft"),  # constraint binds, rescale on
+    (dict(algo="diag-oft"), "oft"),
+    (dict(algo="boft", rescaled=True), "boft"),
+], ids=["diag-oft-constrained-rescaled", "diag-oft", "boft-rescaled"])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_oft_merges_as_lycoris_merge_to(tmp_path, _unet_once, kw, kind, strength):
+    out, expected, base, net, lyco = _merge_case(tmp_path, copy.deepcopy(_unet_once), dtype=torch.float32,
+                                                 strength=strength, **kw)
+    # measured ≤ 2.1e-6 relative to the update: lycoris' float32 inverse against loratool's float32 solve
+    assert assert_merged(out, expected, base, tol=3e-6) == _changed(expected, base)
+    adapter = loratool.load(lyco, family="sd1")
+    assert {m.kind for m in adapter} == {kind}
+    assert adapter.source_format == "lycoris"
+    assert {m.layer for m in adapter} == ({"conv", "linear"} if kw.get("rescaled") else {"linear"})
+
+
+def test_glora_merges_as_lycoris_merge_to(tmp_path, _unet_once):
+    out, expected, base, net, lyco = _merge_case(tmp_path, copy.deepcopy(_unet_once), dtype=torch.float64,
+                                                 strength=0.8, algo="glora")
+    assert assert_merged(out, expected, base, tol=1e-12) == _changed(expected, base) == len(net.loras)
+    adapter = loratool.load(lyco, family="sd1")
+    assert {m.kind for m in adapter} == {"glora"} and {m.layer for m in adapter} == {"conv", "linear"}
+
+
+def test_norm_deltas_merge_as_lycoris_merge_to(tmp_path, _unet_once):
+    """``train_norm`` gives every GroupNorm / LayerNorm a NormModule (``w_norm``, ``b_norm``):
+    W + λ·w_norm, b + λ·b_norm."""
+    out, expected, base, net, lyco = _merge_case(tmp_path, copy.deepcopy(_unet_once), dtype=torch.float64,
+                                                 strength=0.5, algo="lora", train_norm=True)
+    changed = assert_merged(out, expected, base, tol=1e-12)
+    norms = [m for m in loratool.load(lyco, family="sd1") if m.kind == "norm"]
+    assert norms and all(m.layer == "norm" and "b_norm" in m.tensors for m in norms)
+    assert changed == len(net.loras) + len(norms)  # every norm changes its weight and its bias
+
+
+def test_old_oft_diag_rotation_merges_as_the_module_it_came_from(tmp_path, _unet_once):
+    """LyCORIS < 2.1 saved DiagOFT as ``oft_diag`` = get_r() (R itself; LyCORIS commit 11c4cd6^,
+    ``custom_state_dict``): built here from lycoris 4.1.3's own ``get_r``, it must merge as that module does."""
+    model = copy.deepcopy(_unet_once)
+    net = _network(model, "diag-oft", torch.float32, constraint=1e-4)
+    heads = {}
+    for m in net.loras:
+        heads[m.lora_name + ".oft_diag"] = m.get_r().detach().clone()
+    from safetensors.torch import save_file
+
+    save_file(heads, tmp_path / "old.safetensors", metadata={"ss_network_module": "lycoris.kohya"})
+    adapter = loratool.load(tmp_path / "old.safetensors", family="sd1")
+    assert {m.kind for m in adapter} == {"oft"} and all("rotation" in m.tensors for m in adapter)
+    by = {m.hints["kohya_head"]: m for m in adapter}
+    worst = 0.0
+    for m in net.loras:
+        w = m.org_module[0].weight.detach().clone()
+        want, _ = m.get_merged_weight(0.7, w.shape, None)
+        got = merge_weight(w, by[m.lora_name], 0.7, dtype=torch.float32)
+        worst = max(worst, float((got - want).norm() / (want - w).norm()))
+    assert worst < 1e-5, worst  # measured 1.6e-6 (float32 rounding of two equal computations)
+
+
+def test_base_dependent_delta_needs_the_base(tmp_path, _unet_once):
+    model = copy.deepcopy(_unet_once).double()
+    net = _network(model, "glora", torch.float64)
+    net.save_weights(str(tmp_path / "g.safetensors"), torch.float64, {})
+    module = next(iter(loratool.load(tmp_path / "g.safetensors", family="sd1")))
+    with pytest.raises(MatchError, match="exists only against a base weight"):
+        delta_weight(module)
+    lyco = next(m for m in net.loras if m.lora_name == module.hints["kohya_head"])
+    w = lyco.org_module[0].weight.detach().clone()
+    want, _ = lyco.get_diff_weight(1.0, w.shape)
+    torch.testing.assert_close(delta_weight(module, dtype=torch.float64, base=w), want, rtol=1e-12, atol=1e-12)
