@@ -43,6 +43,8 @@ def _summary(report: InfoReport) -> Table:
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("format", report.format)
+    if report.dialect:
+        table.add_row("dialect", report.dialect)
     table.add_row("size", f"{human_size(report.size_bytes)} ({', '.join(report.files)})")
     table.add_row("family", report.family or "unknown")
     for k, v in report.base_model.items():

@@ -17,11 +17,11 @@ from typing import Any
 
 from loratool.errors import FormatError
 
-LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris")
+LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "comfyui")
 # LyCORIS before kohya (same key naming, more kinds); PEFT before diffusers (diffusers'
 # current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B).
 DETECT_ORDER = ("peft", "lycoris", "kohya", "diffusers", "loralib")
-WRITABLE = ("kohya", "diffusers", "peft", "loralib")
+WRITABLE = ("kohya", "diffusers", "peft", "loralib", "comfyui")
 
 
 @dataclass
@@ -47,6 +47,11 @@ def layout(name: str) -> ModuleType:
 
 
 def detect(src) -> str:
+    from loratool.formats import dialects
+
+    dialect = dialects.detect(src)  # a trainer's variant of a layout (its reader hands it to dialect_read)
+    if dialect is not None:
+        return dialect.layout
     for name in DETECT_ORDER:
         if layout(name).detect(src):
             return name

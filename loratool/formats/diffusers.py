@@ -131,6 +131,11 @@ def parse_metadata(metadata: dict[str, str], components: list[str], where: str) 
 
 
 def read(src, opts: ReadOptions | None = None) -> Adapter:
+    from loratool.formats import dialect_read, dialects
+
+    dialect = dialects.detect(src)
+    if dialect is not None:  # a trainer's variant of this layout (formats.dialects)
+        return dialect_read.read(src, opts, dialect)
     where = str(src.path)
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     file_names: dict[tuple[str, str], str] = {}
@@ -199,6 +204,9 @@ def _json_ready(value: Any) -> Any:
 
 def payload(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(prefixed tensors, header metadata) of the whole adapter."""
+    from loratool.formats.set_modules import as_whole_weights
+
+    adapter = as_whole_weights(adapter)  # BFL control norms, as diffusers' converter stores them
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
     for comp in adapter.components:

@@ -191,6 +191,11 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
 
 
 def read(src, opts, source_format: str = NAME) -> Adapter:
+    from loratool.formats import dialect_read, dialects
+
+    dialect = dialects.detect(src)
+    if dialect is not None:  # a trainer's variant of this layout (formats.dialects)
+        return dialect_read.read(src, opts, dialect)
     family = _family_for_read(src, opts)
     resolver = HeadResolver(family, opts.vocabulary)
     tensors = src.tensors

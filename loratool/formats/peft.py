@@ -155,6 +155,11 @@ def apply_config(module: LoraModule, config: dict[str, Any], name: str, where: s
 
 
 def read(src, opts: ReadOptions | None = None) -> Adapter:
+    from loratool.formats import dialect_read, dialects
+
+    dialect = dialects.detect(src)
+    if dialect is not None:  # a trainer's variant of this layout (formats.dialects)
+        return dialect_read.read(src, opts, dialect)
     where = str(src.folder or src.path)
     config = dict(src.config or {})
     peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -302,6 +307,9 @@ def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
 
 
 def write(adapter: Adapter, out: Path, opts: WriteOptions) -> list[Path]:
+    from loratool.formats.set_modules import as_whole_weights
+
+    adapter = as_whole_weights(adapter)  # a replaced weight is a modules_to_save tensor
     out = Path(out)
     check_output(out, opts.inputs, opts.force)
     components = adapter.components

@@ -107,6 +107,7 @@ class InfoReport:
     warnings: list[str] = field(default_factory=list)
     header_only: bool = True
     stats: bool = False
+    dialect: str | None = None  # the trainer dialect of the layout (formats.dialects), None for its plain form
 
     @property
     def ranks(self) -> dict[int, int]:
@@ -125,6 +126,7 @@ class InfoReport:
         return {
             "path": self.path,
             "format": self.format,
+            "dialect": self.dialect,
             "size_bytes": self.size_bytes,
             "files": self.files,
             "family": self.family,
@@ -347,6 +349,8 @@ def module_stats(module: LoraModule) -> ModuleStats:
 def _family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str | None) -> str | None:
     if given:
         return given
+    if adapter.family:
+        return adapter.family
     try:
         from loratool import arch
 
@@ -484,7 +488,8 @@ def inspect(
     ]
     return InfoReport(
         path=str(path),
-        format=name,
+        format=adapter.source_format or name,
+        dialect=adapter.dialect,
         size_bytes=sum(Path(f).stat().st_size for f in _files(src)),
         files=_files(src),
         family=_family(src, adapter, metadata, family),
