@@ -82,7 +82,8 @@ def as_loaded(state: dict[str, torch.Tensor], components=("transformer", "unet",
               default: str = "transformer") -> dict[str, torch.Tensor]:
     """A diffusers converter's output under the names its loaders finally use: keys it leaves without a
     component prefix go to ``default`` (the Flux converter's embedders), text-encoder keys through
-    ``convert_state_dict_to_diffusers`` + ``convert_state_dict_to_peft`` (``lora_base._load_lora_into_text_encoder``)."""
+    ``convert_state_dict_to_diffusers`` + ``convert_state_dict_to_peft``
+    (``lora_base._load_lora_into_text_encoder``)."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
 
     out: dict[str, torch.Tensor] = {}

@@ -24,8 +24,7 @@ import json
 import lycoris
 import pytest
 import torch
-from dialect_helpers import (FULL_FLUX, as_loaded, assert_same_lora, bfl_norms, bfl_shapes, factors,
-                             read_diffusers_file)
+from dialect_helpers import FULL_FLUX, as_loaded, assert_same_lora, bfl_norms, bfl_shapes, factors, read_diffusers_file
 from safetensors.torch import load_file, save_file
 from test_family_merge import bfl_from_diffusers, compare, fused_state, tiny_flux
 
@@ -292,12 +291,14 @@ def test_onetrainer_mixture_converts_and_merges_as_diffusers(tmp_path, flux):
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
     model, state, base = flux
-    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.to_add_out",
-             "transformer_blocks.0.attn.add_v_proj", "single_transformer_blocks.0.attn.to_k", "x_embedder",
+    names = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0",
+             "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.attn.add_v_proj",
+             "single_transformer_blocks.0.attn.to_k", "x_embedder",
              "context_embedder", "norm_out.linear", "proj_out", "time_text_embed.timestep_embedder.linear_1"]
     shapes = {"lora_transformer_" + n.replace(".", "_"): tuple(state[n + ".weight"].shape) for n in names}
     sd = factors(shapes, 4, seed=7, names=("lora_down.weight", "lora_up.weight"), alpha=2.0)
-    te_names = {"text_model.encoder.layers.0.self_attn.q_proj": (32, 32), "text_model.encoder.layers.1.mlp.fc2": (32, 37)}
+    te_names = {"text_model.encoder.layers.0.self_attn.q_proj": (32, 32),
+                "text_model.encoder.layers.1.mlp.fc2": (32, 37)}
     sd.update(factors({"lora_te1_" + n.replace(".", "_"): s for n, s in te_names.items()},
                       4, seed=8, names=("lora_down.weight", "lora_up.weight"), alpha=3.0))
     save_file(sd, tmp_path / "ot.safetensors")

@@ -15,7 +15,6 @@ import lycoris
 import pytest
 import torch
 from merge_oracles import assert_merged, save_base
-from tiny_models import tiny_unet
 
 import loratool
 from loratool.delta import delta_weight, merge_weight
@@ -23,9 +22,24 @@ from loratool.errors import MatchError
 from loratool.ops.merge import merge
 
 
+class Tiny(torch.nn.Module):
+    """Linear and conv layers (power-of-two output widths: BOFT needs them) and the norms lycoris' norm
+    module adapts; small, so lycoris' own per-module merges stay fast."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj_in = torch.nn.Linear(12, 32)
+        self.conv = torch.nn.Conv2d(4, 16, 3, padding=1)
+        self.conv1x1 = torch.nn.Conv2d(16, 8, 1)
+        self.proj_out = torch.nn.Linear(32, 64)
+        self.norm = torch.nn.LayerNorm(32)
+        self.group_norm = torch.nn.GroupNorm(4, 16)
+
+
 @pytest.fixture(scope="module")
 def _unet_once():
-    return tiny_unet()
+    torch.manual_seed(0)
+    return Tiny()
 
 
 def _network(model, algo: str, dtype, seed: int = 3, **kw):
@@ -40,11 +54,15 @@ def _network(model, algo: str, dtype, seed: int = 3, **kw):
     return net
 
 
-def _merge_case(tmp_path, unet, algo, dtype, strength, **kw):
-    model = unet.to(dtype)
+def _save_model(tmp_path, model):
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     (tmp_path / "unet").mkdir()
-    base_path = save_base(base, tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    return base, save_base(base, tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _merge_case(tmp_path, unet, algo, dtype, strength, **kw):
+    model = unet.to(dtype)
+    base, base_path = _save_model(tmp_path, model)
     net = _network(model, algo, dtype, **kw)
     lyco = tmp_path / "lyco.safetensors"
     net.save_weights(str(lyco), dtype, {"ss_network_module": "lycoris.kohya"})
@@ -54,7 +72,7 @@ def _merge_case(tmp_path, unet, algo, dtype, strength, **kw):
     result = merge(base_path, [lyco], out, strengths=strength, device="cpu")
     assert not result.unmatched, result.unmatched[:5]
     assert result.matched == {"unet": len(net.loras)}
-    return out, expected, base, net, lyco
+    return out, expected, base, net, lyco, base_path
 
 
 def _changed(expected, base) -> int:
@@ -64,38 +82,39 @@ def _changed(expected, base) -> int:
     return n
 
 
-@pytest.mark.parametrize("kw,kind", [
-    (dict(algo="diag-oft", constraint=1e-4, rescaled=True), "oft"),  # constraint binds, rescale on
-    (dict(algo="diag-oft"), "oft"),
-    (dict(algo="boft", rescaled=True), "boft"),
-], ids=["diag-oft-constrained-rescaled", "diag-oft", "boft-rescaled"])
-@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize("kw,kind,strength", [
+    (dict(algo="diag-oft", constraint=1e-4, rescaled=True), "oft", 1.0),  # constraint binds, rescale on
+    (dict(algo="diag-oft"), "oft", 0.6),
+    (dict(algo="boft", rescaled=True), "boft", 0.6),
+    (dict(algo="boft"), "boft", 1.0),
+], ids=["diag-oft-constrained-rescaled", "diag-oft-0.6", "boft-rescaled-0.6", "boft"])
 def test_oft_merges_as_lycoris_merge_to(tmp_path, _unet_once, kw, kind, strength):
-    out, expected, base, net, lyco = _merge_case(tmp_path, copy.deepcopy(_unet_once), dtype=torch.float32,
-                                                 strength=strength, **kw)
+    out, expected, base, net, lyco, base_path = _merge_case(tmp_path, copy.deepcopy(_unet_once), dtype=torch.float32,
+                                                            strength=strength, **kw)
     # measured ≤ 2.1e-6 relative to the update: lycoris' float32 inverse against loratool's float32 solve
     assert assert_merged(out, expected, base, tol=3e-6) == _changed(expected, base)
-    adapter = loratool.load(lyco, family="sd1")
+    adapter = loratool.load(lyco, base=base_path)
     assert {m.kind for m in adapter} == {kind}
     assert adapter.source_format == "lycoris"
     assert {m.layer for m in adapter} == ({"conv", "linear"} if kw.get("rescaled") else {"linear"})
+    assert {m.weight_shape for m in adapter} >= {(32,), (16,)}  # OFT knows the output rows only
 
 
 def test_glora_merges_as_lycoris_merge_to(tmp_path, _unet_once):
-    out, expected, base, net, lyco = _merge_case(tmp_path, copy.deepcopy(_unet_once), dtype=torch.float64,
-                                                 strength=0.8, algo="glora")
+    out, expected, base, net, lyco, base_path = _merge_case(tmp_path, copy.deepcopy(_unet_once), dtype=torch.float64,
+                                                            strength=0.8, algo="glora")
     assert assert_merged(out, expected, base, tol=1e-12) == _changed(expected, base) == len(net.loras)
-    adapter = loratool.load(lyco, family="sd1")
+    adapter = loratool.load(lyco, base=base_path)
     assert {m.kind for m in adapter} == {"glora"} and {m.layer for m in adapter} == {"conv", "linear"}
 
 
 def test_norm_deltas_merge_as_lycoris_merge_to(tmp_path, _unet_once):
     """``train_norm`` gives every GroupNorm / LayerNorm a NormModule (``w_norm``, ``b_norm``):
     W + λ·w_norm, b + λ·b_norm."""
-    out, expected, base, net, lyco = _merge_case(tmp_path, copy.deepcopy(_unet_once), dtype=torch.float64,
-                                                 strength=0.5, algo="lora", train_norm=True)
+    out, expected, base, net, lyco, base_path = _merge_case(tmp_path, copy.deepcopy(_unet_once), dtype=torch.float64,
+                                                            strength=0.5, algo="lora", train_norm=True)
     changed = assert_merged(out, expected, base, tol=1e-12)
-    norms = [m for m in loratool.load(lyco, family="sd1") if m.kind == "norm"]
+    norms = [m for m in loratool.load(lyco, base=base_path) if m.kind == "norm"]
     assert norms and all(m.layer == "norm" and "b_norm" in m.tensors for m in norms)
     assert changed == len(net.loras) + len(norms)  # every norm changes its weight and its bias
 
@@ -111,7 +130,7 @@ def test_old_oft_diag_rotation_merges_as_the_module_it_came_from(tmp_path, _unet
     from safetensors.torch import save_file
 
     save_file(heads, tmp_path / "old.safetensors", metadata={"ss_network_module": "lycoris.kohya"})
-    adapter = loratool.load(tmp_path / "old.safetensors", family="sd1")
+    adapter = loratool.load(tmp_path / "old.safetensors", base=_save_model(tmp_path, model)[1])
     assert {m.kind for m in adapter} == {"oft"} and all("rotation" in m.tensors for m in adapter)
     by = {m.hints["kohya_head"]: m for m in adapter}
     worst = 0.0
@@ -127,7 +146,7 @@ def test_base_dependent_delta_needs_the_base(tmp_path, _unet_once):
     model = copy.deepcopy(_unet_once).double()
     net = _network(model, "glora", torch.float64)
     net.save_weights(str(tmp_path / "g.safetensors"), torch.float64, {})
-    module = next(iter(loratool.load(tmp_path / "g.safetensors", family="sd1")))
+    module = next(iter(loratool.load(tmp_path / "g.safetensors", base=_save_model(tmp_path, model)[1])))
     with pytest.raises(MatchError, match="exists only against a base weight"):
         delta_weight(module)
     lyco = next(m for m in net.loras if m.lora_name == module.hints["kohya_head"])
