@@ -74,13 +74,13 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
         name = next(iter(adapter.extras))
         raise FormatError(f"{out}: ComfyUI LoRA files hold LoRA modules only; this adapter also has the whole "
                           f"tensor {name[0]}:{name[1]} (write it as diffusers or peft)")
-    family = kohya._family_for_write(adapter, opts)
-    if family.name not in WRITE_FAMILIES:
-        raise FormatError(f"{out}: the ComfyUI layout is written for {', '.join(WRITE_FAMILIES)}, not {family.name}")
     for m in adapter:
         if m.kind == "set" or m.hints.get("widen"):
             raise FormatError(f"{out}: {m.component}:{m.path} sets or widens a base weight (a Flux control "
                               f"LoRA); ComfyUI reads those in their BFL form only: keep the original file")
+    family = kohya._family_for_write(adapter, opts)
+    if family.name not in WRITE_FAMILIES:
+        raise FormatError(f"{out}: the ComfyUI layout is written for {', '.join(WRITE_FAMILIES)}, not {family.name}")
     tensors: dict[str, torch.Tensor] = {}
     for nat in _native(family, list(adapter)):
         where = f"{out}: {nat.component}:{nat.path}"

@@ -47,6 +47,9 @@ FAMILY_EVIDENCE: tuple[tuple[str, re.Pattern], ...] = tuple((f, re.compile(r)) f
     ("sd3", r"^(text_encoders\.clip_g\.|lora_te3_)"),
     ("unet", r"(^|[._])(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)[._]\d"),
 ))
+# Families tried in this order when names and header leave several (the more common first; SD 1.x before
+# SDXL, whose U-Net names it shares).
+TIE_ORDER = ("flux", "sd3", "sd1", "sd2", "sdxl")
 # SD U-Nets tell their family by cross-attention width (attn2.to_k input features).
 CROSS_ATTENTION = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
@@ -171,29 +174,26 @@ def _shape_family(src, keys: Iterable[str]) -> str | None:
     return None
 
 
-def decide_family(dialect: Dialect, src, given: str | None) -> arch.Family:
-    """The family a dialect file is for: --family, the dialect's only family, metadata, names, shapes."""
+def candidate_families(dialect: Dialect, src, given: str | None) -> list[arch.Family]:
+    """The families a dialect file may be for, most likely first: --family, the dialect's only family,
+    metadata, names only one family has, cross-attention width; else every family of the dialect."""
     if given:
-        return arch.get(given)
+        return [arch.get(given)]
     if len(dialect.families) == 1:
-        return arch.get(dialect.families[0])
+        return [arch.get(dialect.families[0])]
     fam = arch.detect([], src.metadata)
     if fam is not None and fam.name in dialect.families:
-        return fam
+        return [fam]
     keys = src.keys
     found = {f for f, rx in FAMILY_EVIDENCE if any(rx.search(k) for k in keys)}
     if "unet" in found:
         found.discard("unet")
         sdxl = any(re.search(r"(^lora_te2_text_model|^text_encoders\.clip_g\.|label_emb|add_embedding|"
                              r"attentions[._]\d+[._]transformer_blocks[._][1-9])", k) for k in keys)
-        found.add("sdxl" if sdxl else _shape_family(src, keys) or "sd-unet")
-    found &= set(dialect.families) | {"sd-unet"}
-    if len(found) == 1 and "sd-unet" not in found:
-        return arch.get(found.pop())
-    raise FormatError(
-        f"{src.path}: a {dialect.name} file, but for which model family? (names and header do not tell; "
-        f"candidates: {', '.join(sorted(found - {'sd-unet'}) or dialect.families)}); pass --family"
-    )
+        shaped = "sdxl" if sdxl else _shape_family(src, keys)
+        found |= {shaped} if shaped else {"sd1", "sd2", "sdxl"}
+    found = found & set(dialect.families) or set(dialect.families)
+    return [arch.get(f) for f in TIE_ORDER if f in found]
 
 
 # ---------------------------------------------------------------------------------------- modules
@@ -273,9 +273,25 @@ def _canonical(family: arch.Family, modules: list[LoraModule], ldm: set[int]) ->
 
 
 def read(src, opts, dialect: Dialect) -> Adapter:
-    """Read ``src`` (written in ``dialect``) into an :class:`Adapter`; ``opts.family`` overrides detection."""
+    """Read ``src`` (written in ``dialect``) into an :class:`Adapter`; ``opts.family`` overrides detection.
+
+    When neither the header nor names only one family has tell the family, the first candidate whose
+    module names hold every key is taken (SD 1.x before SDXL: their diffusers and LDM / SGM U-Net names
+    coincide, so the modules read are the same)."""
+    candidates = candidate_families(dialect, src, getattr(opts, "family", None))
+    first_error: FormatError | None = None
+    for family in candidates:
+        try:
+            return _read(src, dialect, family)
+        except FormatError as exc:
+            first_error = first_error or exc
+    if len(candidates) > 1:
+        raise FormatError(f"{first_error} (tried {', '.join(f.name for f in candidates)}; pass --family)") from None
+    raise first_error
+
+
+def _read(src, dialect: Dialect, family: arch.Family) -> Adapter:
     where = str(src.path)
-    family = decide_family(dialect, src, getattr(opts, "family", None))
     tensors = src.tensors
     groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     heads: dict[tuple[str, str], str] = {}

@@ -136,8 +136,8 @@ XLABS_REWRITES = (
     (r"^single_blocks\.(\d+)\.processor\.proj_lora$", r"single_blocks.\1.linear2"),
 )
 PROCESSOR_REWRITES = (  # diffusers < 0.20 attention processors (diffusers.loaders, AttnProcsLayers)
-    (r"^(.+)\.(?:processor\.)?(to_q|to_k|to_v)_lora$", r"\1.\2"),
-    (r"^(.+)\.(?:processor\.)?to_out_lora$", r"\1.to_out.0"),
+    (r"^(.+?)\.(?:processor\.)?(to_q|to_k|to_v)_lora$", r"\1.\2"),
+    (r"^(.+?)\.(?:processor\.)?to_out_lora$", r"\1.to_out.0"),
 )
 
 DIALECTS: tuple[Dialect, ...] = (

@@ -228,6 +228,8 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
 def _family_for_write(adapter: Adapter, opts):
     if opts.family:
         return arch.get(opts.family)
+    if adapter.family in arch.families():
+        return arch.get(adapter.family)
     names = {m.hints.get("kohya_family") for m in adapter} - {None}
     if len(names) == 1:
         return arch.get(names.pop())
