@@ -39,7 +39,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.components import COMPONENTS
 from loratool.errors import FormatError
-from loratool.formats import ReadOptions, WriteOptions
+from loratool.formats import ReadOptions, WriteOptions, peft_lycoris
 from loratool.formats import peft_config as pc
 from loratool.io.atomic import atomic_path, check_output
 
@@ -163,8 +163,8 @@ def read(src, opts: ReadOptions | None = None) -> Adapter:
     where = str(src.folder or src.path)
     config = dict(src.config or {})
     peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise FormatError(f"{where}: PEFT adapter type {peft_type} is not supported (only LORA)")
+    if peft_type not in ("LORA", *peft_lycoris.TYPES):
+        raise FormatError(f"{where}: PEFT adapter type {peft_type} is not supported (LORA, LOHA, LOKR)")
     component = _component(src, config)
     tensors = src.tensors
     keys = list(tensors)
@@ -174,6 +174,10 @@ def read(src, opts: ReadOptions | None = None) -> Adapter:
         raise FormatError(f"{where}: key {odd!r} lacks the {PREFIX!r} prefix the other keys carry")
     if prefixed:
         tensors = {k[len(PREFIX):]: v for k, v in tensors.items()}
+    if peft_type in peft_lycoris.TYPES:
+        adapter = peft_lycoris.read(src, component, config, tensors, where)
+        adapter.metadata = {k: v for k, v in src.metadata.items() if k not in ("format", COMPONENT_KEY)}
+        return adapter
     groups, whole = group_tensors(tensors, where)
     adapter = Adapter(source_format=NAME)
     for fpath, group in groups.items():
@@ -271,6 +275,8 @@ def check_fan_in_fan_out(modules: list[LoraModule], layout: str) -> None:
 
 def component_payload(adapter: Adapter, component: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors without prefix, adapter_config dict) for one component."""
+    if peft_lycoris.holds(adapter, component):  # LoHa / LoKr: peft_type LOHA / LOKR
+        return peft_lycoris.component_payload(adapter, component, component)
     modules = adapter.by_component(component)
     for m in modules:
         check_writable(m, "PEFT")
