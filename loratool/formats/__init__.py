@@ -17,11 +17,12 @@ from typing import Any
 
 from loratool.errors import FormatError
 
-LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "comfyui")
+LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "comfyui", "mlx")
 # LyCORIS before kohya (same key naming, more kinds); PEFT before diffusers (diffusers'
-# current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B).
-DETECT_ORDER = ("peft", "lycoris", "kohya", "diffusers", "loralib")
-WRITABLE = ("kohya", "diffusers", "peft", "loralib", "comfyui")
+# current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B); MLX first (its
+# folder has an adapter_config.json too).
+DETECT_ORDER = ("mlx", "peft", "lycoris", "kohya", "diffusers", "loralib")
+WRITABLE = ("kohya", "diffusers", "peft", "loralib", "comfyui", "mlx")
 
 
 @dataclass

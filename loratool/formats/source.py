@@ -23,6 +23,9 @@ from loratool.io.safetensors_file import SafetensorsFile, TensorInfo
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# Weight files that come with an adapter_config.json beside them (PEFT's; MLX-LM's adapters.safetensors,
+# whose folder may also hold training checkpoints NNNNNNN_adapters.safetensors).
+CONFIGURED_WEIGHTS = (*PEFT_WEIGHTS, "adapters.safetensors")
 
 
 @dataclass(eq=False)
@@ -89,7 +92,7 @@ def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None
     cfg_path = Path(config) if config is not None else None
     if p.is_dir():
         folder = p
-        weights = [p / name for name in PEFT_WEIGHTS if (p / name).is_file()]
+        weights = [p / name for name in CONFIGURED_WEIGHTS if (p / name).is_file()]
         if not weights:
             cands = sorted(p.glob("*.safetensors"))
             if len(cands) != 1:
@@ -105,7 +108,7 @@ def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None
         sidecar = p.with_name(p.name + ".json")
         if sidecar.is_file():
             cfg_path = sidecar
-        elif (p.parent / "adapter_config.json").is_file() and p.name in PEFT_WEIGHTS:
+        elif (p.parent / "adapter_config.json").is_file() and p.name in CONFIGURED_WEIGHTS:
             folder = p.parent
             cfg_path = p.parent / "adapter_config.json"
     if cfg_path is not None and not cfg_path.exists():
