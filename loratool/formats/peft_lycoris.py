@@ -95,13 +95,21 @@ def read(src, component: str, config: dict[str, Any] | None, tensors: dict[str, 
     """A PEFT LoHa / LoKr adapter (keys already without the ``base_model.model.`` prefix); ``config`` None:
     none stored, alpha = r (scale 1)."""
     kind = kind or TYPES[str(config.get("peft_type")).upper()]
+    from loratool.formats.peft import is_lora_like
+
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    whole: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         path, dot, suffix = key.rpartition(".")
-        if not dot or suffix not in SUFFIXES or kohya.SUFFIXES[suffix][0] != kind:
-            raise FormatError(f"{where}: key {key!r} is not a tensor of a PEFT {kind.upper()} adapter")
-        groups.setdefault(path, {})[suffix] = tensor
+        if dot and suffix in SUFFIXES and kohya.SUFFIXES[suffix][0] == kind:
+            groups.setdefault(path, {})[suffix] = tensor
+        elif is_lora_like(key):
+            raise FormatError(f"{where}: key {key!r} is not a tensor of a PEFT {PEFT_TYPE[kind]} adapter")
+        else:
+            whole[key] = tensor  # modules_to_save
     adapter = Adapter(source_format="peft")
+    for name, tensor in whole.items():
+        adapter.extras[(component, name)] = tensor
     for fpath, parts in groups.items():
         module = kohya.build_module(f"{where}: {fpath}", component, canonical_clip_path(component, fpath), parts)
         if config is None:
