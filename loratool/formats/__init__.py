@@ -17,11 +17,11 @@ from typing import Any
 
 from loratool.errors import FormatError
 
-LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "comfyui", "mlx")
+LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "comfyui", "mlx", "lora_diffusion")
 # LyCORIS before kohya (same key naming, more kinds); PEFT before diffusers (diffusers'
 # current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B); MLX first (its
 # folder has an adapter_config.json too).
-DETECT_ORDER = ("mlx", "peft", "lycoris", "kohya", "diffusers", "loralib")
+DETECT_ORDER = ("lora_diffusion", "mlx", "peft", "lycoris", "kohya", "diffusers", "loralib")
 WRITABLE = ("kohya", "diffusers", "peft", "loralib", "comfyui", "mlx")
 
 

@@ -39,7 +39,7 @@ import torch
 from loratool.adapter import Adapter
 from loratool.arch.clip import CLIP_COMPONENTS, TEXT_MODEL, canonical_clip_path
 from loratool.errors import FormatError
-from loratool.formats import ReadOptions, WriteOptions, peft_lycoris
+from loratool.formats import ReadOptions, WriteOptions, lora_diffusion, peft_lycoris
 from loratool.formats import peft as peft_layout
 from loratool.formats import peft_config as pc
 from loratool.io.atomic import atomic_path, check_output
@@ -210,6 +210,7 @@ def payload(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from loratool.formats.set_modules import as_whole_weights
 
     adapter = as_whole_weights(adapter)  # BFL control norms, as diffusers' converter stores them
+    lora_diffusion.refuse_embeddings(adapter, "diffusers LoRA")
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
     for comp in adapter.components:

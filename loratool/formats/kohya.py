@@ -81,6 +81,9 @@ PAIRS = (("w1a", "w1b"), ("w2a", "w2b"))
 TUCKER_A = {"loha": (("t1", "w1a"), ("t2", "w2a")), "lokr": (("t2", "w2a"),)}
 LYCORIS_ONLY = ("hada_", "lokr_", "diff", "lora_mid.weight", *lycoris_kinds.SUFFIXES)
 _HEAD = re.compile(r"^[A-Za-z0-9_]+$")
+# Textual-inversion embeddings bundled in a LoRA file (A1111 extensions-builtin/Lora/networks.py):
+# ``bundle_emb.<name>.string_to_param.*`` [vectors, dim]; kept whole, as text-encoder extras.
+BUNDLED = "bundle_emb."
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -128,6 +131,8 @@ def _family_for_read(src, opts):
 def _group(src) -> dict[str, dict[str, str]]:
     groups: dict[str, dict[str, str]] = {}
     for key in src.keys:
+        if key.startswith(BUNDLED):
+            continue  # a bundled embedding: read as a whole tensor (read)
         parts = split_key(key)
         if parts is None:
             raise FormatError(f"{src.path}: key {key!r} is not a kohya/LyCORIS key this reader knows")
@@ -219,6 +224,9 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
     for m in modules:
         m.hints["kohya_canonical"] = (m.component, m.path)
         adapter.add(m)
+    for key in src.keys:
+        if key.startswith(BUNDLED):
+            adapter.extras[("text_encoder", key)] = tensors[key]
     return adapter
 
 
@@ -335,7 +343,8 @@ def network_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> dic
 
 def write(adapter: Adapter, out: Path, opts) -> list[Path]:
     out = check_output(out, opts.inputs, opts.force)
-    if adapter.extras:
+    bundled = {n: t for (_, n), t in adapter.extras.items() if n.startswith(BUNDLED)}
+    if len(bundled) < len(adapter.extras):
         names = ", ".join(f"{c}:{n}" for c, n in list(adapter.extras)[:3])
         raise FormatError(f"{out}: kohya files hold only LoRA modules; this adapter also has whole tensors "
                           f"({names}); write it as peft instead")
@@ -356,6 +365,7 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
             if key in tensors:
                 raise FormatError(f"{where}: two modules map to the kohya key {key!r}")
             tensors[key] = t
+    tensors.update({n: t.contiguous() for n, t in bundled.items()})
     metadata = {k: v for k, v in adapter.metadata.items() if k not in HASH_KEYS}
     metadata.update(opts.extra_metadata)
     metadata.update(network_metadata(metadata, native))
