@@ -147,6 +147,25 @@ def test_bfl_control_lora_merges_as_diffusers_loads_it(tmp_path, flux):
             "single_transformer_blocks.0.attn.to_v.bias"} <= touched
 
 
+def test_bfl_control_lora_merged_into_a_diffusers_folder_loads_in_diffusers(tmp_path, flux):
+    """A diffusers ``transformer/`` folder: the widened ``x_embedder`` is written whole and ``config.json`` gets
+    ``in_channels`` 16 (``out_channels`` pinned to 8), as diffusers sets them; diffusers loads the result."""
+    from diffusers import FluxTransformer2DModel
+
+    model, state, _ = flux
+    model.save_pretrained(tmp_path / "base" / "transformer")
+    shapes = bfl_shapes(**TINY)
+    shapes["img_in"] = (16, 16)
+    save_file(control_lora(shapes, 8, 1, 1, seed=6), tmp_path / "ctrl.safetensors")
+    convert(tmp_path / "ctrl.safetensors", "diffusers", tmp_path / "ctrl_diffusers.safetensors")
+    merge(tmp_path / "base" / "transformer", [tmp_path / "ctrl.safetensors"], tmp_path / "transformer")
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    assert (loaded.config.in_channels, loaded.config.out_channels) == (16, 8)
+    oracle = _diffusers_fuse(model, load_file(tmp_path / "ctrl_diffusers.safetensors"))
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, oracle[k], rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ fal Kontext (PEFT-wrapped BFL names)
 
 

@@ -303,14 +303,16 @@ class PartMerger:
 
     def write_index(self, group, dest: Path) -> None:
         src = self.ckpt.root / group.index_rel
-        if self.out_code is None:
+        widened = any(path == part.path for path, _ in self.plan.reshaped for part in group.parts)
+        if self.out_code is None and not widened:
             shutil.copyfile(src, dest)
             return
         index = dict(group.index)
         total = 0
         for part in group.parts:
             for info in part.file.header.tensors.values():
-                spec = TensorSpec(info.name, self._target_dtype(info), info.shape)
+                shape = self.plan.reshaped.get((part.path, info.name), info.shape)
+                spec = TensorSpec(info.name, self._target_dtype(info), shape)
                 total += spec.nbytes
         meta = dict(index.get("metadata") or {})
         meta["total_size"] = total
