@@ -98,6 +98,23 @@ def test_oft_merges_as_lycoris_merge_to(tmp_path, _unet_once, kw, kind, strength
     assert adapter.source_format == "lycoris"
     assert {m.layer for m in adapter} == ({"conv", "linear"} if kw.get("rescaled") else {"linear"})
     assert {m.weight_shape for m in adapter} >= {(32,), (16,)}  # OFT knows the output rows only
+    _round_trips(tmp_path, lyco, base_path)
+
+
+def _round_trips(tmp_path, lyco, base_path):
+    """--to kohya writes the same LyCORIS keys back (kinds, tensors and the alpha / constraint)."""
+    from safetensors.torch import load_file
+
+    from loratool.ops.convert import convert
+
+    convert(lyco, "kohya", tmp_path / "again.safetensors", base=base_path)
+    assert {k: v.shape for k, v in load_file(tmp_path / "again.safetensors").items()} == \
+        {k: v.shape for k, v in load_file(lyco).items()}
+    a, b = loratool.load(lyco, base=base_path), loratool.load(tmp_path / "again.safetensors", base=base_path)
+    for key, m in a.modules.items():
+        n = b.modules[key]
+        assert (m.kind, m.alpha) == (n.kind, n.alpha)
+        assert all(torch.equal(t, n.tensors[k]) for k, t in m.tensors.items())
 
 
 def test_glora_merges_as_lycoris_merge_to(tmp_path, _unet_once):
@@ -106,6 +123,7 @@ def test_glora_merges_as_lycoris_merge_to(tmp_path, _unet_once):
     assert assert_merged(out, expected, base, tol=1e-12) == _changed(expected, base) == len(net.loras)
     adapter = loratool.load(lyco, base=base_path)
     assert {m.kind for m in adapter} == {"glora"} and {m.layer for m in adapter} == {"conv", "linear"}
+    _round_trips(tmp_path, lyco, base_path)
 
 
 def test_norm_deltas_merge_as_lycoris_merge_to(tmp_path, _unet_once):
@@ -117,6 +135,7 @@ def test_norm_deltas_merge_as_lycoris_merge_to(tmp_path, _unet_once):
     norms = [m for m in loratool.load(lyco, base=base_path) if m.kind == "norm"]
     assert norms and all(m.layer == "norm" and "b_norm" in m.tensors for m in norms)
     assert changed == len(net.loras) + len(norms)  # every norm changes its weight and its bias
+    _round_trips(tmp_path, lyco, base_path)
 
 
 def test_old_oft_diag_rotation_merges_as_the_module_it_came_from(tmp_path, _unet_once):

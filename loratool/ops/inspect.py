@@ -464,6 +464,13 @@ def inspect(
         broken = set(nonfinite_modules(adapter))
         if broken:
             warnings.append(f"{len(broken)} module(s) hold NaN or Inf, no stats for them: {', '.join(sorted(broken))}")
+        from loratool.delta import BASE_DEPENDENT
+
+        dependent = {f"{m.component}:{m.path}" for m in adapter if m.kind in BASE_DEPENDENT}
+        if dependent:
+            warnings.append(f"{len(dependent)} OFT / GLoRA / set module(s) change W by a function of W: no ΔW "
+                            f"without the base, no stats for them")
+        broken |= dependent
         total = len(adapter)
         for i, (info, module) in enumerate(zip(modules, adapter)):
             if progress:
