@@ -247,3 +247,21 @@ def test_to_comfyui_refuses_a_control_lora(tmp_path):
     with pytest.raises(FormatError, match="keep the original file"):
         convert(tmp_path / "ctrl.safetensors", "comfyui", tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_info_cli_names_format_dialect_family_and_modules(tmp_path):
+    """The CLI: ``info --json`` carries ``dialect``; the table shows it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    unet = sd1_unet()
+    save_file(processor_lora(unet, seed=9), tmp_path / "old.safetensors")
+    run = [sys.executable, "-m", "loratool", "info", str(tmp_path / "old.safetensors"), "--family", "sd1"]
+    data = json.loads(subprocess.run(run + ["--json"], capture_output=True, text=True, check=True).stdout)
+    assert (data["format"], data["dialect"], data["family"], data["module_count"]) == \
+        ("diffusers", "diffusers-old", "sd1", 16)
+    assert all(m["component"] == "unet" and m["kind"] == "lora" for m in data["modules"])
+    table = subprocess.run(run, capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    assert "dialect" in table and "diffusers-old" in table
