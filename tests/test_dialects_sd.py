@@ -252,7 +252,7 @@ def test_to_comfyui_refuses_a_control_lora(tmp_path):
 def test_info_cli_names_format_dialect_family_and_modules(tmp_path):
     """The CLI: ``info --json`` carries ``dialect``; the table shows it."""
     import json
-    import os
+    import re
     import subprocess
     import sys
 
@@ -263,5 +263,9 @@ def test_info_cli_names_format_dialect_family_and_modules(tmp_path):
     assert (data["format"], data["dialect"], data["family"], data["module_count"]) == \
         ("diffusers", "diffusers-old", "sd1", 16)
     assert all(m["component"] == "unet" and m["kind"] == "lora" for m in data["modules"])
-    table = subprocess.run(run, capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"}).stdout
-    assert "dialect" in table and "diffusers-old" in table
+    from loratool.cli.info_cmd import render
+    from loratool.cli.render import console
+
+    with console.capture() as captured:  # the human table, rendered in-process
+        render(inspect(tmp_path / "old.safetensors", family="sd1"))
+    assert re.search(r"dialect\s+│?\s*diffusers-old", captured.get())
