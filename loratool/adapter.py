@@ -42,8 +42,10 @@ and ``up`` is [dim, r]; ΔW = (up @ down)ᵀ. ``fan_in_fan_out`` marks a base we
 [in, out] (GPT-2 ``Conv1D``): ΔW is transposed to match it.
 
 Scale: for ``lora`` modules ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``);
-``alpha`` None means alpha = r (scale 1). Readers resolve ``rank_pattern`` /
-``alpha_pattern`` so every module carries its own alpha.
+``alpha`` None means alpha = r (scale 1), and alpha 0 means scale 0 (PEFT's ``lora_alpha=0``).
+Layout conventions are the readers' business (kohya's "alpha 0 means alpha = r" is resolved by
+the kohya reader). Readers resolve ``rank_pattern`` / ``alpha_pattern`` so every module carries
+its own alpha.
 """
 
 from __future__ import annotations
@@ -58,8 +60,18 @@ KINDS = ("lora", "loha", "lokr", "full", "oft", "boft", "glora", "norm", "set")
 LAYERS = ("linear", "conv", "embedding", "norm")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class LoraModule:
+    """One adapted weight: the factors of ΔW, its alpha, and where it goes.
+
+    ``component`` / ``path`` name the base weight (``unet`` / ``down_blocks.0.attentions.0.proj_in``,
+    HF / diffusers naming); ``tensors`` hold the factors of ``kind`` in their stored dtype (table in
+    the module docstring). ``alpha`` is dimensionless; ``scale`` = alpha / rank (alpha / √rank with
+    ``rslora``; 1 when alpha is None). For a ``lora`` linear module ΔW = scale · up @ down, shape
+    [out, in], in the units of the base weight it is added to (W' = W + λ·ΔW for a strength λ);
+    :func:`loratool.delta.delta_weight` computes ΔW for every kind and layer.
+    """
+
     component: str
     path: str
     kind: str = "lora"
@@ -79,6 +91,21 @@ class LoraModule:
     @property
     def key(self) -> tuple[str, str]:
         return (self.component, self.path)
+
+    def __repr__(self) -> str:
+        try:
+            shape = "×".join(map(str, self.weight_shape))
+        except Exception:  # a half-built module (a reader's intermediate) still prints
+            shape = "?"
+        dtype = str(self.dtype).removeprefix("torch.") if self.tensors else "no tensors"
+        alpha = "None" if self.alpha is None else f"{self.alpha:g}"
+        flags = "".join((", DoRA" if self.magnitude is not None else "", ", rsLoRA" if self.rslora else "",
+                         ", fan_in_fan_out" if self.fan_in_fan_out else ""))
+        from loratool.delta_rank import delta_rank
+
+        rank = f"rank {delta_rank(self)} (kron)" if self.kind == "lokr" else f"rank {self.rank}"
+        return (f"LoraModule({self.component}:{self.path}, {self.kind} {self.layer}, {rank}, "
+                f"alpha {alpha}, scale {self.scale:.4g}, {shape} {dtype}{flags})")
 
     @property
     def rank(self) -> int:
@@ -106,7 +133,7 @@ class LoraModule:
             return 1.0
         if self.kind == "lokr" and "w1" in self.tensors and "w2" in self.tensors and self.declared_rank is None:
             return 1.0
-        alpha = float(r) if self.alpha is None or self.alpha == 0 else float(self.alpha)
+        alpha = float(r) if self.alpha is None else float(self.alpha)
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
     @property
@@ -136,8 +163,17 @@ class LoraModule:
         return out
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class Adapter:
+    """A LoRA adapter in canonical form: :class:`LoraModule` objects keyed by ``(component, path)``.
+
+    ``adapter[component, path]`` is one module, ``len(adapter)`` the module count, iterating
+    yields the modules. ``metadata`` is the file's string metadata (kohya ``ss_*``,
+    ``modelspec.*``), ``extras`` the whole tensors that are no factors (PEFT ``modules_to_save``).
+    Every module carries its own alpha, so ΔW = scale · up @ down holds module by module with
+    scale = alpha / rank; merging with strength λ adds λ·ΔW to the base weight.
+    """
+
     modules: dict[tuple[str, str], LoraModule] = field(default_factory=dict)
     # Header metadata (kohya ``ss_*`` / ``modelspec.*``; string values only).
     metadata: dict[str, str] = field(default_factory=dict)
@@ -180,3 +216,25 @@ class Adapter:
 
     def __iter__(self):
         return iter(self.modules.values())
+
+    def __getitem__(self, key: tuple[str, str]) -> LoraModule:
+        """``adapter["unet", "down_blocks.0.attentions.0.proj_in"]``: the module at (component, path)."""
+        try:
+            return self.modules[tuple(key)]
+        except (KeyError, TypeError):
+            raise KeyError(f"no module {key!r}; keys are (component, path) pairs such as "
+                           f"{next(iter(self.modules), ('unet', 'down_blocks.0.attentions.0.proj_in'))!r}") from None
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, tuple) and key in self.modules
+
+    def __repr__(self) -> str:
+        comps = ", ".join(f"{c} {len(self.by_component(c))}" for c in self.components if self.by_component(c))
+        kinds = "/".join(dict.fromkeys(m.kind for m in self)) or "no kinds"
+        from loratool.delta_rank import delta_rank
+
+        ranks = sorted({delta_rank(m) for m in self})
+        span = "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+        extras = f", {len(self.extras)} extra tensors" if self.extras else ""
+        where = ", ".join(x for x in (self.source_format, self.dialect, self.family) if x) or "unknown layout"
+        return f"Adapter({where}; {len(self)} modules ({comps or 'none'}); {kinds}; rank {span}{extras})"

@@ -31,13 +31,23 @@ Widening (diffusers ``_maybe_expand_transformer_param_shape_or_error_``, ComfyUI
 ``pad_tensor_to_shape``): a module marked ``hints["widen"]`` whose ΔW is larger than W in some
 dimension merges into W zero-padded to ΔW's shape (the old weight in the leading block).
 
-Merging with strength λ: W' = W + λ·ΔW. DoRA (PEFT semantics, magnitude m):
-W' = m / ‖W + λ·ΔW‖ ⊙ (W + λ·ΔW), the norm taken per output feature (rows of a Linear
-weight, output channels of a conv, embedding dimensions of an embedding table); with
-``hints["dora_axis"] == "in"`` (LyCORIS ``wd_on_out=False``) per input column instead.
+Merging with strength λ: W' = W + λ·ΔW. DoRA (magnitude m, norms ‖·‖ per output feature:
+rows of a Linear weight, output channels of a conv, embedding dimensions of an embedding table;
+per input column instead with ``hints["dora_axis"] == "in"``, LyCORIS ``wd_on_out=False``).
+λ enters as the module's layout library does (``hints["dora_strength"]``, set by the reader):
+
+* ``"peft"`` (default; PEFT / diffusers, whose strength is the LoRA scaling, ``set_scale``):
+  W' = m / ‖W + λ·ΔW‖ ⊙ (W + λ·ΔW);
+* ``"lycoris"`` (kohya-layout ``dora_scale``; lycoris ``functional.general._weight_decompose``,
+  which its ``forward`` and ``get_merged_weight`` both use, with the multiplier λ):
+  W' = (W + ΔW) ⊙ (λ·(m / (‖W + ΔW‖ + ε) − 1) + 1), ε = the compute dtype's machine epsilon.
+
+Both give m / ‖W + ΔW‖ ⊙ (W + ΔW) at λ = 1.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -64,8 +74,27 @@ def weight_shape(module: LoraModule) -> tuple[int, ...]:
             return (int(up.shape[0]), int(down.shape[1]), *kernel)
         shape = (int(up.shape[0]), int(down.shape[1]))
         return shape[::-1] if module.fan_in_fan_out else shape
-    # loha / lokr: compute the product once; the reader sets a hint when it knows better.
-    return tuple(_lycoris_delta(module, torch.float32, None).shape)
+    # loha / lokr: the product's shape (a conv product without Tucker core is flattened,
+    # [out, in·kh·kw]; the reader sets the ``weight_shape`` hint when it knows the kernel).
+    return product_shape(module)
+
+
+def _half_shape(t: dict, a: str, b: str, core: str | None) -> tuple[int, ...]:
+    rows, cols = int(t[a].shape[0]), math.prod(int(x) for x in t[b].shape[1:])
+    if core is not None and core in t:
+        return (rows, cols, *(int(x) for x in t[core].shape[2:]))
+    return (rows, cols)
+
+
+def product_shape(module: LoraModule) -> tuple[int, ...]:
+    """Shape of a LoHa / LoKr module's ΔW as :func:`_lycoris_delta` builds it, from the factors' shapes."""
+    t = module.tensors
+    if module.kind == "loha":
+        return _half_shape(t, "w1a", "w1b", "t1")
+    w1 = tuple(int(x) for x in t["w1"].shape) if "w1" in t else _half_shape(t, "w1a", "w1b", None)
+    w2 = tuple(int(x) for x in t["w2"].shape) if "w2" in t else _half_shape(t, "w2a", "w2b", "t2")
+    w1 = w1 + (1,) * (len(w2) - len(w1))  # kron of a matrix with a conv kernel: w1 as [a, b, 1, 1]
+    return tuple(x * y for x, y in zip(w1, w2))
 
 
 # Kinds whose base-weight shape their tensors tell (oft / boft: the output rows only).
@@ -181,9 +210,14 @@ def _numel(shape) -> int:
 
 
 def _same_matrix(a, b) -> bool:
-    """Conv 1×1 weights and Linear weights hold the same matrix: [o, i, 1, 1] == [o, i]."""
+    """Conv 1×1 weights and Linear weights hold the same matrix: [o, i, 1, 1] == [o, i]; and a ΔW
+    flattened as [o, i·kh·kw] is a k×k conv's [o, i, kh, kw] read row-major (how LyCORIS and conv
+    LoRA factors flatten a kernel: ``weight.reshape(out, -1)``)."""
     squeeze = [tuple(s for i, s in enumerate(x) if i < 2 or s != 1) for x in (a, b)]
-    return squeeze[0] == squeeze[1]
+    if squeeze[0] == squeeze[1]:
+        return True
+    flat, conv = (tuple(a), tuple(b)) if len(a) == 2 else (tuple(b), tuple(a))
+    return len(flat) == 2 and len(conv) > 2 and flat == (conv[0], _numel(conv[1:]))
 
 
 def _output_major(weight: torch.Tensor, module: LoraModule) -> torch.Tensor:
@@ -202,6 +236,31 @@ def _plain_linear(module: LoraModule, shape: tuple[int, ...]) -> bool:
     )
 
 
+def lycoris_strength(module: LoraModule) -> bool:
+    """Whether λ applies as LyCORIS' DoRA multiplier (outside the norm) rather than to ΔW (PEFT)."""
+    return module.magnitude is not None and module.hints.get("dora_strength") == "lycoris"
+
+
+def _magnitude(module: LoraModule, features: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The DoRA magnitude as a vector in ``dtype``, checked against the weight's feature count."""
+    mag = module.magnitude.to(device=device, dtype=dtype).reshape(-1)
+    if mag.numel() != features:
+        axis = "input" if module.hints.get("dora_axis") == "in" else "output"
+        raise MatchError(
+            f"{module.component}:{module.path}: DoRA magnitude has {mag.numel()} entries, "
+            f"the weight has {features} {axis} features"
+        )
+    return mag
+
+
+def dora_factor(norm: torch.Tensor, mag: torch.Tensor, lycoris: bool, strength: float) -> torch.Tensor:
+    """The per-feature f with W' = f ⊙ (W + λ'·ΔW), from the norms of W + λ'·ΔW (module docstring)."""
+    if not lycoris:
+        return mag / norm
+    factor = mag / (norm + torch.finfo(norm.dtype).eps)
+    return factor if strength == 1 else strength * (factor - 1) + 1
+
+
 def merge_weight(
     weight: torch.Tensor,
     module: LoraModule,
@@ -217,33 +276,29 @@ def merge_weight(
     w = weight.to(dtype=dtype)
     if module.kind in BASE_DEPENDENT:
         return MERGES[module.kind](w, module, strength)
+    inner = 1.0 if lycoris_strength(module) else strength  # the λ that scales ΔW itself
     if delta is None and _plain_linear(module, tuple(w.shape)):
         # Same formula, one fused pass: W + (λ·s)·up @ down without materialising ΔW.
         t = module.tensors
         up = t["up"].to(device=w.device, dtype=dtype).reshape(t["up"].shape[0], -1)
         down = t["down"].to(device=w.device, dtype=dtype)
-        merged = torch.addmm(w, up, down, alpha=strength * module.scale)
+        merged = torch.addmm(w, up, down, alpha=inner * module.scale)
     else:
         if delta is None:
             delta = delta_weight(module, dtype=dtype, device=w.device,
                                  shape=None if module.hints.get("widen") else tuple(w.shape))
         w = widen(w, module, tuple(delta.shape))
-        merged = w + strength * delta.to(device=w.device, dtype=dtype)
+        merged = w + inner * delta.to(device=w.device, dtype=dtype)
     if module.magnitude is None:
         return merged
     if module.hints.get("dora_axis") == "in":
-        return _dora_input_axis(merged, module)
-    wo = _output_major(merged, module)
-    norm = wo.reshape(wo.shape[0], -1).norm(p=2, dim=1)
-    mag = module.magnitude.to(device=w.device, dtype=dtype).reshape(-1)
-    if mag.numel() != norm.numel():
-        raise MatchError(
-            f"{module.component}:{module.path}: DoRA magnitude has {mag.numel()} entries, "
-            f"the weight has {norm.numel()} output features"
-        )
-    factor = (mag / norm).reshape(-1, *([1] * (wo.dim() - 1)))
-    out = wo * factor
-    return _output_major(out, module)
+        view = merged.transpose(0, 1)  # input features on dim 0
+    else:
+        view = _output_major(merged, module)
+    mag = _magnitude(module, view.shape[0], dtype, w.device)
+    factor = dora_factor(view.reshape(view.shape[0], -1).norm(p=2, dim=1), mag, lycoris_strength(module), strength)
+    out = view * factor.reshape(-1, *([1] * (view.dim() - 1)))
+    return out.transpose(0, 1) if module.hints.get("dora_axis") == "in" else _output_major(out, module)
 
 
 def delta_bias(
@@ -273,18 +328,6 @@ def has_bias_delta(module: LoraModule) -> bool:
 BIAS_TENSOR = {"lora": "bias", "full": "diff_b", "norm": "b_norm"}
 
 
-def _dora_input_axis(merged: torch.Tensor, module: LoraModule) -> torch.Tensor:
-    """LyCORIS ``wd_on_out=False`` DoRA (``dora_scale`` [1, in, ...]): W' = m ⊙ W / ‖W‖ per input column."""
-    cols = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(p=2, dim=1)
-    mag = module.magnitude.to(device=merged.device, dtype=merged.dtype).reshape(-1)
-    if mag.numel() != cols.numel():
-        raise MatchError(
-            f"{module.component}:{module.path}: DoRA scale has {mag.numel()} entries, "
-            f"the weight has {cols.numel()} input features"
-        )
-    return merged * (mag / cols).reshape(1, -1, *([1] * (merged.dim() - 2)))
-
-
 class RowMerge:
     """``merge_weight`` restricted to a block of rows, for modules whose merge is row-separable.
 
@@ -294,33 +337,32 @@ class RowMerge:
         W'[a:b] = W[a:b] + (λ·s) · up[a:b] @ down
         DoRA:    W'[a:b] = m[a:b] / ‖W'[a:b]‖_row ⊙ W'[a:b]      (norm per output row)
 
-    so a big weight can be merged block by block with the same float ops as
-    :func:`merge_weight` (one addmm with the same alpha, the same per-row norm), keeping the work
-    in cache. Build with :func:`row_merge`; factors are converted to ``dtype`` once.
+    (the LyCORIS strength form, W'[a:b] = W''[a:b] ⊙ (λ·(m[a:b] / ‖W''[a:b]‖ − 1) + 1) with
+    W'' = W + s·up @ down, is row-separable too), so a big weight can be merged block by block with
+    the same float ops as :func:`merge_weight` (one addmm with the same alpha, the same per-row
+    norm), keeping the work in cache. Build with :func:`row_merge`; factors are converted to
+    ``dtype`` once.
     """
 
     def __init__(self, module: LoraModule, strength: float, dtype: torch.dtype, device) -> None:
         t = module.tensors
         self.module = module
+        self.strength = strength
         self.up = t["up"].to(device=device, dtype=dtype).reshape(t["up"].shape[0], -1)
         self.down = t["down"].to(device=device, dtype=dtype)
-        self.alpha = strength * module.scale
+        self.lycoris = lycoris_strength(module)
+        self.alpha = (1.0 if self.lycoris else strength) * module.scale
         self.magnitude = None
         if module.magnitude is not None:
-            self.magnitude = module.magnitude.to(device=device, dtype=dtype).reshape(-1)
-            if self.magnitude.numel() != self.up.shape[0]:
-                raise MatchError(
-                    f"{module.component}:{module.path}: DoRA magnitude has {self.magnitude.numel()} entries, "
-                    f"the weight has {self.up.shape[0]} output features"
-                )
+            self.magnitude = _magnitude(module, self.up.shape[0], dtype, device)
 
     def apply_(self, block: torch.Tensor, start: int) -> torch.Tensor:
         """Merge rows ``start .. start + len(block)`` of the weight, in place on ``block`` (already ``dtype``)."""
         stop = start + block.shape[0]
         block.addmm_(self.up[start:stop], self.down, alpha=self.alpha)
         if self.magnitude is not None:
-            norm = block.norm(p=2, dim=1)
-            block.mul_((self.magnitude[start:stop] / norm).reshape(-1, 1))
+            factor = dora_factor(block.norm(p=2, dim=1), self.magnitude[start:stop], self.lycoris, self.strength)
+            block.mul_(factor.reshape(-1, 1))
         return block
 
 
@@ -334,7 +376,7 @@ def row_merge(
 ) -> RowMerge | None:
     """A :class:`RowMerge` when merging ``module`` into a weight of ``shape`` is row-separable, else None.
 
-    Row-separable: a plain Linear LoRA, without DoRA or with output-axis DoRA (the PEFT form).
+    Row-separable: a plain Linear LoRA, without DoRA or with output-axis DoRA (either strength form).
     Everything else (conv, embedding, fan_in_fan_out, LyCORIS products, input-axis DoRA) needs
     the whole weight: use :func:`merge_weight`.
     """

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from loratool.errors import UsageError
 
+# The names help shows; FLOAT_CODES also accepts their spelled-out aliases.
+FLOAT_NAMES = ("fp16", "bf16", "fp32")
 FLOAT_CODES = {
     "fp16": "F16", "float16": "F16", "half": "F16",
     "bf16": "BF16", "bfloat16": "BF16",
@@ -19,5 +21,5 @@ def float_code(name: str, option: str) -> str:
     """The safetensors code of a float dtype name; a :class:`UsageError` naming ``option`` otherwise."""
     code = FLOAT_CODES.get(name.lower())
     if code is None:
-        raise UsageError(f"{option} {name}: choose fp16, bf16 or fp32")
+        raise UsageError(f"{option} {name}: choose {', '.join(FLOAT_NAMES[:-1])} or {FLOAT_NAMES[-1]}")
     return code

@@ -22,6 +22,15 @@ def save_base(state: dict[str, torch.Tensor], path: Path, metadata: dict | None 
     return path
 
 
+def save_component(model, folder: Path, name: str = "diffusion_pytorch_model.safetensors") -> dict:
+    """Save ``model``'s weights as a diffusers component folder (``folder`` named after the component,
+    e.g. ``.../unet``, which is how the checkpoint says what it is); returns the saved state."""
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    folder.mkdir(parents=True)
+    save_base(base, folder / name)
+    return base
+
+
 def adapter_from_peft(peft_model, component: str = "model", strip: str = "base_model.model.") -> Adapter:
     """Canonical modules from the LoRA layers of a live PEFT model (adapter ``default``)."""
     from peft.tuners.lora import LoraLayer

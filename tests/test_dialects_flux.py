@@ -107,9 +107,9 @@ def test_bfl_control_lora_converts_as_diffusers_does(tmp_path):
     info = _info(tmp_path / "depth.safetensors")
     assert (info["format"], info["dialect"], info["family"]) == ("kohya", "bfl-control", "flux")
     assert info["kinds"] == {"lora": 19 * 14 + 38 * 6 + 10, "set": 19 * 4 + 38 * 2}  # fused q/k/v, linear1 split
-    assert {m["name"] for m in info["modules"] if m["kind"] == "set"} >= {"transformer_blocks.0.attn.norm_q",
+    assert {m["path"] for m in info["modules"] if m["kind"] == "set"} >= {"transformer_blocks.0.attn.norm_q",
                                                                            "single_transformer_blocks.37.attn.norm_k"}
-    x = next(m for m in info["modules"] if m["name"] == "x_embedder")
+    x = next(m for m in info["modules"] if m["path"] == "x_embedder")
     assert x["shape"] == [3072, 128]
 
     result = convert(tmp_path / "depth.safetensors", "diffusers", tmp_path / "out.safetensors")

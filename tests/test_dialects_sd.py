@@ -55,7 +55,7 @@ def test_unprefixed_processor_lora_converts_and_merges_as_diffusers(tmp_path, su
     info = inspect(path, family="sd1").to_json()
     assert (info["format"], info["dialect"], info["family"], info["module_count"]) == \
         ("diffusers", "diffusers-old", "sd1", 16)
-    assert {m["name"] for m in info["modules"]} >= {f"{ATTN}.attn1.to_out.0", f"{UP_ATTN}.attn2.to_k"}
+    assert {m["path"] for m in info["modules"]} >= {f"{ATTN}.attn1.to_out.0", f"{UP_ATTN}.attn2.to_k"}
 
     convert(path, "diffusers", tmp_path / "out.safetensors", family="sd1")
     ours, scales = read_diffusers_file(tmp_path / "out.safetensors")
@@ -104,7 +104,9 @@ def test_onetrainer_sdxl_diffusers_names_convert_and_merge_as_diffusers(tmp_path
           "lora_te1_text_model_encoder_layers_0_self_attn_out_proj": (32, 32),
           "lora_te2_text_model_encoder_layers_1_mlp_fc1": (37, 32)}
     sd.update(factors(te, 2, seed=3, names=("lora_down.weight", "lora_up.weight"), alpha=2.0))
-    meta = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+    # OneTrainer's header (DtypeModelSaverMixin._create_safetensors_header): modelspec, ot_*, kohya's version
+    meta = {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora", "ot_branch": "master",
+            "ot_revision": "0123abc", "ss_base_model_version": "sdxl_"}
     save_file(sd, tmp_path / "ot.safetensors", metadata=meta)
     info = inspect(tmp_path / "ot.safetensors").to_json()
     assert (info["format"], info["dialect"], info["family"]) == ("kohya", "onetrainer", "sdxl")
@@ -268,4 +270,4 @@ def test_info_cli_names_format_dialect_family_and_modules(tmp_path):
 
     with console.capture() as captured:  # the human table, rendered in-process
         render(inspect(tmp_path / "old.safetensors", family="sd1"))
-    assert re.search(r"dialect\s+│?\s*diffusers-old", captured.get())
+    assert re.search(r"format\s+│?\s*diffusers \(diffusers-old dialect\)", captured.get())

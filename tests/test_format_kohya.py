@@ -178,6 +178,37 @@ def test_network_dim_dynamic_and_spelling_kept(tmp_path):
     assert meta["ss_v2"] == "False"
 
 
+def test_network_dim_kept_while_it_describes_linear_and_conv_ranks(tmp_path):
+    """A LyCORIS LoCon trained with network_dim 4 / alpha 2 and conv_dim 8 / conv_alpha 1: its header
+    (written as sd-scripts' train_network does) still describes it after a no-op conversion."""
+    import lycoris
+
+    from loratool.ops.convert import convert
+
+    net = lycoris.create_lycoris(tiny_unet(), 1.0, linear_dim=4, linear_alpha=2.0, algo="locon", conv_dim=8,
+                                 conv_alpha=1.0)
+    net.apply_to()
+    assert {m.lora_dim for m in net.loras} == {4, 8}
+    meta = {"ss_network_module": "lycoris.kohya", "ss_network_dim": "4", "ss_network_alpha": "2.0",
+            "ss_network_args": json.dumps({"algo": "locon", "conv_dim": "8", "conv_alpha": "1"}),
+            "ss_base_model_version": "sd_v1"}
+    src = tmp_path / "locon.safetensors"
+    net.save_weights(str(src), torch.float32, meta)
+    out = tmp_path / "out.safetensors"
+    convert(src, "kohya", out)
+    written = open_source(out).metadata
+    assert (written["ss_network_dim"], written["ss_network_alpha"]) == ("4", "2.0")
+    assert written["ss_network_args"] == meta["ss_network_args"]
+    a, b = load_file(src), load_file(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # once the ranks no longer fit the header, it says Dynamic
+    adapter = loratool.load(out)
+    first = next(m for m in adapter if m.layer == "linear")
+    first.tensors["down"], first.tensors["up"] = first.tensors["down"][:2], first.tensors["up"][:, :2]
+    loratool.save(adapter, tmp_path / "cut.safetensors", "kohya")
+    assert open_source(tmp_path / "cut.safetensors").metadata["ss_network_dim"] == "Dynamic"
+
+
 def test_conv_tucker_and_missing_alpha(tmp_path):
     gen = torch.Generator().manual_seed(3)
     head = "lora_unet_down_blocks_0_resnets_0_conv1"

@@ -32,7 +32,7 @@ EXPECTED = {
     "short": "only 3 bytes",
     "truncated_data": "outside the data area",
     "truncated_header": "beyond the end of the file",
-    "garbage": "exceeds the 100 MB cap",
+    "garbage": "not a safetensors file",
     "huge_header_length": "exceeds the 100 MB cap",
     "header_over_cap": "exceeds the 100 MB cap",
     "header_past_eof": "beyond the end of the file",
@@ -240,27 +240,37 @@ def test_file_output_never_replaces_a_folder(tmp_path):
     with pytest.raises(OutputError, match="is a folder"):
         check_output(out, force=True, folder=False)
     (out / "sub").mkdir()
-    with pytest.raises(OutputError, match="subfolders"):
+    with pytest.raises(OutputError, match=r"did not write \(precious.txt\)"):
         check_output(out, force=True, folder=True)
+    assert snapshot(tmp_path) == {"keep/precious.txt": b"x"}
 
 
-def test_force_replaces_a_model_output_folder_only(tmp_path):
-    """A pipeline or multi-component PEFT folder loratool wrote may be replaced; other trees may not."""
+def test_force_replaces_a_folder_only_when_the_caller_owns_every_file(tmp_path):
+    """A pipeline or multi-component PEFT folder loratool wrote may be replaced; any other file stops it."""
+    from pathlib import PurePosixPath
+
+    from loratool.formats.outputs import adapter_file
+
     pipe = tmp_path / "merged"
     (pipe / "unet").mkdir(parents=True)
     (pipe / "model_index.json").write_text("{}")
-    assert check_output(pipe, force=True, folder=True) == pipe
+    mirrored = {PurePosixPath("model_index.json"), PurePosixPath("unet/config.json")}
+    assert check_output(pipe, force=True, folder=True, owned=mirrored.__contains__) == pipe
     peft = tmp_path / "peft"
     for comp in ("unet", "text_encoder"):
         (peft / comp).mkdir(parents=True)
         (peft / comp / "adapter_config.json").write_text("{}")
-    assert check_output(peft, force=True, folder=True) == peft
+    assert check_output(peft, force=True, folder=True, owned=adapter_file) == peft
     (pipe / "unet" / "deeper").mkdir()
-    with pytest.raises(OutputError, match="subfolders"):
-        check_output(pipe, force=True, folder=True)
+    (pipe / "unet" / "deeper" / "mine.txt").write_text("x")
+    with pytest.raises(OutputError, match="unet/deeper/mine.txt"):
+        check_output(pipe, force=True, folder=True, owned=mirrored.__contains__)
     (peft / "notes").mkdir()
-    with pytest.raises(OutputError, match="subfolders"):
-        check_output(peft, force=True, folder=True)
+    (peft / "notes" / "todo.md").write_text("x")
+    with pytest.raises(OutputError, match="notes/todo.md"):
+        check_output(peft, force=True, folder=True, owned=adapter_file)
+    with pytest.raises(OutputError, match="did not write"):
+        check_output(tmp_path / "merged", force=True, folder=True)  # nobody owns anything: only empty folders go
 
 
 def test_check_output_refusals(tmp_path):

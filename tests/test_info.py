@@ -70,7 +70,7 @@ def test_loralib_header_only(tmp_path, data_reads):
     report = inspect(path, "loralib")
     assert data_reads == []  # not one tensor byte was read
     assert report.header_only and report.format == "loralib" and report.warnings == []
-    by_name = {m.name: m for m in report.modules}
+    by_name = {m.path: m for m in report.modules}
     assert by_name["wte"].layer == "embedding" and by_name["wte"].shape == [20, 8]
     c_attn = by_name["h.0.attn.c_attn"]
     assert c_attn.rank == 4 and c_attn.scale == 2.5 and c_attn.shape == [8, 24] and c_attn.fan_in_fan_out
@@ -80,7 +80,7 @@ def test_loralib_header_only(tmp_path, data_reads):
         assert key in data
     assert data["size_bytes"] == path.stat().st_size + (tmp_path / "lora.safetensors.json").stat().st_size
     assert data["ranks"] == {"min": 2, "max": 4, "histogram": {"2": 1, "3": 1, "4": 2}}
-    assert set(data["modules"][0]) >= {"name", "component", "rank", "alpha", "scale", "kind", "layer", "shape", "dtype"}
+    assert set(data["modules"][0]) >= {"path", "component", "rank", "alpha", "scale", "kind", "layer", "shape", "dtype"}
 
 
 def test_loralib_stats_match_loralib_merge(tmp_path):
@@ -89,7 +89,7 @@ def test_loralib_stats_match_loralib_merge(tmp_path):
     report = inspect(path, "loralib", stats=True)
     assert report.stats and not report.header_only
     for m in report.modules:
-        norm, erank, rank = _sv_oracle(oracle[m.name])
+        norm, erank, rank = _sv_oracle(oracle[m.path])
         assert m.stats.norm == pytest.approx(norm, rel=1e-10)
         assert m.stats.effective_rank == pytest.approx(erank, rel=1e-8)
         assert m.stats.numerical_rank == rank == m.rank
@@ -99,13 +99,13 @@ def test_peft_header_only_and_stats(tmp_path, data_reads):
     folder, deltas = _peft_folder(tmp_path)
     report = inspect(folder)
     assert data_reads == [] and report.format == "peft"
-    by_name = {m.name: m for m in report.modules}
+    by_name = {m.path: m for m in report.modules}
     assert set(by_name) == set(deltas)
     assert by_name["model.layers.0.mlp.up_proj"].rank == 2 and by_name["model.layers.0.mlp.up_proj"].scale == 4
     assert by_name["model.layers.1.self_attn.v_proj"].alpha == 3
     stats = inspect(folder, stats=True)
     for m in stats.modules:
-        norm, erank, _ = _sv_oracle(deltas[m.name])
+        norm, erank, _ = _sv_oracle(deltas[m.path])
         assert m.stats.norm == pytest.approx(norm, rel=1e-10)
         assert m.stats.effective_rank == pytest.approx(erank, rel=1e-8)
 

@@ -53,18 +53,26 @@ def test_fp16_base_keeps_dtype_header_and_untouched_bytes(tmp_path, peft_case, c
     assert code == 0, cap.err
     summary = json.loads(cap.out)
     assert summary["matched"] == {"model": 6} and summary["matched_total"] == 6 and summary["unmatched"] == []
-    assert summary["merged_tensors"] == 6 and summary["skipped"] == len(base16) - 6
+    assert summary["merged_tensors"] == 6 and summary["copied_tensors"] == len(base16) - 6
     assert summary["peak_rss_mb"] > 0 and summary["seconds"] >= 0
     ours = load_file(str(out))
     src, dst = SafetensorsFile(base_path), SafetensorsFile(out)
     assert src.header.data_offset == dst.header.data_offset
     assert base_path.read_bytes()[: src.header.data_offset] == out.read_bytes()[: dst.header.data_offset]
+    # Oracle: PEFT's merge of the same adapter into the fp16 weights as stored, in float64; the file
+    # can differ from it only by the final rounding to fp16 (measured: 2 of 6144 entries differ from the
+    # correctly rounded value, by at most 0.51 ulp of the exact result; bound: 1 ulp)
+    from peft import PeftModel
+
+    stored = tiny_llama().double()
+    stored.load_state_dict({k: v.double() for k, v in base16.items()})
+    exact = PeftModel.from_pretrained(stored, str(peft_case["adapter_dir"])).merge_and_unload().state_dict()
     for key in base16:
         assert ours[key].dtype == torch.float16
         if any(t in key for t in TARGETS):
-            exp = peft_case["expected"][key]
-            # fp16 storage: the error is fp16 rounding of the result, relative to the update
-            assert relative_error(ours[key], exp, peft_case["base"][key]) < 2e-2, key
+            want = exact[key]
+            ulp = torch.finfo(torch.float16).eps * want.abs().clamp(min=2.0 ** -14)
+            assert bool(((ours[key].double() - want).abs() <= ulp).all()), key
         else:
             assert src.raw_bytes(key) == dst.raw_bytes(key), key
 
@@ -103,6 +111,14 @@ def test_dtype_option_converts_float_tensors_and_rewrites_sharded_index(tmp_path
             assert value.dtype == torch.bfloat16, key
             total += value.numel() * 2
     assert index["metadata"]["total_size"] == total
+    # config.json says what the files now hold (transformers reads it back as bfloat16); nothing else changes
+    from transformers import AutoConfig
+
+    before = json.loads((tmp_path / "base" / "config.json").read_text())
+    after = json.loads((out / "config.json").read_text())
+    assert before["dtype"] == "float32" and after["dtype"] == "bfloat16"
+    assert {k: v for k, v in after.items() if k != "dtype"} == {k: v for k, v in before.items() if k != "dtype"}
+    assert AutoConfig.from_pretrained(out).dtype == torch.bfloat16
 
 
 def test_row_slice_targets_get_delta_on_their_rows_only(tmp_path, monkeypatch):

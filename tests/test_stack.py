@@ -15,7 +15,6 @@ from test_resize import _matrix
 import loratool
 from loratool.adapter import Adapter, LoraModule
 from loratool.cli import main
-from loratool.delta import delta_bias
 from loratool.errors import MatchError, UsageError
 from loratool.ops.stack import stack
 
@@ -117,16 +116,38 @@ def test_lycoris_and_full_modules_stack_exactly():
         assert np.linalg.norm(_matrix(out) - want) / np.linalg.norm(want) < 1e-10, key
 
 
-def test_bias_deltas_are_summed_once():
-    a, b = Adapter(), Adapter()
-    a.add(LoraModule("model", "x", alpha=2.0, tensors={"down": _rand(2, 6, seed=90), "up": _rand(5, 2, seed=91),
-                                                       "bias": _rand(5, seed=92)}))
-    b.add(LoraModule("model", "x", alpha=3.0, tensors={"down": _rand(3, 6, seed=93), "up": _rand(5, 3, seed=94),
-                                                       "bias": _rand(5, seed=95)}))
-    out = stack([a, b], [2.0, 1.0], device="cpu").adapter.modules[("model", "x")]
-    want = 2.0 * delta_bias(a.modules[("model", "x")], dtype=torch.float64) \
-        + delta_bias(b.modules[("model", "x")], dtype=torch.float64)
-    assert torch.allclose(delta_bias(out, dtype=torch.float64), want, atol=1e-12)
+def _peft_biased(tmp_path, name: str, seed: int, **cfg):
+    """A PEFT ``lora_bias`` adapter on a CLIP text model (biased Linears), saved; and PEFT's merge of it."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import randomize_lora, tiny_clip_text
+
+    model = tiny_clip_text().double()
+    pm = get_peft_model(model, LoraConfig(target_modules=["q_proj", "fc1"], lora_bias=True, **cfg))
+    randomize_lora(pm, seed=seed)
+    pm.save_pretrained(tmp_path / name)
+    return tmp_path / name, {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+
+
+def test_bias_deltas_are_summed_once(tmp_path):
+    """Oracle: PEFT's merge of each adapter alone (W + s·B@A, b + s·lora_B.bias); the stack merges to
+    base + 2·Δ_a + Δ_b, weights and biases."""
+    from merge_oracles import assert_merged, save_base
+    from tiny_models import tiny_clip_text
+
+    from loratool.ops.merge import merge
+    from loratool.ops.stack import stack_files
+
+    base = {k: v.detach().clone() for k, v in tiny_clip_text().double().state_dict().items()}
+    a, merged_a = _peft_biased(tmp_path, "a", 1, r=2, lora_alpha=4)
+    b, merged_b = _peft_biased(tmp_path, "b", 2, r=3, lora_alpha=3)
+    expected = {k: base[k] + 2.0 * (merged_a[k] - base[k]) + (merged_b[k] - base[k]) for k in base}
+    out = tmp_path / "stacked"
+    stack_files([a, b], out, [2.0, 1.0], device="cpu")
+    merged = tmp_path / "merged.safetensors"
+    merge(save_base(base, tmp_path / "model.safetensors"), [out], merged, device="cpu")
+    biases = [k for k in base if k.endswith("bias") and not torch.equal(expected[k], base[k])]
+    assert len(biases) == 4  # q_proj and fc1 of both layers
+    assert assert_merged(merged, expected, base, tol=1e-12) == 8
 
 
 def test_mismatched_shapes_dora_and_bad_arguments_are_errors():

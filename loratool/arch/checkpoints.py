@@ -308,8 +308,7 @@ def canonical_targets(
 # diffusers pipeline class (model_index.json ``_class_name``) prefix -> family.
 PIPELINE_FAMILIES = (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("Flux", "flux"),
                      ("StableDiffusion", "sd1"))
-# ``cross_attention_dim`` of the released U-Nets -> family.
-CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
+CROSS_ATTENTION_FAMILIES = sdxl.CROSS_ATTENTION_FAMILIES  # cross_attention_dim of the released U-Nets -> family
 # First path segments of HF transformers language models (``model.layers.0...``, GPT-2's ``transformer.h.0``...).
 _LLM_BODY = re.compile(r"^(model\.|transformer\.|)(layers|h|decoder\.layers|encoder\.block|block)\.\d+\.")
 SINGLE_FILE_ARCHITECTURES = {"sd1": "LDM single file", "sd2": "LDM single file (OpenCLIP-H)",

@@ -21,8 +21,11 @@ the BFL names (:data:`NAMING`).
 
 from __future__ import annotations
 
+import re
+
 from loratool.adapter import LoraModule
 from loratool.arch import Family, fused, load_table
+from loratool.arch.evidence import DECLARED, UNIQUE, Evidence
 from loratool.arch.fused import swap_halves as swap_halves  # BFL shift/scale <-> diffusers scale/shift
 from loratool.errors import MatchError
 
@@ -153,6 +156,29 @@ def detect(keys: list[str], metadata: dict[str, str]) -> int:
     return 0
 
 
+# --- family evidence from canonical (diffusers) names and shapes ---
+
+FLUX_NAMES = re.compile(r"flux(?![.\-_ ]?[2-9])")  # FLUX.1-dev, flux1; not FLUX.2
+# diffusers FluxTransformer2DModel modules SD3 has not
+FLUX_ONLY = re.compile(r"^single_transformer_blocks\.|^x_embedder$|^time_text_embed\.guidance_embedder\.")
+T5 = re.compile(r"^encoder\.block\.\d+\.")
+PUBLISHED_WIDTHS = {3072: "FLUX.1-dev / schnell, 24 × 128"}  # num_attention_heads × attention_head_dim
+POOLED_WIDTH = 768  # pooled_projection_dim: CLIP-L
+
+
+def evidence(ev: Evidence) -> tuple[int, str]:
+    """Flux.1: declared, Flux-only modules, the published widths, a T5 ``text_encoder_2`` beside a
+    transformer, or MMDiT-style double-stream blocks."""
+    if ev.declares(FLUX_NAMES):
+        return DECLARED, "declared in its metadata"
+    comps = ev.components
+    if not comps or comps & {"unet", "model", "text_encoder_3"}:
+        return 0, ""
+    if ev.any_path("transformer", FLUX_ONLY):
+        return UNIQUE, "single_transformer_blocks / x_embedder / guidance_embedder modules"
+    return fused.dit_evidence(ev, PUBLISHED_WIDTHS, POOLED_WIDTH, T5, "T5")
+
+
 FAMILY = Family(
     name="flux",
     kohya_prefixes={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te3": "text_encoder_2"},
@@ -160,4 +186,6 @@ FAMILY = Family(
     to_canonical=to_canonical,
     from_canonical=from_canonical,
     detect=detect,
+    evidence=evidence,
+    merges_into=("clip", "t5"),
 )

@@ -10,6 +10,9 @@ LoRA per part with the down shared: ΔW_g = s · up[rows_g] @ down. Files traine
 store down = [down_1; …; down_G] (rank G·r') and a block-diagonal up; those split into
 (down_g, up[rows_g, cols_g]) at rank r' with alpha' = s · r' (s · √r' for rsLoRA): the same scale.
 Factors that cannot be row-split (LoHa, LoKr, Tucker cores) become their dense ΔW (kind ``full``).
+Whether ``up`` is block-diagonal is a property of its values, so it is decided only when they are
+read: a header-only read (``info`` without ``--stats``: ``meta`` tensors) splits with the shared down,
+which is exact for every ``up``, and reports each part at the fused module's rank.
 
 Fuse (diffusers -> native). Parts that share one down, one scale and one rank fuse to
 (down, cat(up_g)). Otherwise down = cat(down_g) and up = blockdiag(up_g) at rank R = Σ r_g, with
@@ -20,6 +23,7 @@ and alpha = R (√R): scale 1. A part not adapted is zero rows. Never a lossy re
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -30,6 +34,33 @@ from loratool.adapter import LoraModule
 from loratool.errors import FormatError, MatchError
 
 Rows = list[tuple[int, int]]
+
+# diffusers names both Flux and SD3 share (family evidence: the structure, not the family)
+DOUBLE_STREAM = re.compile(r"^transformer_blocks\.\d+\.(attn\.|ff\.|ff_context\.|norm1)")
+# the attention projections of a double-stream block: their input width is the model's hidden width
+INNER = re.compile(r"^transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)$")
+# the pooled-text embedder: its input width is the pooled text width (Flux.1 CLIP-L 768, SD3 CLIP-L+G 2048)
+POOLED = re.compile(r"^time_text_embed\.text_embedder\.linear_1$")
+
+
+def dit_evidence(ev, widths: dict[int, str], pooled: int, text_encoder_2: re.Pattern[str], what: str
+                 ) -> tuple[int, str]:
+    """The evidence Flux and SD3 weigh alike (:mod:`loratool.arch.evidence` scale): the hidden width of a
+    published model (``widths``: width -> model), the pooled text width, ``text_encoder_2`` names
+    (``what`` they are), MMDiT-style double-stream blocks."""
+    from loratool.arch.evidence import STRUCTURE, WIDTHS
+
+    hidden = ev.in_features("transformer", INNER)
+    if len(hidden) == 1 and hidden <= set(widths):
+        w = hidden.pop()
+        return WIDTHS, f"hidden width {w} ({widths[w]})"
+    if ev.in_features("transformer", POOLED) == {pooled}:
+        return WIDTHS, f"pooled text width {pooled}"
+    if "transformer" in ev.components and ev.any_path("text_encoder_2", text_encoder_2):
+        return STRUCTURE + 20, f"a {what} text_encoder_2 beside the transformer"
+    if ev.any_path("transformer", DOUBLE_STREAM):
+        return STRUCTURE, "MMDiT-style transformer blocks"
+    return 0, ""
 
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -80,9 +111,10 @@ def renamed(module: LoraModule, path: str) -> LoraModule:
 
 
 def block_diagonal(up: torch.Tensor, rows: Rows) -> bool:
-    """True when ``up`` [out, G·r'] is zero outside the diagonal blocks (rows_g × cols_g)."""
+    """True when ``up`` [out, G·r'] is zero outside the diagonal blocks (rows_g × cols_g); False for a
+    tensor without values (``meta``): the shared-down split is exact either way."""
     g = len(rows)
-    if up.shape[1] % g:
+    if up.is_meta or up.shape[1] % g:
         return False
     rr = up.shape[1] // g
     mask = torch.ones_like(up, dtype=torch.bool)
@@ -107,6 +139,10 @@ def split(module: LoraModule, targets: tuple[str, ...], split_rows: Callable[[in
     stored swapped (restored before slicing)."""
     if module.kind not in ("lora", "full") or "mid" in module.tensors:
         module = as_full(module)
+    per_input = module.magnitude is not None and module.hints.get("dora_axis") == "in"
+    if per_input and len(targets) > 1:
+        raise FormatError(f"{module.component}:{module.path}: DoRA normalised per input column over the fused "
+                          f"weight cannot be split into {', '.join(targets)} (each part's norm differs)")
     t = module.tensors
     if module.kind == "full":
         out_rows, in_features = t["diff"].shape[0], t["diff"].shape[1]
@@ -119,14 +155,18 @@ def split(module: LoraModule, targets: tuple[str, ...], split_rows: Callable[[in
             return None
         return (swap_halves(x) if swapped else x)[a:b].clone()
 
+    def magnitude(a: int, b: int) -> torch.Tensor | None:
+        # one entry per input column: the rows' order does not touch it
+        return module.magnitude.clone() if per_input else rowwise(module.magnitude, a, b)
+
     out = []
     if module.kind == "full":
         for path, (a, b) in zip(targets, rows):
             tensors = {"diff": rowwise(t["diff"], a, b)}
             if "diff_b" in t:
                 tensors["diff_b"] = rowwise(t["diff_b"], a, b)
-            out.append(derived(module, path, tensors, alpha=module.alpha, magnitude=rowwise(module.magnitude, a, b)))
-        return out
+            out.append(derived(module, path, tensors, alpha=module.alpha, magnitude=magnitude(a, b)))
+        return _mark_parts(out, module)
     down, up = t["down"], t["up"]
     r = down.shape[0]
     diagonal = len(rows) > 1 and block_diagonal(up, rows)
@@ -142,8 +182,17 @@ def split(module: LoraModule, targets: tuple[str, ...], split_rows: Callable[[in
             alpha = module.alpha
         if "bias" in t:
             tensors["bias"] = rowwise(t["bias"], a, b)
-        out.append(derived(module, path, tensors, alpha=alpha, magnitude=rowwise(module.magnitude, a, b)))
-    return out
+        out.append(derived(module, path, tensors, alpha=alpha, magnitude=magnitude(a, b)))
+    return _mark_parts(out, module)
+
+
+def _mark_parts(parts: list[LoraModule], native: LoraModule) -> list[LoraModule]:
+    """``hints["fused"] = (native path, part index, part count)``: the parts of one fused native
+    module, in row order, so an op that must work in the file's own space (resize to the rank of
+    the module in the file) can put them back together."""
+    for g, part in enumerate(parts):
+        part.hints["fused"] = (native.path, g, len(parts))
+    return parts
 
 
 def fuse(native: str, parts: list[LoraModule | None], targets: tuple[str, ...], swapped: bool,
@@ -169,7 +218,16 @@ def fuse(native: str, parts: list[LoraModule | None], targets: tuple[str, ...], 
         y = torch.cat(xs, dim=0)
         return swap_halves(y) if swapped else y
 
-    magnitude = cat_rows([p.magnitude for p in parts]) if first.magnitude is not None else None
+    per_input = first.magnitude is not None and first.hints.get("dora_axis") == "in"
+    if per_input and len(parts) > 1:
+        raise FormatError(f"{first.component}:{native}: DoRA normalised per input column of each of "
+                          f"{', '.join(targets)} cannot be fused (the fused weight has one norm per column)")
+    if first.magnitude is None:
+        magnitude = None
+    else:
+        magnitude = first.magnitude if per_input else cat_rows([p.magnitude for p in parts])
+    # the DoRA axis and strength semantics are maths, not naming: they stay with the fused module
+    hints = {k: first.hints[k] for k in ("dora_axis", "dora_strength") if k in first.hints}
     dtype = first.dtype
     if any(p.kind != "lora" or "mid" in p.tensors for p in present):
         from loratool.delta import delta_weight
@@ -177,14 +235,14 @@ def fuse(native: str, parts: list[LoraModule | None], targets: tuple[str, ...], 
         diffs = [delta_weight(p, dtype=torch.float32) if p is not None else torch.zeros(w, in_features)
                  for p, w in zip(parts, widths)]
         tensors = {"diff": cat_rows(diffs).to(dtype)}
-        return derived(first, native, tensors, kind="full", magnitude=magnitude, hints={})
+        return derived(first, native, tensors, kind="full", magnitude=magnitude, hints=hints)
     downs = [p.tensors["down"] for p in present]
     same = (len(present) == len(parts) and all(torch.equal(d, downs[0]) for d in downs)
             and len({(p.scale, p.rank) for p in present}) == 1 and not any("bias" in p.tensors for p in present))
     if same and len(parts) > 1:
         up = cat_rows([p.tensors["up"] for p in parts])
         return derived(first, native, {"down": downs[0].clone(), "up": up}, alpha=first.alpha, magnitude=magnitude,
-                       hints={})
+                       hints=hints)
     scales = {p.scale for p in present}
     rank = sum(p.rank for p in present)
     if len(scales) == 1:
@@ -209,7 +267,7 @@ def fuse(native: str, parts: list[LoraModule | None], targets: tuple[str, ...], 
     if any("bias" in p.tensors for p in present):
         tensors["bias"] = cat_rows([p.tensors["bias"] if p is not None and "bias" in p.tensors
                                     else torch.zeros(w, dtype=dtype) for p, w in zip(parts, widths)])
-    return derived(first, native, tensors, alpha=alpha, magnitude=magnitude, hints={})
+    return derived(first, native, tensors, alpha=alpha, magnitude=magnitude, hints=hints)
 
 
 @dataclass(frozen=True)

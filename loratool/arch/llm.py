@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from functools import cache
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, identity, load_table
+from loratool.arch.evidence import DECLARED, UNIQUE, Evidence
 
 # No bare "lora": "lora_model_layers_0" would read both as lora + model.layers.0 and lora_model + layers.0.
 PREFIXES = {"lora_te": "model", "lora_model": "model", "lora_llm": "model"}
@@ -56,5 +58,38 @@ def detect(keys: list[str], metadata: dict[str, str]) -> int:
     return 30 if any(_LLM_BODY.search(k) for k in keys) else 0
 
 
+# Hub names of language-model series (PEFT ``base_model_name_or_path``); weaker than auto_mapping.
+LM_NAMES = re.compile(r"llama|mistral|mixtral|qwen|gemma|phi-?\d|gpt|falcon|\bopt-|bloom|\bt5\b|flan|deepseek|"
+                      r"smollm|olmo|granite")
+
+
+@cache
+def _templates() -> frozenset[str]:
+    """Name templates (digits → #) of every known LLM module path, also without its first segment
+    (a bare ``GPT2Model`` / ``LlamaModel``: ``h.#.attn.c_attn``, ``layers.#.mlp.up_proj``)."""
+    from loratool.formats.kohya_names import template
+
+    out = {template(p) for p in native_paths("model")}
+    return frozenset(out | {t.split(".", 1)[1] for t in out if "." in t})
+
+
+def evidence(ev: Evidence) -> tuple[int, str]:
+    """A plain ``model`` adapter whose PEFT config names a transformers LM (auto_mapping / task_type), or
+    whose module names are mostly HF language-model names, or whose base is named like an LLM series."""
+    if ev.components != {"model"}:
+        return 0, ""
+    if ev.lm_declared:
+        return DECLARED, "its PEFT config names a transformers language model"
+    from loratool.formats.kohya_names import template
+
+    paths = ev.paths("model")
+    known = sum(template(p) in _templates() for p in paths)
+    if paths and 2 * known >= len(paths):
+        return UNIQUE, "HF language-model module names"
+    if ev.declares(LM_NAMES):
+        return UNIQUE - 30, "base_model_name_or_path names a language model"
+    return 0, ""
+
+
 FAMILY = Family(name="llm", kohya_prefixes=dict(PREFIXES), native_paths=native_paths, to_canonical=to_canonical,
-                from_canonical=identity, detect=detect)
+                from_canonical=identity, detect=detect, evidence=evidence, merges_into=("t5",))

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, identity, load_table
+from loratool.arch.evidence import DECLARED, LAYOUT, WEAK, Evidence
 
 PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder"}
 _UNET_DIFFUSERS = re.compile(r"^(lora_unet|lycoris)_(down_blocks|up_blocks|mid_block)_")
@@ -77,8 +78,41 @@ def _detector(family: str):
     return detect
 
 
+NAMES = {"sd1": re.compile(r"stable-diffusion-v-?1|sd_v1|\bsd-?1\.[45]\b"),
+         "sd2": re.compile(r"stable-diffusion-(v-?)?2|sd_v2|\bsd-?2\.[01]\b")}
+# Text-encoder width: SD 2.x's OpenCLIP-H is 1024 wide (CLIP-L, shared by every other family, 768).
+TEXT_WIDTH = re.compile(r"\.self_attn\.q_proj$")
+PROJ_IN = re.compile(r"\.attentions\.\d+\.proj_in$")
+
+
+def _evidence(family: str):
+    def evidence(ev: Evidence) -> tuple[int, str]:
+        from loratool.arch.sdxl import cross_attention_family, unet_layout
+
+        if ev.declares(NAMES[family]):
+            return DECLARED, "declared in its metadata"
+        comps = ev.components
+        layout = unet_layout(ev)
+        if not comps or comps - {"unet", "text_encoder"} or layout == "sdxl":
+            return 0, ""
+        score, why = (LAYOUT, "SD 1.x/2.x U-Net blocks") if layout == "sd" else (WEAK, "U-Net / CLIP components")
+        # SD 1.x and 2.x share every name: their widths and SD 2.x's Linear attention projections
+        # (use_linear_projection; SD 1.x: 1×1 convs) tell them apart
+        if cross_attention_family(ev) == family:
+            return score + 10, why + f", the cross-attention width of the released {family} U-Net"
+        if family == "sd2" and ev.in_features("text_encoder", TEXT_WIDTH) == {1024}:
+            return score + 10, why + ", text-encoder width 1024 (OpenCLIP-H)"
+        dims = {len(s) for s in ev.shapes("unet", PROJ_IN)}
+        if dims == {2 if family == "sd2" else 4}:
+            return score + 5, why + (", linear proj_in" if family == "sd2" else ", conv proj_in")
+        return score, why
+
+    return evidence
+
+
 FAMILIES = [
     Family(name=name, kohya_prefixes=dict(PREFIXES), native_paths=_paths(name), to_canonical=to_canonical,
-           from_canonical=identity, detect=_detector(name))
-    for name in ("sd1", "sd2")
+           from_canonical=identity, detect=_detector(name), evidence=_evidence(name),
+           merges_into=(other, "clip"))
+    for name, other in (("sd1", "sd2"), ("sd2", "sd1"))
 ]

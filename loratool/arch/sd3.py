@@ -19,8 +19,11 @@ MMDiT fuses what diffusers keeps apart, like Flux (:mod:`loratool.arch.fused` do
 
 from __future__ import annotations
 
+import re
+
 from loratool.adapter import LoraModule
 from loratool.arch import Family, fused, load_table
+from loratool.arch.evidence import DECLARED, UNIQUE, Evidence
 
 # native module inside ``joint_blocks.{i}.`` -> diffusers module(s) inside ``transformer_blocks.{i}.``
 BLOCK = {
@@ -144,6 +147,35 @@ def detect(keys: list[str], metadata: dict[str, str]) -> int:
     return 0
 
 
+# --- family evidence from canonical (diffusers) names and shapes ---
+
+SD3_NAMES = re.compile(r"stable-diffusion-3|\bsd3")
+# diffusers SD3Transformer2DModel modules Flux has not: the patch-embedding conv, SD3.5 medium's second attention
+SD3_ONLY = re.compile(r"^pos_embed\.proj$|^transformer_blocks\.\d+\.attn2\.")
+CONTEXT_NORM = re.compile(r"^transformer_blocks\.\d+\.norm1_context\.linear$")  # 2·D rows only in the pre-only block
+CLIP = re.compile(r"^text_model\.encoder\.layers\.\d+\.")
+# hidden width (num_attention_heads × attention_head_dim) of the published transformers' config.json
+PUBLISHED_WIDTHS = {1536: "SD3 medium / SD3.5 medium, 24 × 64", 2432: "SD3.5 large, 38 × 64"}
+POOLED_WIDTH = 2048  # pooled_projection_dim: CLIP-L + CLIP-G
+
+
+def evidence(ev: Evidence) -> tuple[int, str]:
+    """SD3 / SD3.5: declared, SD3-only modules (or the pre-only context modulation), a third text encoder,
+    the published widths, a CLIP-G ``text_encoder_2`` beside a transformer, or MMDiT-style blocks."""
+    if ev.declares(SD3_NAMES):
+        return DECLARED, "declared in its metadata"
+    comps = ev.components
+    if not comps or comps & {"unet", "model"}:
+        return 0, ""
+    if ev.any_path("transformer", SD3_ONLY):
+        return UNIQUE, "pos_embed.proj / attn2 modules"
+    if any(s[0] == 2 * s[1] for s in ev.shapes("transformer", CONTEXT_NORM) if len(s) == 2):
+        return UNIQUE, "a pre-only context modulation (norm1_context.linear with 2·D rows)"
+    if "text_encoder_3" in comps:
+        return UNIQUE, "a third text encoder (T5)"
+    return fused.dit_evidence(ev, PUBLISHED_WIDTHS, POOLED_WIDTH, CLIP, "CLIP")
+
+
 FAMILY = Family(
     name="sd3",
     kohya_prefixes={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
@@ -152,4 +184,6 @@ FAMILY = Family(
     to_canonical=to_canonical,
     from_canonical=from_canonical,
     detect=detect,
+    evidence=evidence,
+    merges_into=("clip", "t5"),
 )

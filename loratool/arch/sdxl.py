@@ -24,6 +24,7 @@ from functools import cache
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, load_table
+from loratool.arch.evidence import DECLARED, LAYOUT, STRUCTURE, UNIQUE, WIDTHS, Evidence
 from loratool.arch.fused import renamed
 from loratool.errors import MatchError
 
@@ -175,8 +176,10 @@ def text_encoder_paths(component: str) -> set[str]:
 
 
 def native_paths(component: str) -> set[str]:
+    # SGM names (sd-scripts) and diffusers names (diffusers' ``convert_state_dict_to_kohya``: the
+    # U-Net path with "." -> "_" behind ``lora_unet``); both restore, and to_canonical accepts both.
     if component == "unet":
-        return set(unet_map())
+        return set(unet_map()) | set(unet_map().values())
     if component in ("text_encoder", "text_encoder_2"):
         return text_encoder_paths(component)
     return set()
@@ -197,8 +200,15 @@ def to_canonical(modules: list[LoraModule]) -> list[LoraModule]:
     """SGM U-Net paths -> diffusers paths (text encoders already use HF names). Pure renames: exact."""
     table = unet_map()
     canon = set(table.values())
-    # A path that already is a diffusers name (mixed files) passes through unchanged.
-    return [_rename_unet(m, table, lambda p: p if p in canon else sgm_to_diffusers(p, 2)) for m in modules]
+
+    def fallback(path: str) -> str | None:
+        # A path that already is a diffusers name (mixed files, diffusers' convert_state_dict_to_kohya)
+        # passes through unchanged.
+        if path in canon or diffusers_to_sgm(path, 2, {0, 1}) is not None:
+            return path
+        return sgm_to_diffusers(path, 2)
+
+    return [_rename_unet(m, table, fallback) for m in modules]
 
 
 def from_canonical(modules: list[LoraModule]) -> list[LoraModule]:
@@ -228,6 +238,54 @@ def detect(keys: list[str], metadata: dict[str, str]) -> int:
     return score
 
 
+# --- family evidence from canonical (diffusers) U-Net names and shapes ---
+
+# ``cross_attention_dim`` of the released U-Nets (their unet/config.json) -> family.
+CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
+CROSS_ATTENTION = re.compile(r"\.attn2\.to_k$")
+# Block layouts of the released configs: SD 1.x / 2.x down (CrossAttn ×3, Down), up (Up, CrossAttn ×3), one
+# transformer block per attention; SDXL down (Down, CrossAttn ×2), up (CrossAttn ×2, Up), 2 or 10 transformer
+# blocks per attention, a text-time ``add_embedding``.
+SD_LAYOUT = re.compile(r"^(down_blocks\.0\.attentions\.|down_blocks\.3\.|up_blocks\.3\.)")
+SDXL_LAYOUT = re.compile(r"^(up_blocks\.0\.attentions\.|add_embedding\.)|\.attentions\.\d+\.transformer_blocks\.[1-9]")
+SDXL_NAMES = re.compile(r"sdxl|sd_xl|stable-diffusion-xl")
+
+
+def unet_layout(ev: Evidence) -> str | None:
+    """"sd" (SD 1.x / 2.x), "sdxl", or None from the U-Net module paths an adapter touches."""
+    paths = ev.paths("unet")
+    sd = any(SD_LAYOUT.search(p) for p in paths)
+    xl = any(SDXL_LAYOUT.search(p) for p in paths)
+    return "sd" if sd and not xl else "sdxl" if xl and not sd else None
+
+
+def cross_attention_family(ev: Evidence) -> str | None:
+    """The released U-Net whose cross-attention width the adapter's ``attn2.to_k`` modules have."""
+    fams = {CROSS_ATTENTION_FAMILIES.get(w) for w in ev.in_features("unet", CROSS_ATTENTION)}
+    return fams.pop() if len(fams) == 1 else None
+
+
+def evidence(ev: Evidence) -> tuple[int, str]:
+    """SDXL: declared, a U-Net beside ``text_encoder_2``, the SDXL block layout, or its widths."""
+    if ev.declares(SDXL_NAMES):
+        return DECLARED, "declared in its metadata"
+    comps = ev.components
+    if not comps or comps - {"unet", "text_encoder", "text_encoder_2"}:
+        return 0, ""
+    layout = unet_layout(ev)
+    if layout == "sd":
+        return 0, ""
+    if {"unet", "text_encoder_2"} <= comps:
+        return UNIQUE, "a U-Net with a second text encoder (text_encoder_2)"
+    if layout == "sdxl":
+        return LAYOUT, "SDXL U-Net blocks (attention in up_blocks.0, several transformer blocks)"
+    if cross_attention_family(ev) == "sdxl":
+        return WIDTHS, "cross-attention width 2048"
+    if "text_encoder_2" in comps:
+        return STRUCTURE, "a second CLIP text encoder"
+    return 0, ""
+
+
 FAMILY = Family(
     name="sdxl",
     kohya_prefixes={"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"},
@@ -235,4 +293,6 @@ FAMILY = Family(
     to_canonical=to_canonical,
     from_canonical=from_canonical,
     detect=detect,
+    evidence=evidence,
+    merges_into=("sdxl_refiner", "clip"),
 )

@@ -3,6 +3,10 @@
 Exit codes: 0 success; 2 a user-facing failure (any :class:`LoratoolError`, or a usage
 error) reported as one ``error: ...`` line on stderr; 1 a bug, reported as one
 ``internal error: ...`` line (the traceback only with ``--debug``); 130 interrupted.
+
+Adding a command or an option: the pattern is written down in :mod:`loratool.cli.options`
+(one module per command, ``@command(name, examples=...)``, shared options as ``Annotated``
+aliases with readable metavars, rendering through :mod:`loratool.cli.render`).
 """
 
 from __future__ import annotations

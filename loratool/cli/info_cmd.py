@@ -1,35 +1,45 @@
 """``loratool info``: what an adapter holds (header only unless ``--stats``), or which model family a
-base checkpoint is."""
+base checkpoint is. Rendering only; it imports no torch (the header-only path stays torch-free)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
-from loratool.cli.app import app
-from loratool.cli.options import BaseModel, Family, FromLayout, SidecarConfig
-from loratool.cli.render import console, print_json, progress_bar, warn
+from loratool.cli.app import command
+from loratool.cli.options import BaseModel, Family, FromLayout, Json, ShowAll, SidecarConfig
+from loratool.cli.render import (
+    Column,
+    counts,
+    display_path,
+    fields,
+    grouped,
+    human_size,
+    print_json,
+    progress_bar,
+    table,
+    warn,
+)
+from loratool.cli.training_view import other_rows, training_rows
 
 if TYPE_CHECKING:
-    from loratool.ops.inspect import CheckpointReport, InfoReport
+    from loratool.ops.inspect import CheckpointReport, InfoReport, ModuleInfo
 
 MAX_VALUE_CHARS = 120
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def _counts(d: dict) -> str:
-    return ", ".join(f"{k}×{v}" if v != 1 else str(k) for k, v in d.items()) or "-"
+MODULE_ROWS = 40
+# Markers a module row may carry, and what each means (printed under the table when used).
+MARKERS = {
+    "*": "alpha not stored: alpha = rank assumed (scale 1)",
+    "ᴷ": "LoKr: the rank of ΔW = w1 ⊗ w2, rank(w1)·rank(w2)",
+    "ᴰ": "DoRA: a magnitude vector rescales each output row of W + ΔW to its norm",
+    "ᴿ": "rsLoRA: scale = alpha / √rank",
+    "ᵀ": "fan_in_fan_out: the base stores this weight as [in, out]",
+}
+STATS_NOTE = ("‖ΔW‖F: Frobenius norm of ΔW (scale included); eff. rank: exp(entropy of σᵢ/Σσ); "
+              "num. rank: σᵢ above σ₁·max(m, n)·eps")
 
 
 def _short(value: str) -> str:
@@ -37,141 +47,173 @@ def _short(value: str) -> str:
     return value if len(value) <= MAX_VALUE_CHARS else value[: MAX_VALUE_CHARS - 1] + "…"
 
 
-def _summary(report: InfoReport) -> Table:
+def _kind(m: ModuleInfo) -> str:
+    flags = ("ᴰ" if m.dora else "") + ("ᴿ" if m.rslora else "") + ("ᵀ" if m.fan_in_fan_out else "")
+    return f"{m.kind} {m.layer}" + (f" {flags}" if flags else "")
+
+
+def _rank(m: ModuleInfo) -> str:
+    return f"{m.rank}ᴷ" if m.kind == "lokr" else str(m.rank)
+
+
+def _alpha(m: ModuleInfo) -> str:
+    return "-" if m.alpha is None else f"{m.alpha:g}" + ("*" if m.alpha_assumed else "")
+
+
+def _summary_rows(report: InfoReport) -> list[tuple[str, str]]:
     data = report.to_json()
-    table = Table(title=Path(report.path).name, show_header=False, title_justify="left")
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    table.add_row("format", report.format)
-    if report.dialect:
-        table.add_row("dialect", report.dialect)
-    table.add_row("size", f"{human_size(report.size_bytes)} ({', '.join(report.files)})")
-    table.add_row("family", report.family or "unknown")
-    for k, v in report.base_model.items():
-        table.add_row(k, _short(v))
-    table.add_row("components", _counts(report.component_modules))
-    table.add_row("modules", str(len(report.modules)))
-    table.add_row("kinds", _counts(data["kinds"]))
-    table.add_row("layers", _counts(data["layers"]))
     ranks = data["ranks"]
+    fmt = report.format + (f" ({report.dialect} dialect)" if report.dialect else "")
+    rows = [("format", fmt)]
+    if report.trigger_phrases:
+        rows.append(("trigger", " | ".join(report.trigger_phrases)))
+    rows.append(("family", report.family or "unknown"))
+    rows += [(k, _short(v)) for k, v in report.base_model.items()]
+    files = ", ".join(display_path(f) for f in report.files)
+    rows.append(("size", f"{human_size(report.size_bytes)} ({files})"))
+    comps = report.component_modules
+    where = f": {counts(comps)}" if len(comps) > 1 else f" ({', '.join(comps)})"
+    rows.append(("modules", f"{len(report.modules)}{where}"))
+    kinds = Counter(f"{m.kind} {m.layer}" for m in report.modules)
+    rows.append(("kinds", counts(dict(kinds.most_common()))))
     if report.modules:
-        table.add_row("ranks", f"{ranks['min']}–{ranks['max']}  (rank×count: {_counts(ranks['histogram'])})")
-    table.add_row("alphas", _counts(data["alphas"]))
-    table.add_row("scales", _counts(data["scales"]))
-    table.add_row("dtypes", _counts(data["dtypes"]))
+        by_rank = dict(sorted(ranks["histogram"].items(), key=lambda kv: -int(kv[0])))
+        span = "" if ranks["min"] == ranks["max"] else f"{ranks['min']}–{ranks['max']}: "
+        rows.append(("ranks", span + counts(by_rank)))
+    rows += [("alphas", counts(data["alphas"])), ("scales", counts(data["scales"])), ("dtypes", counts(data["dtypes"]))]
     if data["dora_modules"]:
-        table.add_row("DoRA modules", str(data["dora_modules"]))
+        rows.append(("DoRA modules", str(data["dora_modules"])))
     if report.extras:
-        table.add_row("extra tensors", str(len(report.extras)))
-    return table
+        rows.append(("extra tensors", str(len(report.extras))))
+    return rows
 
 
-def _modules(report: InfoReport) -> Table:
-    table = Table(title="modules", title_justify="left")
-    for col in ("component", "module", "kind", "layer", "rank", "alpha", "scale", "shape", "dtype"):
-        table.add_column(col, justify="right" if col in ("rank", "alpha", "scale") else "left")
+def _module_table(report: InfoReport, show_all: bool) -> None:
+    columns = [Column("module", path=True), Column("kind"), Column("rank", "right"), Column("alpha", "right"),
+               Column("scale", "right"), Column("shape"), Column("dtype")]
+    stats = [Column("‖ΔW‖F", "right"), Column("eff. rank", "right"), Column("num. rank", "right")]
+
+    def cells(m: ModuleInfo) -> list[str]:
+        row = [m.path, _kind(m), _rank(m), _alpha(m), f"{m.scale:.4g}", "×".join(map(str, m.shape)), m.dtype]
+        if report.stats:
+            s = m.stats
+            row += ["-", "-", "-"] if s is None else [f"{s.norm:.4g}", f"{s.effective_rank:.2f}",
+                                                      str(s.numerical_rank)]
+        return row
+
     if report.stats:
-        for col in ("‖ΔW‖F", "eff. rank", "num. rank"):
-            table.add_column(col, justify="right")
-    for m in report.modules:
-        flags = "".join((" +DoRA" if m.dora else "", " (rsLoRA)" if m.rslora else "", " ᵀ" if m.fan_in_fan_out else ""))
-        row = [m.component, m.name + flags, m.kind, m.layer, str(m.rank),
-               "-" if m.alpha is None else f"{m.alpha:g}" + ("*" if m.alpha_assumed else ""),
-               f"{m.scale:.4g}", "×".join(map(str, m.shape)), m.dtype]
-        if m.stats is not None:
-            row += [f"{m.stats.norm:.4g}", f"{m.stats.effective_rank:.2f}", str(m.stats.numerical_rank)]
-        table.add_row(*row)
-    return table
+        columns += stats
+    comps = report.component_modules
+    rows = grouped(report.modules, lambda m: m.component, cells, lambda c: f"{c} ({comps.get(c, 0)} modules)")
+    data = [r for r in rows if isinstance(r, list)]
+    marked = " ".join(" ".join(r) for r in data)
+    # A column with one value for every module says nothing per row: it goes to a note.
+    constant = [i for i in (1, 3, 4, 6) if len(data) > 1 and len({r[i] for r in data}) == 1]
+    notes = [f"{columns[i].header} {data[0][i]}" for i in constant]
+    keep = [i for i in range(len(columns)) if i not in constant]
+    columns = [columns[i] for i in keep]
+    rows = [[r[i] for i in keep] if isinstance(r, list) else r for r in rows]
+    legend = [f"every module: {', '.join(notes)}"] if notes else []
+    legend += [f"{mark} {meaning}" for mark, meaning in MARKERS.items() if mark in marked]
+    if report.stats:
+        legend.append(STATS_NOTE)
+    table(columns, rows, title="modules", limit=None if show_all else MODULE_ROWS, what="modules", notes=legend)
 
 
-def _kv(title: str, items: dict[str, str]) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("key", style="bold")
-    table.add_column("value")
-    for k, v in items.items():
-        table.add_row(k, _short(v))
-    return table
-
-
-def _print(table: Table) -> None:
-    console.print(table)
+def render(report: InfoReport, show_all: bool = False) -> None:
+    fields(_summary_rows(report), title=Path(report.path).name)
+    if report.modules:
+        _module_table(report, show_all)
+    if report.extras:
+        rows = [[e["component"], e["name"], "×".join(map(str, e["shape"])), e["dtype"]] for e in report.extras]
+        table([Column("component"), Column("name", path=True), Column("shape"), Column("dtype")], rows,
+              title="extra tensors (whole weights)")
+    training = training_rows(report.training)
+    if training:
+        fields([(k, _short(v)) for k, v in training], title="training settings")
+    spec = [(k, _short(v)) for k, v in report.modelspec.items() if v.strip()]
+    if spec:
+        fields(spec, title="modelspec")
+    others = other_rows({k: v for k, v in report.metadata.items()
+                         if k not in report.training and k not in report.modelspec
+                         and not k.startswith(("ss_", "modelspec."))})
+    if others:
+        fields([(k, _short(v)) for k, v in others], title="other metadata")
+    if report.tags:
+        table([Column("tag"), Column("count", "right")], [[t, str(c)] for t, c in report.tags],
+              title=f"top {len(report.tags)} caption tags")
+    for w in report.warnings:
+        warn(w)
 
 
 def render_checkpoint(report: CheckpointReport) -> None:
-    table = Table(title=Path(report.path).name, show_header=False, title_justify="left")
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    table.add_row("format", f"base checkpoint ({report.kind})")
-    table.add_row("family", report.family or "unknown")
+    rows = [("format", f"base checkpoint ({report.kind})"), ("family", report.family or "unknown")]
     if report.architecture:
-        table.add_row("architecture", report.architecture)
-    table.add_row("size", f"{human_size(report.size_bytes)} ({len(report.files)} file(s))")
-    table.add_row("tensors", str(report.tensor_count))
-    table.add_row("parameters", f"{report.parameter_count:,}")
-    table.add_row("dtypes", _counts(report.dtypes))
-    table.add_row("components", _counts(report.components))
+        rows.append(("architecture", report.architecture))
+    rows += [
+        ("size", f"{human_size(report.size_bytes)} ({len(report.files)} file{'s' if len(report.files) != 1 else ''})"),
+        ("tensors", str(report.tensor_count)),
+        ("parameters", f"{report.parameter_count:,}"),
+        ("dtypes", counts(report.dtypes)),
+        ("components", ", ".join(f"{c} ({n} tensors)" for c, n in report.components.items()) or "-"),
+    ]
     if report.mapped is not None:
-        table.add_row("key map", f"{report.mapped} canonical parameters, {len(report.unmapped)} stored keys unmapped")
-    _print(table)
-    if report.metadata:
-        _print(_kv("metadata", report.metadata))
-    for w in report.warnings:
-        warn(w)
-
-
-def render(report: InfoReport) -> None:
-    _print(_summary(report))
-    if report.modules:
-        _print(_modules(report))
-    if report.extras:
-        table = Table(title="extra tensors (whole weights)", title_justify="left")
-        for col in ("component", "name", "shape", "dtype"):
-            table.add_column(col)
-        for e in report.extras:
-            table.add_row(e["component"], e["name"], "×".join(map(str, e["shape"])), e["dtype"])
-        _print(table)
-    if report.training:
-        _print(_kv("training settings", report.training))
-    if report.modelspec:
-        _print(_kv("modelspec", report.modelspec))
-    others = {k: v for k, v in report.metadata.items()
-              if k not in report.training and k not in report.modelspec and not k.startswith(("ss_", "modelspec."))}
+        rows.append(("key map", f"{report.mapped} canonical parameters, {len(report.unmapped)} stored keys unmapped"))
+    fields(rows, title=Path(report.path).name)
+    others = other_rows(report.metadata)
     if others:
-        _print(_kv("other metadata", others))
-    if report.tags:
-        table = Table(title=f"top {len(report.tags)} tags", title_justify="left")
-        table.add_column("tag")
-        table.add_column("count", justify="right")
-        for tag, count in report.tags:
-            table.add_row(tag, str(count))
-        _print(table)
+        fields([(k, _short(v)) for k, v in others], title="metadata")
     for w in report.warnings:
         warn(w)
 
 
-@app.command("info")
+def render_blocks(report, json_out: bool) -> None:
+    if json_out:
+        print_json("info", report.to_json())
+        return
+    rows = [[block, str(len(mods)), _short(", ".join(mods))] for block, mods in report.blocks.items() if block and mods]
+    table([Column("block"), Column("modules", "right"), Column("first modules")], rows,
+          title=f"{Path(report.path).name}: LoRA Block Weight entries ({report.family or 'unknown family'})")
+    outside = report.blocks.get("", [])
+    if outside:
+        warn(f"{len(outside)} modules are in no block (block weights leave them at 1): {_short(', '.join(outside))}")
+
+
+@command("info", examples=["loratool info fixtures/kohya_tiny_sd.safetensors",
+                           "loratool info fixtures/peft_tiny_llama --stats --json",
+                           "loratool info fixtures/kohya_tiny_sd.safetensors --blocks"])
 def info_command(
-    path: str = typer.Argument(..., help="Adapter file, PEFT folder or hf:// reference (or a base checkpoint)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document (stable contract)."),
+    path: str = typer.Argument(..., metavar="PATH",
+                               help="Adapter file, PEFT folder or hf:// reference (or a base checkpoint)."),
+    json_out: Json = False,
     stats: bool = typer.Option(False, "--stats", help="Read the tensors: per-module ‖ΔW‖F and effective rank."),
+    show_all: ShowAll = False,
     from_: FromLayout = None,
     base: BaseModel = None,
     config: SidecarConfig = None,
     family: Family = None,
+    blocks: bool = typer.Option(False, "--blocks", help="List which modules each LoRA Block Weight entry "
+                                "(BASE, IN04, M00, OUT05 / Flux CLIP, D07, S12…) controls."),
 ) -> None:
-    """Show format, modules, ranks, alphas, dtypes, base model hints and training metadata.
+    """Show an adapter's format, trigger phrase, modules, ranks, alphas, dtypes, base model and training metadata.
 
     On a base checkpoint (single-file SD/SDXL/Flux/SD3, diffusers component or pipeline folder, HF
-    model): its model family, tensor count, dtype mix and size, from the headers alone."""
+    model): its model family, tensor count, dtype mix and size, from the headers alone. No tensor
+    data is read without --stats."""
     from loratool.ops.inspect import CheckpointReport, inspect
 
+    if blocks:
+        from loratool.ops.block_weights import block_report
+
+        render_blocks(block_report(path, from_, base=base, config=config, family=family), json_out)
+        return
     with progress_bar(enabled=stats and not json_out) as progress:
         report = inspect(path, from_, base=base, config=config, family=family, stats=stats, progress=progress)
     if json_out:
-        print_json(report.to_json())
+        print_json("info", report.to_json())
         for w in report.warnings:
             warn(w)
     elif isinstance(report, CheckpointReport):
         render_checkpoint(report)
     else:
-        render(report)
+        render(report, show_all)

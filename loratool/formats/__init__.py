@@ -17,12 +17,13 @@ from typing import Any
 
 from loratool.errors import FormatError
 
-LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "comfyui", "mlx", "lora_diffusion")
+LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "gguf", "comfyui", "mlx", "lora_diffusion")
 # LyCORIS before kohya (same key naming, more kinds); PEFT before diffusers (diffusers'
-# current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B); MLX first (its
-# folder has an adapter_config.json too).
-DETECT_ORDER = ("lora_diffusion", "mlx", "peft", "lycoris", "kohya", "diffusers", "loralib")
-WRITABLE = ("kohya", "diffusers", "peft", "loralib", "comfyui", "mlx")
+# current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B); MLX before
+# PEFT (its folder has an adapter_config.json too).
+DETECT_ORDER = ("gguf", "lora_diffusion", "mlx", "peft", "lycoris", "kohya", "diffusers", "loralib")
+WRITABLE = ("kohya", "diffusers", "peft", "loralib", "gguf", "comfyui", "mlx")
+MODULES = {"gguf": "gguf_lora"}  # layout name -> module, where they differ
 
 
 @dataclass
@@ -39,15 +40,22 @@ class WriteOptions:
     inputs: tuple[Any, ...] = ()  # paths the output must not overwrite
     family: str | None = None
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    # The base model's HF config.json (llama.cpp GGUF adapters name tensors after its architecture).
+    model_config: dict[str, Any] | None = None
 
 
 def layout(name: str) -> ModuleType:
     if name not in LAYOUTS:
         raise FormatError(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
-    return importlib.import_module(f"loratool.formats.{name}")
+    return importlib.import_module(f"loratool.formats.{MODULES.get(name, name)}")
 
 
 def detect(src) -> str:
+    if src.parts:  # a folder of component folders: one layout for all of them
+        names = {detect(part) for part in src.parts}
+        if len(names) != 1:
+            raise FormatError(f"{src.path}: component folders hold different layouts ({', '.join(sorted(names))})")
+        return names.pop()
     from loratool.formats import dialects
 
     dialect = dialects.detect(src)  # a trainer's variant of a layout (its reader hands it to dialect_read)

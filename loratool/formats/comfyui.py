@@ -28,7 +28,8 @@ from loratool import arch
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError
 from loratool.formats import dialect_read, dialects, kohya
-from loratool.io.atomic import atomic_path, check_output
+from loratool.formats.outputs import check_target
+from loratool.io.atomic import atomic_path
 
 NAME = "comfyui"
 DIALECT = dialects.by_name(NAME)
@@ -69,7 +70,7 @@ def _native(family: arch.Family, modules: list[LoraModule]) -> list[LoraModule]:
 
 
 def write(adapter: Adapter, out: Path, opts) -> list[Path]:
-    out = check_output(out, opts.inputs, opts.force)
+    out = check_target(NAME, out, opts.inputs, opts.force)
     if adapter.extras:
         name = next(iter(adapter.extras))
         raise FormatError(f"{out}: ComfyUI LoRA files hold LoRA modules only; this adapter also has the whole "

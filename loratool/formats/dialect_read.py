@@ -26,7 +26,7 @@ import torch
 
 from loratool import arch
 from loratool.adapter import Adapter, LoraModule
-from loratool.arch.clip import canonical_clip_path
+from loratool.arch.clip import CLIP_COMPONENTS, TEXT_MODEL, canonical_clip_path
 from loratool.errors import FormatError
 from loratool.formats import kohya
 from loratool.formats.dialects import BIAS, SET, Dialect, Scope
@@ -95,7 +95,10 @@ def _index(family: str, component: str, naming: str) -> PathIndex:
         return PathIndex.from_paths(ldm_paths(family), templated=True)
     if naming == "native":
         return _family_index(family, component)
-    return PathIndex.from_paths(canonical_paths(family, component), templated=True)
+    paths = canonical_paths(family, component)
+    if component in CLIP_COMPONENTS:  # transformers >= 5 CLIP names lack text_model. (arch.clip)
+        paths |= {p[len(TEXT_MODEL):] for p in paths if p.startswith(TEXT_MODEL)}
+    return PathIndex.from_paths(paths, templated=True)
 
 
 def _known(index: PathIndex, path: str) -> bool:

@@ -25,7 +25,8 @@ peft-wrapped    ``base_model.model.P.lora_A.weight``, P BFL or diffusers names (
                 Kontext trainer, flash-SD3 / HunyuanDiT releases)
 onetrainer      ``lora_transformer_P`` (P diffusers names, underscored), ``lora_te1_`` CLIP,  kohya /
                 ``lora_te2_`` T5 on Flux (CLIP-G on SDXL / SD3), ``lora_te3_`` T5 on SD3,    lycoris
-                ``lora_unet_P`` with diffusers names on SDXL, ``dora_scale``
+                ``lora_unet_P`` with diffusers names on SDXL, ``dora_scale``; header
+                ``ot_branch`` / ``ot_revision``
 simpletuner     ``transformer.base_model.model.P.lora_A.weight``; ``lycoris_P`` with         diffusers /
                 diffusers names (header ``lycoris_config``); ``lora_unet_P_.…`` (trailing    lycoris
                 ``_`` from its converters)
@@ -180,15 +181,16 @@ DIALECTS: tuple[Dialect, ...] = (
     Dialect(
         name="onetrainer", layout="kohya", families=("flux", "sd3", "sdxl", "sd1", "sd2"),
         source="Nerogar/OneTrainer modules/util/convert_lora_util.py (convert_to_mixture: 'lora_transformer', "
-               "'lora_te{i}'), modules/model/FluxModel.py (lora_te2 = T5), StableDiffusionXLModel.py",
+               "'lora_te{i}'), modules/model/FluxModel.py (lora_te2 = T5), StableDiffusionXLModel.py; header "
+               "ot_branch / ot_revision (modules/modelSaver/mixin/DtypeModelSaverMixin.py)",
         scopes=(Scope("lora_transformer_", "transformer", "canonical", "_"),
                 Scope("lora_unet_", DENOISER, "auto", "_"),
                 Scope("lora_te1_", "text_encoder", "canonical", "_"),
                 Scope("lora_te2_", "text_encoder_2", "canonical", "_"),
                 Scope("lora_te3_", "text_encoder_3", "canonical", "_"),
                 Scope("lora_te_", "text_encoder", "canonical", "_")),
-        markers=((r"^lora_transformer_",), (r"^lora_te2_encoder_block_\d+_",),
-                 (r"^lora_unet_(down_blocks|up_blocks|mid_block)_", r"^lora_te[12]_")),
+        # its header: ot_branch / ot_revision (modules/modelSaver/mixin/DtypeModelSaverMixin.py)
+        markers=((r"^lora_transformer_",), (r"^lora_te2_encoder_block_\d+_",), ("meta:ot_revision",)),
     ),
     Dialect(
         name="ai-toolkit", layout="diffusers", families=("flux", "sd3"),

@@ -42,7 +42,8 @@ from loratool.errors import FormatError
 from loratool.formats import ReadOptions, WriteOptions, lora_diffusion, peft_lycoris
 from loratool.formats import peft as peft_layout
 from loratool.formats import peft_config as pc
-from loratool.io.atomic import atomic_path, check_output
+from loratool.formats.outputs import check_target
+from loratool.io.atomic import atomic_path
 
 NAME = "diffusers"
 PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -260,7 +261,7 @@ def write(adapter: Adapter, out: Path, opts: WriteOptions) -> list[Path]:
     """``out`` ending in ``.safetensors`` is the file; anything else is a folder that gets
     ``pytorch_lora_weights.safetensors`` (what ``load_lora_weights(folder)`` looks for)."""
     out = Path(out)
-    check_output(out, opts.inputs, opts.force)
+    check_target(NAME, out, opts.inputs, opts.force)
     if not adapter.components:
         raise FormatError("nothing to write: the adapter has no modules")
     tensors, metadata = payload(adapter)

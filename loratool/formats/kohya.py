@@ -22,10 +22,14 @@ turned into ``_`` (name restoration: :mod:`loratool.formats.kohya_names`, family
 [out, 1(, 1, 1)] when the norm is taken per output row (LyCORIS ``wd_on_out=True``, the
 default) and [1, in(, 1, 1)] when per input column. The merged weight is
 ``W' = dora_scale · (W + ΔW) / ‖W + ΔW‖`` with the norm over that axis; the reader records
-the axis as ``hints["dora_axis"]`` ("out" / "in") and keeps the tensor as stored.
+the axis as ``hints["dora_axis"]`` ("out" / "in") and keeps the tensor as stored; the writer
+writes that shape for the axis whatever layout the magnitude came from. A strength λ ≠ 1
+follows LyCORIS (``hints["dora_strength"] = "lycoris"``, see :mod:`loratool.delta`).
 
 Writing keeps every header entry, updates ``ss_network_dim`` / ``ss_network_alpha`` (a
-number, or ``Dynamic`` when modules differ) and recomputes ``sshs_model_hash`` /
+number, or ``Dynamic`` when modules differ) unless the header's values (with ``conv_dim`` /
+``conv_alpha`` from ``ss_network_args`` for k×k convs, as sd-scripts trains them) still give every
+module its rank and alpha, and recomputes ``sshs_model_hash`` /
 ``sshs_legacy_hash`` as sd-scripts does (:mod:`loratool.formats.kohya_hash`). alpha tensors
 are written in the dtype they were read in, else in the dtype of the module's factors when
 that holds alpha exactly (else float32, else float64).
@@ -33,7 +37,10 @@ that holds alpha exactly (else float32, else float64).
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,11 +48,15 @@ from safetensors.torch import save
 
 from loratool import arch
 from loratool.adapter import Adapter, LoraModule
+from loratool.arch.clip import canonical_clip_path
+from loratool.arch.layer_kinds import conv_kernel
+from loratool.delta import product_shape
 from loratool.errors import FormatError, UsageError
 from loratool.formats import lycoris_kinds
 from loratool.formats.kohya_hash import HASH_KEYS, kohya_hashes
 from loratool.formats.kohya_names import HeadResolver, to_head
-from loratool.io.atomic import atomic_path, check_output
+from loratool.formats.outputs import check_target
+from loratool.io.atomic import atomic_path
 
 NAME = "kohya"
 
@@ -117,7 +128,8 @@ def detect(src) -> bool:
 
 def _family_for_read(src, opts):
     if opts.family:
-        return arch.get(opts.family)
+        # refused here when the keys are another family's (read_source checks names and shapes too)
+        return arch.check_family(opts.family, None, src.keys)
     fam = arch.detect(src.keys, src.metadata)
     if fam is None and not opts.vocabulary:
         raise FormatError(
@@ -185,6 +197,10 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
         if a.numel() != 1:
             raise FormatError(f"{where}: alpha must hold one number, has shape {tuple(a.shape)}")
         alpha = float(a.float().reshape(()).item())
+        if alpha == 0:
+            # sd-scripts / LyCORIS: "alpha None or 0 means alpha = r" (networks/lora.py LoRAModule)
+            alpha = None
+            hints["alpha_zero"] = True
         hints["alpha_dtype"] = a.dtype
         hints["alpha_shape"] = tuple(a.shape)
     module = LoraModule(component=component, path=path, kind=kind, layer=layer, tensors=tensors, alpha=alpha,
@@ -192,7 +208,24 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
     if "dora_scale" in parts:
         module.magnitude = parts["dora_scale"]
         hints["dora_axis"] = _dora_axis(parts["dora_scale"], module.out_features)
+        hints["dora_strength"] = "lycoris"  # what a strength ≠ 1 means for this layout (loratool.delta)
     return module
+
+
+def _type_flattened_conv(m: LoraModule, family: str | None) -> None:
+    """A LoHa / LoKr on a conv without Tucker core holds its product flattened ([out, in·kh·kw], 2-D
+    factors): the family's layer table gives the kernel, so the module is typed ``conv`` with the
+    weight's real shape (``hints["weight_shape"]``), as LyCORIS built it from ``org_module``."""
+    if m.kind not in ("loha", "lokr") or m.layer != "linear":
+        return
+    kernel = conv_kernel(family, m.component, m.path)
+    if kernel is None:
+        return
+    out, flat = product_shape(m)
+    taps = math.prod(kernel)
+    if flat % taps == 0:
+        m.layer = "conv"
+        m.hints["weight_shape"] = (out, flat // taps, *kernel)
 
 
 def read(src, opts, source_format: str = NAME) -> Adapter:
@@ -220,8 +253,12 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
         modules.append(module)
     if family is not None:
         modules = family.to_canonical(modules)
-    adapter = Adapter(metadata=dict(src.metadata), source_format=source_format)
+    modules = [m if canonical_clip_path(m.component, m.path) == m.path else
+               replace(m, path=canonical_clip_path(m.component, m.path)) for m in modules]
+    adapter = Adapter(metadata=dict(src.metadata), source_format=source_format,
+                      family=family.name if family is not None else None)
     for m in modules:
+        _type_flattened_conv(m, family.name if family is not None else None)
         m.hints["kohya_canonical"] = (m.component, m.path)
         adapter.add(m)
     for key in src.keys:
@@ -235,15 +272,15 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
 
 def _family_for_write(adapter: Adapter, opts):
     if opts.family:
-        return arch.get(opts.family)
+        return arch.check_family(opts.family, adapter)
     if adapter.family in arch.families():
         return arch.get(adapter.family)
     names = {m.hints.get("kohya_family") for m in adapter} - {None}
     if len(names) == 1:
         return arch.get(names.pop())
-    fam = arch.detect([], adapter.metadata)
-    if fam is not None:
-        return fam
+    detected = arch.family_of(adapter)
+    if detected is not None:
+        return arch.get(detected)
     comps = set(adapter.components)
     if comps <= {"model"}:
         return arch.get("llm")
@@ -260,8 +297,13 @@ def _alpha_value(m: LoraModule) -> float | None:
     meaning, alpha = r); others get an explicit alpha, since some loaders (diffusers) give an
     alpha-less module the file's most common alpha instead of r.
     """
+    if m.alpha is None and m.hints.get("alpha_zero"):
+        return 0.0  # the file's own spelling of alpha = r
     if m.kind == "full" or (m.alpha is None and (m.rank == 0 or "kohya_head" in m.hints)):
         return None
+    if m.scale == 0:
+        raise FormatError(f"{m.component}:{m.path} has scale 0 (alpha 0); kohya files cannot hold it: "
+                          "kohya reads alpha 0 as alpha = rank")
     if m.rslora:
         return m.effective_alpha
     if m.alpha is None:
@@ -278,13 +320,16 @@ def _alpha_dtype(alpha: float, factors: torch.dtype) -> torch.dtype:
 
 
 def _magnitude_tensor(m: LoraModule) -> torch.Tensor:
+    """``dora_scale`` in the shape LyCORIS (and ComfyUI) read for the module's axis: [out, 1(, 1, 1)]
+    per output feature, [1, in(, 1, 1)] per input feature, whatever shape the source layout used
+    (PEFT: [out], conv [1, out, 1, 1] — which LyCORIS would read as per input)."""
     mag = m.magnitude
     assert mag is not None
-    if mag.dim() == 1:
-        # PEFT keeps one entry per output feature: LyCORIS' wd_on_out layout [out, 1(, 1, 1)].
-        ndim = len(m.weight_shape) if m.layer != "embedding" else 2
-        mag = mag.reshape(mag.shape[0], *([1] * (ndim - 1)))
-    return mag.contiguous()
+    ndim = max(2, len(m.weight_shape), mag.dim())
+    axis = 1 if m.hints.get("dora_axis") == "in" else 0
+    shape = [1] * ndim
+    shape[axis] = mag.numel()
+    return (mag if tuple(mag.shape) == tuple(shape) else mag.reshape(shape)).contiguous()
 
 
 def module_tensors(m: LoraModule, where: str) -> dict[str, torch.Tensor]:
@@ -323,10 +368,46 @@ def _number_text(old: str | None, value: float | int | None, as_int: bool) -> st
     return str(int(value)) if as_int else str(float(value))
 
 
+def _number(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_kxk_conv(m: LoraModule) -> bool:
+    return m.layer == "conv" and math.prod(int(x) for x in m.weight_shape[2:]) > 1
+
+
+def _described(metadata: dict[str, str], modules: list[LoraModule]) -> bool:
+    """Whether the header's network settings still give every module its rank and alpha.
+
+    sd-scripts (``networks/lora.py`` ``create_modules``) and LyCORIS train Linear and 1×1 conv
+    modules at ``ss_network_dim`` / ``ss_network_alpha`` and k×k convs at ``conv_dim`` /
+    ``conv_alpha`` from ``ss_network_args`` (conv_alpha 1 when only conv_dim is given); a module
+    without an alpha key has alpha = r.
+    """
+    dim, alpha = _number(metadata.get("ss_network_dim")), _number(metadata.get("ss_network_alpha"))
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        args = {}
+    args = args if isinstance(args, dict) else {}
+    conv_dim = _number(args.get("conv_dim"))
+    conv_alpha = _number(args.get("conv_alpha", 1.0)) if conv_dim is not None else None
+    for m in modules:
+        want = (conv_dim, conv_alpha) if conv_dim is not None and _is_kxk_conv(m) else (dim, alpha)
+        stored = _alpha_value(m)
+        if want[0] != m.rank or want[1] != (float(m.rank) if stored is None else stored):
+            return False
+    return True
+
+
 def network_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> dict[str, str]:
-    """``ss_network_dim`` / ``ss_network_alpha`` for these modules ("Dynamic" when they differ)."""
+    """``ss_network_dim`` / ``ss_network_alpha`` for these modules ("Dynamic" when they differ),
+    or nothing (the header's values are kept) when those still describe every module."""
     factored = [m for m in modules if m.rank > 0]
-    if not factored:
+    if not factored or _described(metadata, factored):
         return {}
     out: dict[str, str] = {}
     ranks = {m.rank for m in factored}
@@ -342,7 +423,7 @@ def network_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> dic
 
 
 def write(adapter: Adapter, out: Path, opts) -> list[Path]:
-    out = check_output(out, opts.inputs, opts.force)
+    out = check_target(NAME, out, opts.inputs, opts.force)
     bundled = {n: t for (_, n), t in adapter.extras.items() if n.startswith(BUNDLED)}
     if len(bundled) < len(adapter.extras):
         names = ", ".join(f"{c}:{n}" for c, n in list(adapter.extras)[:3])

@@ -84,8 +84,14 @@ def _fill(tmpl: str, numbers: list[str]) -> str:
 @lru_cache(maxsize=64)
 def _family_index(family_name: str, component: str) -> PathIndex:
     from loratool import arch
+    from loratool.arch.clip import CLIP_COMPONENTS, TEXT_MODEL
 
-    return PathIndex.from_paths(arch.get(family_name).native_paths(component), templated=True)
+    paths = set(arch.get(family_name).native_paths(component))
+    if component in CLIP_COMPONENTS:
+        # a transformers-5 CLIPTextModel has no text_model. level: diffusers' convert_state_dict_to_kohya
+        # then writes lora_te1_encoder_layers_0_...; the reader restores the text_model. form
+        paths |= {p[len(TEXT_MODEL):] for p in paths if p.startswith(TEXT_MODEL)}
+    return PathIndex.from_paths(paths, templated=True)
 
 
 class HeadResolver:

@@ -48,6 +48,7 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, OutputError
+from loratool.formats.outputs import check_target
 from loratool.io.atomic import atomic_path, check_output
 
 NAME = "loralib"
@@ -110,8 +111,9 @@ class _Sidecar:
             out["r"] = r
         alpha = obj.get("lora_alpha")
         if alpha is not None:
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise FormatError(f"{self.where}: {what}: \"lora_alpha\" must be a positive number, got {alpha!r}")
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+                # 0 is loralib's scaling = 0 / r (what a PEFT lora_alpha=0 module converts to)
+                raise FormatError(f"{self.where}: {what}: \"lora_alpha\" must be a number ≥ 0, got {alpha!r}")
             out["lora_alpha"] = alpha
         fifo = obj.get("fan_in_fan_out")
         if fifo is not None:
@@ -331,8 +333,8 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
     sidecar = out.with_name(out.name + ".json")
     inputs = tuple(getattr(opts, "inputs", ()) or ())
     force = bool(getattr(opts, "force", False))
-    check_output(out, inputs, force)
-    check_output(sidecar, inputs, force)
+    check_target(NAME, out, inputs, force)
+    check_output(sidecar, inputs, force, folder=False)
     comps = adapter.components
     prefixed = len(comps) > 1
 

@@ -30,8 +30,9 @@ import torch
 
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError
+from loratool.formats.outputs import check_target
 from loratool.formats.peft import serialise
-from loratool.io.atomic import atomic_path, check_output
+from loratool.io.atomic import atomic_path
 
 NAME = "mlx"
 DIALECT = "mlx-lm"
@@ -143,7 +144,7 @@ def payload(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def write(adapter: Adapter, out: Path, opts) -> list[Path]:
     out = Path(out)
-    check_output(out, opts.inputs, opts.force)
+    check_target(NAME, out, opts.inputs, opts.force)
     tensors, config = payload(adapter)
     with atomic_path(out, folder=True) as tmp:
         (tmp / WEIGHTS_NAME).write_bytes(serialise(tensors, {"format": "mlx"}))

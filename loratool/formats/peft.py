@@ -13,8 +13,11 @@ directly, as diffusers does), with A = down [r, in(, k, k)], B = up [out, r(, 1,
   saved with ``save_embedding_layers``): kept in ``Adapter.extras`` and written back unchanged.
 
 Scale per module: see :mod:`loratool.formats.peft_config` (``rank_pattern`` /
-``alpha_pattern`` / ``use_rslora`` resolved as PEFT does). ``fan_in_fan_out`` is a config-wide
-flag in PEFT (set for GPT-2 ``Conv1D``); it is given to every linear module.
+``alpha_pattern`` / ``use_rslora`` resolved as PEFT does). ``fan_in_fan_out`` is per module, as
+PEFT decides it on load from the layer's class (``Conv1D`` or ``nn.Linear``): the config's flag
+only holds the last module's value (:func:`loratool.formats.peft_config.fan_in_fan_out`). The
+writer records the transposed modules in the header key ``loratool.fan_in_fan_out`` (JSON list),
+which this reader trusts first.
 
 Component: ``model`` unless the header key ``loratool.component`` (written by this module), the
 last part of ``base_model_name_or_path`` or the folder's name is a component name (``unet``,
@@ -41,11 +44,15 @@ from loratool.components import COMPONENTS
 from loratool.errors import FormatError
 from loratool.formats import ReadOptions, WriteOptions, peft_lycoris
 from loratool.formats import peft_config as pc
-from loratool.io.atomic import atomic_path, check_output
+from loratool.formats.outputs import check_target
+from loratool.io.atomic import atomic_path
 
 NAME = "peft"
 PREFIX = "base_model.model."
 COMPONENT_KEY = "loratool.component"
+# Header: JSON list of the module paths whose base weight is stored [in, out] (PEFT's config has one
+# flag for all; PEFT itself decides per layer on load, loratool reads it back from here).
+FIFO_KEY = "loratool.fan_in_fan_out"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
@@ -141,8 +148,12 @@ def build_module(component: str, path: str, group: dict[str, Any], where: str) -
                       magnitude=group.get("magnitude"))
 
 
-def apply_config(module: LoraModule, config: dict[str, Any], name: str, where: str) -> None:
-    """Set alpha / rslora / fan_in_fan_out from a LoraConfig dict, checking the rank."""
+def apply_config(module: LoraModule, config: dict[str, Any], name: str, where: str,
+                 fan_in_fan_out: bool | None = None) -> None:
+    """Set alpha / rslora / fan_in_fan_out from a LoraConfig dict, checking the rank.
+
+    ``fan_in_fan_out``: the module's own value (:func:`peft_config.fan_in_fan_out`); None takes the
+    config's flag (diffusers components hold no ``Conv1D``)."""
     r, alpha, rslora = pc.resolve(config, name, where)
     if r != module.rank:
         raise FormatError(
@@ -151,7 +162,22 @@ def apply_config(module: LoraModule, config: dict[str, Any], name: str, where: s
         )
     module.alpha = alpha
     module.rslora = rslora
-    module.fan_in_fan_out = module.layer == "linear" and bool(config.get("fan_in_fan_out", False))
+    flag = bool(config.get("fan_in_fan_out", False)) if fan_in_fan_out is None else fan_in_fan_out
+    module.fan_in_fan_out = module.layer == "linear" and flag
+
+
+def _written_fan_in_fan_out(metadata: dict[str, str], where: str) -> set[str] | None:
+    """The module paths this tool recorded as stored [in, out] (header ``loratool.fan_in_fan_out``)."""
+    text = metadata.get(FIFO_KEY)
+    if text is None:
+        return None
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FormatError(f"{where}: header {FIFO_KEY} must be a JSON list of module paths")
+    return set(names)
 
 
 def read(src, opts: ReadOptions | None = None) -> Adapter:
@@ -163,8 +189,12 @@ def read(src, opts: ReadOptions | None = None) -> Adapter:
     where = str(src.folder or src.path)
     config = dict(src.config or {})
     peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type == "ADALORA":
+        from loratool.formats import peft_adalora
+
+        return peft_adalora.read(src, opts)
     if peft_type not in ("LORA", *peft_lycoris.TYPES):
-        raise FormatError(f"{where}: PEFT adapter type {peft_type} is not supported (LORA, LOHA, LOKR)")
+        raise FormatError(f"{where}: PEFT adapter type {peft_type} is not supported (LORA, ADALORA, LOHA, LOKR are)")
     component = _component(src, config)
     tensors = src.tensors
     keys = list(tensors)
@@ -180,13 +210,17 @@ def read(src, opts: ReadOptions | None = None) -> Adapter:
         return adapter
     groups, whole = group_tensors(tensors, where)
     adapter = Adapter(source_format=NAME)
+    transposed = _written_fan_in_fan_out(src.metadata, where)
+    if transposed is None and config:
+        decided = pc.fan_in_fan_out(config, list(groups))
+        transposed = {name for name, flag in decided.items() if flag}
     for fpath, group in groups.items():
         path = canonical_clip_path(component, fpath)
         module = build_module(component, path, group, where)
         if path != fpath:
             module.hints["file_path"] = fpath
         if config:
-            apply_config(module, config, fpath, where)
+            apply_config(module, config, fpath, where, fpath in (transposed or ()))
         else:
             module.hints["alpha_assumed"] = True  # no adapter_config.json: alpha = r
         adapter.add(module)
@@ -194,7 +228,7 @@ def read(src, opts: ReadOptions | None = None) -> Adapter:
         adapter.extras[(component, name)] = tensor
     if config:
         adapter.config[component] = config
-    adapter.metadata = {k: v for k, v in src.metadata.items() if k not in ("format", COMPONENT_KEY)}
+    adapter.metadata = {k: v for k, v in src.metadata.items() if k not in ("format", COMPONENT_KEY, FIFO_KEY)}
     return adapter
 
 
@@ -254,22 +288,17 @@ def module_tensors(module: LoraModule, name: str, with_bias: bool) -> dict[str, 
 
 def check_dora(modules: list[LoraModule], layout: str) -> None:
     dora = [m for m in modules if m.magnitude is not None]
+    per_input = next((m for m in dora if m.hints.get("dora_axis") == "in"), None)
+    if per_input is not None:
+        raise FormatError(
+            f"{per_input.component}:{per_input.path}: its DoRA norm is taken per input column (LyCORIS "
+            f"wd_on_output=False); {layout} DoRA normalises per output feature only, so it cannot hold this module"
+        )
     if dora and len(dora) != len(modules):
         plain = next(m for m in modules if m.magnitude is None)
         raise FormatError(
             f"{plain.component}:{plain.path} is plain LoRA while other modules are DoRA; one {layout} "
             f"config cannot mix them (use_dora applies to every module)"
-        )
-
-
-def check_fan_in_fan_out(modules: list[LoraModule], layout: str) -> None:
-    linear = [m for m in modules if m.layer == "linear"]
-    flags = {m.fan_in_fan_out for m in linear}
-    if len(flags) > 1:
-        odd = next(m for m in linear if m.fan_in_fan_out)
-        raise FormatError(
-            f"{odd.component}:{odd.path} stores its base weight transposed (fan_in_fan_out) while other linear "
-            f"modules do not; one {layout} config cannot mix them (fan_in_fan_out applies to every module)"
         )
 
 
@@ -281,7 +310,6 @@ def component_payload(adapter: Adapter, component: str) -> tuple[dict[str, torch
     for m in modules:
         check_writable(m, "PEFT")
     check_dora(modules, "PEFT")
-    check_fan_in_fan_out(modules, "PEFT")
     names = [file_path(m) for m in modules]
     original = adapter.config.get(component) if adapter.source_format in (NAME, "diffusers") else None
     config = pc.build_config(modules, names, original) if modules else {**pc.DEFAULT_CONFIG, **(original or {})}
@@ -320,7 +348,7 @@ def write(adapter: Adapter, out: Path, opts: WriteOptions) -> list[Path]:
 
     refuse_embeddings(adapter, "PEFT")
     out = Path(out)
-    check_output(out, opts.inputs, opts.force)
+    check_target(NAME, out, opts.inputs, opts.force)
     components = adapter.components
     if not components:
         raise FormatError("nothing to write: the adapter has no modules")
@@ -335,6 +363,10 @@ def write(adapter: Adapter, out: Path, opts: WriteOptions) -> list[Path]:
             metadata["format"] = "pt"
             if comp != "model":
                 metadata[COMPONENT_KEY] = comp
+            metadata.pop(FIFO_KEY, None)
+            transposed = sorted(file_path(m) for m in adapter.by_component(comp) if m.fan_in_fan_out)
+            if transposed:
+                metadata[FIFO_KEY] = json.dumps(transposed)
             (folder / WEIGHTS_NAME).write_bytes(serialise({PREFIX + k: v for k, v in tensors.items()}, metadata))
             (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             final = out if len(components) == 1 else out / comp

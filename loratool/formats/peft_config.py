@@ -6,7 +6,8 @@ does when it builds the model (``peft.tuners.lora.model.LoraModel._create_and_re
 * ``r = rank_pattern[k]`` and ``alpha = alpha_pattern[k]`` for the FIRST key ``k`` (dict order)
   with ``re.match(rf"(.*\\.)?({k})$", module_name)`` (``peft.utils.other.get_pattern_key``),
   otherwise the config's ``r`` / ``lora_alpha``;
-* ``scale = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+* ``scale = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``;
+* ``fan_in_fan_out`` per module from what the base layer is (:func:`fan_in_fan_out`).
 
 Writing: :func:`build_config` re-expresses the modules' scales as one config: ``r`` and
 ``lora_alpha`` are the most common values, modules that differ go into ``rank_pattern`` /
@@ -22,10 +23,13 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from loratool.adapter import LoraModule
+from loratool.arch.layer_kinds import conv1d_naming, conv1d_paths, is_conv1d
 from loratool.errors import FormatError
+from loratool.io.model_config import CONFIG_NAME, model_type
 
 # Fields build_config always recomputes from the modules (the modules are the truth).
 DERIVED_FIELDS = (
@@ -74,6 +78,49 @@ def resolve(config: dict[str, Any], name: str, where: str = "") -> tuple[int, fl
         raise FormatError(f"{where}: invalid r / lora_alpha / pattern in the LoRA config ({exc})") from None
 
 
+def _base_model_type(base: Any) -> str | None:
+    """transformers ``model_type`` of ``base_model_name_or_path``: its ``config.json`` when it is a local
+    folder, or a hub id whose config is in the local Hugging Face cache (never a download)."""
+    if not isinstance(base, str) or not base.strip():
+        return None
+    if Path(base).is_dir():
+        return model_type(Path(base))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base, CONFIG_NAME)
+    except (ImportError, ValueError, OSError):
+        return None
+    return model_type(Path(cached).parent) if isinstance(cached, str) else None
+
+
+def fan_in_fan_out(config: dict[str, Any], names: list[str]) -> dict[str, bool]:
+    """Per module, whether its base weight is stored [in, out], as PEFT decides it: when it injects a
+    layer it sets ``fan_in_fan_out`` from the layer's class (transformers ``Conv1D`` → True,
+    ``nn.Linear`` → False; ``peft.tuners.lora.layer.dispatch_default``), overwriting the config's
+    flag, so a saved config holds the value of the last module injected, not of each one.
+
+    Decided from what the config says the model is (``auto_mapping.parent_library`` — written when
+    ``task_type`` is None —, or ``base_model_name_or_path``'s ``config.json`` when local or cached)
+    and its ``Conv1D`` layers (:mod:`loratool.arch.layer_kinds`). Unnamed model with the flag True:
+    it has Conv1D layers, which the module names identify (GPT-2 naming); otherwise the flag is all
+    there is. A merge settles non-square weights from the base's stored shapes
+    (:mod:`loratool.ops.orientation`).
+    """
+    auto = config.get("auto_mapping")
+    library = auto.get("parent_library") if isinstance(auto, dict) else None
+    conv1d = conv1d_paths(parent_library=library) if isinstance(library, str) else None
+    if conv1d is None:
+        base_type = _base_model_type(config.get("base_model_name_or_path"))
+        conv1d = conv1d_paths(model_type=base_type) if base_type else None
+    flag = bool(config.get("fan_in_fan_out", False))
+    if conv1d is None and flag:
+        conv1d = conv1d_naming(names) or None
+    if conv1d is None:
+        return dict.fromkeys(names, flag)
+    return {name: is_conv1d(conv1d, name) for name in names}
+
+
 def targets(target_modules: Any, name: str) -> bool:
     """Whether PEFT's ``target_modules`` selects the module ``name`` (str = full regex match)."""
     if target_modules is None:
@@ -94,7 +141,7 @@ def number(x: float) -> int | float:
 def peft_alpha(module: LoraModule, rslora: bool) -> float:
     """The ``lora_alpha`` that reproduces ``module.scale`` with PEFT's rule (rsLoRA or not)."""
     r = module.rank
-    alpha = float(r) if module.alpha is None or module.alpha == 0 else float(module.alpha)
+    alpha = float(r) if module.alpha is None else float(module.alpha)
     if module.rslora == rslora:
         return alpha
     if module.rslora:  # alpha/√r == alpha'/r

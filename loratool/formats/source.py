@@ -1,8 +1,10 @@
 """What a layout reader is handed: the file's keys and metadata now, its tensors on demand.
 
 ``open_source`` accepts a ``.safetensors`` file, a pickled ``.pt`` / ``.bin`` / ``.pth``
-(``weights_only=True``), a PEFT folder (``adapter_config.json`` + ``adapter_model.*``), or an
-``hf://`` reference to any of these. Detection only needs ``keys`` and ``metadata``, so an
+(``weights_only=True``), a PEFT folder (``adapter_config.json`` + ``adapter_model.*``), a folder of
+such folders, one per component (``P/unet``, ``P/text_encoder``: what ``convert --to peft`` writes for
+a pipeline adapter; its :attr:`Source.parts`, read and joined into one adapter), or an ``hf://``
+reference to any of these. Detection only needs ``keys`` and ``metadata``, so an
 ``info`` without ``--stats`` never reads tensor bytes from a safetensors file.
 """
 
@@ -37,19 +39,32 @@ class Source:
     metadata: dict[str, str] = field(default_factory=dict)
     _safetensors: SafetensorsFile | None = None
     _tensors: dict[str, torch.Tensor] | None = None
+    # A folder of component folders: one source per component folder (then this one holds no tensors).
+    parts: list[Source] = field(default_factory=list)
 
     @property
     def keys(self) -> list[str]:
+        if self.parts:
+            return [k for part in self.parts for k in part.keys]
         if self._safetensors is not None:
             return self._safetensors.keys()
         return list(self.tensors)
 
     @property
+    def files(self) -> list[Path]:
+        """Every file this source reads (weights and config)."""
+        if self.parts:
+            return [f for part in self.parts for f in part.files]
+        return [self.path] + ([self.config_path] if self.config_path is not None else [])
+
+    @property
     def file_size(self) -> int:
-        return self.path.stat().st_size
+        return sum(f.stat().st_size for f in self.files) if self.parts else self.path.stat().st_size
 
     def tensor_infos(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shapes and dtypes of every tensor, from the header when there is one."""
+        if self.parts:
+            return {k: v for part in self.parts for k, v in part.tensor_infos().items()}
         if self._safetensors is not None:
             infos: dict[str, TensorInfo] = self._safetensors.header.tensors
             return {k: (v.shape, v.dtype) for k, v in infos.items()}
@@ -57,6 +72,8 @@ class Source:
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
+        if self.parts:
+            return {k: v for part in self.parts for k, v in part.tensors.items()}
         if self._tensors is None:
             if self._safetensors is not None:
                 self._tensors = self._safetensors.load_all()
@@ -75,6 +92,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
+def component_folders(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` that are PEFT adapter folders, when ``folder`` itself holds no weights."""
+    if any((folder / name).is_file() for name in PEFT_WEIGHTS) or any(folder.glob("*.safetensors")):
+        return []
+    return sorted(sub for sub in folder.iterdir() if sub.is_dir() and (sub / "adapter_config.json").is_file()
+                  and any((sub / name).is_file() for name in PEFT_WEIGHTS))
+
+
 def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None) -> Source:
     """Open an adapter for reading; ``config`` is an explicit sidecar / adapter_config path."""
     p = hub.resolve(path)
@@ -90,6 +115,8 @@ def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None
         raise InputError(f"{p}: no such file or folder")
     folder = None
     cfg_path = Path(config) if config is not None else None
+    if p.is_dir() and config is None and component_folders(p):
+        return Source(path=p, folder=p, parts=[open_source(sub) for sub in component_folders(p)])
     if p.is_dir():
         folder = p
         weights = [p / name for name in CONFIGURED_WEIGHTS if (p / name).is_file()]
@@ -98,7 +125,7 @@ def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None
             if len(cands) != 1:
                 raise InputError(
                     f"{p}: folder holds no adapter_model.safetensors / adapter_model.bin "
-                    f"(and not exactly one .safetensors file)"
+                    f"(and not exactly one .safetensors file, nor component folders with adapter_config.json)"
                 )
             weights = cands
         if cfg_path is None and (p / "adapter_config.json").is_file():
@@ -117,6 +144,10 @@ def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None
     src = Source(path=p, folder=folder, config=cfg, config_path=cfg_path)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         src._tensors = load_pickle_state_dict(p)
+    elif p.suffix.lower() == ".gguf":  # llama.cpp LoRA adapters
+        from loratool.formats.gguf_lora import open_gguf
+
+        src._tensors, src.metadata = open_gguf(p)
     else:
         src._safetensors = SafetensorsFile(p)
         src.metadata = dict(src._safetensors.metadata)

@@ -13,8 +13,8 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path, PurePosixPath
 
 from loratool.errors import LoratoolError, OutputError
 
@@ -26,18 +26,26 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+# Suffixes that name a file: a folder output (a PEFT adapter, a merged pipeline) must not carry one.
+FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf")
+
+
 def check_output(
     out: str | os.PathLike,
     inputs: Iterable[str | os.PathLike] = (),
     force: bool = False,
     *,
     folder: bool | None = None,
+    owned: Callable[[PurePosixPath], bool] | None = None,
 ) -> Path:
     """Refuse an output that is an input (or lies inside an input folder) or exists without --force.
 
-    ``folder`` says whether the output will be a folder (None: the caller does not say). Even
-    with ``force`` a folder is replaced only by a folder output, and never when it holds
-    subfolders: a mistyped path must not cost the user a directory tree.
+    ``folder`` says whether the output will be a folder (None: the caller does not know yet; the
+    writer checks again). A folder output named like a file (``x.safetensors``) is refused. With
+    ``force``, a file output replaces only a file and a folder output only a folder whose every file
+    ``owned(relative path)`` accepts, i.e. one loratool itself would have written (a PEFT / diffusers
+    adapter folder, a merged pipeline folder); any other file is listed and nothing is replaced:
+    ``--force`` must never delete what the user put there.
     """
     out = Path(out)
     resolved = out.resolve()
@@ -52,27 +60,39 @@ def check_output(
             raise OutputError(f"{out}: output lies inside the input folder {src}; choose another path")
         if resolved.is_dir() and resolved in sr.parents:
             raise OutputError(f"{out}: output folder holds the input {src}; choose another path")
+    if folder and out.suffix.lower() in FILE_SUFFIXES:
+        raise OutputError(f"{out}: this output is a folder, but its name ends in {out.suffix} like a file; "
+                          f"drop the suffix")
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists (use --force to replace it)")
     if out.is_dir() and not out.is_symlink():
         if folder is False:
             raise OutputError(f"{out}: is a folder; give a file path for this output")
-        if any(p.is_dir() for p in out.iterdir()) and not _is_model_output(out):
-            raise OutputError(f"{out}: is a folder holding subfolders; refusing to replace it, choose another path")
+        if folder:
+            foreign = _foreign_files(out, owned)
+            if foreign:
+                more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+                raise OutputError(f"{out}: holds files loratool did not write ({', '.join(foreign[:5])}{more}); "
+                                  f"--force replaces only a loratool output: move them or choose another path")
+    elif folder and out.exists():
+        raise OutputError(f"{out}: is a file; this output is a folder and --force does not replace a file with one")
     if not out.parent.exists():
         raise OutputError(f"{out.parent}: output folder does not exist")
     return out
 
 
-def _is_model_output(folder: Path) -> bool:
-    """A diffusers pipeline or a multi-component PEFT folder, one level deep: what loratool writes.
-
-    Such a folder may be replaced with --force; any other tree of folders is refused.
-    """
-    subs = [p for p in folder.iterdir() if p.is_dir()]
-    if any(q.is_dir() for p in subs for q in p.iterdir()):
-        return False
-    return (folder / "model_index.json").is_file() or all((p / "adapter_config.json").is_file() for p in subs)
+def _foreign_files(folder: Path, owned: Callable[[PurePosixPath], bool] | None) -> list[str]:
+    """Files (and links) under ``folder`` that ``owned`` does not accept, as relative paths."""
+    foreign = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        rel_dir = PurePosixPath(Path(dirpath).relative_to(folder).as_posix())
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(d for d in dirnames if d not in links)  # a linked folder is an entry, not a tree
+        for name in sorted(filenames + links):
+            rel = rel_dir / name
+            if owned is None or not owned(rel):
+                foreign.append(str(rel))
+    return foreign
 
 
 def _remove(path: Path) -> None:
@@ -154,18 +174,31 @@ def _umask() -> int:
 def _make_temp(out: Path, parent: Path, folder: bool) -> Path:
     try:
         if folder:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-            mode = 0o777
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-            os.close(fd)
-            tmp = Path(name)
-            mode = 0o666
-        # mkstemp makes 0600 files; the output should get the permissions any new file gets.
-        os.chmod(tmp, mode & ~_umask())
+            return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        return Path(name)
     except OSError as exc:
         raise _translate(exc, out) from exc  # type: ignore[misc]  # OSError always translates
-    return tmp
+
+
+def _usual_modes(tmp: Path) -> None:
+    """Give ``tmp`` (and every file and folder in it) the permissions any new file gets: 0o666 / 0o777
+    minus the umask. mkstemp / mkdtemp make 0600 / 0700, and some writers replace the temporary
+    file with a new 0600 one of their own (safetensors' ``save_file`` does), so this runs once the
+    writer is done, on what it left."""
+    mask = _umask()
+    if not tmp.is_dir():
+        os.chmod(tmp, 0o666 & ~mask)
+        return
+    os.chmod(tmp, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(tmp):
+        for name in dirnames:
+            if not os.path.islink(os.path.join(dirpath, name)):
+                os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
+        for name in filenames:
+            if not os.path.islink(os.path.join(dirpath, name)):
+                os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -214,6 +247,7 @@ def atomic_path(out: str | os.PathLike, *, folder: bool = False, sync: bool = Tr
     try:
         try:
             yield tmp
+            _usual_modes(tmp)
             if sync:
                 _fsync_tree(tmp)
             _install(tmp, out, parent)

@@ -191,6 +191,37 @@ def parse_header(raw: bytes, file_size: int, path: Path) -> Header:
     return Header(path, metadata, tensors, data_offset, file_size)
 
 
+# What a file is when it is not safetensors, by its first bytes (what people rename by mistake).
+_SIGNATURES = (
+    (b"PK\x03\x04", "a zip archive: a PyTorch .pt / .ckpt / .bin saved by torch.save"),
+    (b"\x80", "a Python pickle: a PyTorch .pt / .ckpt / .bin"),
+    (b"GGUF", "a GGUF file"),
+    (b"\x89HDF", "an HDF5 file"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"<", "an HTML / XML page (a download that failed?)"),
+    (b"version https://git-lfs", "a Git LFS pointer (run `git lfs pull`)"),
+)
+
+
+def not_safetensors(head: bytes) -> str | None:
+    """Why a file whose first bytes are ``head`` cannot be safetensors, or None when it could be.
+
+    A safetensors file is an 8-byte little-endian header length, then a JSON object: byte 8 is
+    ``{`` (the format's specification requires it).
+    """
+    if len(head) > 8 and head[8:9] == b"{":
+        return None
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    text = head.decode("utf-8", "ignore")
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"it holds text: {' '.join(text.split())[:24]!r}"
+    return "its first bytes are no safetensors header"
+
+
 def read_header(path: str | os.PathLike) -> Header:
     """Read and validate the header of ``path``; never reads tensor data."""
     path = Path(path)
@@ -205,6 +236,10 @@ def read_header(path: str | os.PathLike) -> Header:
             if len(head) < 8:
                 raise InputError(f"{path}: not a valid safetensors file: only {size} bytes")
             (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                why = not_safetensors(head + fh.read(24))
+                if why is not None:
+                    raise InputError(f"{path}: not a safetensors file ({why})")
             if n > MAX_HEADER_BYTES:
                 raise InputError(
                     f"{path}: not a valid safetensors file: header length {n} exceeds the "

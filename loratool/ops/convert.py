@@ -10,6 +10,7 @@ loralib sidecar). Formats that cannot hold a module (e.g. a LoHa in loralib) ref
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,9 @@ class ConvertResult:
     output: str
     files: list[str]
     modules: int
-    components: dict[str, int]
+    components: dict[str, int]  # component -> modules
     extras: int = 0
-    dtypes: list[str] = field(default_factory=list)
+    dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> modules
 
     def to_json(self) -> dict[str, Any]:
         """The stable ``--json`` contract of ``loratool convert``."""
@@ -39,9 +40,10 @@ class ConvertResult:
             "to": self.target_format,
             "output": self.output,
             "files": self.files,
-            "modules": self.modules,
-            "components": self.components,
-            "extras": self.extras,
+            "module_count": self.modules,
+            "components": list(self.components),
+            "component_modules": self.components,
+            "extra_count": self.extras,
             "dtypes": self.dtypes,
         }
 
@@ -78,14 +80,20 @@ def convert(
         raise UsageError(f"--from {from_format!r}: known layouts are {', '.join(formats.LAYOUTS)}")
     if progress:
         progress("read", 0, 2)
+    model_config = None
+    if to == "gguf":  # the base is read for its config.json (architecture, head counts), not for names
+        from loratool.formats.gguf_lora import load_model_config
+
+        model_config, base = load_model_config(base), None
     adapter = api.load(path, from_format, base=base, config=config, family=family)
     if progress:
         progress("write", 1, 2)
-    written = api.save(adapter, out, to, force=force, inputs=_inputs(path, config), family=family)
+    written = api.save(adapter, out, to, force=force, inputs=_inputs(path, config), family=family,
+                       model_config=model_config)
     if progress:
         progress("write", 2, 2)
     counts = {c: len(adapter.by_component(c)) for c in adapter.components}
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for m in adapter for t in m.all_tensors().values()})
+    dtypes = dict(Counter(str(m.dtype).removeprefix("torch.") for m in adapter).most_common())
     return ConvertResult(
         source=str(path),
         source_format=adapter.source_format or from_format or "?",

@@ -40,6 +40,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.errors import MatchError, UsageError
 from loratool.ops import Progress
+from loratool.ops.argument_order import check_extract_order
 from loratool.ops.device import pick_device
 from loratool.ops.extract_defaults import DEFAULT_RANK
 from loratool.ops.randomized_svd import TruncatedSVD, exact_svd, frobenius_sq, truncated_svd
@@ -102,8 +103,10 @@ class ExtractResult:
     compared: int = 0
     device: str = "cpu"
     solver: str = "randomized"
-    output: list[Path] = field(default_factory=list)
+    output: Path | None = None  # what was asked for (a file, or a PEFT folder)
+    files: list[Path] = field(default_factory=list)  # what was written
     format: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def worst_captured(self) -> float | None:
@@ -111,7 +114,8 @@ class ExtractResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "output": [str(p) for p in self.output],
+            "output": str(self.output) if self.output is not None else None,
+            "files": [str(p) for p in self.files],
             "format": self.format,
             "device": self.device,
             "solver": self.solver,
@@ -122,6 +126,7 @@ class ExtractResult:
             "not_extracted": [s.to_json() for s in self.not_extracted],
             "worst_captured": self.worst_captured,
             "modules": [m.to_json() for m in self.modules],
+            "warnings": list(self.warnings),
         }
 
 
@@ -325,6 +330,7 @@ def extract(
     if clamp_quantile is not None and not 0.0 < clamp_quantile <= 1.0:
         raise UsageError(f"--clamp-quantile {clamp_quantile}: must be in (0, 1]")
     rule = _rule(dynamic, param)
+    order_warnings = check_extract_order(finetuned, base)
     includes, excludes = _compile(include, "--include"), _compile(exclude, "--exclude")
     dev = pick_device(device)
     if dev.type == "mps" and dtype == torch.float64:
@@ -344,7 +350,8 @@ def extract(
             f"are they the same architecture?"
         )
     adapter = Adapter(source_format=None)
-    result = ExtractResult(adapter=adapter, device=str(dev), solver="exact" if exact else "randomized")
+    result = ExtractResult(adapter=adapter, device=str(dev), solver="exact" if exact else "randomized",
+                           warnings=order_warnings)
     for comp, name in ft.params:
         if (comp, name) not in bs.params:
             result.not_extracted.append(Skipped(comp, name, "only in the fine-tune", ft.shape_dtype((comp, name))[0]))
@@ -413,10 +420,18 @@ def extract(
     return result
 
 
+def model_name(ref: str | os.PathLike) -> str:
+    """How an output's metadata names an input: a hub reference as given, a local path by its last
+    part only (a full path would carry the user's folders into a shared file)."""
+    text = str(ref)
+    return text if text.startswith("hf://") else Path(text.rstrip("/\\")).name or text
+
+
 def _metadata(finetuned, base, s: _Settings, dynamic, param) -> dict[str, str]:
+    finetuned, base = model_name(finetuned), model_name(base)
     return {
-        "loratool.extract.finetuned": str(finetuned),
-        "loratool.extract.base": str(base),
+        "loratool.extract.finetuned": finetuned,
+        "loratool.extract.base": base,
         "loratool.extract.rank": str(s.rank),
         "loratool.extract.conv_rank": str(s.conv_rank),
         "loratool.extract.solver": "exact" if s.exact else "randomized",
@@ -454,5 +469,6 @@ def extract_to_file(
         )
     fmt = to or default_format(result.adapter)
     result.format = fmt
-    result.output = save(result.adapter, out, fmt, force=force, inputs=(finetuned, base))
+    result.files = save(result.adapter, out, fmt, force=force, inputs=(finetuned, base))
+    result.output = Path(out)
     return result

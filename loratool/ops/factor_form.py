@@ -28,8 +28,10 @@ import torch
 
 from loratool.adapter import LoraModule
 from loratool.delta import delta_weight
+from loratool.ops.linalg import dense_svd, numerical_rank
 
-_KEEP_HINTS = ("weight_shape",)
+# Hints that carry maths (the DoRA axis and strength semantics) survive re-factoring.
+_KEEP_HINTS = ("weight_shape", "dora_axis", "dora_strength")
 
 
 @dataclass
@@ -153,6 +155,16 @@ def to_factor_form(
     delta = delta_weight(module, dtype=dtype, device=device)
     dense = delta.T if swap else delta.reshape(delta.shape[0], -1)
     return FactorForm(shape, wshape, dense=dense.contiguous())
+
+
+def exact_factors(form: FactorForm) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up, down, scale) with scale · up @ down = ΔM; a dense ΔM is factored exactly by its SVD
+    (every singular value above the usual rounding tolerance kept)."""
+    if not form.is_dense:
+        return form.up, form.down, form.scale
+    svd = dense_svd(form.dense, dtype=form.dense.dtype)
+    svd = svd.truncate(numerical_rank(svd, form.shape))
+    return svd.U * svd.S, svd.Vh, 1.0
 
 
 def to_module(

@@ -28,10 +28,8 @@ parameter count, size) read from the safetensors headers alone.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +40,13 @@ import torch
 from loratool import formats
 from loratool.adapter import Adapter, LoraModule
 from loratool.api import base_vocabulary, read_source
+from loratool.delta_rank import delta_rank
 from loratool.errors import FormatError
 from loratool.formats.source import Source, open_source
 from loratool.io import hub
 from loratool.ops import Progress
+from loratool.ops.argument_order import looks_like_base
+from loratool.ops.training_metadata import top_tags, trigger_phrases
 from loratool.validate import nonfinite_modules
 
 # Metadata keys holding bulky JSON: kept in ``metadata``, left out of the training table.
@@ -53,7 +54,6 @@ BULKY_KEYS = frozenset({
     "ss_tag_frequency", "ss_dataset_dirs", "ss_datasets", "ss_reg_dataset_dirs", "ss_bucket_info",
     "lora_adapter_metadata", "modelspec.thumbnail",
 })
-TOP_TAGS = 20
 
 # ss_base_model_version / modelspec.architecture prefixes -> family name (longest match first).
 _FAMILY_HINTS = (
@@ -73,11 +73,12 @@ class ModuleStats:
 
 @dataclass
 class ModuleInfo:
-    name: str  # dotted module path inside the component (canonical naming)
+    path: str  # dotted module path inside the component (canonical naming)
     component: str
     kind: str
     layer: str
-    rank: int
+    rank: int  # the rank ΔW can have (LoKr: rank(w1)·rank(w2) of ΔW = w1 ⊗ w2)
+    factor_rank: int  # the rank the layout stores and alpha divides (LoKr lora_dim; 0 for whole factors)
     alpha: float | None  # as stored; alpha = rank when the layout stores none
     scale: float
     shape: list[int]  # the adapted base weight's shape
@@ -104,10 +105,11 @@ class InfoReport:
     training: dict[str, str]
     modelspec: dict[str, str]
     tags: list[tuple[str, int]]
+    trigger_phrases: list[str] = field(default_factory=list)
+    dialect: str | None = None
     warnings: list[str] = field(default_factory=list)
     header_only: bool = True
     stats: bool = False
-    dialect: str | None = None  # the trainer dialect of the layout (formats.dialects), None for its plain form
 
     @property
     def ranks(self) -> dict[int, int]:
@@ -130,6 +132,7 @@ class InfoReport:
             "size_bytes": self.size_bytes,
             "files": self.files,
             "family": self.family,
+            "trigger_phrases": self.trigger_phrases,
             "base_model": self.base_model,
             "components": self.components,
             "component_modules": self.component_modules,
@@ -152,7 +155,7 @@ class InfoReport:
             "tags": [{"tag": t, "count": c} for t, c in self.tags],
             "warnings": self.warnings,
             "header_only": self.header_only,
-            "stats": self.stats,
+            "with_stats": self.stats,
             "modules": [_module_json(m) for m in self.modules],
         }
 
@@ -165,10 +168,6 @@ def _module_json(m: ModuleInfo) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- base checkpoints
-
-# Key fragments no base model has and every LoRA-like layout does (LoRA, LoHa, LoKr, OFT, DoRA, alphas).
-_LORA_MARKERS = re.compile(r"(lora|hada_|lokr_|oft_|dora_scale|magnitude_vector|\.alpha$)", re.IGNORECASE)
-
 
 @dataclass
 class CheckpointReport:
@@ -201,7 +200,8 @@ class CheckpointReport:
             "architecture": self.architecture,
             "size_bytes": self.size_bytes,
             "files": self.files,
-            "components": self.components,
+            "components": list(self.components),
+            "component_tensors": self.components,
             "tensor_count": self.tensor_count,
             "parameter_count": self.parameter_count,
             "dtypes": self.dtypes,
@@ -214,20 +214,6 @@ class CheckpointReport:
         }
 
 
-def _json_beside(folder: Path, name: str) -> dict[str, Any] | None:
-    path = folder / name
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def looks_like_base(keys: list[str]) -> bool:
-    """True for a weights file that is no adapter: tensors, none of them named like a LoRA part."""
-    return bool(keys) and not any(_LORA_MARKERS.search(k) for k in keys)
 
 
 def is_base_folder(folder: Path) -> bool:
@@ -240,12 +226,10 @@ def is_base_folder(folder: Path) -> bool:
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
     """Describe a base model from its safetensors headers (no tensor data is read)."""
-    from loratool.arch.checkpoints import base_family
     from loratool.io.checkpoint import guess_component, open_checkpoint
+    from loratool.ops.family_check import base_family_of
 
     ckpt = open_checkpoint(path)
-    root = ckpt.root
-    folder = root if ckpt.is_folder else root.parent
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: Counter[str] = Counter()
     components: Counter[str] = Counter()
@@ -271,10 +255,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
             unmapped += sorted(k for k in group.key_to_part if k not in used)
         else:
             components[group.component or guess_component(group.key_to_part)] += len(group.key_to_part)
-    if ckpt.kind == "pipeline":
-        family, architecture = base_family(shapes, pipeline=_json_beside(root, "model_index.json"))
-    else:
-        family, architecture = base_family(shapes, config=_json_beside(folder, "config.json"))
+    family, architecture = base_family_of(ckpt, shapes)
     files = sorted(str(f) for f in ckpt.weight_files())
     warnings = []
     if unmapped:
@@ -293,6 +274,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
 
 def header_only_source(src: Source) -> Source:
     """``src`` with meta tensors standing in for the data (scalars read for real)."""
+    if src.parts:
+        return Source(path=src.path, folder=src.folder, parts=[header_only_source(p) for p in src.parts])
     if src._safetensors is None:
         return src  # a pickle is already in memory
     file = src._safetensors
@@ -347,18 +330,8 @@ def module_stats(module: LoraModule) -> ModuleStats:
 
 
 def _family(src: Source, adapter: Adapter, metadata: dict[str, str], given: str | None) -> str | None:
-    if given:
-        return given
-    if adapter.family:
-        return adapter.family
-    try:
-        from loratool import arch
-
-        fam = arch.detect(src.keys, metadata)
-        if fam is not None:
-            return fam.name
-    except ImportError:  # naming tables not installed: metadata alone decides
-        pass
+    if given or adapter.family:  # read_source set it from names, shapes and metadata
+        return given or adapter.family
     for key in ("ss_base_model_version", "modelspec.architecture"):
         value = metadata.get(key, "").lower()
         for prefix, name in _FAMILY_HINTS:
@@ -380,22 +353,6 @@ def _base_model(src: Source, adapter: Adapter, metadata: dict[str, str]) -> dict
     return out
 
 
-def _tags(metadata: dict[str, str], warnings: list[str]) -> list[tuple[str, int]]:
-    raw = metadata.get("ss_tag_frequency")
-    if not raw:
-        return []
-    try:
-        freq = json.loads(raw)
-        total: Counter[str] = Counter()
-        for per_dir in freq.values():
-            for tag, count in per_dir.items():
-                total[str(tag).strip()] += int(count)
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        warnings.append("ss_tag_frequency is not the JSON sd-scripts writes; tags not shown")
-        return []
-    return total.most_common(TOP_TAGS)
-
-
 # ---------------------------------------------------------------- the report
 
 
@@ -403,11 +360,12 @@ def _module_info(m: LoraModule) -> ModuleInfo:
     rank = m.rank
     alpha = m.alpha if m.alpha not in (None, 0) else (float(rank) if rank else None)
     return ModuleInfo(
-        name=m.path,
+        path=m.path,
         component=m.component,
         kind=m.kind,
         layer=m.layer,
-        rank=rank,
+        rank=delta_rank(m),
+        factor_rank=rank,
         alpha=None if alpha is None else _num(alpha),
         scale=_num(m.scale),
         shape=[int(x) for x in m.weight_shape],
@@ -420,10 +378,7 @@ def _module_info(m: LoraModule) -> ModuleInfo:
 
 
 def _files(src: Source) -> list[str]:
-    files = [src.path]
-    if src.config_path is not None:
-        files.append(src.config_path)
-    return [str(f) for f in files]
+    return [str(f) for f in src.files]
 
 
 def inspect(
@@ -455,7 +410,7 @@ def inspect(
             raise
     opts = formats.ReadOptions(vocabulary=base_vocabulary(base) if base is not None else None, family=family)
     adapter = read_source(src if stats else header_only_source(src), name, opts, path)
-    header_only = not stats and src._safetensors is not None
+    header_only = not stats and all(p._safetensors is not None for p in (src.parts or [src]))
     metadata = dict(adapter.metadata or src.metadata)
     warnings: list[str] = []
     modules = [_module_info(m) for m in adapter]
@@ -496,7 +451,6 @@ def inspect(
     return InfoReport(
         path=str(path),
         format=adapter.source_format or name,
-        dialect=adapter.dialect,
         size_bytes=sum(Path(f).stat().st_size for f in _files(src)),
         files=_files(src),
         family=_family(src, adapter, metadata, family),
@@ -507,7 +461,9 @@ def inspect(
         metadata=metadata,
         training={k: v for k, v in metadata.items() if k.startswith("ss_") and k not in BULKY_KEYS},
         modelspec={k: v for k, v in metadata.items() if k.startswith("modelspec.") and k not in BULKY_KEYS},
-        tags=_tags(metadata, warnings),
+        tags=top_tags(metadata, warnings),
+        trigger_phrases=trigger_phrases(metadata),
+        dialect=adapter.dialect,
         warnings=warnings,
         header_only=header_only,
         stats=stats,

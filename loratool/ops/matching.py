@@ -30,6 +30,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import _numel, _same_matrix, has_bias_delta, weight_shape
 from loratool.errors import MatchError
 from loratool.io.checkpoint import Checkpoint, Group, Hit, RowSlice
+from loratool.ops.orientation import oriented
 
 
 @dataclass
@@ -76,8 +77,11 @@ def _prefix_rule(group: Group, paths: list[str]) -> tuple[int, str] | None:
     """The (strip n leading segments, then prepend P) rule that places most ``paths`` on distinct keys.
 
     Counting distinct keys keeps a rule such as "prepend ``model.layers.0.``" (every ``q_proj``
-    onto one tensor) from winning; at least two modules and half of them must be placed.
+    onto one tensor) from winning; at least two modules and half of them must be placed. ``paths`` are
+    counted once each: several adapters adapting the same modules (``merge base K K K``) must not
+    raise the bar beyond what any one of them can reach.
     """
+    paths = list(dict.fromkeys(paths))
     keys = group.key_to_part
     suffixes = _keys_by_suffix(keys)
     hits: dict[tuple[int, str], set[str]] = {}
@@ -191,6 +195,7 @@ def match(
             elif transform == "swap_halves" and shape[0] % 2:
                 errors.append(f"{label}: {key} {info.shape} has an odd row count; its halves cannot be swapped")
                 continue
+            m = oriented(m, tuple(shape), part.path, key)  # [out, in] or Conv1D's [in, out]: the base decides
             err = _check_shapes(m, shape, strengths[ai], names[ai], key)
             if err:
                 errors.append(err)

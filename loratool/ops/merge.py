@@ -25,9 +25,9 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from loratool.errors import LoratoolError, UsageError
@@ -35,8 +35,10 @@ from loratool.float_dtypes import float_code
 from loratool.io.atomic import atomic_path, check_output
 from loratool.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, Part, open_checkpoint
 from loratool.io.copy_ahead import CopyAhead
+from loratool.io.model_config import CONFIG_NAME, retyped
 from loratool.io.safetensors_file import read_header
 from loratool.ops import Progress
+from loratool.ops.argument_order import check_merge_order
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
 
 # Stored dtypes that ``dtype`` converts; integer / bool / fp8 tensors stay as they are.
 CONVERTIBLE = ("F16", "BF16", "F32", "F64")
+# --dtype codes as torch / transformers configs name them.
+DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 
 @dataclass
@@ -65,24 +69,26 @@ class MergeResult:
     peak_rss_mb: float = 0.0
     device: str = "cpu"
     dtype: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
             "output": str(self.output),
             "base": self.base,
-            "adapters": self.adapters,
-            "strengths": self.strengths,
+            "inputs": [{"file": a, "strength": s} for a, s in zip(self.adapters, self.strengths)],
             "matched": self.matched,
             "matched_total": sum(self.matched.values()),
             "unmatched": self.unmatched,
+            "unmatched_count": len(self.unmatched),
             "merged_tensors": self.merged_tensors,
-            "skipped": self.skipped,
+            "copied_tensors": self.skipped,
             "dropped_files": self.dropped_files,
             "files": self.files,
             "seconds": round(self.seconds, 3),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "device": self.device,
             "dtype": self.dtype,
+            "warnings": self.warnings,
         }
 
 
@@ -201,8 +207,12 @@ def _rewrites(copies: list[tuple[Part, Path]], keys) -> dict[Path, list[tuple[in
     return out
 
 
-def _mirror_folder(ckpt: Checkpoint, merger: PartMerger, tmp: Path) -> tuple[list[str], list[str]]:
-    """Write every group into ``tmp`` and copy the other files; returns (files written, dropped)."""
+def _mirror_folder(ckpt: Checkpoint, merger: PartMerger, tmp: Path,
+                   dtype_name: str | None = None) -> tuple[list[str], list[str]]:
+    """Write every group into ``tmp`` and copy the other files; returns (files written, dropped).
+
+    ``dtype_name``: the dtype the weights are now stored in (``--dtype``); each ``config.json``
+    saying another float dtype (``torch_dtype`` / ``dtype``) is rewritten to say this one."""
     handled = {os.path.normpath(p) for p in ckpt.weight_files()}
     written: list[str] = []
     dropped: list[str] = []
@@ -217,21 +227,31 @@ def _mirror_folder(ckpt: Checkpoint, merger: PartMerger, tmp: Path) -> tuple[lis
             dest.parent.mkdir(parents=True, exist_ok=True)
             merger.write_index(group, dest)
             written.append(str(group.index_rel))
+    for rel in _base_files(ckpt):
+        src, name = ckpt.root / rel, rel.name
+        if os.path.normpath(src) in handled:
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".safetensors.index.json") \
+                or name.endswith(".bin.index.json"):
+            dropped.append(str(rel))
+            continue
+        (tmp / rel.parent).mkdir(parents=True, exist_ok=True)
+        text = retyped(src, dtype_name) if dtype_name and name == CONFIG_NAME else None
+        if text is not None:
+            (tmp / rel).write_text(text, encoding="utf-8")
+        else:
+            shutil.copyfile(src, tmp / rel)
+    return written, dropped
+
+
+def _base_files(ckpt: Checkpoint) -> Iterator[Path]:
+    """Every file of a folder base that a merged folder mirrors, relative to its root (dot files skipped)."""
     for dirpath, dirnames, filenames in os.walk(ckpt.root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = Path(dirpath).relative_to(ckpt.root)
         for name in sorted(filenames):
-            src = Path(dirpath) / name
-            if name.startswith(".") or os.path.normpath(src) in handled:
-                continue
-            rel = rel_dir / name
-            if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".safetensors.index.json") \
-                    or name.endswith(".bin.index.json"):
-                dropped.append(str(rel))
-                continue
-            (tmp / rel_dir).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp / rel)
-    return written, dropped
+            if not name.startswith("."):
+                yield rel_dir / name
 
 
 # A widened weight changes its model's config (diffusers _MODULE_NAME_TO_ATTRIBUTE_MAP_FLUX): the
@@ -270,19 +290,28 @@ def merge(
     force: bool = False,
     allow_nonfinite: bool = False,
     sync: bool = False,
+    ignore_family: bool = False,
     progress: Progress | None = None,
+    block_weights: Sequence[str] | None = None,
+    strength_patterns: Sequence[str] | None = None,
 ) -> MergeResult:
     """Merge ``loras`` (paths, ``hf://`` refs or :class:`Adapter` objects) into ``base``; write ``out``.
+
+    ``block_weights`` (LoRA Block Weight presets / vectors, once or once per LoRA) and
+    ``strength_patterns`` (``PATTERN:VALUE``) scale modules: see :mod:`loratool.ops.block_weights`.
 
     ``sync`` flushes the output to disk before it is renamed into place (see
     :func:`loratool.io.atomic.atomic_path`). Raises :class:`~loratool.errors.MatchError` when
     nothing matches, when shapes disagree, or (``strict``) when any module is unmatched;
     :class:`~loratool.errors.NonFiniteError` for NaN/Inf in an adapter or a result unless
-    ``allow_nonfinite``. Nothing is written on any error.
+    ``allow_nonfinite``; a :class:`~loratool.errors.MatchError` when an adapter's model family and the
+    base's are both known and unrelated (an SD1 LoRA into a Llama base), unless ``ignore_family``
+    (:mod:`loratool.ops.family_check`). Nothing is written on any error.
     """
     start = time.perf_counter()
     if not loras:
         raise UsageError("give at least one LoRA to merge")
+    check_merge_order(base, list(loras))
     out_code = _out_code(dtype)
     values = _strengths(strengths, len(loras))
     ckpt = open_checkpoint(base)
@@ -293,7 +322,9 @@ def merge(
         raise UsageError(f"{out}: the base is one .safetensors file; name the output *.safetensors")
     # Refuse a bad output before the (possibly slow) adapter loading.
     local_inputs = [ckpt.root] + [p for p in loras if isinstance(p, (str, os.PathLike)) and not str(p).startswith("hf://")]
-    check_output(out, inputs=local_inputs, force=force, folder=ckpt.is_folder)
+    # --force may replace a folder holding only what this merge writes: the base's files, mirrored
+    mirrored = {PurePosixPath(rel.as_posix()) for rel in _base_files(ckpt)} if ckpt.is_folder else set()
+    check_output(out, inputs=local_inputs, force=force, folder=ckpt.is_folder, owned=mirrored.__contains__)
 
     with atomic_path(out, folder=ckpt.is_folder, sync=sync) as tmp:
         copies = _copies(ckpt, tmp, out_code)
@@ -301,7 +332,9 @@ def merge(
         with CopyAhead(jobs, defer=_guess_rewrites(copies, loras), sync=sync) as copier:
             from loratool.ops import merge_tensors  # torch: imported while the copy runs
 
-            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite)
+            warnings: list[str] = []
+            plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite,
+                                                        block_weights, strength_patterns, warnings, ignore_family)
             for part, dest in copies:  # a widened tensor changes the file's layout: written from scratch
                 if any(fp == part.path for fp, _ in plan.reshaped):
                     copier.drop(dest)
@@ -311,7 +344,7 @@ def merge(
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)
                 dropped: list[str] = []
                 if ckpt.is_folder:
-                    files, dropped = _mirror_folder(ckpt, merger, tmp)
+                    files, dropped = _mirror_folder(ckpt, merger, tmp, DTYPE_NAMES.get(out_code))
                     _widen_configs(ckpt, plan.reshaped, tmp)
                 else:
                     merger.write_part(ckpt.groups[0].parts[0], tmp)
@@ -330,5 +363,6 @@ def merge(
         seconds=time.perf_counter() - start,
         peak_rss_mb=peak_rss_mb(),
         device=str(dev),
-        dtype={"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(out_code),
+        dtype=DTYPE_NAMES.get(out_code),
+        warnings=warnings,
     )

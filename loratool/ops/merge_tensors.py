@@ -42,6 +42,7 @@ from loratool.io.safetensors_file import itemsize, torch_dtypes
 from loratool.io.safetensors_writer import SEGMENT_BYTES, StreamingWriter, TensorSpec
 from loratool.ops import Progress
 from loratool.ops.device import pick_device
+from loratool.ops.family_check import check_families
 from loratool.ops.matching import MatchPlan, match
 from loratool.ops.merge import CONVERTIBLE, target_code
 
@@ -342,8 +343,15 @@ def compute_threads(dev: torch.device) -> Iterator[None]:
 
 
 def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: str, strict: bool,
-               allow_nonfinite: bool) -> tuple[MatchPlan, list[str], torch.device]:
-    """Load the adapters, check them, match them to ``ckpt``: (plan, adapter names, device)."""
+               allow_nonfinite: bool, block_weights: Sequence[str] | None = None,
+               strength_patterns: Sequence[str] | None = None,
+               warnings: list[str] | None = None,
+               ignore_family: bool = False) -> tuple[MatchPlan, list[str], torch.device]:
+    """Load the adapters, check them (family: :mod:`loratool.ops.family_check`, unless ``ignore_family``),
+    match them to ``ckpt``: (plan, adapter names, device).
+
+    ``block_weights`` / ``strength_patterns`` scale each application (:mod:`loratool.ops.block_weights`);
+    their warnings are appended to ``warnings``."""
     from loratool.api import load
 
     dev = pick_device(device)
@@ -356,10 +364,19 @@ def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: s
         else:
             adapters.append(load(item, base=ckpt.root))
             names.append(str(item))
+    if not ignore_family:
+        check_families(adapters, names, ckpt)
     if not allow_nonfinite:
         for adapter, name in zip(adapters, names):
             _check_adapter_finite(adapter, name)
     plan = match(adapters, values, ckpt, names=names)
+    if block_weights or strength_patterns:
+        from loratool.ops.block_weights import apply_to_plan, module_weights
+
+        weights = module_weights(adapters, block_weights, strength_patterns)
+        apply_to_plan(plan, weights)
+        if warnings is not None:
+            warnings.extend(weights.warnings())
     if strict and plan.unmatched:
         more = f" and {len(plan.unmatched) - 10} more" if len(plan.unmatched) > 10 else ""
         raise MatchError(

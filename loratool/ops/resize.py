@@ -33,8 +33,8 @@ from loratool.delta import delta_bias
 from loratool.errors import NonFiniteError, UsageError
 from loratool.ops import Progress
 from loratool.ops.device import pick_device
-from loratool.ops.factor_form import to_factor_form, to_module
-from loratool.ops.linalg import compute_dtype, dense_svd, factor_svd, split_factors
+from loratool.ops.factor_form import exact_factors, to_factor_form, to_module
+from loratool.ops.linalg import compute_dtype, dense_svd, factor_svd, split_factors, stacked_factor_svd
 from loratool.ops.rank_rules import RankRule, select_rank
 
 STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
@@ -54,7 +54,7 @@ class ModuleResize:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "module": f"{self.component}:{self.path}", "kind": self.kind, "layer": self.layer,
+            "component": self.component, "path": self.path, "kind": self.kind, "layer": self.layer,
             "rank_in": self.rank_in, "rank_out": self.rank_out, "fro_kept": self.fro_kept, "method": self.method,
             "norm": self.norm,
         }
@@ -151,6 +151,83 @@ def resize_module(
     return out, report
 
 
+def _fused_groups(modules: list[LoraModule]) -> dict[tuple[str, str], list[LoraModule]]:
+    """Parts of one fused native module (``hints["fused"]``, set when a family splits it), in row order."""
+    groups: dict[tuple[str, str], dict[int, LoraModule]] = {}
+    for m in modules:
+        fused = m.hints.get("fused")
+        if fused is not None and int(fused[2]) > 1:
+            groups.setdefault((m.component, str(fused[0])), {})[int(fused[1])] = m
+    return {key: [parts[i] for i in sorted(parts)] for key, parts in groups.items() if len(parts) > 1}
+
+
+def _native_rank(parts: list[LoraModule]) -> int:
+    """Rank of the fused module as the file stores it: one shared down → its rank, else the ranks add up."""
+    first = parts[0]
+    shared = all(p.kind == "lora" and "mid" not in p.tensors and p.tensors["down"].shape == first.tensors["down"].shape
+                 and torch.equal(p.tensors["down"], first.tensors["down"]) and p.scale == first.scale
+                 for p in parts)
+    return first.rank if shared else sum(p.rank or min(p.weight_shape[:2]) for p in parts)
+
+
+def resize_fused(
+    parts: list[LoraModule],
+    max_rank: int,
+    rule: RankRule | None = None,
+    *,
+    device: torch.device | None = None,
+) -> list[tuple[LoraModule, ModuleResize]]:
+    """The best rank-k version of a fused native module given as its parts (row blocks, in order).
+
+    The native ΔM = [ΔM₁; ΔM₂; …] (one input, rows stacked) is truncated as one matrix, so the
+    file gets back one module of rank k (Eckart–Young on the module it holds), not G parts of rank
+    k joined block-diagonally into rank G·k. Every part gets the shared down' and its rows of up':
+    a writer fuses parts sharing one down into (down', cat(up'_g)) at rank k. ``fro_kept`` of a
+    part is ‖ΔM_g,k‖ / ‖ΔM_g‖ (its rows of U_k·S_k against its rows of U·S); ``rank_in`` is the
+    native module's rank. Parts already at or below the rank are returned untouched.
+    """
+    device = device or torch.device("cpu")
+    names = ", ".join(f"{p.component}:{p.path}" for p in parts)
+    native = _native_rank(parts)
+    forms = [to_factor_form(p, dtype=compute_dtype(device, 0), device=device) for p in parts]
+    if len({f.shape[1] for f in forms}) != 1:
+        raise UsageError(f"{names}: the parts of one fused module differ in input width")
+    rows = [int(f.shape[0]) for f in forms]
+    total = sum(rows)
+    ups, downs, coefs = [], [], []
+    for g, form in enumerate(forms):
+        up, down, s = exact_factors(form)
+        padded = torch.zeros(total, up.shape[1], dtype=up.dtype, device=up.device)
+        padded[sum(rows[:g]):sum(rows[:g + 1])] = up
+        ups.append(padded)
+        downs.append(down)
+        coefs.append(s)
+    try:
+        svd = stacked_factor_svd(ups, downs, coefs, dtype=compute_dtype(device, (total + forms[0].shape[1]) * native))
+    except FloatingPointError:
+        raise NonFiniteError(f"{names}: LoRA factors hold NaN or Inf") from None
+    unchanged = native <= max_rank and all(p.kind == "lora" and "mid" not in p.tensors for p in parts)
+    k = native if unchanged else select_rank(svd.S, max_rank, rule)
+    scale = _target_scale(parts[0]) if len({p.scale for p in parts}) == 1 and parts[0].kind == "lora" else 1.0
+    rslora = all(p.kind == "lora" and p.rslora for p in parts)
+    up, down = split_factors(svd.truncate(k), scale)
+    us = svd.U * svd.S
+    out = []
+    for g, (p, form) in enumerate(zip(parts, forms)):
+        a, b = sum(rows[:g]), sum(rows[:g + 1])
+        full = float(us[a:b].double().norm())
+        if unchanged:
+            out.append((p, ModuleResize(p.component, p.path, p.kind, p.layer, native, native, 1.0, "unchanged", full)))
+            continue
+        kept = float(us[a:b, :k].double().norm()) / full if full > 0 else 1.0
+        new = to_module(p, form.weight_shape, up[a:b], down, scale=scale, rslora=rslora, dtype=p.dtype)
+        db = delta_bias(p, dtype=torch.float64)
+        if db is not None:  # s' · bias' = Δb, as resize_module stores it
+            new.tensors["bias"] = (db / scale).to(p.dtype)
+        out.append((new, ModuleResize(p.component, p.path, p.kind, p.layer, native, k, kept, "fused", full)))
+    return out
+
+
 def resize(
     adapter: Adapter,
     rank: int,
@@ -169,18 +246,28 @@ def resize(
     rule = RankRule(dynamic, param)
     conv_rank = int(conv_rank) if conv_rank is not None else int(rank)
     dev = pick_device(device)
-    out = Adapter(metadata=dict(adapter.metadata), source_format=adapter.source_format,
+    out = Adapter(metadata=dict(adapter.metadata), source_format=adapter.source_format, family=adapter.family,
                   config={k: dict(v) for k, v in adapter.config.items()}, extras=dict(adapter.extras))
     reports: list[ModuleResize] = []
     total = len(adapter.modules)
     warnings: list[str] = []
-    for i, module in enumerate(adapter.modules.values()):
+    modules = list(adapter.modules.values())
+    groups = _fused_groups(modules)
+    done: set[tuple[str, str]] = set()
+    for module in modules:
+        if module.key in done:
+            continue
         cap = conv_rank if is_kxk_conv(module) else int(rank)
-        new, report = resize_module(module, cap, rule, device=dev)
-        out.add(new)
-        reports.append(report)
+        fused = module.hints.get("fused")
+        group = groups.get((module.component, str(fused[0]))) if fused is not None else None
+        results = resize_fused(group, cap, rule, device=dev) if group else [resize_module(module, cap, rule,
+                                                                                           device=dev)]
+        for new, report in results:
+            out.add(new)
+            reports.append(report)
+            done.add(new.key)
         if progress is not None:
-            progress("resizing", i + 1, total)
+            progress("resizing", len(done), total)
     if any(m.magnitude is not None for m in adapter.modules.values()):
         warnings.append("DoRA magnitudes are kept unchanged; the resized ΔW changes the merged weight's direction only")
     result = ResizeResult(
@@ -278,6 +365,7 @@ def resize_file(
 ) -> ResizeResult:
     """load → :func:`resize` → save, in the input's layout unless ``to`` says otherwise."""
     from loratool.api import load, save
+    from loratool.formats.outputs import check_target
     from loratool.io.atomic import check_output
 
     RankRule(dynamic, param)  # argument errors before any reading
@@ -285,6 +373,7 @@ def resize_file(
     check_output(out, inputs=(path,), force=force)
     adapter = load(path, format=format, base=base, config=config, family=family)
     layout = layout or output_layout(adapter.source_format, None)
+    check_target(layout, out, (path,), force)  # a name contradicting the layout fails before the work
     result = resize(adapter, rank, conv_rank=conv_rank, dynamic=dynamic, param=param, device=device,
                     progress=progress)
     result.files = save(result.adapter, out, layout, force=force, inputs=(path,), family=family)

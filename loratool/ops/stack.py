@@ -34,10 +34,11 @@ import torch
 from loratool.adapter import Adapter, LoraModule
 from loratool.delta import delta_bias
 from loratool.errors import MatchError, NonFiniteError, UsageError
+from loratool.float_dtypes import float_code
 from loratool.ops import Progress
 from loratool.ops.device import pick_device
-from loratool.ops.factor_form import FactorForm, to_factor_form, to_module, transposed
-from loratool.ops.linalg import compute_dtype, dense_svd, numerical_rank, split_factors, stacked_factor_svd
+from loratool.ops.factor_form import FactorForm, exact_factors, to_factor_form, to_module, transposed
+from loratool.ops.linalg import compute_dtype, split_factors, stacked_factor_svd
 from loratool.ops.rank_rules import select_rank
 from loratool.ops.resize import STALE_KEYS, network_metadata, output_layout
 
@@ -53,7 +54,7 @@ class ModuleStack:
     fro_kept: float  # ‖result‖ / ‖Σ wᵢ ΔWᵢ‖ (1.0 for concat)
 
     def to_json(self) -> dict[str, Any]:
-        return {"module": f"{self.component}:{self.path}", "sources": self.sources,
+        return {"component": self.component, "path": self.path, "sources": self.sources,
                 "rank_out": self.rank_out, "fro_kept": self.fro_kept}
 
 
@@ -70,6 +71,9 @@ class StackResult:
     files: list[Path] = field(default_factory=list)
     output_format: str | None = None
     warnings: list[str] = field(default_factory=list)
+    dtype: str | None = None  # the written factors' dtype when one was asked for
+    combine: dict[str, Any] | None = None  # the combination method's parameters (ties, dare_*, ...)
+    block_weights: dict[str, Any] | None = None
 
     @property
     def mean_fro_kept(self) -> float:
@@ -82,34 +86,40 @@ class StackResult:
             "files": [str(f) for f in self.files],
             "method": self.method,
             "rank": self.rank,
-            "inputs": [{"file": lab, "weight": w} for lab, w in zip(self.labels, self.weights)],
+            "inputs": [{"file": lab, "weight": w, "module_count": sum(1 for m in self.modules if i in m.sources)}
+                       for i, (lab, w) in enumerate(zip(self.labels, self.weights))],
+            "dtype": self.dtype,
             "device": self.device,
             "modules": [m.to_json() for m in self.modules],
             "mean_fro_kept": self.mean_fro_kept,
             "warnings": list(self.warnings),
+            "combine": self.combine,
+            "block_weights": self.block_weights,
         }
 
 
-def _contribution_factors(form: FactorForm) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(up, down, scale) of one contribution; a dense ΔM is factored exactly by its SVD."""
-    if not form.is_dense:
-        return form.up, form.down, form.scale
-    svd = dense_svd(form.dense, dtype=form.dense.dtype)
-    k = numerical_rank(svd, form.shape)
-    svd = svd.truncate(k)
-    return svd.U * svd.S, svd.Vh, 1.0
+def _kernel(form: FactorForm) -> tuple[int, ...]:
+    """The spatial kernel of the weight, () for a Linear and for a 1×1 conv (the same ΔW matrix)."""
+    return tuple(int(k) for k in form.weight_shape[2:]) if math.prod(form.weight_shape[2:]) > 1 else ()
 
 
 def _check_same_target(key: tuple[str, str], entries: list[tuple[int, LoraModule, FactorForm]],
-                       labels: list[str]) -> None:
+                       labels: list[str]) -> tuple[LoraModule, FactorForm]:
+    """Refuse contributions that adapt different weights; return the (module, form) whose layout the
+    sum takes: a conv over a linear-typed one (a 1×1 conv and a Linear are the same ΔW; a flattened
+    LoHa / LoKr product of unknown kernel fits the conv whose matrix it is)."""
     i0, m0, f0 = entries[0]
     for i, m, f in entries[1:]:
-        if m.layer != m0.layer or transposed(m) != transposed(m0) or f.shape != f0.shape \
-                or tuple(f.weight_shape[2:]) != tuple(f0.weight_shape[2:]):
+        kernels = {_kernel(f0), _kernel(f)}
+        flattened = "linear" in (m.layer, m0.layer) and "conv" in (m.layer, m0.layer)
+        if transposed(m) != transposed(m0) or f.shape != f0.shape or (len(kernels) > 1 and not flattened) \
+                or "embedding" in (m.layer, m0.layer) and m.layer != m0.layer:
             raise MatchError(
                 f"{key[0]}:{key[1]}: {labels[i0]} adapts a {m0.layer} weight of shape {tuple(f0.weight_shape)}, "
                 f"{labels[i]} a {m.layer} weight of shape {tuple(f.weight_shape)}; they cannot be added"
             )
+    _, m, f = max(entries, key=lambda e: (len(e[2].weight_shape), math.prod(e[2].weight_shape[2:])))
+    return m, f
 
 
 def _output_scale(modules: list[LoraModule]) -> tuple[float, bool]:
@@ -134,19 +144,18 @@ def stack_module(
     """One output module from the inputs' modules at ``key``."""
     work = compute_dtype(device, 0)
     forms = [(i, m, to_factor_form(m, dtype=work, device=device)) for i, m in entries]
-    _check_same_target(key, forms, labels)
+    template, template_form = _check_same_target(key, forms, labels)
     modules = [m for _, m, _ in forms]
     scale, rslora = _output_scale(modules)
     ups, downs, coefs = [], [], []
     for i, _m, form in forms:
-        up, down, s = _contribution_factors(form)
+        up, down, s = exact_factors(form)
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise NonFiniteError(f"{key[0]}:{key[1]} in {labels[i]}: factors hold NaN or Inf")
         ups.append(up)
         downs.append(down)
         coefs.append(weights[i] * s)
-    template = modules[0]
-    shape = forms[0][2].weight_shape
+    shape = template_form.weight_shape
     if method == "concat":
         up = torch.cat([u * (c / scale) for u, c in zip(ups, coefs)], dim=1)
         down = torch.cat(downs, dim=0)
@@ -174,8 +183,17 @@ def stack(
     labels: Sequence[str] | None = None,
     device: str = "auto",
     progress: Progress | None = None,
+    options: Any = None,
+    module_weights: Any = None,
 ) -> StackResult:
-    """Σ wᵢ ΔWᵢ of ``adapters`` over the union of their modules (see the module docstring)."""
+    """Σ wᵢ ΔWᵢ of ``adapters`` over the union of their modules (see the module docstring).
+
+    ``method`` may also be a combination method of :mod:`loratool.ops.combine_methods` (``ties``,
+    ``dare_ties``, ``dare_linear``, ``magnitude_prune``; ``options`` a ``CombineOptions``).
+    ``module_weights`` (:class:`loratool.ops.block_weights.ModuleWeights`) multiplies wᵢ per module.
+    """
+    from loratool.ops import combine_methods
+
     n = len(adapters)
     if n < 1:
         raise UsageError("stack needs at least one adapter")
@@ -184,14 +202,19 @@ def stack(
         raise UsageError(f"--weights: {len(weights)} weights for {n} adapters; give one per adapter")
     if not all(math.isfinite(w) for w in weights):
         raise UsageError(f"--weights {weights}: weights must be finite numbers")
-    if method not in METHODS:
-        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    if method not in METHODS and method not in combine_methods.METHODS:
+        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS + tuple(combine_methods.METHODS))}")
     if method == "svd" and (rank is None or int(rank) < 1):
         raise UsageError("--method svd needs --rank N (N ≥ 1)")
     if method == "concat" and rank is not None:
         raise UsageError("--rank applies to --method svd only (concat is exact: ranks add up)")
+    if options is not None and method in METHODS:
+        raise UsageError(f"--density / --seed / --factor-space apply to {', '.join(combine_methods.METHODS)}, "
+                         f"not to --method {method}")
     labels = list(labels) if labels is not None else [f"adapter {i + 1}" for i in range(n)]
     dev = pick_device(device)
+    combiner = combine_methods.combiner(method, rank, options, n, labels, dev) \
+        if method in combine_methods.METHODS else None
 
     keys: dict[tuple[str, str], list[tuple[int, LoraModule]]] = {}
     for i, adapter in enumerate(adapters):
@@ -199,7 +222,9 @@ def stack(
             keys.setdefault(key, []).append((i, module))
 
     warnings: list[str] = []
-    out = Adapter(metadata=dict(adapters[0].metadata), source_format=adapters[0].source_format)
+    families = {a.family for a in adapters}
+    out = Adapter(metadata=dict(adapters[0].metadata), source_format=adapters[0].source_format,
+                  family=families.pop() if len(families) == 1 else None)
     for adapter in adapters:
         for comp, cfg in adapter.config.items():
             out.config.setdefault(comp, dict(cfg))
@@ -212,7 +237,16 @@ def stack(
 
     reports: list[ModuleStack] = []
     for done, (key, all_entries) in enumerate(keys.items(), start=1):
-        entries = [(i, m) for i, m in all_entries if weights[i] != 0.0]
+        mod_weights = weights if module_weights is None else module_weights.scaled(weights, all_entries)
+        if combiner is not None:  # every input takes part, as in mergekit (a missing module is ΔW = 0)
+            with combiner.threads():
+                module, report = combiner.module(key, all_entries, mod_weights)
+            out.add(module)
+            reports.append(report)
+            if progress is not None:
+                progress("combining", done, len(keys))
+            continue
+        entries = [(i, m) for i, m in all_entries if mod_weights[i] != 0.0]
         if not entries:
             warnings.append(f"{key[0]}:{key[1]}: every input holding it has weight 0; left out")
             continue
@@ -221,7 +255,7 @@ def stack(
                 f"{key[0]}:{key[1]}: DoRA module in {', '.join(labels[i] for i, _ in entries)}; "
                 "DoRA magnitudes are absolute, not deltas, and cannot be added"
             )
-        module, report = stack_module(key, entries, weights, method, rank, labels, dev)
+        module, report = stack_module(key, entries, mod_weights, method, rank, labels, dev)
         out.add(module)
         reports.append(report)
         if progress is not None:
@@ -229,6 +263,11 @@ def stack(
 
     result = StackResult(adapter=out, modules=reports, method=method, rank=int(rank) if rank else None,
                          weights=weights, labels=labels, device=str(dev), warnings=warnings)
+    if combiner is not None:
+        result.combine = combiner.describe()
+    if module_weights is not None:
+        result.warnings += module_weights.warnings()
+        result.block_weights = module_weights.describe()
     _update_metadata(out, result)
     return result
 
@@ -239,13 +278,30 @@ def _update_metadata(out: Adapter, result: StackResult) -> None:
         meta.pop(key, None)
     network_metadata(out)
     parts = ", ".join(f"{w:g} × {lab}" for lab, w in zip(result.labels, result.weights))
-    what = "concatenated" if result.method == "concat" else f"SVD rank {result.rank}"
+    what = {"concat": "concatenated", "svd": f"SVD rank {result.rank}"}.get(
+        result.method, f"{result.method}, rank {result.rank or 'dynamic'}")
     meta["ss_training_comment"] = f"stacked by loratool ({what}): {parts}"
-    meta["loratool_stack"] = json.dumps({
+    record: dict[str, Any] = {
         "method": result.method, "rank": result.rank,
         "inputs": [{"file": lab, "weight": w} for lab, w in zip(result.labels, result.weights)],
         "mean_fro_kept": round(result.mean_fro_kept, 6),
-    }, sort_keys=True)
+    }
+    for extra in ("combine", "block_weights"):
+        if getattr(result, extra) is not None:
+            record[extra] = getattr(result, extra)
+    meta["loratool_stack"] = json.dumps(record, sort_keys=True)
+
+
+def cast_factors(result: StackResult, dtype: str) -> None:
+    """Store the stacked modules' factors (and DoRA magnitudes) in ``dtype`` (``fp16``, ``bf16``, ``fp32``)."""
+    from loratool.io.safetensors_file import torch_dtypes
+
+    target = torch_dtypes()[float_code(dtype, "--dtype")]
+    for module in result.adapter:
+        module.tensors = {k: v.to(target) for k, v in module.tensors.items()}
+        if module.magnitude is not None:
+            module.magnitude = module.magnitude.to(target)
+    result.dtype = str(target).removeprefix("torch.")
 
 
 def stack_files(
@@ -260,20 +316,45 @@ def stack_files(
     force: bool = False,
     base: str | os.PathLike | None = None,
     family: str | None = None,
+    dtype: str | None = None,
     progress: Progress | None = None,
+    options: Any = None,
+    block_weights: Sequence[str] | None = None,
+    strength_patterns: Sequence[str] | None = None,
 ) -> StackResult:
-    """load each → :func:`stack` → save in ``to`` or the first input's layout."""
+    """load each → :func:`stack` → save in ``to`` or the first input's layout.
+
+    ``dtype`` (``fp16``, ``bf16``, ``fp32``) is the dtype of the written factors; by default each
+    output module keeps the dtype the stacking computed it in. ``block_weights`` (once, or once per
+    input) and ``strength_patterns`` (``PATTERN:VALUE``) are parsed by
+    :func:`loratool.ops.block_weights.module_weights`.
+    """
     from loratool.api import load, save
+    from loratool.formats.outputs import check_target
     from loratool.io.atomic import check_output
 
+    code = float_code(dtype, "--dtype") if dtype is not None else None  # a bad name fails before any reading
     if weights and len(weights) != len(paths):
         raise UsageError(f"--weights: {len(weights)} weights for {len(paths)} adapters; give one per adapter")
     layout = output_layout(None, to) if to else None
     check_output(out, inputs=tuple(paths), force=force)
+    from loratool.ops import combine_methods
+
+    if method in combine_methods.METHODS:  # refuse bad options before loading anything
+        combine_methods.combiner(method, rank, options, len(paths), [], pick_device(device))
     adapters = [load(p, base=base, family=family) for p in paths]
     layout = layout or output_layout(adapters[0].source_format, None)
+    check_target(layout, out, tuple(paths), force)  # a name contradicting the layout fails before the work
     labels = [Path(str(p)).name for p in paths]
-    result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress)
+    mw = None
+    if block_weights or strength_patterns:
+        from loratool.ops.block_weights import module_weights
+
+        mw = module_weights(adapters, block_weights, strength_patterns, family=family)
+    result = stack(adapters, weights, method=method, rank=rank, labels=labels, device=device, progress=progress,
+                   options=options, module_weights=mw)
+    if code is not None:
+        cast_factors(result, dtype)
     result.files = save(result.adapter, out, layout, force=force, inputs=tuple(paths), family=family)
     result.output = Path(out)
     result.output_format = layout
