@@ -147,7 +147,8 @@ def render(report: InfoReport, show_all: bool = False) -> None:
 
 
 def render_checkpoint(report: CheckpointReport) -> None:
-    rows = [("format", f"base checkpoint ({report.kind})"), ("family", report.family or "unknown")]
+    container = ", GGUF" if report.container == "gguf" else ""
+    rows = [("format", f"base checkpoint ({report.kind}{container})"), ("family", report.family or "unknown")]
     if report.architecture:
         rows.append(("architecture", report.architecture))
     rows += [
@@ -155,8 +156,9 @@ def render_checkpoint(report: CheckpointReport) -> None:
         ("tensors", str(report.tensor_count)),
         ("parameters", f"{report.parameter_count:,}"),
         ("dtypes", counts(report.dtypes)),
-        ("components", ", ".join(f"{c} ({n} tensors)" for c, n in report.components.items()) or "-"),
     ]
+    rows += [("quantized", f"{n} weight{'s' if n != 1 else ''}: {label}") for label, n in report.quantization.items()]
+    rows.append(("components", ", ".join(f"{c} ({n} tensors)" for c, n in report.components.items()) or "-"))
     if report.mapped is not None:
         rows.append(("key map", f"{report.mapped} canonical parameters, {len(report.unmapped)} stored keys unmapped"))
     fields(rows, title=Path(report.path).name)

@@ -30,7 +30,8 @@ def merge_command(
              "(--alpha 0.8 0.5) or the flag repeated; negative values subtract (default 1).",
     ),
     dtype: str = typer.Option(None, "--dtype", metavar=FLOAT_DTYPES,
-                              help="Output dtype of float tensors (default: each tensor's own)."),
+                              help="Output dtype of float tensors (default: each tensor's own; quantized weights "
+                                   "are written dequantized in it)."),
     device: Device = "auto",
     strict: bool = typer.Option(False, "--strict", help="Unmatched adapter modules are an error."),
     force: Force = False,
@@ -41,25 +42,38 @@ def merge_command(
                                        "(sd1, sdxl, flux, llm, ...) is not the base's."),
     block_weights: BlockWeights = None,
     strength: Strength = None,
+    rounding: str = typer.Option("nearest", "--rounding", metavar="nearest|stochastic",
+                                 help="How merged float8 weights are rounded: nearest (ties to even) or stochastic "
+                                      "(seeded per tensor, ComfyUI-style)."),
+    seed: int = typer.Option(0, "--seed", metavar="N",
+                             help="Seed of --rounding stochastic (the same seed gives the same bytes)."),
+    requantize: bool = typer.Option(False, "--requantize", help="bitsandbytes bases: write 4-bit / 8-bit weights "
+                                    "again instead of bf16 (the update mostly vanishes; reported)."),
+    base_16bit: str = typer.Option(None, "--base-16bit", metavar="ORIGINAL",
+                                   help="The 16-bit original of a bitsandbytes BASE: checked to pair with it, then "
+                                        "merged into (the output mirrors it)."),
     as_json: Json = False,
 ) -> None:
     """Merge LoRAs into a base model (W' = W + Σ λᵢ·ΔWᵢ), streaming one tensor at a time.
 
     The output mirrors the base: the same files, tensor names, dtypes and metadata; untouched tensors
-    are copied byte for byte."""
+    are copied byte for byte. Quantized bases (fp8, ComfyUI / kohya scaled fp8, GGUF, bitsandbytes)
+    are merged in float32 and rounded once back to their kind (scales recomputed); how much of each
+    module's update survived is reported (docs/quantized.md)."""
     from loratool.ops.merge import merge
 
     with progress_bar(enabled=not as_json) as progress:
         result = merge(
             base, loras, output, alpha or None, dtype=dtype, device=device, strict=strict, force=force,
             allow_nonfinite=allow_nonfinite, sync=sync, ignore_family=ignore_family, progress=progress,
-            block_weights=block_weights, strength_patterns=strength,
+            block_weights=block_weights, strength_patterns=strength, rounding=rounding, seed=seed,
+            requantize=requantize, base_16bit=base_16bit,
         )
+    for message in result.warnings:
+        warn(message)
     if as_json:
         print_json("merge", result.to_json())
         return
-    for message in result.warnings:
-        warn(message)
     if result.unmatched:
         shown = ", ".join(result.unmatched[:UNMATCHED_SHOWN])
         more = f" and {len(result.unmatched) - UNMATCHED_SHOWN} more (--json lists them)" \
@@ -72,5 +86,10 @@ def merge_command(
           title=f"merged into {display_path(result.output)}")
     table([Column("component"), Column("modules matched", "right")],
           [[comp, str(n)] for comp, n in result.matched.items()])
+    if result.kept is not None:
+        kept = result.kept
+        say(f"update kept after rounding to the base's storage kind: {kept['overall']:.1%} overall "
+            f"(aligned {kept['overall_aligned']:.1%}) over {len(kept['tensors'])} weight(s); lowest: "
+            f"{min(m['kept'] for m in kept['tensors']):.1%}")
     say(f"{result.merged_tensors} tensors merged, {result.skipped} copied, {len(result.unmatched)} modules unmatched; "
         f"{result.seconds:.2f} s, peak memory {result.peak_rss_mb:.0f} MB, device {result.device}")

@@ -5,6 +5,8 @@ Accepted layouts:
 * one ``.safetensors`` file (an HF transformers model, a diffusers component such as
   ``unet/diffusion_pytorch_model.safetensors``, or a single-file SD/Flux checkpoint when
   :mod:`loratool.arch.checkpoints` knows its keys);
+* one ``.gguf`` file (city96's ComfyUI-GGUF image models, llama.cpp language models), its tensors
+  presented under the names of :mod:`loratool.io.gguf_names`;
 * a sharded folder holding ``*.safetensors.index.json``;
 * a diffusers component folder (``config.json`` + one ``*.safetensors``);
 * a diffusers pipeline folder (``model_index.json``), each component folder as above;
@@ -13,6 +15,11 @@ Accepted layouts:
 A checkpoint is a list of :class:`Group` s, one per component: a single file or a shard set.
 ``component`` is the diffusers folder name (``unet``, ``text_encoder``...) or ``None`` when the
 checkpoint does not say (a bare file): matching then picks the adapter component that fits.
+
+Quantized weights (fp8, scaled fp8, bitsandbytes, GGUF) are described by each file's
+:func:`loratool.io.codecs.layout_of`: parameters have their logical shapes, the tensors stored with
+them (scales, block maxima, markers) are no parameters, and :meth:`Checkpoint.read_weight` decodes
+them to float32.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from typing import TYPE_CHECKING
 from loratool.components import COMPONENTS
 from loratool.errors import InputError
 from loratool.io import hub
+from loratool.io.codecs import layout_of, link_shards, logical_shape, read_weight
+from loratool.io.gguf_file import GGUFFile, is_gguf
 from loratool.io.safetensors_file import SafetensorsFile
 
 if TYPE_CHECKING:
@@ -68,7 +77,7 @@ class Part:
 
     component: str | None
     rel: Path  # relative to the checkpoint root (the file name for a single-file checkpoint)
-    file: SafetensorsFile
+    file: SafetensorsFile | GGUFFile
 
     @property
     def path(self) -> Path:
@@ -113,6 +122,7 @@ class Group:
         for part in self.parts:
             for key in part.file.keys():
                 self.key_to_part[key] = part
+        link_shards([part.file for part in self.parts])  # a quantized weight's scales may be in the next shard
 
     @functools.cached_property
     def targets(self) -> dict[tuple[str, str], tuple[str, RowSlice | None]] | None:
@@ -121,8 +131,10 @@ class Group:
         if not self.single_file:
             return None
         first = self.parts[0].file
+        hidden = layout_of(first).hidden
         # shapes let fused rows (OpenCLIP in_proj, Flux qkv / linear1) follow the file's widths
-        return _arch_targets({k: first.info(k).shape for k in first.keys()})
+        return _arch_targets({k: logical_shape(first, k) or first.info(k).shape for k in first.keys()
+                              if not hidden(k)})
 
     def serves(self, component: str) -> bool:
         if self.targets is not None:
@@ -150,7 +162,7 @@ class Group:
                 out.setdefault(comp, []).append(param)
             return out
         comp = self.component or guess_component(self.key_to_part)
-        return {comp: list(self.key_to_part)}
+        return {comp: [k for k, part in self.key_to_part.items() if not layout_of(part.file).hidden(k)]}
 
 
 def guess_component(keys) -> str:
@@ -254,6 +266,11 @@ class Checkpoint:
         return out
 
     @staticmethod
+    def read_weight(file: SafetensorsFile | GGUFFile, key: str) -> torch.Tensor:
+        """Stored tensor ``key``, decoded to float32 when its file stores it quantized."""
+        return read_weight(file, key)
+
+    @staticmethod
     def read_tensor(file: SafetensorsFile, key: str) -> torch.Tensor:
         """One stored tensor, read straight into its own buffer (no intermediate copy)."""
         import torch
@@ -294,6 +311,20 @@ def read_into(fd: int, view: memoryview, offset: int, path: Path, key: str) -> N
 # --- opening ---------------------------------------------------------------------------------
 def _file_group(path: Path, rel: Path, component: str | None) -> Group:
     return Group(component, [Part(component, rel, SafetensorsFile(path))], single_file=component is None)
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """A GGUF file, its tensors under the names :mod:`loratool.io.gguf_names` gives them."""
+    from loratool.io.gguf_names import presented_names
+
+    plain = GGUFFile(path)
+    names, permutations = presented_names(plain.architecture, plain.fields, [i.stored_name for i in
+                                                                             plain.header.tensors.values()])
+    return GGUFFile(path, names, permutations) if names or permutations else plain
+
+
+def _gguf_group(path: Path, rel: Path, component: str | None) -> Group:
+    return Group(component, [Part(component, rel, open_gguf(path))], single_file=component is None)
 
 
 def _folder_group(folder: Path, rel_folder: Path, component: str | None) -> Group | None:
@@ -339,9 +370,11 @@ def open_checkpoint(ref: str | os.PathLike) -> Checkpoint:
         if root.name.endswith(".safetensors.index.json"):
             root = root.parent
         else:
-            if root.suffix.lower() != ".safetensors":
-                raise InputError(f"{root}: base models must be safetensors (got {root.suffix or 'no suffix'})")
-            group = _file_group(root, Path(root.name), _component_of(root.parent.name))
+            gguf = root.suffix.lower() == ".gguf" or (root.suffix.lower() != ".safetensors" and is_gguf(root))
+            if root.suffix.lower() != ".safetensors" and not gguf:
+                raise InputError(f"{root}: base models must be safetensors or GGUF (got {root.suffix or 'no suffix'})")
+            opener = _gguf_group if gguf else _file_group
+            group = opener(root, Path(root.name), _component_of(root.parent.name))
             return Checkpoint(root, [group], is_folder=False, kind="file")
     model_index = root / "model_index.json"
     if model_index.is_file():

@@ -6,6 +6,10 @@ becomes one LoRA module with alpha = k (scale 1) and the singular values split e
 
     up = U_k · Σ_k^½      down = Σ_k^½ · V_kᵀ       ΔW_k = up @ down
 
+Either side may be quantized (fp8, scaled fp8, bitsandbytes, GGUF): each weight is first decoded
+to float32 by its codec (:mod:`loratool.io.codecs`), so ΔW is the difference of what the two models
+compute with; scales, block maxima and markers are no weights and are not compared.
+
 * Linear [out, in]: the matrix is ΔW itself. GPT-2 ``Conv1D`` stores [in, out]
   (``fan_in_fan_out``): the matrix is ΔWᵀ.
 * Conv [out, in, kh, kw] (1×1 or k×k): the matrix is ΔW.reshape(out, in·kh·kw); down is reshaped
@@ -39,6 +43,7 @@ import torch
 from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.errors import MatchError, UsageError
+from loratool.io.codecs import layout_of
 from loratool.ops import Progress
 from loratool.ops.argument_order import check_extract_order
 from loratool.ops.device import pick_device
@@ -157,23 +162,27 @@ class _Weights:
                         self.params[(comp, name)] = (part.file, key, rows, hit.target if transformed else None)
                         used.add(key)
             if group.targets is not None:
-                self.unmapped += [k for k in group.key_to_part if k not in used]
+                self.unmapped += [k for k, part in group.key_to_part.items()
+                                  if k not in used and not layout_of(part.file).hidden(k)]
 
     def shape_dtype(self, key: tuple[str, str]) -> tuple[tuple[int, ...], torch.dtype]:
         file, stored, rows, target = self.params[key]
-        info = file.info(stored)
-        shape = tuple(info.shape)
+        entry = layout_of(file).entries.get(stored)
+        if entry is not None and entry.shape is None:
+            raise UsageError(f"{file.path}: {stored} is stored as {entry.label}, which loratool cannot read")
+        shape = tuple(entry.shape) if entry is not None else tuple(file.info(stored).shape)
+        dtype = torch.float32 if entry is not None else file.info(stored).dtype
         if rows is not None:
             shape = (rows[1] - rows[0], *shape[1:])
         if target is not None and target.transform == "transpose":
             shape = shape[::-1]
-        return shape, info.dtype
+        return shape, dtype
 
     def read(self, key: tuple[str, str]) -> torch.Tensor:
         from loratool.io.checkpoint import Checkpoint
 
         file, stored, rows, target = self.params[key]
-        tensor = Checkpoint.read_tensor(file, stored)
+        tensor = Checkpoint.read_weight(file, stored)  # quantized kinds decoded to float32
         if rows is not None:
             tensor = tensor[rows[0]:rows[1]]
         if target is not None:
@@ -383,7 +392,7 @@ def extract(
             else:
                 result.unchanged += 1
             continue
-        # In place: `a` is a buffer of our own (Checkpoint.read_tensor), never the file's memory.
+        # In place: `a` is a buffer of our own (Checkpoint.read_weight), never the file's memory.
         delta = a.to(device=dev, dtype=dtype).sub_(b.to(device=dev, dtype=dtype))
         del a, b
         max_abs = float(torch.linalg.vector_norm(delta, float("inf"))) if delta.numel() else 0.0

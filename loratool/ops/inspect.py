@@ -189,6 +189,9 @@ class CheckpointReport:
     warnings: list[str] = field(default_factory=list)
     header_only: bool = True
     format: str = "checkpoint"
+    # quantized / low-precision weights: "<who writes it>: <kind>" -> number of weights (io.codecs)
+    quantization: dict[str, int] = field(default_factory=dict)
+    container: str = "safetensors"  # or "gguf"
 
     def to_json(self) -> dict[str, Any]:
         """The stable ``--json`` contract for base checkpoints (``format: "checkpoint"``)."""
@@ -211,9 +214,18 @@ class CheckpointReport:
             "metadata": self.metadata,
             "warnings": self.warnings,
             "header_only": self.header_only,
+            "container": self.container,
+            "quantization": self.quantization,
         }
 
 
+def _is_gguf_base(path: Path) -> bool:
+    """A GGUF model file; llama.cpp LoRA adapters (``general.type = "adapter"``) are adapters."""
+    from loratool.io.gguf_file import is_gguf, read_gguf_header
+
+    if not (path.is_file() and is_gguf(path)):
+        return False
+    return read_gguf_header(path).fields.get("general.type") != "adapter"
 
 
 def is_base_folder(folder: Path) -> bool:
@@ -225,8 +237,11 @@ def is_base_folder(folder: Path) -> bool:
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
-    """Describe a base model from its safetensors headers (no tensor data is read)."""
+    """Describe a base model from its safetensors / GGUF headers (tensor data is read only for the
+    small JSON markers of quantized layouts: bitsandbytes quant states, ComfyUI ``comfy_quant``)."""
     from loratool.io.checkpoint import guess_component, open_checkpoint
+    from loratool.io.codecs import layout_of
+    from loratool.io.gguf_file import GGUFFile
     from loratool.ops.family_check import base_family_of
 
     ckpt = open_checkpoint(path)
@@ -237,6 +252,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
     parameters = 0
     mapped: int | None = None
     unmapped: list[str] = []
+    quantization: dict[str, int] = {}
+    container = "safetensors"
     for group in ckpt.groups:
         used: set[str] = set()
         if group.targets is not None:
@@ -246,15 +263,27 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
                 used.add(target[0])
         for part in group.parts:
             metadata.update(part.file.metadata)
+            layout = layout_of(part.file)
+            for label, n in layout.groups().items():
+                quantization[label] = quantization.get(label, 0) + n
+            if isinstance(part.file, GGUFFile):
+                container = "gguf"
+                metadata.update({k: str(v) for k, v in part.file.fields.items() if isinstance(v, (str, int, float))})
             for key in part.file.keys():
                 info = part.file.info(key)
-                shapes[key] = tuple(info.shape)
-                dtypes[_dtype_name(info.dtype)] += 1
-                parameters += math.prod(info.shape)
+                dtypes[dtype_label(info.dtype_name)] += 1
+                if layout.hidden(key):
+                    continue  # scales, block maxima, markers: stored beside a weight, not parameters
+                entry = layout.entries.get(key)
+                shape = tuple(info.shape) if entry is None or entry.shape is None else tuple(entry.shape)
+                shapes[key] = shape
+                parameters += math.prod(shape)
         if group.targets is not None:
-            unmapped += sorted(k for k in group.key_to_part if k not in used)
+            unmapped += sorted(k for k, part in group.key_to_part.items()
+                               if k not in used and not layout_of(part.file).hidden(k))
         else:
-            components[group.component or guess_component(group.key_to_part)] += len(group.key_to_part)
+            components[group.component or guess_component(group.key_to_part)] += sum(
+                not layout_of(part.file).hidden(k) for k, part in group.key_to_part.items())
     family, architecture = base_family_of(ckpt, shapes)
     files = sorted(str(f) for f in ckpt.weight_files())
     warnings = []
@@ -264,9 +293,17 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
     return CheckpointReport(
         path=str(path), kind=ckpt.kind, family=family, architecture=architecture,
         size_bytes=sum(Path(f).stat().st_size for f in files), files=files,
-        components=dict(sorted(components.items())), tensor_count=len(shapes), parameter_count=parameters,
+        components=dict(sorted(components.items())), tensor_count=sum(dtypes.values()), parameter_count=parameters,
         dtypes=dict(dtypes.most_common()), metadata=metadata, mapped=mapped, unmapped=unmapped, warnings=warnings,
+        quantization=quantization, container=container,
     )
+
+
+def dtype_label(code: str) -> str:
+    """A stored dtype by its torch name (``float16``), or its ggml type name (``Q4_K``) for GGUF blocks."""
+    from loratool.io.safetensors_file import _TORCH_NAMES
+
+    return _TORCH_NAMES.get(code, code)
 
 
 # ---------------------------------------------------------------- header-only reading
@@ -397,7 +434,7 @@ def inspect(
     """
     if format is None and not hub.is_hub_ref(path):
         p = Path(path)
-        if is_base_folder(p) or p.name.endswith(".safetensors.index.json"):
+        if is_base_folder(p) or p.name.endswith(".safetensors.index.json") or _is_gguf_base(p):
             return inspect_checkpoint(path)
     src = open_source(path, config=config)
     name = format

@@ -30,6 +30,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import _numel, _same_matrix, has_bias_delta, weight_shape
 from loratool.errors import MatchError
 from loratool.io.checkpoint import Checkpoint, Group, Hit, RowSlice
+from loratool.io.codecs import logical_shape
 from loratool.ops.orientation import oriented
 
 
@@ -185,26 +186,29 @@ def match(
                 continue
             part, key, rows = hit
             transform = getattr(hit, "transform", None)
-            info = part.file.info(key)
-            shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
-            if rows is not None and not (0 <= rows[0] < rows[1] <= info.shape[0]):
-                errors.append(f"{label}: rows {rows} lie outside {key} {info.shape}")
-                continue
-            if transform == "transpose":
-                shape = tuple(shape)[::-1]  # the canonical weight is the stored tensor transposed
-            elif transform == "swap_halves" and shape[0] % 2:
-                errors.append(f"{label}: {key} {info.shape} has an odd row count; its halves cannot be swapped")
-                continue
-            m = oriented(m, tuple(shape), part.path, key)  # [out, in] or Conv1D's [in, out]: the base decides
-            err = _check_shapes(m, shape, strengths[ai], names[ai], key)
-            if err:
-                errors.append(err)
-                continue
-            if m.hints.get("widen") and tuple(weight_shape(m)) != tuple(shape):
-                if rows is not None or transform is not None:
-                    errors.append(f"{label}: {key} is a slice of a fused tensor; it cannot be widened")
+            # the weight as the model uses it (quantized kinds store it otherwise); None: the kind
+            # hides it, and the merge refuses that kind with its own message
+            stored_shape = logical_shape(part.file, key)
+            if stored_shape is not None:
+                shape = stored_shape if rows is None else (rows[1] - rows[0], *stored_shape[1:])
+                if rows is not None and not (0 <= rows[0] < rows[1] <= stored_shape[0]):
+                    errors.append(f"{label}: rows {rows} lie outside {key} {stored_shape}")
                     continue
-                plan.reshaped[(part.path, key)] = tuple(weight_shape(m))
+                if transform == "transpose":
+                    shape = tuple(shape)[::-1]  # the canonical weight is the stored tensor transposed
+                elif transform == "swap_halves" and shape[0] % 2:
+                    errors.append(f"{label}: {key} {stored_shape} has an odd row count; its halves cannot be swapped")
+                    continue
+                m = oriented(m, tuple(shape), part.path, key)  # [out, in] or Conv1D's [in, out]: the base decides
+                err = _check_shapes(m, shape, strengths[ai], names[ai], key)
+                if err:
+                    errors.append(err)
+                    continue
+                if m.hints.get("widen") and tuple(weight_shape(m)) != tuple(shape):
+                    if rows is not None or transform is not None:
+                        errors.append(f"{label}: {key} is a slice of a fused tensor; it cannot be widened")
+                        continue
+                    plan.reshaped[(part.path, key)] = tuple(weight_shape(m))
             plan.applications.setdefault((part.path, key), []).append(
                 Application(ai, m, strengths[ai], rows, transform=transform))
             bias_key = key[: -len("weight")] + "bias" if key.endswith("weight") else None
@@ -225,13 +229,13 @@ def match(
                 plan.unmatched.append(label)
                 continue
             part, key, rows = hit
-            info = part.file.info(key)
+            base_shape = logical_shape(part.file, key)
             if getattr(hit, "transform", None) is not None:
                 from loratool.arch.checkpoints import to_stored
 
                 tensor = to_stored(tensor, hit.target)  # the file holds this weight transposed / halves swapped
-            if rows is not None or tuple(tensor.shape) != info.shape:
-                errors.append(f"{label}: saved tensor is {tuple(tensor.shape)}, base {key} is {info.shape}")
+            if rows is not None or tuple(tensor.shape) != base_shape:
+                errors.append(f"{label}: saved tensor is {tuple(tensor.shape)}, base {key} is {base_shape}")
                 continue
             plan.replacements[(part.path, key)] = (ai, label, tensor)
             plan.matched[comp] = plan.matched.get(comp, 0) + 1

@@ -4,7 +4,11 @@ Each touched weight W becomes W + Σ λᵢ·ΔWᵢ (DoRA modules: PEFT's form, i
 computed in float32 and cast back once: the maths is in :mod:`loratool.ops.merge_tensors`.
 
 The output mirrors the base: same file names, tensor order, dtypes and header (kept byte for
-byte unless ``dtype`` changes it); untouched tensors are copied as bytes; a folder base gives
+byte unless ``dtype`` changes it); untouched tensors are copied as bytes; quantized weights (fp8,
+scaled fp8, GGUF; bitsandbytes with ``requantize``) are merged in float32 and rounded once back to
+their kind, scales recomputed (docs/quantized.md), or written dequantized in ``dtype``
+(bitsandbytes' default: bf16); a GGUF base gives a ``.gguf`` (same types) or, asked for, a
+``.safetensors`` output (dequantized); a folder base gives
 a folder out with its other files (configs, tokenizers) copied and weight files the merge does
 not read dropped (listed in the result). Everything is written beside the target and renamed
 at the end: on any error nothing appears.
@@ -34,11 +38,24 @@ from loratool.errors import LoratoolError, UsageError
 from loratool.float_dtypes import float_code
 from loratool.io.atomic import atomic_path, check_output
 from loratool.io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, Part, open_checkpoint
+from loratool.io.codecs import QuantPolicy, layout_of
 from loratool.io.copy_ahead import CopyAhead
+from loratool.io.gguf_file import GGUFFile
 from loratool.io.model_config import CONFIG_NAME, retyped
 from loratool.io.safetensors_file import read_header
 from loratool.ops import Progress
 from loratool.ops.argument_order import check_merge_order
+from loratool.ops.merge_quant import (
+    DTYPE_NAMES,
+    base_kinds,
+    check_pair,
+    check_pair_values,
+    check_quantized,
+    drop_quantization_config,
+    kept_warnings,
+    quant_policy,
+    rewritten,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -49,8 +66,6 @@ if TYPE_CHECKING:
 
 # Stored dtypes that ``dtype`` converts; integer / bool / fp8 tensors stay as they are.
 CONVERTIBLE = ("F16", "BF16", "F32", "F64")
-# --dtype codes as torch / transformers configs name them.
-DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 
 @dataclass
@@ -69,6 +84,11 @@ class MergeResult:
     peak_rss_mb: float = 0.0
     device: str = "cpu"
     dtype: str | None = None
+    kept: dict | None = None  # the kept-update report of a merge into quantized weights (ops.kept)
+    quantized: dict[str, int] = field(default_factory=dict)  # base storage kind -> weights of that kind
+    rounding: str = "nearest"
+    seed: int | None = None
+    dequantized: str | None = None  # the dtype quantized weights were written in (None: kept in their kind)
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -88,6 +108,11 @@ class MergeResult:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "device": self.device,
             "dtype": self.dtype,
+            "quantized": self.quantized,
+            "rounding": self.rounding,
+            "seed": self.seed,
+            "dequantized": self.dequantized,
+            "kept_update": self.kept,
             "warnings": self.warnings,
         }
 
@@ -131,17 +156,24 @@ def _strengths(strengths: float | Sequence[float] | None, n: int) -> list[float]
     return values
 
 
-def keeps_layout(part: Part, out_code: str | None) -> bool:
-    """Whether the output file of ``part`` has the base file's layout (no tensor changes dtype)."""
+def keeps_layout(part: Part, out_code: str | None, policy: QuantPolicy | None = None, container: str | None = None
+                 ) -> bool:
+    """Whether the output file of ``part`` has the base file's layout (no tensor changes dtype, no
+    quantized weight is dequantized, a GGUF file stays GGUF: ``container`` is the output's suffix)."""
+    if isinstance(part.file, GGUFFile) and container not in (None, ".gguf"):
+        return False
+    if policy is not None and policy.dequantize is not None and layout_of(part.file):
+        return False
     return all(target_code(i.dtype_name, out_code) == i.dtype_name for i in part.file.header.tensors.values())
 
 
-def _copies(ckpt: Checkpoint, tmp: Path, out_code: str | None) -> list[tuple[Part, Path]]:
+def _copies(ckpt: Checkpoint, tmp: Path, out_code: str | None, policy: QuantPolicy | None = None,
+            container: str | None = None) -> list[tuple[Part, Path]]:
     """(base part, output file) for every part whose layout the output keeps: those are copied ahead."""
     out = []
     for group in ckpt.groups:
         for part in group.parts:
-            if keeps_layout(part, out_code):
+            if keeps_layout(part, out_code, policy, container):
                 dest = tmp / part.rel if ckpt.is_folder else tmp
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 out.append((part, dest))
@@ -156,7 +188,9 @@ def _span(part: Part, key: str) -> tuple[int, int]:
 
 
 def _spans(part: Part) -> list[tuple[int, int]]:
-    """The header and every tensor of ``part``'s file, in file order."""
+    """The header and every tensor of ``part``'s file, in file order (GGUF: with the padding between)."""
+    if isinstance(part.file, GGUFFile):
+        return part.file.spans()
     return [(0, part.file.header.data_offset)] + sorted(_span(part, k) for k in part.file.keys())
 
 
@@ -294,11 +328,19 @@ def merge(
     progress: Progress | None = None,
     block_weights: Sequence[str] | None = None,
     strength_patterns: Sequence[str] | None = None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    requantize: bool = False,
+    base_16bit: str | os.PathLike | None = None,
 ) -> MergeResult:
     """Merge ``loras`` (paths, ``hf://`` refs or :class:`Adapter` objects) into ``base``; write ``out``.
 
     ``block_weights`` (LoRA Block Weight presets / vectors, once or once per LoRA) and
     ``strength_patterns`` (``PATTERN:VALUE``) scale modules: see :mod:`loratool.ops.block_weights`.
+    Quantized bases (docs/quantized.md): ``rounding`` (``nearest`` / ``stochastic``, seeded per key
+    by ``seed``) rounds merged float8 weights; bitsandbytes weights are written in bf16 (or ``dtype``)
+    unless ``requantize``; ``base_16bit`` names the 16-bit original of a bitsandbytes base: its
+    names and shapes are checked against the quantized one, then the merge goes into it.
 
     ``sync`` flushes the output to disk before it is renamed into place (see
     :func:`loratool.io.atomic.atomic_path`). Raises :class:`~loratool.errors.MatchError` when
@@ -315,40 +357,55 @@ def merge(
     out_code = _out_code(dtype)
     values = _strengths(strengths, len(loras))
     ckpt = open_checkpoint(base)
+    quantized_base = None
+    if base_16bit is not None:
+        quantized_base, ckpt = ckpt, open_checkpoint(base_16bit)
+        check_pair(quantized_base, ckpt)
     out = Path(out)
+    gguf = any(isinstance(p.file, GGUFFile) for g in ckpt.groups for p in g.parts)
     if ckpt.is_folder and out.suffix == ".safetensors":
         raise UsageError(f"{out}: the base {ckpt.root} is a folder, so the output is a folder too; drop the suffix")
-    if not ckpt.is_folder and out.suffix != ".safetensors":
-        raise UsageError(f"{out}: the base is one .safetensors file; name the output *.safetensors")
+    if not ckpt.is_folder and out.suffix not in ((".gguf", ".safetensors") if gguf else (".safetensors",)):
+        kinds = "*.gguf (same tensor types) or *.safetensors (dequantized)" if gguf else "*.safetensors"
+        raise UsageError(f"{out}: the base is one {'GGUF' if gguf else '.safetensors'} file; name the output {kinds}")
+    policy, warnings = quant_policy(ckpt, out_code, out.suffix, rounding, seed, requantize)
     # Refuse a bad output before the (possibly slow) adapter loading.
     local_inputs = [ckpt.root] + [p for p in loras if isinstance(p, (str, os.PathLike)) and not str(p).startswith("hf://")]
+    if quantized_base is not None:
+        local_inputs.append(quantized_base.root)
     # --force may replace a folder holding only what this merge writes: the base's files, mirrored
     mirrored = {PurePosixPath(rel.as_posix()) for rel in _base_files(ckpt)} if ckpt.is_folder else set()
     check_output(out, inputs=local_inputs, force=force, folder=ckpt.is_folder, owned=mirrored.__contains__)
 
     with atomic_path(out, folder=ckpt.is_folder, sync=sync) as tmp:
-        copies = _copies(ckpt, tmp, out_code)
+        copies = _copies(ckpt, tmp, out_code, policy, None if ckpt.is_folder else out.suffix)
         jobs = [(part.path, dest, _spans(part)) for part, dest in copies]
         with CopyAhead(jobs, defer=_guess_rewrites(copies, loras), sync=sync) as copier:
             from loratool.ops import merge_tensors  # torch: imported while the copy runs
 
-            warnings: list[str] = []
             plan, names, dev = merge_tensors.plan_merge(ckpt, loras, values, device, strict, allow_nonfinite,
                                                         block_weights, strength_patterns, warnings, ignore_family)
+            check_quantized(ckpt, plan, policy)
+            if quantized_base is not None:
+                check_pair_values(quantized_base, ckpt, plan)
             for part, dest in copies:  # a widened tensor changes the file's layout: written from scratch
                 if any(fp == part.path for fp, _ in plan.reshaped):
                     copier.drop(dest)
-            copier.settle(_rewrites([c for c in copies if c[1] in copier],
-                                    plan.applications.keys() | plan.replacements.keys()))
+            copier.settle(_rewrites([c for c in copies if c[1] in copier], rewritten(ckpt, plan)))
             with merge_tensors.compute_threads(dev):
-                merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier)
+                merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier,
+                                                  policy)
                 dropped: list[str] = []
                 if ckpt.is_folder:
                     files, dropped = _mirror_folder(ckpt, merger, tmp, DTYPE_NAMES.get(out_code))
                     _widen_configs(ckpt, plan.reshaped, tmp)
+                    if policy.dequantize is not None:
+                        drop_quantization_config(ckpt, tmp, policy.dequantize)
                 else:
                     merger.write_part(ckpt.groups[0].parts[0], tmp)
                     files = [out.name]
+    warnings += kept_warnings(merger.kept)
+    result_kinds = base_kinds(ckpt)
     return MergeResult(
         output=out,
         base=str(base),
@@ -364,5 +421,10 @@ def merge(
         peak_rss_mb=peak_rss_mb(),
         device=str(dev),
         dtype=DTYPE_NAMES.get(out_code),
+        kept=merger.kept.to_json(),
+        quantized=result_kinds,
+        rounding=policy.rounding.mode,
+        seed=policy.rounding.seed if policy.rounding.mode == "stochastic" else None,
+        dequantized=DTYPE_NAMES.get(policy.dequantize) if result_kinds else None,
         warnings=warnings,
     )

@@ -19,6 +19,15 @@ bias delta adds λ·Δb to ``<path>.bias``. PEFT ``modules_to_save`` tensors rep
 A file whose layout the output keeps was copied ahead; only the changed tensors are written,
 over it, at their offsets (:class:`~loratool.io.patch_writer.PatchWriter`). A file whose dtypes
 change is written from scratch in order (:class:`~loratool.io.safetensors_writer.StreamingWriter`).
+
+Quantized and low-precision weights (an :class:`~loratool.io.codecs.Entry` of their file's layout:
+fp8, scaled fp8, bitsandbytes, GGUF) go through the same loop, asking their codec::
+
+    W = decode(stored);  W' = merge_weight(W, ...) in float32;  stored' = encode(W')   (rounded once)
+
+with their scales / block maxima rewritten beside them, or, when the policy dequantizes
+(``--dtype``, bitsandbytes' default), W' cast to that dtype and the auxiliary tensors dropped.
+Every such merge reports the update each module kept (:mod:`loratool.ops.kept`).
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ from loratool.adapter import Adapter
 from loratool.delta import RowMerge, delta_bias, merge_weight, row_merge
 from loratool.errors import MatchError, NonFiniteError
 from loratool.io.checkpoint import Checkpoint, Part, read_into
+from loratool.io.codecs import Entry, QuantPolicy, layout_of
+from loratool.io.codecs.fp8 import FP8
 from loratool.io.copy_ahead import CopyAhead
 from loratool.io.patch_writer import PatchWriter
 from loratool.io.safetensors_file import itemsize, torch_dtypes
@@ -43,6 +54,7 @@ from loratool.io.safetensors_writer import SEGMENT_BYTES, StreamingWriter, Tenso
 from loratool.ops import Progress
 from loratool.ops.device import pick_device
 from loratool.ops.family_check import check_families
+from loratool.ops.kept import KeptReport, region_records
 from loratool.ops.matching import MatchPlan, match
 from loratool.ops.merge import CONVERTIBLE, target_code
 
@@ -72,6 +84,17 @@ def _result_nonfinite(work: torch.Tensor, result: torch.Tensor) -> bool:
     return _nonfinite(result)
 
 
+def _written_nonfinite(work: torch.Tensor, stored: torch.Tensor, written: torch.Tensor) -> bool:
+    """NaN/Inf in ``written`` (the decoded output of ``work``): for a float stored kind (float8) one
+    aminmax of ``work`` within its range settles it, as in :func:`_result_nonfinite`."""
+    if stored.is_floating_point() and work.numel():
+        lo, hi = torch.aminmax(work)
+        top = torch.finfo(stored.dtype).max
+        if -top <= float(lo) and float(hi) <= top:
+            return False
+    return _nonfinite(written)
+
+
 def _check_adapter_finite(adapter: Adapter, name: str) -> None:
     for m in adapter:
         for tname, t in m.all_tensors().items():
@@ -96,10 +119,13 @@ class PartMerger:
     """Writes the parts of one checkpoint; counts progress over every stored tensor."""
 
     def __init__(self, ckpt: Checkpoint, plan: MatchPlan, out_code: str | None, device: torch.device,
-                 allow_nonfinite: bool, progress: Progress | None, copier: CopyAhead):
+                 allow_nonfinite: bool, progress: Progress | None, copier: CopyAhead,
+                 policy: QuantPolicy | None = None):
         self.ckpt = ckpt
         self.plan = plan
         self.out_code = out_code
+        self.policy = policy or QuantPolicy()
+        self.kept = KeptReport()
         self.device = device
         self.allow_nonfinite = allow_nonfinite
         self.progress = progress
@@ -121,6 +147,20 @@ class PartMerger:
     def _touched(self, f_path: Path, key: str) -> bool:
         return (f_path, key) in self.plan.applications or (f_path, key) in self.plan.replacements
 
+    def _out_spec(self, f, info) -> TensorSpec | None:
+        """The output tensor of stored tensor ``info`` (None: dropped, an auxiliary of a dequantized weight)."""
+        layout = layout_of(f)
+        if self.policy.dequantize is not None and layout:
+            if layout.hidden(info.name):
+                return None
+            entry = layout.entries.get(info.name)
+            if entry is not None:
+                return TensorSpec(info.name, torch_dtypes()[self.policy.dequantize], entry.shape)
+        if info.name in layout.entries or layout.hidden(info.name):
+            raise ValueError(f"{f.path}: {info.name} keeps its kind but its file is rewritten in order")
+        # a control LoRA may widen the weight (matching records the new shape)
+        return TensorSpec(info.name, self._target_dtype(info), self.plan.reshaped.get((f.path, info.name), info.shape))
+
     def write_part(self, part: Part, dest: Path) -> None:
         order = sorted(part.file.header.tensors.values(), key=lambda i: (i.start, i.end))
         if dest in self.copier:  # the output keeps this file's layout
@@ -132,8 +172,12 @@ class PartMerger:
         """Write the changed tensors over the copy of ``part`` that :class:`CopyAhead` makes at ``dest``."""
         f = part.file
         at = f.header.data_offset
+        entries = layout_of(f).entries
         changed = [i for i in order if self._touched(f.path, i.name)]
-        spans = {i.name: (at + i.start, at + i.end) for i in changed}  # the copy skips them (CopyAhead.settle)
+        spans = {}  # the copy skips them (CopyAhead.settle); a quantized weight's aux tensors go with it
+        for i in changed:
+            for key in entries[i.name].keys() if i.name in entries else [i.name]:
+                spans[key] = (at + f.info(key).start, at + f.info(key).end)
         unchanged = iter([at + i.end for i in order if i.name not in spans])
         pending = [next(unchanged, None)]  # end of the next unchanged tensor not yet counted as copied
 
@@ -151,6 +195,7 @@ class PartMerger:
                 for info in changed:
                     self._write_changed(writer, f, src, info, touched=True)
                     copied(self.copier.settled(dest))
+            self._tick(len(spans) - len(changed))  # the aux tensors written with their weights
         finally:
             os.close(src)
         self.copier.wait_file(dest, copied)
@@ -159,14 +204,17 @@ class PartMerger:
         """Write ``part`` from its first byte: the dtype of some tensors changes, and with it every offset."""
         f = part.file
         header = f.header
-        specs = [TensorSpec(i.name, self._target_dtype(i), self.plan.reshaped.get((f.path, i.name), i.shape))
-                 for i in order]
+        entries = layout_of(f).entries
+        out = {i.name: self._out_spec(f, i) for i in order}
+        specs = [spec for spec in out.values() if spec is not None]
         src = os.open(f.path, os.O_RDONLY)
         try:
             with StreamingWriter(dest, specs, header.metadata) as writer:
                 for info in order:
                     touched = self._touched(f.path, info.name)
-                    if touched or self._target_dtype(info) != info.dtype:
+                    if out[info.name] is None:
+                        self._tick()  # an auxiliary tensor of a weight written dequantized
+                    elif touched or info.name in entries or out[info.name].dtype != info.dtype:
                         self._write_changed(writer, f, src, info, touched)
                     else:
                         writer.copy_tensor(info.name, f.path, header.data_offset + info.start, info.nbytes)
@@ -177,6 +225,13 @@ class PartMerger:
 
     def _write_changed(self, writer: StreamingWriter | PatchWriter, f, src: int, info, touched: bool) -> None:
         """Merge (``touched``) and / or cast one tensor and hand its bytes to ``writer``."""
+        entry = layout_of(f).entries.get(info.name)
+        if entry is not None:
+            self._write_entry(writer, f, entry, touched)
+            self.merged += touched
+            self.skipped += not touched
+            self._tick()
+            return
         rows = self._row_merges(f, info)
         if rows is not None:
             self._write_blocked(writer, f, src, info, rows)
@@ -266,7 +321,69 @@ class PartMerger:
             writer.write_segment(seg, n * row * out_size)
 
     def _compute(self, f, key: str) -> torch.Tensor:
-        stored = Checkpoint.read_tensor(f, key)
+        work, labels = self._apply(f, key, Checkpoint.read_tensor(f, key))
+        target = self._target_dtype(f.info(key))
+        result = work.to(target)
+        if not self.allow_nonfinite and _result_nonfinite(work, result):
+            raise NonFiniteError(
+                f"merging {', '.join(dict.fromkeys(labels))} into {key} gives NaN/Inf in "
+                f"{result.dtype} (use --allow-nonfinite to write it anyway)"
+            )
+        return result.to("cpu")
+
+    def _write_entry(self, writer: StreamingWriter | PatchWriter, f, entry: Entry, touched: bool) -> None:
+        """Decode a quantized weight, merge it (``touched``), and write it in its kind or dequantized.
+
+        W = decode(stored) and W' (float32) on the device; the output holds encode(W') (its aux
+        tensors rewritten too) or W' cast to the policy's dtype. For a touched weight the update each
+        module kept, ‖Q(W') − W‖ / ‖W' − W‖, is recorded (:mod:`loratool.ops.kept`).
+        """
+        codec = entry.codec
+        stored = codec.read(f, entry)
+        base = codec.decode(stored, entry).to(self.device)
+        # _apply writes row ranges in place: only then does it need its own copy of W
+        rows = any(app.rows is not None for app in self.plan.applications.get((f.path, entry.key), ()))
+        work, labels = self._apply(f, entry.key, base.clone() if rows else base) if touched else (base, [])
+        saturated = None
+        if self.policy.dequantize is not None:
+            target = torch_dtypes()[self.policy.dequantize]
+            result = work.to(target)
+            if not self.allow_nonfinite and _result_nonfinite(work, result):
+                raise NonFiniteError(f"merging {', '.join(dict.fromkeys(labels))} into {entry.key} gives NaN/Inf in "
+                                     f"{target} (use --allow-nonfinite to write it anyway)")
+            writer.write_tensor(entry.key, result.to("cpu"))
+            written, kind = (result.to(torch.float32) if touched else None), str(target).removeprefix("torch.")
+        else:
+            new = codec.encode(work, stored, entry, self.policy.rounding)
+            new.aux = {**stored.aux, **new.aux}  # roles encode leaves alone (code maps, states) stay
+            written, kind = codec.decode(new, entry).to(self.device), codec.label
+            if touched and not self.allow_nonfinite and _written_nonfinite(work, new.tensor, written):
+                raise NonFiniteError(f"merging {', '.join(dict.fromkeys(labels))} into {entry.key} gives NaN/Inf in "
+                                     f"{codec.label} (use --allow-nonfinite to write it anyway)")
+            if isinstance(codec, FP8):  # torch's cast clips e4m3fn at ±448 (one aminmax settles most tensors)
+                top = torch.finfo(new.tensor.dtype).max
+                lo, hi = torch.aminmax(work)
+                saturated = work.abs() > top if max(-float(lo), float(hi)) > top else None
+            writer.write_tensor(entry.key, new.tensor.to("cpu"))
+            for role, key in entry.aux.items():
+                writer.write_tensor(key, new.aux[role].to("cpu"))
+        if touched:
+            self.kept.records += region_records(base, work, written, self._regions(f, entry.key), entry.key, kind,
+                                                saturated)
+
+    def _regions(self, f, key: str) -> list[tuple[tuple[int, int] | None, list[str]]]:
+        """(row range or None, module labels) of the applications to one stored tensor, rows merged."""
+        regions: dict[tuple[int, int] | None, list[str]] = {}
+        replacement = self.plan.replacements.get((f.path, key))
+        if replacement is not None:
+            regions[None] = [replacement[1]]
+        for app in self.plan.applications.get((f.path, key), ()):
+            regions.setdefault(app.rows, []).append(f"{app.module.component}:{app.module.path}")
+        return [(rows, list(dict.fromkeys(labels))) for rows, labels in regions.items()]
+
+    def _apply(self, f, key: str, stored: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """``stored`` with every application (or the replacement) to ``key`` applied, in the work dtype
+        on the device; and the labels of what was applied. ``stored`` may be modified."""
         work_dtype = torch.float64 if stored.dtype == torch.float64 else torch.float32
         labels: list[str] = []
         replacement = self.plan.replacements.get((f.path, key))
@@ -293,28 +410,26 @@ class PartMerger:
                 work = new
             else:
                 work[app.rows[0]:app.rows[1]] = new
-        target = self._target_dtype(f.info(key))
-        result = work.to(target)
-        if not self.allow_nonfinite and _result_nonfinite(work, result):
-            raise NonFiniteError(
-                f"merging {', '.join(dict.fromkeys(labels))} into {key} gives NaN/Inf in "
-                f"{result.dtype} (use --allow-nonfinite to write it anyway)"
-            )
-        return result.to("cpu")
+        return work, labels
 
     def write_index(self, group, dest: Path) -> None:
         src = self.ckpt.root / group.index_rel
         widened = any(path == part.path for path, _ in self.plan.reshaped for part in group.parts)
-        if self.out_code is None and not widened:
+        if self.out_code is None and self.policy.dequantize is None and not widened:
             shutil.copyfile(src, dest)
             return
         index = dict(group.index)
         total = 0
+        dropped: set[str] = set()
         for part in group.parts:
             for info in part.file.header.tensors.values():
-                shape = self.plan.reshaped.get((part.path, info.name), info.shape)
-                spec = TensorSpec(info.name, self._target_dtype(info), shape)
-                total += spec.nbytes
+                spec = self._out_spec(part.file, info)
+                if spec is None:
+                    dropped.add(info.name)
+                else:
+                    total += spec.nbytes
+        if dropped:
+            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in dropped}
         meta = dict(index.get("metadata") or {})
         meta["total_size"] = total
         index["metadata"] = meta
