@@ -44,7 +44,7 @@ FAMILY_EVIDENCE: tuple[tuple[str, re.Pattern], ...] = tuple((f, re.compile(r)) f
     ("flux", r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d+[._]"),
     ("flux", r"^lora_te2_encoder_block_"),  # T5 under lora_te2: Flux (OneTrainer)
     ("sd3", r"(^|[._])joint_blocks[._]\d+[._]"),
-    ("sd3", r"^(text_encoders\.clip_g\.|lora_te3_)"),
+    ("sd3", r"^lora_te3_"),  # a third text encoder (T5) under kohya-style names
     ("unet", r"(^|[._])(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)[._]\d"),
 ))
 # Families tried in this order when names and header leave several (the more common first; SD 1.x before
@@ -281,13 +281,18 @@ def read(src, opts, dialect: Dialect) -> Adapter:
     When neither the header nor names only one family has tell the family, the first candidate whose
     module names hold every key is taken (SD 1.x before SDXL: their diffusers and LDM / SGM U-Net names
     coincide, so the modules read are the same)."""
-    candidates = candidate_families(dialect, src, getattr(opts, "family", None))
+    given = getattr(opts, "family", None)
+    candidates = candidate_families(dialect, src, given)
     first_error: FormatError | None = None
     for family in candidates:
         try:
-            return _read(src, dialect, family)
+            adapter = _read(src, dialect, family)
         except FormatError as exc:
             first_error = first_error or exc
+            continue
+        if given:
+            arch.check_family(given, adapter)  # --family against what the names and widths say
+        return adapter
     if len(candidates) > 1:
         raise FormatError(f"{first_error} (tried {', '.join(f.name for f in candidates)}; pass --family)") from None
     raise first_error

@@ -341,11 +341,10 @@ def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
 
 
 def write(adapter: Adapter, out: Path, opts: WriteOptions) -> list[Path]:
+    from loratool.formats.lora_diffusion import refuse_embeddings
     from loratool.formats.set_modules import as_whole_weights
 
     adapter = as_whole_weights(adapter)  # a replaced weight is a modules_to_save tensor
-    from loratool.formats.lora_diffusion import refuse_embeddings
-
     refuse_embeddings(adapter, "PEFT")
     out = Path(out)
     check_target(NAME, out, opts.inputs, opts.force)
