@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import lycoris
 import pytest
@@ -447,3 +448,18 @@ def test_simpletuner_lycoris_transformer_merges_as_lycoris(tmp_path, flux):
     oracle = {k: v.detach().clone() for k, v in model.state_dict().items()}
     touched = _merged_vs(oracle, state, tmp_path / "merged.safetensors")
     assert len(touched) == len(net.loras)
+
+
+@pytest.mark.parametrize("extra, says", [
+    ("diffusion_model.double_blocks.0.not_a_module.lora_A.weight", "not_a_module"),  # no such module
+    ("diffusion_model.double_blocks.0.img_attn.qkv.lora_Z.weight", "lora_Z"),  # no such tensor
+    ("diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight_", "weight_"),
+])
+def test_a_key_no_rule_places_fails_the_read_naming_it(tmp_path, extra, says):
+    from loratool.errors import LoratoolError
+
+    sd = factors({"double_blocks.0.img_attn.qkv": (48, 16)}, 2, seed=0, prefix="diffusion_model.")
+    sd[extra] = torch.zeros(2, 16)
+    save_file(sd, tmp_path / "odd.safetensors")
+    with pytest.raises(LoratoolError, match=re.escape(says)):
+        loratool.load(tmp_path / "odd.safetensors")
