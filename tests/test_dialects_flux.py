@@ -254,23 +254,26 @@ def test_comfyui_flux_lora_converts_as_diffusers_does(tmp_path):
     assert assert_same_lora(ours, scales, theirs) == info["module_count"]
 
 
-def test_comfyui_flux_peft_suffixes_mean_what_the_kohya_suffixes_mean(tmp_path, flux):
-    """OneTrainer's COMFY format and ai-toolkit's BFL-model saves: the same keys with lora_A / lora_B (alpha
-    kept). ComfyUI's comfy/lora.py reads ``<x>.lora_B.weight`` exactly as ``<x>.lora_up.weight``; so the
-    oracle is diffusers fusing the kohya-suffixed twin of the file."""
+@pytest.mark.parametrize("prefix, dialect", [("diffusion_model.", "comfyui"), ("", "original"),
+                                             ("transformer.", "original")])
+def test_comfyui_flux_peft_suffixes_mean_what_the_kohya_suffixes_mean(tmp_path, flux, prefix, dialect):
+    """OneTrainer's COMFY and ORIGINAL formats (convert_lora_util: BFL names behind ``diffusion_model.`` or
+    none, lora_A / lora_B, alpha kept) and ai-toolkit's BFL-model saves (``transformer.``). ComfyUI's
+    comfy/lora.py reads ``<x>.lora_B.weight`` exactly as ``<x>.lora_up.weight``; so the oracle is diffusers
+    fusing the kohya-suffixed twin of the file."""
     from diffusers import FluxPipeline
 
     model, state, base = flux
     shapes = {k: v for k, v in bfl_shapes(**TINY).items() if not k.endswith("linear1")}  # diffusers: 3072 only
-    peft_sd = factors(shapes, 3, seed=5, prefix="diffusion_model.", alpha=1.5)
+    peft_sd = factors(shapes, 3, seed=5, prefix=prefix, alpha=1.5)
     for k in [k for k in peft_sd if "final_layer" in k and k.endswith("alpha")]:
         peft_sd[k] = torch.tensor(3.0)  # diffusers ignores final_layer alphas
-    kohya_sd = {k.replace("lora_A.weight", "lora_down.weight").replace("lora_B.weight", "lora_up.weight"): v
-                for k, v in peft_sd.items()}
+    kohya_sd = {"diffusion_model." + k[len(prefix):].replace("lora_A.weight", "lora_down.weight")
+                .replace("lora_B.weight", "lora_up.weight"): v for k, v in peft_sd.items()}
     save_file(peft_sd, tmp_path / "comfy_ab.safetensors")
     save_file(kohya_sd, tmp_path / "comfy_kohya.safetensors")
     a, b = loratool.load(tmp_path / "comfy_ab.safetensors"), loratool.load(tmp_path / "comfy_kohya.safetensors")
-    assert a.dialect == b.dialect == "comfyui" and set(a.modules) == set(b.modules)
+    assert (a.dialect, b.dialect, a.family) == (dialect, "comfyui", "flux") and set(a.modules) == set(b.modules)
 
     result = merge(base, [tmp_path / "comfy_ab.safetensors"], tmp_path / "out.safetensors")
     assert not result.unmatched

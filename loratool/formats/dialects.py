@@ -21,6 +21,8 @@ bfl-control     bare BFL names + PEFT suffixes, ``lora_B.bias``, ``*_norm.scale`
                 ``img_in`` wider than the base (FLUX.1-Depth / Canny LoRAs)
 xlabs           ``double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}.weight``,         kohya
                 ``single_blocks.N.processor.{qkv,proj}_lora.…`` (x-flux)
+original        bare BFL / MMDiT names (or behind ``transformer.``) + PEFT or kohya          kohya
+                suffixes, alpha kept (OneTrainer's ORIGINAL format)
 peft-wrapped    ``base_model.model.P.lora_A.weight``, P BFL or diffusers names (fal          peft
                 Kontext trainer, flash-SD3 / HunyuanDiT releases)
 onetrainer      ``lora_transformer_P`` (P diffusers names, underscored), ``lora_te1_`` CLIP,  kohya /
@@ -157,6 +159,15 @@ DIALECTS: tuple[Dialect, ...] = (
         scopes=(Scope("", "transformer", "native"),),
         markers=((r"^(double|single)_blocks\.\d+\..*(query|key)_norm\.scale$",),),
         note="Flux control LoRA: widens img_in, sets the qk-norm scales",
+    ),
+    Dialect(
+        name="original", layout="kohya", families=("flux", "sd3"),
+        source="Nerogar/OneTrainer modules/util/convert_lora_util.py (ORIGINAL format: the model's own names, "
+               "lora_A / lora_B, alpha kept); ai-toolkit BFL-named saves behind 'transformer.'",
+        scopes=(Scope("", "transformer", "native"), Scope("transformer.", "transformer", "native")),
+        markers=((r"^(transformer\.)?(double_blocks|single_blocks|joint_blocks)\.\d+\..+\.(lora_[AB]|lora_down|lora_up)"
+                  r"\.weight$",),),
+        note="the model's own single-file names, no prefix",
     ),
     Dialect(
         name="peft-wrapped", layout="peft", families=("flux", "sd3"),
