@@ -271,3 +271,65 @@ def test_info_cli_names_format_dialect_family_and_modules(tmp_path):
     with console.capture() as captured:  # the human table, rendered in-process
         render(inspect(tmp_path / "old.safetensors", family="sd1"))
     assert re.search(r"format\s+│?\s*diffusers \(diffusers-old dialect\)", captured.get())
+
+
+# ------------------------------------------------------------------ SD3
+
+
+def test_comfyui_sd3_lora_merges_as_its_kohya_twin(tmp_path):
+    """ComfyUI SD3 keys: ``diffusion_model.`` + MMDiT paths (``joint_blocks.0.x_block.attn.qkv``) with kohya
+    suffixes; merged into the MMDiT single file it must give sd-scripts' merge on the native names (the
+    oracle test_arch_sd3 checks diffusers against), fused q/k/v, split_qkv and swapped halves included."""
+    from test_arch_sd3 import kohya_sd3_lora, merged_native, mmdit_state_dict, tiny_sd3
+
+    native = mmdit_state_dict(tiny_sd3().state_dict())
+    kohya_sd = kohya_sd3_lora(native)
+    paths = {n.removeprefix("model.diffusion_model.").removesuffix(".weight") for n in native}
+    by_head = {"lora_unet_" + p.replace(".", "_"): p for p in paths}
+    comfy = {}
+    for k, v in kohya_sd.items():
+        head, suffix = k.split(".", 1)
+        comfy[f"diffusion_model.{by_head[head]}.{suffix}"] = v
+    save_file(native, tmp_path / "sd3.safetensors")
+    save_file(comfy, tmp_path / "comfy.safetensors")
+    info = inspect(tmp_path / "comfy.safetensors").to_json()
+    assert (info["format"], info["dialect"], info["family"]) == ("comfyui", "comfyui", "sd3")
+    result = merge(tmp_path / "sd3.safetensors", [tmp_path / "comfy.safetensors"], tmp_path / "out.safetensors")
+    assert not result.unmatched
+    merged = load_file(tmp_path / "out.safetensors")
+    for k, want in merged_native(native, kohya_sd).items():
+        err = ((merged[k] - want).norm() / want.norm().clamp_min(1e-30)).item()
+        assert err <= 1e-10, (k, err)
+
+
+def test_onetrainer_sd3_mixture_merges_as_peft(tmp_path):
+    """OneTrainer's SD3 mixture: ``lora_transformer_`` + diffusers names, header ot_* and modelspec; the update
+    of a PEFT LoRA on diffusers' SD3 transformer, merged into the MMDiT single file == PEFT's merge_and_unload."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from test_arch_sd3 import mmdit_state_dict, tiny_sd3
+    from tiny_models import randomize_lora
+
+    model = tiny_sd3()
+    native = mmdit_state_dict(model.state_dict())
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=3, target_modules=["to_q", "add_k_proj",
+                                                                                    "to_add_out", "proj_out"]))
+    randomize_lora(peft_model, seed=12)
+    sd = {}
+    for k, v in get_peft_model_state_dict(peft_model).items():
+        path, slot = k.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        head = "lora_transformer_" + path.replace(".", "_")
+        sd[f"{head}.lora_{'down' if slot.startswith('A') else 'up'}.weight"] = v.detach().clone()
+        sd[f"{head}.alpha"] = torch.tensor(3.0, dtype=v.dtype)
+    meta = {"modelspec.architecture": "stable-diffusion-3-medium/lora", "ot_branch": "master", "ot_revision": "1"}
+    save_file(sd, tmp_path / "ot.safetensors", metadata=meta)
+    info = inspect(tmp_path / "ot.safetensors").to_json()
+    assert (info["format"], info["dialect"], info["family"]) == ("kohya", "onetrainer", "sd3")
+    save_file(native, tmp_path / "sd3.safetensors")
+    merge(tmp_path / "sd3.safetensors", [tmp_path / "ot.safetensors"], tmp_path / "out.safetensors")
+    merged = load_file(tmp_path / "out.safetensors")
+    want = mmdit_state_dict(peft_model.merge_and_unload().state_dict())
+    changed = 0
+    for k, v in want.items():
+        changed += not torch.equal(v, native[k])
+        torch.testing.assert_close(merged[k], v, rtol=1e-10, atol=1e-12)
+    assert changed
