@@ -246,7 +246,8 @@ def test_comfyui_flux_lora_converts_as_diffusers_does(tmp_path):
     save_file(sd, tmp_path / "comfy.safetensors")
 
     info = _info(tmp_path / "comfy.safetensors")
-    assert (info["format"], info["dialect"], info["family"]) == ("comfyui", "comfyui", "flux")
+    # with text encoders beside it, the native layout hands the file to the comfyui dialect
+    assert (info["format"], info["dialect"], info["family"]) == ("native", "comfyui", "flux")
     assert info["component_modules"] == {"transformer": 19 * 14 + 38 * 6 + 8, "text_encoder": 6}
     convert(tmp_path / "comfy.safetensors", "diffusers", tmp_path / "out.safetensors")
     ours, scales = read_diffusers_file(tmp_path / "out.safetensors")
@@ -254,7 +255,7 @@ def test_comfyui_flux_lora_converts_as_diffusers_does(tmp_path):
     assert assert_same_lora(ours, scales, theirs) == info["module_count"]
 
 
-@pytest.mark.parametrize("prefix, dialect", [("diffusion_model.", "comfyui"), ("", "original"),
+@pytest.mark.parametrize("prefix, dialect", [("diffusion_model.", None), ("", "original"),
                                              ("transformer.", "original")])
 def test_comfyui_flux_peft_suffixes_mean_what_the_kohya_suffixes_mean(tmp_path, flux, prefix, dialect):
     """OneTrainer's COMFY and ORIGINAL formats (convert_lora_util: BFL names behind ``diffusion_model.`` or
@@ -273,7 +274,9 @@ def test_comfyui_flux_peft_suffixes_mean_what_the_kohya_suffixes_mean(tmp_path, 
     save_file(peft_sd, tmp_path / "comfy_ab.safetensors")
     save_file(kohya_sd, tmp_path / "comfy_kohya.safetensors")
     a, b = loratool.load(tmp_path / "comfy_ab.safetensors"), loratool.load(tmp_path / "comfy_kohya.safetensors")
-    assert (a.dialect, b.dialect, a.family) == (dialect, "comfyui", "flux") and set(a.modules) == set(b.modules)
+    # a transformer-only ComfyUI file is the native layout's plain form (loratool.formats.native)
+    assert (a.dialect, b.dialect, a.family, b.source_format) == (dialect, None, "flux", "native")
+    assert set(a.modules) == set(b.modules)
 
     result = merge(base, [tmp_path / "comfy_ab.safetensors"], tmp_path / "out.safetensors")
     assert not result.unmatched

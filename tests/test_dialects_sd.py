@@ -2,10 +2,10 @@
 ``unet.`` prefix (``AttnProcsLayers``; ComfyUI comfy/lora.py maps them with ``diffusers_lora_prefix``
 ['', 'unet.']), OneTrainer SDXL files (``lora_unet_`` + diffusers names, ``lora_te1_`` / ``lora_te2_``;
 OneTrainer modules/model/StableDiffusionXLModel.py), ComfyUI files (``diffusion_model.`` + SGM / LDM names,
-any LyCORIS kind; comfy_extras/nodes_lora_extract.py) and ``--to comfyui``.
+any LyCORIS kind; comfy_extras/nodes_lora_extract.py) and ``--to native`` (ComfyUI's layout).
 
 Oracles: diffusers' ``load_lora_adapter`` / pipeline ``lora_state_dict`` + ``fuse_lora``; lycoris'
-``merge_to``; diffusers' kohya Flux converter reading what ``--to comfyui`` writes.
+``merge_to``; diffusers' kohya Flux converter reading what ``--to native`` writes.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def test_comfyui_sdxl_loha_merges_as_lycoris(tmp_path):
     save_file(sd, tmp_path / "comfy.safetensors", metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     info = inspect(tmp_path / "comfy.safetensors").to_json()
     assert (info["format"], info["dialect"], info["family"], info["kinds"]) == \
-        ("comfyui", "comfyui", "sdxl", {"loha": len(net.loras)})
+        ("native", "comfyui", "sdxl", {"loha": len(net.loras)})
     save_file(ldm_state_dict(unet, base_state), tmp_path / "sdxl.safetensors")
     merge(tmp_path / "sdxl.safetensors", [tmp_path / "comfy.safetensors"], tmp_path / "merged.safetensors")
     net.merge_to(1.0)
@@ -197,13 +197,13 @@ def test_comfyui_sd1_ldm_names(tmp_path):
         assert all(torch.equal(t, b.modules[key].tensors[n]) for n, t in m.tensors.items())
 
 
-# ------------------------------------------------------------------ --to comfyui
+# ------------------------------------------------------------------ --to native (ComfyUI's layout)
 
 
-def test_to_comfyui_flux_is_what_diffusers_reads_back(tmp_path):
-    """``--to comfyui`` writes BFL names behind ``diffusion_model.`` with kohya suffixes and alphas, the layout
-    ComfyUI's LoraSave writes; diffusers' kohya Flux converter (which reads ComfyUI files) gets back the
-    modules of the source, ΔW for ΔW."""
+def test_to_native_flux_is_what_diffusers_reads_back(tmp_path):
+    """``--to native`` writes BFL names behind ``diffusion_model.`` with alphas, the layout ComfyUI's LoraSave
+    writes; diffusers' kohya Flux converter (which reads ComfyUI files) gets back the modules of the source,
+    ΔW for ΔW."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
     shapes = {k: v for k, v in bfl_shapes(**FULL_FLUX, guidance=False).items()
@@ -211,43 +211,31 @@ def test_to_comfyui_flux_is_what_diffusers_reads_back(tmp_path):
     kohya = factors({"lora_unet_" + k.replace(".", "_"): v for k, v in shapes.items()}, 2, seed=6,
                     names=("lora_down.weight", "lora_up.weight"), alpha=1.0)
     save_file(kohya, tmp_path / "kohya.safetensors", metadata={"ss_base_model_version": "flux1"})
-    convert(tmp_path / "kohya.safetensors", "comfyui", tmp_path / "comfy.safetensors")
+    convert(tmp_path / "kohya.safetensors", "native", tmp_path / "comfy.safetensors")
     written = load_file(tmp_path / "comfy.safetensors")
     assert all(k.startswith("diffusion_model.") for k in written)
-    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight" in written
-    assert loratool.load(tmp_path / "comfy.safetensors").dialect == "comfyui"
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight" in written
     convert(tmp_path / "kohya.safetensors", "diffusers", tmp_path / "out.safetensors")
     ours, scales = read_diffusers_file(tmp_path / "out.safetensors")
-    theirs = as_loaded(_convert_kohya_flux_lora_to_diffusers(dict(written)))
+    # ComfyUI reads both suffix spellings; diffusers' converter the kohya one
+    renames = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
+    as_kohya_suffixes = {}
+    for k, v in written.items():
+        for a, b in renames.items():
+            k = k.replace(a, b)
+        as_kohya_suffixes[k] = v
+    theirs = as_loaded(_convert_kohya_flux_lora_to_diffusers(as_kohya_suffixes))
     assert assert_same_lora(ours, scales, theirs) == len(loratool.load(tmp_path / "kohya.safetensors"))
 
 
-def test_to_comfyui_sdxl_round_trips(tmp_path):
-    unet = tiny_sdxl_unet()
-    state = unet.state_dict()
-    shapes = {"lora_unet_" + sdxl.diffusers_to_sgm(p, 2, {0}).replace(".", "_"): tuple(state[p + ".weight"].shape)
-              for p in SDXL_UNET if len(state[p + ".weight"].shape) == 2}
-    sd = factors(shapes, 2, seed=7, names=("lora_down.weight", "lora_up.weight"), alpha=1.0)
-    save_file(sd, tmp_path / "kohya.safetensors", metadata={"ss_base_model_version": "sdxl_base_v1-0"})
-    convert(tmp_path / "kohya.safetensors", "comfyui", tmp_path / "comfy.safetensors")
-    written = load_file(tmp_path / "comfy.safetensors")
-    assert {k.split(".")[1] for k in written} <= {"input_blocks", "middle_block", "output_blocks", "label_emb"}
-    a = loratool.load(tmp_path / "kohya.safetensors")
-    b = loratool.load(tmp_path / "comfy.safetensors")
-    assert set(a.modules) == set(b.modules) and b.family == "sdxl"
-    for key, m in a.modules.items():
-        assert m.scale == b.modules[key].scale
-        assert all(torch.equal(t, b.modules[key].tensors[n]) for n, t in m.tensors.items())
-
-
-def test_to_comfyui_refuses_a_control_lora(tmp_path):
+def test_to_native_refuses_a_control_lora(tmp_path):
     from dialect_helpers import bfl_norms
 
     sd = factors({"img_in": (16, 16)}, 2, seed=8)
     sd.update({k: torch.ones(n) for k, n in bfl_norms(8, 1, 1).items()})
     save_file(sd, tmp_path / "ctrl.safetensors")
     with pytest.raises(FormatError, match="keep the original file"):
-        convert(tmp_path / "ctrl.safetensors", "comfyui", tmp_path / "out.safetensors")
+        convert(tmp_path / "ctrl.safetensors", "native", tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -293,7 +281,7 @@ def test_comfyui_sd3_lora_merges_as_its_kohya_twin(tmp_path):
     save_file(native, tmp_path / "sd3.safetensors")
     save_file(comfy, tmp_path / "comfy.safetensors")
     info = inspect(tmp_path / "comfy.safetensors").to_json()
-    assert (info["format"], info["dialect"], info["family"]) == ("comfyui", "comfyui", "sd3")
+    assert (info["format"], info["dialect"], info["family"]) == ("native", None, "sd3")
     result = merge(tmp_path / "sd3.safetensors", [tmp_path / "comfy.safetensors"], tmp_path / "out.safetensors")
     assert not result.unmatched
     merged = load_file(tmp_path / "out.safetensors")

@@ -33,7 +33,10 @@ from loratool.errors import FormatError, UsageError
 
 DATA = Path(__file__).parent
 # Family modules in detection-tie order; the optional ones are written by others and may be absent.
-FAMILY_MODULES = ("sd", "sdxl", "sd3", "flux", "llm")
+FAMILY_MODULES = ("sd", "sdxl", "sd3", "flux", "llm",
+                  # DiT families (arch/dit.py builds them from data)
+                  "wan", "hunyuan_video", "ltx", "qwen_image", "z_image", "lumina2", "hidream", "flux2", "chroma",
+                  "krea2", "anima", "ernie_image")
 
 
 @dataclass

@@ -115,8 +115,15 @@ def _shapes(keys: Iterable[str] | Mapping[str, tuple[int, ...]], shapes) -> tupl
 
 
 def checkpoint_family(keys: Iterable[str] | Mapping) -> str | None:
-    """``sd1``, ``sd2``, ``sdxl``, ``sdxl_refiner``, ``flux`` or ``sd3`` for a single-file base; None otherwise."""
+    """``sd1``, ``sd2``, ``sdxl``, ``sdxl_refiner``, ``flux``, ``sd3`` or a DiT family (``wan``, ``chroma``...,
+    :mod:`loratool.arch.dit_checkpoints`; asked first: Chroma / Flux.2 files share Flux.1's keys) for a
+    single-file base; None otherwise."""
     ks = set(keys)
+    from loratool.arch import dit_checkpoints
+
+    dit_family = dit_checkpoints.single_file_family(ks)
+    if dit_family is not None:
+        return dit_family
     if FLUX_MARK in ks or UNET_PREFIX + FLUX_MARK in ks:
         return "flux"
     if any(k.startswith(UNET_PREFIX + "joint_blocks.") or k.startswith("joint_blocks.") for k in ks):
@@ -297,6 +304,10 @@ def canonical_targets(
         return _flux_targets(keys, shapes, transforms)
     if family == "sd3":
         return _sd3_targets(keys, shapes, transforms)
+    if family not in SINGLE_FILE_ARCHITECTURES:
+        from loratool.arch import dit_checkpoints
+
+        return dit_checkpoints.targets(family, keys, shapes, transforms)
     out = _unet_targets(keys)
     out.update(_clip_targets(keys))
     out.update(_open_clip_targets(keys, shapes, transforms))
@@ -350,18 +361,28 @@ def base_family(
     Families are those of :func:`checkpoint_family` plus ``llm`` (HF transformers language models)
     and ``clip`` / ``t5`` (text encoders on their own: several families share them).
     """
+    from loratool.arch import dit, dit_checkpoints
+
     if pipeline:
         cls = str(pipeline.get("_class_name", ""))
+        hit = dit_checkpoints.diffusers_family(None, pipeline, ())
+        if hit is not None:
+            return hit
         for prefix, fam in PIPELINE_FAMILIES:
             if cls.startswith(prefix):
                 return fam, cls
         return None, cls or None
     single = checkpoint_family(shapes)
     if single is not None:
+        if single not in SINGLE_FILE_ARCHITECTURES:
+            return single, f"{dit.get(single).title} single file"
         return single, SINGLE_FILE_ARCHITECTURES[single]
     cfg = dict(config or {})
     cls = cfg.get("_class_name") or next(iter(cfg.get("architectures") or ()), None)
     keys = list(shapes)
+    hit = dit_checkpoints.diffusers_family(cfg, None, keys) if cls is None or cfg.get("_class_name") else None
+    if hit is not None:
+        return hit
     if cls == "UNet2DConditionModel" or (cls is None and any(k.startswith("down_blocks.") for k in keys)
                                          and any(".attn2." in k for k in keys)):
         return _unet_family(shapes, cfg), "UNet2DConditionModel"

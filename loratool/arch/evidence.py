@@ -92,6 +92,13 @@ class Evidence:
         return {s[1] for p in self.paths(component) if pattern.search(p)
                 for s in [self.modules[(component, p)]] if s is not None and len(s) >= 2}
 
+    def only(self, component: str, templates: frozenset[str]) -> bool:
+        """Every module path of ``component`` is one of ``templates`` (paths with block indices as ``#``):
+        names a family shares with others count for it only when no module is foreign to it."""
+        from loratool.formats.kohya_names import template
+
+        return all(template(p) in templates for p in self.paths(component))
+
     def shapes(self, component: str, pattern: re.Pattern[str]) -> list[tuple[int, ...]]:
         return [s for p in self.paths(component) if pattern.search(p)
                 for s in [self.modules[(component, p)]] if s is not None]

@@ -22,6 +22,7 @@ the BFL names (:data:`NAMING`).
 from __future__ import annotations
 
 import re
+from functools import cache
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, fused, load_table
@@ -166,13 +167,21 @@ PUBLISHED_WIDTHS = {3072: "FLUX.1-dev / schnell, 24 × 128"}  # num_attention_he
 POOLED_WIDTH = 768  # pooled_projection_dim: CLIP-L
 
 
+@cache
+def canonical_templates() -> frozenset[str]:
+    """diffusers module paths of FluxTransformer2DModel, block indices as ``#``."""
+    from loratool.formats.kohya_names import template
+
+    return frozenset(template(p) for parts in module_table(1, 1).values() for p in parts)
+
+
 def evidence(ev: Evidence) -> tuple[int, str]:
     """Flux.1: declared, Flux-only modules, the published widths, a T5 ``text_encoder_2`` beside a
     transformer, or MMDiT-style double-stream blocks."""
     if ev.declares(FLUX_NAMES):
         return DECLARED, "declared in its metadata"
     comps = ev.components
-    if not comps or comps & {"unet", "model", "text_encoder_3"}:
+    if not comps or comps & {"unet", "model", "text_encoder_3"} or not ev.only("transformer", canonical_templates()):
         return 0, ""
     if ev.any_path("transformer", FLUX_ONLY):
         return UNIQUE, "single_transformer_blocks / x_embedder / guidance_embedder modules"

@@ -270,6 +270,19 @@ def fuse(native: str, parts: list[LoraModule | None], targets: tuple[str, ...], 
     return derived(first, native, tensors, alpha=alpha, magnitude=magnitude, hints=hints)
 
 
+def _in_block(path: str, block: str) -> tuple[str, str] | None:
+    """(index, path inside the block) when ``path`` is ``{block}.{index}.<rest>`` (``block`` may be dotted:
+    ``txt_in.individual_token_refiner.blocks``)."""
+    if not path.startswith(block + "."):
+        return None
+    index, _, rest = path[len(block) + 1:].partition(".")
+    return (index, rest) if index.isdigit() else None
+
+
+def join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
 @dataclass(frozen=True)
 class Block:
     """Indexed blocks: ``{native}.{i}.<key>`` holds what ``{diffusers}.{i}.<each of table[key]>`` hold."""
@@ -297,16 +310,15 @@ class FusedNaming:
 
     def native_of(self, path: str) -> tuple[str, int] | None:
         """(native module, part index) of a diffusers module path."""
-        parts = path.split(".")
-        if len(parts) > 2 and parts[1].isdigit():
-            for block in self.blocks:
-                if parts[0] != block.diffusers:
-                    continue
-                rest = ".".join(parts[2:])
-                for native, targets in block.table.items():
-                    if rest in targets:
-                        return f"{block.native}.{parts[1]}.{native}", targets.index(rest)
-                return None
+        for block in self.blocks:
+            hit = _in_block(path, block.diffusers)
+            if hit is None:
+                continue
+            index, rest = hit
+            for native, targets in block.table.items():
+                if rest in targets:
+                    return join(block.native, index, native), targets.index(rest)
+            return None
         for native, targets in self.top.items():
             if path in targets:
                 return native, targets.index(path)
@@ -314,12 +326,12 @@ class FusedNaming:
 
     def diffusers_of(self, native: str) -> tuple[str, ...] | None:
         """Diffusers module paths (in row order) of a native module path."""
-        parts = native.split(".")
-        if len(parts) > 2 and parts[1].isdigit():
-            for block in self.blocks:
-                if parts[0] == block.native:
-                    targets = block.table.get(".".join(parts[2:]))
-                    return None if targets is None else tuple(f"{block.diffusers}.{parts[1]}.{t}" for t in targets)
+        for block in self.blocks:
+            hit = _in_block(native, block.native)
+            if hit is not None:
+                index, rest = hit
+                targets = block.table.get(rest)
+                return None if targets is None else tuple(join(block.diffusers, index, t) for t in targets)
         return self.top.get(native)
 
     def unknown(self, path: str) -> MatchError:

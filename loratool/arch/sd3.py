@@ -20,6 +20,7 @@ MMDiT fuses what diffusers keeps apart, like Flux (:mod:`loratool.arch.fused` do
 from __future__ import annotations
 
 import re
+from functools import cache
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, fused, load_table
@@ -159,13 +160,23 @@ PUBLISHED_WIDTHS = {1536: "SD3 medium / SD3.5 medium, 24 × 64", 2432: "SD3.5 la
 POOLED_WIDTH = 2048  # pooled_projection_dim: CLIP-L + CLIP-G
 
 
+@cache
+def canonical_templates() -> frozenset[str]:
+    """diffusers module paths of SD3Transformer2DModel (SD3.5 dual attention and pre-only last block
+    included), block indices as ``#``."""
+    from loratool.formats.kohya_names import template
+
+    tables = (module_table(2, (0,), pre_only_last=True), module_table(2, (0,), pre_only_last=False))
+    return frozenset(template(p) for table in tables for parts in table.values() for p in parts)
+
+
 def evidence(ev: Evidence) -> tuple[int, str]:
     """SD3 / SD3.5: declared, SD3-only modules (or the pre-only context modulation), a third text encoder,
     the published widths, a CLIP-G ``text_encoder_2`` beside a transformer, or MMDiT-style blocks."""
     if ev.declares(SD3_NAMES):
         return DECLARED, "declared in its metadata"
     comps = ev.components
-    if not comps or comps & {"unet", "model"}:
+    if not comps or comps & {"unet", "model"} or not ev.only("transformer", canonical_templates()):
         return 0, ""
     if ev.any_path("transformer", SD3_ONLY):
         return UNIQUE, "pos_embed.proj / attn2 modules"

@@ -28,8 +28,9 @@ MODULE_ROWS = 30
 ])
 def convert_command(
     path: str = typer.Argument(..., metavar="LORA", help="Adapter file, PEFT folder or hf:// reference."),
-    to: str = typer.Option(..., "--to", metavar=WRITE_LAYOUTS + "|gguf",
-                           help="Output layout (gguf: llama.cpp LoRA; --base gives the base model's config.json)."),
+    to: str = typer.Option(..., "--to", metavar=WRITE_LAYOUTS,
+                           help="Output layout (native: ComfyUI keys; gguf: llama.cpp LoRA, --base gives the base "
+                                "model's config.json)."),
     out: str = typer.Option(..., "-o", "--output", "--out", metavar="OUT",
                             help="Output file (PEFT: a folder, one sub-folder per component)."),
     from_: FromLayout = None,

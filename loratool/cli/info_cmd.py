@@ -68,6 +68,8 @@ def _summary_rows(report: InfoReport) -> list[tuple[str, str]]:
     if report.trigger_phrases:
         rows.append(("trigger", " | ".join(report.trigger_phrases)))
     rows.append(("family", report.family or "unknown"))
+    if report.variant:
+        rows.append(("variant", report.variant))
     rows += [(k, _short(v)) for k, v in report.base_model.items()]
     files = ", ".join(display_path(f) for f in report.files)
     rows.append(("size", f"{human_size(report.size_bytes)} ({files})"))
@@ -149,6 +151,8 @@ def render(report: InfoReport, show_all: bool = False) -> None:
 def render_checkpoint(report: CheckpointReport) -> None:
     container = ", GGUF" if report.container == "gguf" else ""
     rows = [("format", f"base checkpoint ({report.kind}{container})"), ("family", report.family or "unknown")]
+    if report.variant:
+        rows.append(("variant", report.variant))
     if report.architecture:
         rows.append(("architecture", report.architecture))
     rows += [

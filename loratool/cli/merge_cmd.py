@@ -74,11 +74,14 @@ def merge_command(
     if as_json:
         print_json("merge", result.to_json())
         return
-    if result.unmatched:
-        shown = ", ".join(result.unmatched[:UNMATCHED_SHOWN])
-        more = f" and {len(result.unmatched) - UNMATCHED_SHOWN} more (--json lists them)" \
-            if len(result.unmatched) > UNMATCHED_SHOWN else ""
-        warn(f"{len(result.unmatched)} adapter modules match no base weight and were skipped: {shown}{more}")
+    explained = {m for g in result.unmatched_groups for m in g["labels"]}
+    for g in result.unmatched_groups:
+        warn(f"{g['module_count']} adapter modules skipped, {g['group']}: {g['reason']}")
+    rest = [u for u in result.unmatched if u not in explained]
+    if rest:
+        shown = ", ".join(rest[:UNMATCHED_SHOWN])
+        more = f" and {len(rest) - UNMATCHED_SHOWN} more (--json lists them)" if len(rest) > UNMATCHED_SHOWN else ""
+        warn(f"{len(rest)} adapter modules match no base weight and were skipped: {shown}{more}")
     if result.dropped_files:
         warn(f"weight files not merged and not copied: {', '.join(result.dropped_files)}")
     rows = [[display_path(a), f"{s:g}"] for a, s in zip(result.adapters, result.strengths)]

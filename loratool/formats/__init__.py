@@ -17,12 +17,13 @@ from typing import Any
 
 from loratool.errors import FormatError
 
-LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "gguf", "comfyui", "mlx", "lora_diffusion")
+LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "gguf", "native", "mlx", "lora_diffusion")
 # LyCORIS before kohya (same key naming, more kinds); PEFT before diffusers (diffusers'
-# current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B); MLX before
-# PEFT (its folder has an adapter_config.json too).
-DETECT_ORDER = ("gguf", "lora_diffusion", "mlx", "peft", "lycoris", "kohya", "diffusers", "loralib")
-WRITABLE = ("kohya", "diffusers", "peft", "loralib", "gguf", "comfyui", "mlx")
+# current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B).
+# native (ComfyUI ``diffusion_model.`` keys) early: diffusion-pipe puts an adapter_config.json beside them;
+# MLX before PEFT likewise (its folder has an adapter_config.json too).
+DETECT_ORDER = ("gguf", "native", "lora_diffusion", "mlx", "peft", "lycoris", "kohya", "diffusers", "loralib")
+WRITABLE = ("kohya", "diffusers", "peft", "loralib", "gguf", "native", "mlx")
 MODULES = {"gguf": "gguf_lora"}  # layout name -> module, where they differ
 
 

@@ -12,9 +12,10 @@ Where the key names come from (each entry's ``source``):
 ==============  ==========================================================================  ===========
 dialect         keys (``P`` = module path)                                                  layout
 ==============  ==========================================================================  ===========
-comfyui         ``diffusion_model.P.lora_up.weight`` / ``.lora_A.weight`` / LyCORIS          comfyui
+comfyui         ``diffusion_model.P.lora_up.weight`` / ``.lora_A.weight`` / LyCORIS          native
                 suffixes, ``.alpha``, ``.dora_scale``, ``.diff`` / ``.diff_b``; P native
-                (BFL, MMDiT, SGM / LDM); ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.P``
+                (SGM / LDM U-Nets; BFL / MMDiT when ``text_encoders.{clip_l,clip_g,t5xxl}.
+                transformer.P`` keys come with them; transformer-only files: the native layout)
 ai-toolkit      ``transformer.P.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, P     diffusers
                 diffusers names (``diffusers`` calls these "ai-toolkit mixes")
 bfl-control     bare BFL names + PEFT suffixes, ``lora_B.bias``, ``*_norm.scale`` (set),     kohya
@@ -111,6 +112,9 @@ class Dialect:
     # Dotted-path rewrites applied before naming (regex, replacement), e.g. XLabs processor names.
     rewrites: tuple[tuple[str, str], ...] = ()
     widen: bool = False  # modules may widen the base weight (delta.widen)
+    # Layouts whose own detection comes first: a file they claim is theirs (HunyuanVideo's
+    # ``transformer.double_blocks.*`` names are the native layout's, not Flux's).
+    defer_to: tuple[str, ...] = ()
     note: str = ""  # what `info` adds to the dialect's name
 
     @property
@@ -157,7 +161,7 @@ DIALECTS: tuple[Dialect, ...] = (
         source="black-forest-labs FLUX.1-Depth-dev-lora / FLUX.1-Canny-dev-lora (keys as read by diffusers "
                "_convert_bfl_flux_control_lora_to_diffusers and ComfyUI comfy/lora_convert.py)",
         scopes=(Scope("", "transformer", "native"),),
-        markers=((r"^(double|single)_blocks\.\d+\..*(query|key)_norm\.scale$",),),
+        markers=((r"^(double|single)_blocks\.\d+\..*(query|key)_norm\.scale$", r"\.lora_[AB]\.weight$"),),
         note="Flux control LoRA: widens img_in, sets the qk-norm scales",
     ),
     Dialect(
@@ -165,6 +169,7 @@ DIALECTS: tuple[Dialect, ...] = (
         source="Nerogar/OneTrainer modules/util/convert_lora_util.py (ORIGINAL format: the model's own names, "
                "lora_A / lora_B, alpha kept); ai-toolkit BFL-named saves behind 'transformer.'",
         scopes=(Scope("", "transformer", "native"), Scope("transformer.", "transformer", "native")),
+        defer_to=("native",),
         markers=((r"^(transformer\.)?(double_blocks|single_blocks|joint_blocks)\.\d+\..+\.(lora_[AB]|lora_down|lora_up)"
                   r"\.weight$",),),
         note="the model's own single-file names, no prefix",
@@ -175,7 +180,7 @@ DIALECTS: tuple[Dialect, ...] = (
                "comfy/lora.py 'base_model.model.' key map (flash-SD3, HunyuanDiT)",
         scopes=(Scope("base_model.model.", "transformer", "auto"),),
         markers=((r"^base_model\.model\.(double_blocks|single_blocks|joint_blocks|transformer_blocks|"
-                  r"single_transformer_blocks)\.\d+\.",),),
+                  r"single_transformer_blocks)\.\d+\.", r"\.lora_[AB]\.weight$"),),
         note="a PEFT-wrapped transformer saved as one file",
     ),
     Dialect(
@@ -212,12 +217,14 @@ DIALECTS: tuple[Dialect, ...] = (
         markers=((r"^transformer\..+\.(lora_down|lora_up)\.weight$",),),
     ),
     Dialect(
-        name="comfyui", layout="comfyui", families=("flux", "sd3", "sdxl", "sd1", "sd2"),
+        # transformer-only ComfyUI files are the native layout's own (loratool.formats.native); this
+        # entry takes the ones it does not hold: U-Net families and text encoders beside the model
+        name="comfyui", layout="native", families=("flux", "sd3", "sdxl", "sd1", "sd2"),
         source="comfyanonymous/ComfyUI comfy_extras/nodes_lora_extract.py (LoraSave: 'diffusion_model.', "
-               "'text_encoders.'), comfy/lora.py (model_lora_keys_unet / _clip); ai-toolkit and OneTrainer "
-               "COMFY saves",
+               "'text_encoders.'), comfy/lora.py (model_lora_keys_unet / _clip); OneTrainer COMFY saves",
         scopes=(Scope("diffusion_model.", DENOISER, "native"), *COMFY_TEXT),
-        markers=((r"^diffusion_model\.",), (r"^text_encoders\.(clip_l|clip_g|t5xxl)\.transformer\.",)),
+        markers=((r"^diffusion_model\.(input_blocks|middle_block|output_blocks)\.",),
+                 (r"^text_encoders\.(clip_l|clip_g|t5xxl)\.transformer\.",)),
     ),
     Dialect(
         name="diffusers-old", layout="diffusers", families=("sd1", "sd2", "sdxl"), extra=("down-up",),
@@ -257,24 +264,25 @@ def _group_matches(group, keys: list[str], metadata: dict[str, str]) -> bool:
     return True
 
 
-# Tensors some exporters append that are no adapter part (slider tools' content-hash bookkeeping;
-# OneTrainer's normalize_various drops them the same way). Read as extras, never dropped silently.
-AUX_PREFIX = "_aux."
-
-
 def detect(src) -> Dialect | None:
     """The dialect ``src`` is written in (None: the layout's plain form, or no dialect knows it)."""
     if src.config is not None:
         return None  # a config beside the weights (PEFT folder, loralib sidecar): the layout's own
-    keys = [k for k in src.keys if not k.startswith(AUX_PREFIX)]
+    keys = src.keys
     if not keys:
         return None
     for c in _compiled():
         if not any(_group_matches(g, keys, src.metadata) for g in c.markers):
             continue
-        if all(k.startswith(c.prefixes) for k in keys):
+        if all(k.startswith(c.prefixes) for k in keys) and not _deferred(c.dialect, src):
             return c.dialect
     return None
+
+
+def _deferred(dialect: Dialect, src) -> bool:
+    from loratool import formats
+
+    return any(formats.layout(name).detect(src) for name in dialect.defer_to)
 
 
 def by_name(name: str) -> Dialect:

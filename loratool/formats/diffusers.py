@@ -76,9 +76,17 @@ def detect(src) -> bool:
 
 def _canonical(component: str, path: str) -> str:
     path = path.replace(".processor.", ".")
-    if component not in CLIP_COMPONENTS and (path == "to_out" or path.endswith(".to_out")):
+    if component not in CLIP_COMPONENTS and (path == "to_out" or path.endswith(".to_out")) \
+            and not _linear_to_out(path):
         path += ".0"  # diffusers Attention.to_out is a ModuleList; its Linear is .0
     return canonical_clip_path(component, path)
+
+
+def _linear_to_out(path: str) -> bool:
+    """A ``to_out`` that is itself a Linear (FLUX.2 single blocks, HiDream): a DiT family's module."""
+    from loratool.arch import dit
+
+    return dit.diffusers_module(path)
 
 
 def _parse(component: str, rest: str) -> tuple[str, str, str | None] | None:

@@ -184,7 +184,7 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
         if up.dim() < 2 or down.shape[0] != up.shape[1]:
             raise FormatError(f"{where}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
                               f"disagree on the rank")
-        layer = "conv" if down.dim() == 4 else "linear"
+        layer = "conv" if down.dim() >= 3 else "linear"  # Conv2d, Conv3d (video patch embedders)
     elif kind == "full":
         layer = "conv" if tensors["diff"].dim() > 2 else "linear"
     elif kind in lycoris_kinds.REQUIRED:

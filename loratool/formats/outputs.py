@@ -23,7 +23,7 @@ ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "
                            "adapters.safetensors"})  # (MLX-LM's weights beside its adapter_config.json)
 # layout -> the suffixes its file outputs may have (layouts absent here write folders; diffusers: both)
 FILE_LAYOUTS = {"kohya": (".safetensors",), "loralib": (".pt", ".pth", ".bin", ".safetensors"),
-                "diffusers": (".safetensors",), "comfyui": (".safetensors",)}
+                "diffusers": (".safetensors",)}
 FOLDER_LAYOUTS = ("peft", "diffusers", "mlx")
 
 

@@ -361,6 +361,22 @@ def _component_of(name: str) -> str | None:
     return name if name in KNOWN_COMPONENTS else None
 
 
+def _component_from_config(folder: Path) -> str | None:
+    """The component a diffusers model folder under another name is (``config.json`` ``_class_name``):
+    a merged ``transformer/`` written to ``my_finetune/`` still is a transformer."""
+    try:
+        cls = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(cls, str):
+        return None
+    if "Transformer" in cls and cls.endswith("Model"):
+        return "transformer"
+    if cls.startswith("UNet") and cls.endswith("ConditionModel"):
+        return "unet"
+    return None
+
+
 def open_checkpoint(ref: str | os.PathLike) -> Checkpoint:
     """Open a base model (file, sharded folder, component folder, pipeline folder, ``hf://``)."""
     root = hub.resolve(ref)
@@ -393,7 +409,10 @@ def open_checkpoint(ref: str | os.PathLike) -> Checkpoint:
         if not groups:
             raise InputError(f"{root}: pipeline folder without safetensors weights in its component folders")
         return Checkpoint(root, groups, is_folder=True, kind="pipeline")
-    group = _folder_group(root, Path("."), _component_of(root.name))
+    component = _component_of(root.name) or _component_from_config(root)
+    if component == "transformer_2":  # Wan 2.2 A14B's low-noise expert opened on its own: a transformer
+        component = "transformer"
+    group = _folder_group(root, Path("."), component)
     if group is None:
         raise InputError(
             f"{root}: no safetensors weights here (expected a .safetensors file, a *.safetensors.index.json, "

@@ -29,7 +29,7 @@ from pathlib import Path
 from loratool.errors import LoratoolError, UsageError
 
 # Key fragments no base model has and every LoRA-like layout does (LoRA, LoHa, LoKr, OFT, DoRA, alphas).
-LORA_MARKERS = re.compile(r"(lora|hada_|lokr_|oft_|dora_scale|magnitude_vector|\.alpha$)", re.IGNORECASE)
+LORA_MARKERS = re.compile(r"(lora|hada_|lokr_|oft_|dora_scale|magnitude_vector|\.alpha$|\.diff(_b)?$)", re.IGNORECASE)
 _BASE_WORDS = re.compile(r"(^|[^a-z])(base|original|orig|pretrained|vanilla)([^a-z]|$)")
 _TUNED_WORDS = re.compile(r"(^|[^a-z])(finetuned?|fine_tuned?|ft|tuned|merged|trained|dreambooth|db)([^a-z]|$)")
 

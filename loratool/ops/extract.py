@@ -358,7 +358,7 @@ def extract(
             f"{sorted({c for c, _ in ft.params})}, base components {sorted({c for c, _ in bs.params})}); "
             f"are they the same architecture?"
         )
-    adapter = Adapter(source_format=None)
+    adapter = Adapter(source_format=None, family=_base_family(bs))
     result = ExtractResult(adapter=adapter, device=str(dev), solver="exact" if exact else "randomized",
                            warnings=order_warnings)
     for comp, name in ft.params:
@@ -434,6 +434,13 @@ def model_name(ref: str | os.PathLike) -> str:
     part only (a full path would carry the user's folders into a shared file)."""
     text = str(ref)
     return text if text.startswith("hf://") else Path(text.rstrip("/\\")).name or text
+def _base_family(w: _Weights) -> str | None:
+    """The arch family of the base (so writers name the modules natively)."""
+    from loratool import arch
+    from loratool.ops.family_check import base_family_of
+
+    family, _ = base_family_of(w.ckpt)
+    return family if family in arch.families() else None
 
 
 def _metadata(finetuned, base, s: _Settings, dynamic, param) -> dict[str, str]:

@@ -110,6 +110,8 @@ class InfoReport:
     warnings: list[str] = field(default_factory=list)
     header_only: bool = True
     stats: bool = False
+    # the family's variant as far as keys, shapes and metadata tell (Wan "Wan 2.1 I2V 14B"...); DiT families
+    variant: str | None = None
 
     @property
     def ranks(self) -> dict[int, int]:
@@ -133,6 +135,7 @@ class InfoReport:
             "files": self.files,
             "family": self.family,
             "trigger_phrases": self.trigger_phrases,
+            "variant": self.variant,
             "base_model": self.base_model,
             "components": self.components,
             "component_modules": self.component_modules,
@@ -192,6 +195,7 @@ class CheckpointReport:
     # quantized / low-precision weights: "<who writes it>: <kind>" -> number of weights (io.codecs)
     quantization: dict[str, int] = field(default_factory=dict)
     container: str = "safetensors"  # or "gguf"
+    variant: str | None = None  # DiT families: the variant the shapes tell (Wan "I2V 14B"...)
 
     def to_json(self) -> dict[str, Any]:
         """The stable ``--json`` contract for base checkpoints (``format: "checkpoint"``)."""
@@ -200,6 +204,7 @@ class CheckpointReport:
             "format": self.format,
             "kind": self.kind,
             "family": self.family,
+            "variant": self.variant,
             "architecture": self.architecture,
             "size_bytes": self.size_bytes,
             "files": self.files,
@@ -286,6 +291,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
                 not layout_of(part.file).hidden(k) for k, part in group.key_to_part.items())
     family, architecture = base_family_of(ckpt, shapes)
     files = sorted(str(f) for f in ckpt.weight_files())
+    variant = _base_variant(family, ckpt, shapes)
     warnings = []
     if unmapped:
         warnings.append(f"{len(unmapped)} stored tensor(s) have no {family} key map entry (VAE, buffers, ...): "
@@ -295,7 +301,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:
         size_bytes=sum(Path(f).stat().st_size for f in files), files=files,
         components=dict(sorted(components.items())), tensor_count=sum(dtypes.values()), parameter_count=parameters,
         dtypes=dict(dtypes.most_common()), metadata=metadata, mapped=mapped, unmapped=unmapped, warnings=warnings,
-        quantization=quantization, container=container,
+        quantization=quantization, container=container, variant=variant,
     )
 
 
@@ -304,6 +310,23 @@ def dtype_label(code: str) -> str:
     from loratool.io.safetensors_file import _TORCH_NAMES
 
     return _TORCH_NAMES.get(code, code)
+
+
+def _base_variant(family: str | None, ckpt, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """A DiT family's variant from the canonical parameter shapes (single files: through the key map)."""
+    from loratool.arch import dit_checkpoints
+
+    canonical: dict[str, tuple[int, ...]] = {}
+    for group in ckpt.groups:
+        if group.targets is not None:
+            for (_, param), target in group.targets.items():
+                shape = shapes.get(target[0])
+                rows = target[1]
+                if shape is not None:
+                    canonical[param] = (rows[1] - rows[0], *shape[1:]) if rows else shape
+        else:
+            canonical.update({k: shapes[k] for k in group.key_to_part if k in shapes})
+    return dit_checkpoints.base_variant(family, canonical) if family else None
 
 
 # ---------------------------------------------------------------- header-only reading
@@ -485,12 +508,16 @@ def inspect(
         {"component": c, "name": n, "shape": [int(x) for x in t.shape], "dtype": _dtype_name(t.dtype)}
         for (c, n), t in adapter.extras.items()
     ]
+    family_name = _family(src, adapter, metadata, family)
+    from loratool.arch import dit
+
     return InfoReport(
+        variant=dit.variant_of(family_name, list(adapter), metadata),
         path=str(path),
         format=adapter.source_format or name,
         size_bytes=sum(Path(f).stat().st_size for f in _files(src)),
         files=_files(src),
-        family=_family(src, adapter, metadata, family),
+        family=family_name,
         base_model=_base_model(src, adapter, metadata),
         components=adapter.components,
         modules=modules,

@@ -58,6 +58,8 @@ class MatchPlan:
     unmatched: list[str] = field(default_factory=list)  # "component:path" (with the adapter when several)
     # (file path, stored key) -> the larger shape a widening module gives it (Flux control LoRAs)
     reshaped: dict[tuple[Path, str], tuple[int, ...]] = field(default_factory=dict)
+    # unmatched modules the base's family explains, per group: {"group", "reason", "modules", "examples"}
+    unmatched_groups: list[dict] = field(default_factory=list)
 
     @property
     def total_matched(self) -> int:

@@ -84,6 +84,8 @@ class MergeResult:
     peak_rss_mb: float = 0.0
     device: str = "cpu"
     dtype: str | None = None
+    # unmatched modules the base's family explains (a LoRA for another variant), per group with the reason
+    unmatched_groups: list[dict] = field(default_factory=list)
     kept: dict | None = None  # the kept-update report of a merge into quantized weights (ops.kept)
     quantized: dict[str, int] = field(default_factory=dict)  # base storage kind -> weights of that kind
     rounding: str = "nearest"
@@ -100,6 +102,7 @@ class MergeResult:
             "matched_total": sum(self.matched.values()),
             "unmatched": self.unmatched,
             "unmatched_count": len(self.unmatched),
+            "unmatched_groups": self.unmatched_groups,
             "merged_tensors": self.merged_tensors,
             "copied_tensors": self.skipped,
             "dropped_files": self.dropped_files,
@@ -413,6 +416,7 @@ def merge(
         strengths=values,
         matched=dict(plan.matched),
         unmatched=list(plan.unmatched),
+        unmatched_groups=list(plan.unmatched_groups),
         merged_tensors=merger.merged,
         skipped=merger.skipped,
         dropped_files=dropped,

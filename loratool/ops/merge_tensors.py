@@ -484,6 +484,9 @@ def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: s
     if not allow_nonfinite:
         for adapter, name in zip(adapters, names):
             _check_adapter_finite(adapter, name)
+    from loratool.arch.dit_checkpoints import explain_unmatched, route_expert
+
+    adapters = [route_expert(ckpt, a) for a in adapters]
     plan = match(adapters, values, ckpt, names=names)
     if block_weights or strength_patterns:
         from loratool.ops.block_weights import apply_to_plan, module_weights
@@ -492,6 +495,8 @@ def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: s
         apply_to_plan(plan, weights)
         if warnings is not None:
             warnings.extend(weights.warnings())
+
+    plan.unmatched_groups = explain_unmatched(ckpt, plan.unmatched)
     if strict and plan.unmatched:
         more = f" and {len(plan.unmatched) - 10} more" if len(plan.unmatched) > 10 else ""
         raise MatchError(

@@ -1,0 +1,45 @@
+"""Anima (circlestone-labs/Anima: a Cosmos-Predict2 DiT with an LLM adapter): the original Cosmos naming
+(ComfyUI ``comfy/ldm/anima``, ``comfy/ldm/cosmos/predict2.py``; LoRAs as ``diffusion_model.blocks.0.self_attn.q_proj``)
+and its map to diffusers' ``CosmosTransformer3DModel`` (diffusers' ``_convert_non_diffusers_anima_lora_to_diffusers``
+spells it). Read, ``info`` and convert; the naming covers what that converter maps (attention, MLP, adaLN-LoRA
+modulation, embedders), not the norms. ``llm_adapter.*`` modules belong to diffusers' ``AnimaTextConditioner``,
+another model: they are refused by name.
+"""
+
+from __future__ import annotations
+
+from loratool.arch import dit, fused
+
+BLOCK = {
+    **{f"{a}.{p}_proj": (f"{d}.to_{p}",) for a, d in (("self_attn", "attn1"), ("cross_attn", "attn2")) for p in "qkv"},
+    "self_attn.output_proj": ("attn1.to_out.0",),
+    "cross_attn.output_proj": ("attn2.to_out.0",),
+    "mlp.layer1": ("ff.net.0.proj",),
+    "mlp.layer2": ("ff.net.2",),
+    **{f"adaln_modulation_{m}.{i}": (f"norm{n}.linear_{i}",)
+       for m, n in (("self_attn", 1), ("cross_attn", 2), ("mlp", 3)) for i in (1, 2)},
+}
+TOP = {
+    "final_layer.adaln_modulation.1": ("norm_out.linear_1",),
+    "final_layer.adaln_modulation.2": ("norm_out.linear_2",),
+    "final_layer.linear": ("proj_out",),
+    "t_embedder.1.linear_1": ("time_embed.t_embedder.linear_1",),
+    "t_embedder.1.linear_2": ("time_embed.t_embedder.linear_2",),
+    "t_embedding_norm": ("time_embed.norm",),
+    "x_embedder.proj.1": ("patch_embed.proj",),
+}
+NAMING = fused.FusedNaming(what="an Anima transformer module",
+                           blocks=(fused.Block("blocks", "transformer_blocks", BLOCK),), top=TOP,
+                           swapped=lambda native, module: False)
+
+SPEC = dit.DitFamily(
+    name="anima",
+    title="Anima",
+    table="anima_modules",
+    diffusers_class="CosmosTransformer3DModel",
+    naming=NAMING,
+    metadata=("anima",),
+    markers=(r"\.(self_attn|cross_attn)\.(q|k|v|output)_proj$", r"adaln_modulation_", r"\.mlp\.layer[12]$"),
+    partial=True,
+)
+FAMILY = SPEC.family

@@ -1,0 +1,433 @@
+"""DiT families (Wan, HunyuanVideo, LTX, Qwen-Image, Z-Image, Lumina 2, HiDream, Flux.2, Chroma, ...):
+one :class:`DitFamily` per architecture, built from data.
+
+A DiT family has one component, ``transformer``, whose canonical naming is diffusers' model class
+(``WanTransformer3DModel``, ...). Its native naming is the original repository's, which ComfyUI,
+musubi-tuner and diffusion-pipe use for LoRA keys (``diffusion_model.blocks.0.self_attn.q``,
+``lora_unet_blocks_0_self_attn_q``) and BFL/Comfy-style single files use for weights. A family
+holds:
+
+* ``naming``: native module -> diffusers module(s) (a :class:`~loratool.arch.fused.FusedNaming`;
+  several targets = row-fused, split / fused exactly by :mod:`loratool.arch.fused`);
+* ``spellings``: other native spellings that are read but never written (ComfyUI's Flux-style HunyuanVideo
+  names, its fused HunyuanVideo 1.5 q/k/v);
+* ``params``: native parameters outside any LoRA-able module (RMSNorm scales stored as ``scale``,
+  ``modulation`` tables) -> diffusers parameters, for single-file checkpoints;
+* a JSON table ``<table>.json`` generated from diffusers' model class on the ``meta`` device by
+  ``scripts/gen_dit_tables.py``: the published variants' configs and every weight-owning module
+  path in both namings (block 0 only: kohya name restoration templates the block index). kohya
+  heads lose their dots; they are restored from this table (so ``adaLN_modulation`` or
+  ``noise_refiner`` are never split at their underscores by guessing).
+
+Families whose native names are diffusers' own (Qwen-Image, HiDream, ERNIE-Image) or differ by a few words
+(LTX-Video, LTX-2: ``renames``) give no ``naming``: it is built from the table.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache, cached_property
+
+from loratool.adapter import LoraModule
+from loratool.arch import Family, fused, load_table
+from loratool.errors import MatchError
+from loratool.formats.kohya_names import template as template  # block indices as #
+
+COMPONENT = "transformer"
+# Prefixes in front of dotted native LoRA keys and single-file weights.
+NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# kohya prefixes: musubi-tuner / sd-scripts ``lora_unet_``; VideoX-Fun (Wan-Fun) ``lora_unet__`` (an empty
+# module name before the path); SimpleTuner's LyCORIS export ``lycoris_`` is generic (see kohya_names).
+KOHYA_PREFIXES = {"lora_unet": COMPONENT, "lora_unet_": COMPONENT}
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Canonical modules matching ``pattern`` that a base lacks, explained: ``group`` names them,
+    ``reason`` says which variants have them."""
+
+    pattern: str
+    group: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DitFamily:
+    name: str  # the arch family name: "wan"
+    title: str  # "Wan 2.1 / 2.2"
+    table: str  # JSON table name in loratool/arch
+    diffusers_class: str  # "WanTransformer3DModel"
+    other_classes: tuple[str, ...] = ()  # diffusers classes of variants (FramePack's)
+    # model_index.json ``_class_name`` prefixes of its pipelines
+    pipelines: tuple[str, ...] = ()
+    naming: fused.FusedNaming | None = None  # None: native names are diffusers names (identity)
+    spellings: tuple[fused.FusedNaming, ...] = ()
+    params: fused.FusedNaming | None = None  # native parameter -> diffusers parameter (single files)
+    spelling_params: fused.FusedNaming | None = None  # the same for files in the other spelling
+    # diffusers block lists (identity families): "transformer_blocks", ...
+    block_lists: tuple[str, ...] = ()
+    # identity families whose native names differ by a few words: (regex on the diffusers path, native text)
+    renames: tuple[tuple[str, str], ...] = ()
+    # lower-case substrings of ``ss_base_model_version`` / ``modelspec.architecture`` naming this family
+    metadata: tuple[str, ...] = ()
+    # metadata substrings that name another family although they contain one of ours ("flux" in "flux.2")
+    not_metadata: tuple[str, ...] = ()
+    # families whose LoRAs may be merged into this one's models by name (Flux.1 into Chroma: the
+    # modules Chroma lacks are explained per group, not refused as another family)
+    merges_into: tuple[str, ...] = ()
+    # regexes on module paths (either naming) only this family has: a hit makes detection sure
+    markers: tuple[str, ...] = ()
+    # stored single-file keys (prefix removed) that say "this is one of ours"; all must be present
+    single_file_marks: tuple[str, ...] = ()
+    # stored keys whose presence says it is not (another family sharing the marks)
+    single_file_not: tuple[str, ...] = ()
+    # (adapter, metadata) -> variant text for ``info``
+    variant: Callable[[list[LoraModule], Mapping[str, str]], str | None] | None = None
+    # (shapes by stored key) -> variant text of a base checkpoint
+    base_variant: Callable[[Mapping[str, tuple[int, ...]]], str | None] | None = None
+    # shapes of canonical modules -> True when they fit this family (tie-breaks look-alike families)
+    shapes_fit: Callable[[Mapping[str, tuple[int, ...]]], bool] | None = None
+    mismatches: tuple[Mismatch, ...] = ()
+    # the naming covers the LoRA targets the family's converters know, not every module (Anima: no norms)
+    partial: bool = False
+    # names shared with a more common family (Chroma's are Flux.1's): claim a file only on a marker or metadata
+    needs_marker: bool = False
+    # markers that only count in dotted keys: a kohya head loses the dot that tells them apart
+    # (HunyuanVideo's ``img_attn_qkv`` and Flux.1's ``img_attn.qkv`` are both ``img_attn_qkv``)
+    dotted_markers: tuple[str, ...] = ()
+    extra_kohya_prefixes: dict[str, str] = field(default_factory=dict)
+
+    # --- namings -----------------------------------------------------------------------------
+    @cached_property
+    def data(self) -> dict:
+        return load_table(self.table)
+
+    @cached_property
+    def primary(self) -> fused.FusedNaming:
+        """The naming written back (kohya, native): the original repository's, or the identity."""
+        if self.naming is not None:
+            return self.naming
+        return identity_naming(self.title, self.data["diffusers_modules"], self.block_lists, self.renames)
+
+    @cached_property
+    def param_naming(self) -> fused.FusedNaming | None:
+        """Native parameter -> diffusers parameter for parameters outside the modules (``params``, or the
+        identity over the table's ``diffusers_params`` when native names are diffusers names)."""
+        if self.params is not None or self.naming is not None:
+            return self.params
+        return identity_naming(self.title, self.data.get("diffusers_params", ()), self.block_lists, self.renames)
+
+    @property
+    def namings(self) -> tuple[fused.FusedNaming, ...]:
+        return (self.primary, *self.spellings)
+
+    def native_module_paths(self) -> set[str]:
+        """Every native module path (block 0): the primary naming's, the diffusers ones, and the other spellings'
+        where their kohya (underscore) form is new — where it is not, both spell the same modules and the
+        primary naming restores it."""
+        data = self.data
+        out = set(data["native_modules"]) | set(data["diffusers_modules"])
+        flat = {p.replace(".", "_") for p in out}
+        return out | {p for p in data.get("spelling_modules", ()) if p.replace(".", "_") not in flat}
+
+    def knows(self, path: str) -> bool:
+        """Whether ``path`` is a module of this family in any naming."""
+        return any(n.diffusers_of(path) is not None or n.native_of(path) is not None for n in self.namings)
+
+    def native_only(self, path: str) -> bool:
+        """A native name that is not also a diffusers name of this family."""
+        return (any(n.diffusers_of(path) is not None for n in self.namings)
+                and self.primary.native_of(path) is None and not _is_diffusers(self, path))
+
+    # --- the arch Family ---------------------------------------------------------------------
+    @cached_property
+    def family(self) -> Family:
+        def native_paths(component: str) -> set[str]:
+            return self.native_module_paths() if component == COMPONENT else set()
+
+        return Family(
+            name=self.name,
+            kohya_prefixes={**KOHYA_PREFIXES, **self.extra_kohya_prefixes},
+            native_paths=native_paths,
+            to_canonical=self.to_canonical,
+            from_canonical=self.from_canonical,
+            detect=self.detect,
+            evidence=self.evidence,
+            merges_into=self.merges_into,
+        )
+
+    def evidence(self, ev) -> tuple[int, str]:
+        """:meth:`detect` on the :mod:`loratool.arch.evidence` scale, from canonical names and shapes (any
+        layout): metadata naming this family outranks a generic declaration ("flux" in "flux.2"); modules
+        only this family has outrank names Flux.1 / SD3 share with it; every module being ours counts just
+        under a published width."""
+        from loratool.arch.evidence import DECLARED, UNIQUE, WIDTHS
+
+        if self.metadata_says(ev.metadata):
+            return DECLARED + 5, f"{self.title} named in its metadata"
+        paths = ev.paths(COMPONENT)
+        if not paths or ev.components != {COMPONENT}:
+            return 0, ""
+        shapes = {p: s for p in paths for s in [ev.modules[(COMPONENT, p)]] if s is not None}
+        score = self.detect([f"transformer.{p}.lora_A.weight" for p in paths], {}, shapes)
+        if score >= 95:
+            return UNIQUE + 5, f"modules only {self.title} has"
+        if score > 0:
+            return WIDTHS - 5, f"every module is a {self.title} module"
+        return 0, ""
+
+    def to_canonical(self, modules: list[LoraModule]) -> list[LoraModule]:
+        """Native paths (any spelling) -> diffusers paths, fused modules split exactly."""
+        out: list[LoraModule] = []
+        for m in modules:
+            if m.component != COMPONENT:
+                out.append(m)
+                continue
+            naming = next((n for n in self.namings if n.diffusers_of(m.path) is not None), None)
+            if naming is None:
+                if not _is_diffusers(self, m.path):
+                    raise MatchError(f"{COMPONENT}:{m.path}: not a module of {self.title}")
+                out.append(m)
+                continue
+            out.extend(fused.to_canonical([m], naming))
+        return out
+
+    def from_canonical(self, modules: list[LoraModule]) -> list[LoraModule]:
+        """diffusers paths -> native paths of the primary naming; split parts fuse exactly."""
+        return fused.from_canonical(modules, self.primary)
+
+    # --- detection ---------------------------------------------------------------------------
+    def metadata_says(self, metadata: Mapping[str, str]) -> bool:
+        text = " ".join(metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
+        return any(m in text for m in self.metadata) and not any(m in text for m in self.not_metadata)
+
+    def detect(self, keys: list[str], metadata: dict[str, str], shapes: Mapping | None = None) -> int:
+        """How sure we are these LoRA keys (any layout) are for this family: 120 when the metadata
+        says so (above Flux.1's 100 for "flux" anywhere in it), 95 when every module is ours and a
+        marker only we have is among them, 60 when every module is ours, else 0."""
+        if self.metadata_says(metadata):
+            return 120
+        found = lora_paths(keys, self)
+        if not found or any(p is None for p, _ in found):
+            return 0
+        if self.shapes_fit is not None and shapes and not self.shapes_fit(shapes):
+            return 0
+        for path, dotted in found:
+            if any(re.search(m, path) for m in self.markers) and (
+                    dotted or not any(re.search(m, path) for m in self.dotted_markers)):
+                return 95
+        return 0 if self.needs_marker else 60
+
+    def explain(self, unmatched: Iterable[str]) -> list[tuple[str, str, list[str]]]:
+        """[(group, reason, paths)] for the unmatched canonical paths a :class:`Mismatch` explains."""
+        groups: dict[str, tuple[str, list[str]]] = {}
+        for path in unmatched:
+            for mm in self.mismatches:
+                if re.search(mm.pattern, path):
+                    groups.setdefault(mm.group, (mm.reason, []))[1].append(path)
+                    break
+        return [(g, reason, paths) for g, (reason, paths) in groups.items()]
+
+
+def _is_diffusers(spec: DitFamily, path: str) -> bool:
+    """A diffusers module path of this family (block indices templated against the table)."""
+    return _diffusers_templates(spec.name).get(template(path)) is not None
+
+
+def diffusers_module(path: str) -> bool:
+    """Whether ``path`` is a diffusers module path of any DiT family."""
+    t = template(path)
+    return any(t in _diffusers_templates(name) for name in specs())
+
+
+@cache
+def _diffusers_templates(name: str) -> dict[str, bool]:
+    return {template(p): True for p in get(name).data["diffusers_modules"]}
+
+
+def scale_params(what: str, blocks: tuple[tuple[str, str, dict[str, str]], ...],
+                 top: dict[str, str] | None = None) -> fused.FusedNaming:
+    """Parameters of RMSNorms stored as ``<norm>.scale`` (BFL / Krea code) where diffusers has ``<norm>.weight``:
+    ``blocks`` = (native block, diffusers block, {native norm: diffusers norm}), ``top`` likewise outside blocks."""
+
+    def params(table: dict[str, str]) -> dict[str, tuple[str]]:
+        return {fused.join(k, "scale"): (fused.join(v, "weight"),) for k, v in table.items()}
+
+    return fused.FusedNaming(
+        what=what,
+        blocks=tuple(fused.Block(n, d, params(t)) for n, d, t in blocks),
+        top=params(top or {}),
+        swapped=lambda native, module: False,
+    )
+
+
+def identity_naming(title: str, diffusers_modules: Iterable[str], block_lists: tuple[str, ...],
+                    renames: tuple[tuple[str, str], ...] = ()) -> fused.FusedNaming:
+    """A naming whose native names are the diffusers names (blocks from ``block_lists``), each rewritten by
+    ``renames`` — (regex on the diffusers path, replacement), in order: LTX's ``proj_in`` is ``patchify_proj``."""
+    tables: dict[str, dict[str, tuple[str, ...]]] = {b: {} for b in block_lists}
+    top: dict[str, tuple[str, ...]] = {}
+    for path in diffusers_modules:
+        head, _, rest = path.partition(".")
+        if head in tables and rest.split(".", 1)[0].isdigit():
+            inner = rest.split(".", 1)[1] if "." in rest else ""
+            tables[head][_renamed("." + inner, renames)[1:]] = (inner,)
+        else:
+            top[_renamed(path, renames)] = (path,)
+    return fused.FusedNaming(
+        what=f"a {title} transformer module",
+        blocks=tuple(fused.Block(b, b, t) for b, t in tables.items()),
+        top=top,
+        swapped=lambda native, module: False,
+    )
+
+
+def _renamed(path: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for pattern, native in renames:
+        path = re.sub(pattern, native, path)
+    return path
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+# arch modules holding one ``SPEC`` (or ``SPECS``) each; listed in arch.FAMILY_MODULES too.
+SPEC_MODULES = ("wan", "hunyuan_video", "ltx", "qwen_image", "z_image", "lumina2", "hidream", "flux2", "chroma",
+                "krea2", "anima", "ernie_image")
+
+
+@cache
+def specs() -> dict[str, DitFamily]:
+    """Every DiT family by name (the ``SPEC`` / ``SPECS`` of the arch modules :func:`loratool.arch.families` loads)."""
+    import sys
+
+    from loratool import arch
+
+    arch.families()
+    out: dict[str, DitFamily] = {}
+    for mod_name in SPEC_MODULES:
+        mod = sys.modules.get(f"loratool.arch.{mod_name}")
+        for spec in [*getattr(mod, "SPECS", ()), *([mod.SPEC] if hasattr(mod, "SPEC") else [])]:
+            out[spec.name] = spec
+    return out
+
+
+def get(name: str) -> DitFamily:
+    return specs()[name]
+
+
+def find(name: str | None) -> DitFamily | None:
+    return specs().get(name) if name else None
+
+
+# --- LoRA keys -> module paths (detection) ---------------------------------------------------------
+
+_LORA_SUFFIX = re.compile(
+    r"\.(lora_[AB]\.weight|lora_B\.bias|lora_(down|up|mid)\.weight|alpha|diff|diff_b|dora_scale|"
+    r"hada_[wt][12](_[ab])?|lokr_[wt][12](_[ab])?|lora_magnitude_vector|lora\.(down|up)\.weight)$")
+_DOTTED_PREFIXES = ("base_model.model.", *NATIVE_PREFIXES, "transformer.")
+
+
+def lora_paths(keys: Iterable[str], spec: DitFamily) -> list[tuple[str | None, bool]]:
+    """(module path as this family would name it or None when not ours, whether the key was dotted) for every
+    LoRA module in ``keys``.
+
+    Dotted keys (native ``diffusion_model.``, diffusers ``transformer.``) give their path; kohya heads
+    (``lora_unet_...``, ``lycoris_...``) are restored through this family's table."""
+    heads: dict[str, None] = {}
+    for key in keys:
+        m = _LORA_SUFFIX.search(key)
+        if m is None:
+            continue
+        heads[key[: m.start()]] = None
+    index = _kohya_index(spec.name)
+    out: list[tuple[str | None, bool]] = []
+    for head in heads:
+        dotted = next((head[len(p):] for p in _DOTTED_PREFIXES if head.startswith(p)), None)
+        if dotted is not None:
+            out.append((dotted if spec.knows(dotted) else None, True))
+            continue
+        body = next((head[len(p) + 1:] for p in ("lora_unet_", "lora_unet", "lycoris") if head.startswith(p + "_")),
+                    None)
+        if body is None:
+            out.append((None, False))
+            continue
+        try:
+            path = index.restore(body)
+        except Exception:  # an ambiguous body is not evidence either way
+            path = None
+        out.append((path if path is not None and spec.knows(path) else None, False))
+    return out
+
+
+@cache
+def _kohya_index(name: str):
+    from loratool.formats.kohya_names import PathIndex
+
+    return PathIndex.from_paths(get(name).native_module_paths(), templated=True)
+
+
+def detect_native(paths: list[str], metadata: Mapping[str, str],
+                  shapes: Mapping[str, tuple[int, ...]]) -> DitFamily | None:
+    """The family of a native-layout LoRA from its dotted module paths (prefix removed), metadata
+    and the adapted weights' shapes (by path); None when no family knows every path."""
+    keys = [f"diffusion_model.{p}.lora_A.weight" for p in paths]
+    best, best_score = None, 0
+    for spec in specs().values():
+        score = spec.detect(keys, dict(metadata), shapes)
+        if score > best_score:
+            best, best_score = spec, score
+    return best
+
+
+# --- variants --------------------------------------------------------------------------------------
+
+def rows_fit(shapes: Mapping[str, tuple[int, ...]], rules: Mapping[tuple[str, ...], int]) -> bool:
+    """Whether every adapted weight whose path ends with one of a rule's suffixes has ``ratio × in-features``
+    rows (``rules``: suffixes -> ratio): tells apart families that share names but not widths."""
+    for path, shape in shapes.items():
+        for suffixes, ratio in rules.items():
+            if len(shape) >= 2 and path.endswith(suffixes) and shape[0] != ratio * shape[1]:
+                return False
+    return True
+
+
+def variant_of(family: str | None, modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:
+    """The variant text ``info`` shows for an adapter of ``family`` (None when not a DiT family or unknown)."""
+    spec = find(family)
+    if spec is None or spec.variant is None:
+        return None
+    return spec.variant([m for m in modules if m.component == COMPONENT], metadata)
+
+
+def canonical_shapes(modules: Iterable[LoraModule]) -> dict[str, tuple[int, ...]]:
+    """{canonical path: adapted weight shape} of the transformer modules."""
+    out = {}
+    for m in modules:
+        if m.component != COMPONENT:
+            continue
+        try:
+            out[m.path] = tuple(m.weight_shape)
+        except (RuntimeError, ValueError, KeyError, IndexError):
+            continue
+    return out
+
+
+def timestep_expert(metadata: Mapping[str, str]) -> str | None:
+    """Wan 2.2 A14B expert from musubi-tuner's ``modelspec.timestep_range`` ("min,max" of 0..1000) or the
+    base model file name (``ss_sd_model_name``: ``..._high_noise_...``): "high-noise" / "low-noise"."""
+    name = metadata.get("ss_sd_model_name", "").lower()
+    for word in ("high_noise", "low_noise"):
+        if word in name:
+            return word.replace("_", "-")
+    rng = metadata.get("modelspec.timestep_range", "")
+    try:
+        lo, hi = (float(x) for x in rng.split(","))
+    except ValueError:
+        return None
+    if lo > 0 and hi >= 1000:
+        return "high-noise"
+    if lo <= 0 and hi < 1000:
+        return "low-noise"
+    return None
