@@ -21,11 +21,22 @@ kind       tensors
            optional ``t1``, ``t2`` [r, r, kh, kw] Tucker cores (then ``w1b`` is [r, in]).
 ``lokr``   ``w1`` or (``w1a``, ``w1b``); ``w2`` or (``w2a``, ``w2b``); optional ``t2``.
 ``full``   ``diff`` (shaped like the weight), optional ``diff_b`` (bias delta).
+``oft``    LyCORIS DiagOFT: ``blocks`` [n, b, b] (skew-symmetric generator; ``alpha`` is
+           the constraint, not a scale) or ``rotation`` [n, b, b] (old ``oft_diag``: R
+           stored); optional ``rescale`` [out, 1(, 1, 1)].
+``boft``   LyCORIS butterfly OFT: ``blocks`` [m, n, b, b]; optional ``rescale``.
+``glora``  ``a1`` [in, r], ``a2`` [r, in], ``b1`` [out, r(, 1, 1)], ``b2`` [r, in(, kh, kw)].
+``norm``   ``w_norm`` [dim], optional ``b_norm`` [dim] (LyCORIS norm-layer deltas).
+``set``    ``value``: the weight replaces the base's (BFL control LoRAs' qk-norm scales).
 =========  =====================================================================
+
+``oft``, ``boft`` and ``glora`` change W by a function of W itself, so their ΔW exists only
+against a base weight (:mod:`loratool.delta`).
 
 ``magnitude`` is the DoRA magnitude vector when the module is a DoRA module.
 
-``layer`` is what the module adapts: ``linear``, ``conv`` or ``embedding``. For ``embedding``
+``layer`` is what the module adapts: ``linear``, ``conv``, ``embedding`` or ``norm`` (a 1-D
+normalisation weight). For ``embedding``
 (PEFT ``lora_embedding_A`` / ``_B``, loralib ``Embedding``) ``down`` is [r, num_embeddings]
 and ``up`` is [dim, r]; ΔW = (up @ down)ᵀ. ``fan_in_fan_out`` marks a base weight stored as
 [in, out] (GPT-2 ``Conv1D``): ΔW is transposed to match it.
@@ -46,8 +57,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-KINDS = ("lora", "loha", "lokr", "full")
-LAYERS = ("linear", "conv", "embedding")
+KINDS = ("lora", "loha", "lokr", "full", "oft", "boft", "glora", "norm", "set")
+LAYERS = ("linear", "conv", "embedding", "norm")
 
 
 @dataclass(eq=False, repr=False)
@@ -74,6 +85,9 @@ class LoraModule:
     # Layout-specific hints that let a writer reproduce its own file bit for bit
     # (e.g. loralib's ``enable_lora`` groups). Never needed for the maths.
     hints: dict[str, Any] = field(default_factory=dict)
+    # The rank a config declares where the tensors show none (PEFT LoKr with both Kronecker
+    # factors whole still scales by alpha / r); None: the rank is read from the tensors.
+    declared_rank: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -106,8 +120,11 @@ class LoraModule:
                 return int(t["w2b"].shape[0])
             if "w1b" in t:
                 return int(t["w1b"].shape[0])
-            return 0  # both factors stored whole: no rank, scale is 1
-        return 0  # full
+            # both factors stored whole: no rank (scale 1) unless a config declares one
+            return self.declared_rank or 0
+        if self.kind == "glora":
+            return int(t["a2"].shape[0])
+        return 0  # full, oft, boft, norm, set
 
     @property
     def scale(self) -> float:
@@ -115,7 +132,7 @@ class LoraModule:
         r = self.rank
         if self.kind == "full" or r == 0:
             return 1.0
-        if self.kind == "lokr" and "w1" in self.tensors and "w2" in self.tensors:
+        if self.kind == "lokr" and "w1" in self.tensors and "w2" in self.tensors and self.declared_rank is None:
             return 1.0
         alpha = float(r) if self.alpha is None else float(self.alpha)
         return alpha / math.sqrt(r) if self.rslora else alpha / r

@@ -10,6 +10,26 @@ Formulas (s = module.scale, shapes as the base stores the weight):
 * loha:              ΔW = s · (w1a @ w1b) ⊙ (w2a @ w2b)   (Tucker: each half rebuilt from t·a·b)
 * lokr:              ΔW = s · kron(w1, w2), w1 = w1a @ w1b and w2 = w2a @ w2b when factorised
 * full:              ΔW = diff
+* norm:              ΔW = w_norm, Δb = b_norm                         (LyCORIS norm modules)
+
+Kinds whose update depends on the base weight W (merged by :func:`merge_weight`; ΔW = W' − W
+exists only against a base, :func:`delta_weight` with ``base=``), strength λ:
+
+* oft (LyCORIS DiagOFT, ``lycoris.functional.diag_oft``): blocks B [n, b, b], Q = B − Bᵀ,
+  scaled by c / ‖Q‖_F when c = alpha · out > 0 and ‖Q‖_F + 1e-8 > c; R = (I + Q)(I − Q)⁻¹;
+  A = λR + (1 − λ)I; W' = rescale ⊙ W'' with W''[k·b + m] = Σ_n A[k, n, m] · W[k·b + n]
+  (per block k, rows of W mixed by Aᵀ). Old files (``oft_diag``) store R itself, no constraint.
+* boft (LyCORIS butterfly OFT): blocks [m, n, b, b], R per stage as above (one constraint over all
+  stages); stage i permutes the rows in groups of 2 · 2^i · b/2, applies the n blocks
+  A_i = λR_i + (1 − λ)I and permutes back; W' = rescale ⊙ (stages applied in order to W).
+* glora (LyCORIS GLoRA): W' = W + λ · s · (W @ a1 @ a2 + b1 @ b2), s = alpha / r, r = a2 rows
+  (conv: a1, a2 act on the input channels of every kernel tap).
+* set: W' = value, for every λ (ComfyUI's ``set`` patch; diffusers loads BFL control norms
+  the same way, outright).
+
+Widening (diffusers ``_maybe_expand_transformer_param_shape_or_error_``, ComfyUI
+``pad_tensor_to_shape``): a module marked ``hints["widen"]`` whose ΔW is larger than W in some
+dimension merges into W zero-padded to ΔW's shape (the old weight in the leading block).
 
 Merging with strength λ: W' = W + λ·ΔW. DoRA (magnitude m, norms ‖·‖ per output feature:
 rows of a Linear weight, output channels of a conv, embedding dimensions of an embedding table;
@@ -31,8 +51,12 @@ import torch
 
 from loratool.adapter import LoraModule
 from loratool.errors import MatchError
+from loratool.shapes import KNOWN_SHAPE as KNOWN_SHAPE
 from loratool.shapes import product_shape as product_shape  # re-exported: the shape rules live there
 from loratool.shapes import weight_shape as weight_shape
+
+# Kinds whose update is a function of the base weight (see the module doc).
+BASE_DEPENDENT = ("oft", "boft", "glora", "set")
 
 
 def _rebuild_tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -86,12 +110,23 @@ def delta_weight(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     shape: tuple[int, ...] | None = None,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ΔW of one module in ``dtype`` on ``device``, shaped like the base weight.
 
     ``shape`` (the base weight's shape) resolves layouts the factors alone cannot tell apart
     (LoHa/LoKr conv products are stored flattened); a mismatch is a :class:`MatchError`.
+    Base-dependent kinds (oft, boft, glora, set) need ``base``, the weight they change:
+    ΔW = merge_weight(base, module) − base.
     """
+    if module.kind in BASE_DEPENDENT:
+        if base is None:
+            raise MatchError(f"{module.component}:{module.path}: a {module.kind} module changes W by a function "
+                             f"of W; its ΔW exists only against a base weight (merge it into one)")
+        w = base.to(device=device, dtype=dtype)
+        return merge_weight(w, module, 1.0, dtype=dtype) - widen(w, module, tuple(w.shape))
+    if module.kind == "norm":
+        return module.tensors["w_norm"].to(device=device, dtype=dtype)
     if module.kind == "lora":
         delta = _lora_delta(module, dtype, device)
     elif module.kind == "full":
@@ -185,6 +220,8 @@ def merge_weight(
     The result is not cast back: callers cast to the stored dtype once, at the end.
     """
     w = weight.to(dtype=dtype)
+    if module.kind in BASE_DEPENDENT:
+        return MERGES[module.kind](w, module, strength)
     inner = 1.0 if lycoris_strength(module) else strength  # the λ that scales ΔW itself
     if delta is None and _plain_linear(module, tuple(w.shape)):
         # Same formula, one fused pass: W + (λ·s)·up @ down without materialising ΔW.
@@ -194,7 +231,9 @@ def merge_weight(
         merged = torch.addmm(w, up, down, alpha=inner * module.scale)
     else:
         if delta is None:
-            delta = delta_weight(module, dtype=dtype, device=w.device, shape=tuple(w.shape))
+            delta = delta_weight(module, dtype=dtype, device=w.device,
+                                 shape=None if module.hints.get("widen") else tuple(w.shape))
+        w = widen(w, module, tuple(delta.shape))
         merged = w + inner * delta.to(device=w.device, dtype=dtype)
     if module.magnitude is None:
         return merged
@@ -221,7 +260,18 @@ def delta_bias(
         return t["bias"].to(device=device, dtype=dtype) * module.scale
     if module.kind == "full" and "diff_b" in t:
         return t["diff_b"].to(device=device, dtype=dtype)
+    if module.kind == "norm" and "b_norm" in t:
+        return t["b_norm"].to(device=device, dtype=dtype)
     return None
+
+
+def has_bias_delta(module: LoraModule) -> bool:
+    """Whether :func:`delta_bias` gives a Δb for this module."""
+    return BIAS_TENSOR.get(module.kind) in module.tensors
+
+
+# The tensor holding a kind's bias delta (Δb).
+BIAS_TENSOR = {"lora": "bias", "full": "diff_b", "norm": "b_norm"}
 
 
 class RowMerge:
@@ -281,3 +331,110 @@ def row_merge(
     if module.magnitude is not None and module.hints.get("dora_axis") == "in":
         return None
     return RowMerge(module, strength, dtype, device)
+
+
+# ----------------------------------------------------------------------------- base-dependent kinds
+
+
+def widen(weight: torch.Tensor, module: LoraModule, shape: tuple[int, ...]) -> torch.Tensor:
+    """``weight`` zero-padded to ``shape`` when the module is marked ``widen`` and reaches past it.
+
+    As diffusers expands a Linear for a Flux control LoRA (``x_embedder`` [D, 64] -> [D, 128]):
+    new weight = zeros(shape), its leading block = the old weight; the bias is unchanged.
+    """
+    if not module.hints.get("widen") or tuple(weight.shape) == tuple(shape):
+        return weight
+    if len(shape) != weight.dim() or any(a > b for a, b in zip(weight.shape, shape)):
+        raise MatchError(f"{module.component}:{module.path}: cannot widen a weight {tuple(weight.shape)} "
+                         f"to {tuple(shape)}")
+    out = weight.new_zeros(shape)
+    out[tuple(slice(0, n) for n in weight.shape)] = weight
+    return out
+
+
+def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """R = (I + Q)(I − Q)⁻¹ per block, Q = B − Bᵀ scaled to norm ``constraint`` when it exceeds it.
+
+    ``lycoris.functional.diag_oft.get_r``: ‖Q‖_F is taken over all blocks at once, plus 1e-8.
+    """
+    q = blocks - blocks.transpose(-1, -2)
+    if constraint > 0:
+        norm = torch.linalg.vector_norm(q) + 1e-8
+        if norm > constraint:
+            q = q * (constraint / norm)
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def _constraint(module: LoraModule, out: int) -> float:
+    """LyCORIS stores the OFT constraint as ``alpha``; the module uses alpha · out_features."""
+    return float(module.alpha or 0.0) * out
+
+
+def _rescale(merged: torch.Tensor, module: LoraModule) -> torch.Tensor:
+    rescale = module.tensors.get("rescale")
+    if rescale is None:
+        return merged
+    r = rescale.to(device=merged.device, dtype=merged.dtype)
+    return merged * r.reshape(r.shape[0], *([1] * (merged.dim() - 1)))
+
+
+def oft_merge(weight: torch.Tensor, module: LoraModule, strength: float) -> torch.Tensor:
+    """W' of a DiagOFT module (formula in the module doc), in ``weight``'s dtype and device."""
+    t = module.tensors
+    w = weight
+    if "rotation" in t:
+        r = t["rotation"].to(device=w.device, dtype=w.dtype)
+    else:
+        r = cayley(t["blocks"].to(device=w.device, dtype=w.dtype), _constraint(module, w.shape[0]))
+    n, b, _ = r.shape
+    if n * b != w.shape[0]:
+        raise MatchError(f"{module.component}:{module.path}: OFT blocks {n}×{b} do not cover the weight's "
+                         f"{w.shape[0]} output rows")
+    eye = torch.eye(b, dtype=w.dtype, device=w.device)
+    a = strength * r + (1.0 - strength) * eye
+    mixed = torch.einsum("knm,kn...->km...", a, w.reshape(n, b, *w.shape[1:])).reshape(w.shape)
+    return _rescale(mixed, module)
+
+
+def boft_merge(weight: torch.Tensor, module: LoraModule, strength: float) -> torch.Tensor:
+    """W' of a butterfly-OFT module (``lycoris.functional.boft``), in ``weight``'s dtype and device."""
+    w = weight
+    blocks = module.tensors["blocks"].to(device=w.device, dtype=w.dtype)
+    m, n, b, _ = blocks.shape
+    if n * b != w.shape[0]:
+        raise MatchError(f"{module.component}:{module.path}: BOFT blocks {n}×{b} do not cover the weight's "
+                         f"{w.shape[0]} output rows")
+    r = cayley(blocks, _constraint(module, w.shape[0]))
+    eye = torch.eye(b, dtype=w.dtype, device=w.device)
+    x = w
+    for i in range(m):
+        a = strength * r[i] + (1.0 - strength) * eye
+        k = 2 ** i * (b // 2)
+        x = x.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+        x = torch.einsum("bij,bj...->bi...", a, x)
+        x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    return _rescale(x, module)
+
+
+def glora_merge(weight: torch.Tensor, module: LoraModule, strength: float) -> torch.Tensor:
+    """W + λ·s·(W @ a1 @ a2 + b1 @ b2) (``lycoris.modules.glora._glora_weight``)."""
+    t = module.tensors
+    w = weight
+    a1, a2, b1, b2 = (t[k].to(device=w.device, dtype=w.dtype) for k in ("a1", "a2", "b1", "b2"))
+    a1, a2 = a1.reshape(a1.shape[0], -1), a2.reshape(a2.shape[0], -1)
+    wb = (b1.reshape(b1.shape[0], -1) @ b2.reshape(b2.shape[0], -1)).reshape(w.shape)
+    wa = torch.einsum("oi...,ij->oj...", torch.einsum("oi...,ij->oj...", w, a1), a2)
+    return w + (strength * module.scale) * (wb + wa)
+
+
+def set_merge(weight: torch.Tensor, module: LoraModule, strength: float) -> torch.Tensor:
+    """The stored value, whatever λ (see the module doc)."""
+    value = module.tensors["value"].to(device=weight.device, dtype=weight.dtype)
+    if tuple(value.shape) != tuple(weight.shape):
+        raise MatchError(f"{module.component}:{module.path}: value {tuple(value.shape)} does not fit the "
+                         f"weight {tuple(weight.shape)}")
+    return value.clone()
+
+
+MERGES = {"oft": oft_merge, "boft": boft_merge, "glora": glora_merge, "set": set_merge}

@@ -11,6 +11,8 @@ works on header-only stand-ins (:mod:`loratool.header_tensors`) as well as on re
            padded to w2's dimensions with trailing 1s, then ``torch.kron``'s rule: the shorter
            shape is padded with leading 1s and the sizes multiply.
 * full:    ``diff``'s shape.
+* norm / set / glora: the shape of ``w_norm`` / ``value`` / (``b1`` rows, ``b2`` columns); oft /
+           boft: the output rows their rotation blocks cover (:data:`KNOWN_SHAPE`).
 
 A ``weight_shape`` hint set by a reader wins (LoHa / LoKr conv products are stored flattened).
 """
@@ -70,6 +72,20 @@ def product_shape(module) -> tuple[int, ...]:
     raise ValueError(f"not a LyCORIS product kind: {module.kind}")
 
 
+def _oft_blocks(t: dict) -> Any:
+    return t["blocks"] if "blocks" in t else t["rotation"]
+
+
+# Kinds whose base-weight shape their tensors tell (oft / boft: the output rows only).
+KNOWN_SHAPE = {
+    "norm": lambda t: _dims(t["w_norm"]),
+    "set": lambda t: _dims(t["value"]),
+    "glora": lambda t: (_dims(t["b1"])[0], *_dims(t["b2"])[1:]),
+    "oft": lambda t: (_dims(_oft_blocks(t))[0] * _dims(_oft_blocks(t))[1],),
+    "boft": lambda t: (_dims(t["blocks"])[1] * _dims(t["blocks"])[2],),
+}
+
+
 def weight_shape(module) -> tuple[int, ...]:
     """The shape of the base weight the module adapts, as far as the factors tell."""
     t = module.tensors
@@ -78,6 +94,8 @@ def weight_shape(module) -> tuple[int, ...]:
         return tuple(int(x) for x in hint)
     if module.kind == "full":
         return _dims(t["diff"])
+    if module.kind in KNOWN_SHAPE:
+        return KNOWN_SHAPE[module.kind](t)
     if module.kind == "lora":
         down, up = _dims(t["down"]), _dims(t["up"])
         if module.layer == "embedding":

@@ -22,6 +22,10 @@ _REQUIRED: dict[str, tuple[tuple[str, ...], ...]] = {
     "lora": (("down", "up"),),
     "loha": (("w1a", "w1b", "w2a", "w2b"),),
     "full": (("diff",),),
+    "boft": (("blocks",),),
+    "glora": (("a1", "a2", "b1", "b2"),),
+    "norm": (("w_norm",),),
+    "set": (("value",),),
 }
 
 
@@ -44,6 +48,8 @@ def check_module(module: LoraModule, where: str) -> None:
     t = module.tensors
     if module.kind == "lokr":
         missing = _lokr_missing(t)
+    elif module.kind == "oft":
+        missing = [] if "blocks" in t or "rotation" in t else ["blocks (or rotation)"]
     else:
         missing = [k for k in _REQUIRED[module.kind][0] if k not in t]
     if missing:

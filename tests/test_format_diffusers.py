@@ -292,10 +292,10 @@ def test_folder_output_and_errors(sd_lora, tmp_path):
     plain.add(LoraModule("model", "x", tensors={"down": torch.ones(2, 4), "up": torch.ones(4, 2)}))
     with pytest.raises(FormatError, match="component 'model' has no diffusers prefix"):
         api.save(plain, tmp_path / "a.safetensors", "diffusers")
-    lokr = Adapter()
-    lokr.add(LoraModule("unet", "x", kind="lokr", tensors={"w1": torch.ones(2, 2), "w2": torch.ones(2, 2)}))
-    with pytest.raises(FormatError, match="lokr"):
-        api.save(lokr, tmp_path / "b.safetensors", "diffusers")
+    loha = Adapter()  # diffusers holds LoKr adapters (LoKrConfig), not LoHa
+    loha.add(LoraModule("unet", "x", kind="loha", tensors={k: torch.ones(2, 2) for k in ("w1a", "w1b", "w2a", "w2b")}))
+    with pytest.raises(FormatError, match="not LoHa"):
+        api.save(loha, tmp_path / "b.safetensors", "diffusers")
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
 
     sd = _tensors(path)

@@ -288,10 +288,12 @@ def test_multi_component_write_and_component_round_trip(tmp_path):
 def test_errors(tmp_path, llama_dir):
     from loratool.adapter import Adapter
 
-    loha = Adapter()
-    loha.add(LoraModule("model", "x", kind="loha", tensors={k: torch.ones(2, 2) for k in ("w1a", "w1b", "w2a", "w2b")}))
-    with pytest.raises(FormatError, match="loha.*only plain LoRA"):
-        api.save(loha, tmp_path / "a", "peft")
+    mixed = Adapter()  # PEFT writes LoHa (peft_type LOHA), but one adapter config holds one kind
+    mixed.add(LoraModule("model", "x", kind="loha",
+                         tensors={k: torch.ones(2, 2) for k in ("w1a", "w1b", "w2a", "w2b")}))
+    mixed.add(LoraModule("model", "y", tensors={"down": torch.ones(2, 2), "up": torch.ones(2, 2)}))
+    with pytest.raises(FormatError, match="one PEFT adapter holds one kind"):
+        api.save(mixed, tmp_path / "a", "peft")
     assert not (tmp_path / "a").exists()
 
     folder, _ = llama_dir
@@ -309,7 +311,10 @@ def test_errors(tmp_path, llama_dir):
     with pytest.raises(FormatError, match="has rank [23] but the config gives r=4"):
         _read(bad)
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "LOHA"}))
-    with pytest.raises(FormatError, match="LOHA is not supported"):
+    with pytest.raises(FormatError, match="lora_A.weight' is not a tensor of a PEFT LOHA adapter"):
+        _read(bad)
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(FormatError, match="IA3 is not supported"):
         _read(bad)
     save_file({**sd, "base_model.model.x.lora_E": torch.ones(2)}, str(bad / "adapter_model.safetensors"))
     (bad / "adapter_config.json").write_text(json.dumps(cfg))

@@ -43,7 +43,7 @@ GENERATED = {"peft_multi": "peft", "peft_dora": "peft", "lycoris_dora": "kohya",
 REFUSED.update({
     ("peft_dora", "loralib"): "conv|DoRA",  # loralib has neither conv LoRA nor a magnitude vector
     ("lycoris_dora", "loralib"): "conv|DoRA",
-    **{(src, mid): "LyCORIS" for src in ("lycoris_loha_conv", "lycoris_lokr_conv") for mid in ("peft", "diffusers")},
+    ("lycoris_loha_conv", "diffusers"): "not LoHa",  # diffusers holds LoKr adapters, not LoHa; PEFT holds both
     **{(src, "loralib"): "loralib" for src in ("lycoris_loha_conv", "lycoris_lokr_conv")},
 })
 DORA_TARGETS = ["down_blocks.1.resnets.0.conv1", "down_blocks.1.resnets.0.conv_shortcut", "to_q", "proj_in"]

@@ -17,12 +17,13 @@ from typing import Any
 
 from loratool.errors import FormatError
 
-LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "gguf", "native")
+LAYOUTS = ("kohya", "diffusers", "peft", "loralib", "lycoris", "gguf", "native", "mlx", "lora_diffusion")
 # LyCORIS before kohya (same key naming, more kinds); PEFT before diffusers (diffusers'
 # current style is PEFT keys behind a component prefix); loralib last (bare lora_A/lora_B).
-# native (ComfyUI ``diffusion_model.`` keys) early: diffusion-pipe puts an adapter_config.json beside them.
-DETECT_ORDER = ("gguf", "native", "peft", "lycoris", "kohya", "diffusers", "loralib")
-WRITABLE = ("kohya", "diffusers", "peft", "loralib", "gguf", "native")
+# native (ComfyUI ``diffusion_model.`` keys) early: diffusion-pipe puts an adapter_config.json beside them;
+# MLX before PEFT likewise (its folder has an adapter_config.json too).
+DETECT_ORDER = ("gguf", "native", "lora_diffusion", "mlx", "peft", "lycoris", "kohya", "diffusers", "loralib")
+WRITABLE = ("kohya", "diffusers", "peft", "loralib", "gguf", "native", "mlx")
 MODULES = {"gguf": "gguf_lora"}  # layout name -> module, where they differ
 
 
@@ -56,6 +57,11 @@ def detect(src) -> str:
         if len(names) != 1:
             raise FormatError(f"{src.path}: component folders hold different layouts ({', '.join(sorted(names))})")
         return names.pop()
+    from loratool.formats import dialects
+
+    dialect = dialects.detect(src)  # a trainer's variant of a layout (its reader hands it to dialect_read)
+    if dialect is not None:
+        return dialect.layout
     for name in DETECT_ORDER:
         if layout(name).detect(src):
             return name

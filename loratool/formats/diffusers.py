@@ -37,7 +37,7 @@ from typing import Any
 from loratool.adapter import Adapter
 from loratool.arch.clip import CLIP_COMPONENTS, TEXT_MODEL, canonical_clip_path
 from loratool.errors import FormatError
-from loratool.formats import ReadOptions, WriteOptions
+from loratool.formats import ReadOptions, WriteOptions, lora_diffusion, peft_lycoris
 from loratool.formats import peft as peft_layout
 from loratool.formats import peft_config as pc
 from loratool.formats.outputs import check_target
@@ -139,7 +139,15 @@ def parse_metadata(metadata: dict[str, str], components: list[str], where: str) 
 
 
 def read(src, opts: ReadOptions | None = None) -> Adapter:
+    from loratool.formats import dialect_read, dialects
+
+    dialect = dialects.detect(src)
+    if dialect is not None:  # a trainer's variant of this layout (formats.dialects)
+        return dialect_read.read(src, opts, dialect)
     where = str(src.path)
+    lokr = peft_lycoris.read_diffusers(src, where)  # LoKr adapters (diffusers loads them through LoKrConfig)
+    if lokr is not None:
+        return lokr
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     file_names: dict[tuple[str, str], str] = {}
     alphas: dict[tuple[str, str], torch.Tensor] = {}
@@ -207,6 +215,10 @@ def _json_ready(value: Any) -> Any:
 
 def payload(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(prefixed tensors, header metadata) of the whole adapter."""
+    from loratool.formats.set_modules import as_whole_weights
+
+    adapter = as_whole_weights(adapter)  # BFL control norms, as diffusers' converter stores them
+    lora_diffusion.refuse_embeddings(adapter, "diffusers LoRA")
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
     for comp in adapter.components:
@@ -216,6 +228,11 @@ def payload(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 f"{', '.join(PREFIXES)} (use the PEFT layout for a plain model)"
             )
         modules = adapter.by_component(comp)
+        if peft_lycoris.holds(adapter, comp):  # LoKr: a LoKrConfig in the header (diffusers _create_lokr_config)
+            part, config = _lokr_payload(adapter, comp)
+            tensors.update(part)
+            packed.update({f"{comp}.{k}": _json_ready(v) for k, v in config.items()})
+            continue
         for m in modules:
             peft_layout.check_writable(m, "diffusers")
         peft_layout.check_dora(modules, "diffusers")
@@ -238,6 +255,13 @@ def payload(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if packed:
         metadata[METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
     return tensors, metadata
+
+
+def _lokr_payload(adapter: Adapter, comp: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if any(m.kind == "loha" for m in adapter.by_component(comp)):
+        raise FormatError(f"{comp}: diffusers 0.42 loads LoKr adapters but not LoHa ones; write it as peft")
+    part, config = peft_lycoris.component_payload(adapter, comp, comp)
+    return {f"{comp}.{k}": v for k, v in part.items()}, config
 
 
 def write(adapter: Adapter, out: Path, opts: WriteOptions) -> list[Path]:

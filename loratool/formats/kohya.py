@@ -49,6 +49,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.arch.layer_kinds import conv_kernel
 from loratool.errors import FormatError, UsageError
+from loratool.formats import lycoris_kinds
 from loratool.formats.kohya_hash import HASH_KEYS, kohya_hashes
 from loratool.formats.kohya_names import HeadResolver, to_head
 from loratool.formats.outputs import check_target
@@ -78,17 +79,21 @@ SUFFIXES: dict[str, tuple[str, str]] = {
     "lokr_t2": ("lokr", "t2"),
     "diff": ("full", "diff"),
     "diff_b": ("full", "diff_b"),
+    **lycoris_kinds.SUFFIXES,  # OFT / BOFT / GLoRA / norm deltas
 }
 SHARED = ("alpha", "dora_scale")
-SUFFIX_OF = {kind_name: suffix for suffix, kind_name in SUFFIXES.items()}
+SUFFIX_OF = {**{kind_name: suffix for suffix, kind_name in SUFFIXES.items()}, **lycoris_kinds.SUFFIX_OF}
 # Canonical tensors a kind cannot do without: alternatives separated by "|".
 REQUIRED = {"lora": ("down", "up"), "loha": ("w1a", "w1b", "w2a", "w2b"), "lokr": ("w1|w1a", "w2|w2a"),
-            "full": ("diff",)}
+            "full": ("diff",), **lycoris_kinds.REQUIRED}
 PAIRS = (("w1a", "w1b"), ("w2a", "w2b"))
 # Tucker cores whose "a" factor LyCORIS stores as [r, out] instead of [out, r].
 TUCKER_A = {"loha": (("t1", "w1a"), ("t2", "w2a")), "lokr": (("t2", "w2a"),)}
-LYCORIS_ONLY = ("hada_", "lokr_", "diff", "lora_mid.weight")
+LYCORIS_ONLY = ("hada_", "lokr_", "diff", "lora_mid.weight", *lycoris_kinds.SUFFIXES)
 _HEAD = re.compile(r"^[A-Za-z0-9_]+$")
+# Textual-inversion embeddings bundled in a LoRA file (A1111 extensions-builtin/Lora/networks.py):
+# ``bundle_emb.<name>.string_to_param.*`` [vectors, dim]; kept whole, as text-encoder extras.
+BUNDLED = "bundle_emb."
 
 
 @functools.lru_cache(maxsize=1 << 16)  # detection and grouping ask for the same keys several times
@@ -138,6 +143,8 @@ def _family_for_read(src, opts):
 def _group(src) -> dict[str, dict[str, str]]:
     groups: dict[str, dict[str, str]] = {}
     for key in src.keys:
+        if key.startswith(BUNDLED):
+            continue  # a bundled embedding: read as a whole tensor (read)
         parts = split_key(key)
         if parts is None:
             raise FormatError(f"{src.path}: key {key!r} is not a kohya/LyCORIS key this reader knows")
@@ -161,6 +168,7 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
         raise FormatError(f"{where}: {what} ({', '.join(sorted(parts))})")
     kind = kinds.pop()
     tensors = {SUFFIXES[s][1]: t for s, t in parts.items() if s in SUFFIXES}
+    kind = lycoris_kinds.refine(kind, tensors)
     for need in REQUIRED[kind]:
         if not any(n in tensors for n in need.split("|")):
             raise FormatError(f"{where}: {kind} module lacks {SUFFIX_OF[(kind, need.split('|')[0])]}")
@@ -179,6 +187,8 @@ def build_module(where: str, component: str, path: str, parts: dict[str, torch.T
         layer = "conv" if down.dim() >= 3 else "linear"  # Conv2d, Conv3d (video patch embedders)
     elif kind == "full":
         layer = "conv" if tensors["diff"].dim() > 2 else "linear"
+    elif kind in lycoris_kinds.REQUIRED:
+        layer = lycoris_kinds.layer_of(kind, tensors)
     else:
         layer = "conv" if any(t.dim() > 2 for t in tensors.values()) else "linear"
     alpha = None
@@ -219,6 +229,11 @@ def _type_flattened_conv(m: LoraModule, family: str | None) -> None:
 
 
 def read(src, opts, source_format: str = NAME) -> Adapter:
+    from loratool.formats import dialect_read, dialects
+
+    dialect = dialects.detect(src)
+    if dialect is not None:  # a trainer's variant of this layout (formats.dialects)
+        return dialect_read.read(src, opts, dialect)
     family = _family_for_read(src, opts)
     resolver = HeadResolver(family, opts.vocabulary)
     tensors = src.tensors
@@ -246,6 +261,9 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
         _type_flattened_conv(m, family.name if family is not None else None)
         m.hints["kohya_canonical"] = (m.component, m.path)
         adapter.add(m)
+    for key in src.keys:
+        if key.startswith(BUNDLED):
+            adapter.extras[("text_encoder", key)] = tensors[key]
     return adapter
 
 
@@ -408,7 +426,8 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
     from safetensors.torch import save
 
     out = check_target(NAME, out, opts.inputs, opts.force)
-    if adapter.extras:
+    bundled = {n: t for (_, n), t in adapter.extras.items() if n.startswith(BUNDLED)}
+    if len(bundled) < len(adapter.extras):
         names = ", ".join(f"{c}:{n}" for c, n in list(adapter.extras)[:3])
         raise FormatError(f"{out}: kohya files hold only LoRA modules; this adapter also has whole tensors "
                           f"({names}); write it as peft instead")
@@ -429,6 +448,7 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
             if key in tensors:
                 raise FormatError(f"{where}: two modules map to the kohya key {key!r}")
             tensors[key] = t
+    tensors.update({n: t.contiguous() for n, t in bundled.items()})
     metadata = {k: v for k, v in adapter.metadata.items() if k not in HASH_KEYS}
     metadata.update(opts.extra_metadata)
     metadata.update(network_metadata(metadata, native))

@@ -146,6 +146,11 @@ def _bias_from_diff_b(module: LoraModule, diff_b: torch.Tensor) -> torch.Tensor:
 
 
 def read(src, opts) -> Adapter:
+    from loratool.formats import dialect_read, dialects
+
+    dialect = dialects.detect(src)
+    if dialect is not None:  # ComfyUI files this layout does not hold (U-Nets, text encoders): formats.dialects
+        return dialect_read.read(src, opts, dialect)
     groups = _group(src)
     family = _family(src, opts, groups)
     tensors = src.tensors
@@ -215,6 +220,10 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
         raise FormatError(f"{out}: the native layout holds the transformer only; this adapter also adapts "
                           f"{', '.join(others)} (write kohya or diffusers instead)")
     family = _family_for_write(adapter, opts)
+    widening = next((m for m in adapter if m.kind == "set" or m.hints.get("widen")), None)
+    if widening is not None:
+        raise FormatError(f"{out}: {widening.component}:{widening.path} sets or widens a base weight (a Flux control "
+                          f"LoRA); ComfyUI reads those in their BFL form only: keep the original file")
     tensors: dict[str, torch.Tensor] = {}
     for m in family.from_canonical(list(adapter)):
         for suffix, t in module_tensors(m, f"{out}: {m.path}").items():

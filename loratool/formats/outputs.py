@@ -19,11 +19,12 @@ from loratool.errors import FormatError, OutputError
 from loratool.io.atomic import FILE_SUFFIXES, check_output
 
 # Files loratool's adapter writers put in a folder (PEFT, diffusers).
-ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors"})
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors",
+                           "adapters.safetensors"})  # (MLX-LM's weights beside its adapter_config.json)
 # layout -> the suffixes its file outputs may have (layouts absent here write folders; diffusers: both)
 FILE_LAYOUTS = {"kohya": (".safetensors",), "loralib": (".pt", ".pth", ".bin", ".safetensors"),
                 "diffusers": (".safetensors",)}
-FOLDER_LAYOUTS = ("peft", "diffusers")
+FOLDER_LAYOUTS = ("peft", "diffusers", "mlx")
 
 
 def adapter_file(rel: PurePosixPath) -> bool:

@@ -39,7 +39,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.arch.clip import canonical_clip_path
 from loratool.components import COMPONENTS
 from loratool.errors import FormatError
-from loratool.formats import ReadOptions, WriteOptions
+from loratool.formats import ReadOptions, WriteOptions, peft_lycoris
 from loratool.formats import peft_config as pc
 from loratool.formats.outputs import check_target
 from loratool.header_only import torch
@@ -179,6 +179,11 @@ def _written_fan_in_fan_out(metadata: dict[str, str], where: str) -> set[str] | 
 
 
 def read(src, opts: ReadOptions | None = None) -> Adapter:
+    from loratool.formats import dialect_read, dialects
+
+    dialect = dialects.detect(src)
+    if dialect is not None:  # a trainer's variant of this layout (formats.dialects)
+        return dialect_read.read(src, opts, dialect)
     where = str(src.folder or src.path)
     config = dict(src.config or {})
     peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -186,8 +191,8 @@ def read(src, opts: ReadOptions | None = None) -> Adapter:
         from loratool.formats import peft_adalora
 
         return peft_adalora.read(src, opts)
-    if peft_type != "LORA":
-        raise FormatError(f"{where}: PEFT adapter type {peft_type} is not supported (LORA and ADALORA are)")
+    if peft_type not in ("LORA", *peft_lycoris.TYPES):
+        raise FormatError(f"{where}: PEFT adapter type {peft_type} is not supported (LORA, ADALORA, LOHA, LOKR are)")
     component = _component(src, config)
     tensors = src.tensors
     keys = list(tensors)
@@ -197,6 +202,10 @@ def read(src, opts: ReadOptions | None = None) -> Adapter:
         raise FormatError(f"{where}: key {odd!r} lacks the {PREFIX!r} prefix the other keys carry")
     if prefixed:
         tensors = {k[len(PREFIX):]: v for k, v in tensors.items()}
+    if peft_type in peft_lycoris.TYPES:
+        adapter = peft_lycoris.read(src, component, config, tensors, where)
+        adapter.metadata = {k: v for k, v in src.metadata.items() if k not in ("format", COMPONENT_KEY)}
+        return adapter
     groups, whole = group_tensors(tensors, where)
     adapter = Adapter(source_format=NAME)
     transposed = _written_fan_in_fan_out(src.metadata, where)
@@ -293,6 +302,8 @@ def check_dora(modules: list[LoraModule], layout: str) -> None:
 
 def component_payload(adapter: Adapter, component: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors without prefix, adapter_config dict) for one component."""
+    if peft_lycoris.holds(adapter, component):  # LoHa / LoKr: peft_type LOHA / LOKR
+        return peft_lycoris.component_payload(adapter, component, component)
     modules = adapter.by_component(component)
     for m in modules:
         check_writable(m, "PEFT")
@@ -330,6 +341,11 @@ def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
 
 
 def write(adapter: Adapter, out: Path, opts: WriteOptions) -> list[Path]:
+    from loratool.formats.lora_diffusion import refuse_embeddings
+    from loratool.formats.set_modules import as_whole_weights
+
+    adapter = as_whole_weights(adapter)  # a replaced weight is a modules_to_save tensor
+    refuse_embeddings(adapter, "PEFT")
     out = Path(out)
     check_target(NAME, out, opts.inputs, opts.force)
     components = adapter.components

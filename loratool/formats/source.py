@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# Weight files that come with an adapter_config.json beside them (PEFT's; MLX-LM's adapters.safetensors,
+# whose folder may also hold training checkpoints NNNNNNN_adapters.safetensors).
+CONFIGURED_WEIGHTS = (*PEFT_WEIGHTS, "adapters.safetensors")
 
 
 @dataclass(eq=False)
@@ -124,7 +127,7 @@ def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None
         return Source(path=p, folder=p, parts=[open_source(sub) for sub in component_folders(p)])
     if p.is_dir():
         folder = p
-        weights = [p / name for name in PEFT_WEIGHTS if (p / name).is_file()]
+        weights = [p / name for name in CONFIGURED_WEIGHTS if (p / name).is_file()]
         if not weights:
             cands = sorted(p.glob("*.safetensors"))
             if len(cands) != 1:
@@ -140,7 +143,7 @@ def open_source(path: str | os.PathLike, config: str | os.PathLike | None = None
         sidecar = p.with_name(p.name + ".json")
         if sidecar.is_file():
             cfg_path = sidecar
-        elif (p.parent / "adapter_config.json").is_file() and p.name in PEFT_WEIGHTS:
+        elif (p.parent / "adapter_config.json").is_file() and p.name in CONFIGURED_WEIGHTS:
             folder = p.parent
             cfg_path = p.parent / "adapter_config.json"
     if cfg_path is not None and not cfg_path.exists():

@@ -125,6 +125,7 @@ class _File:
         self.state = [_PENDING] * len(self.runs)
         self.deferred = _inside(self.runs, deferred)
         self.settled = 0  # runs[:settled] are all done or skipped
+        self.dropped = False  # the merge writes this file itself, from scratch (drop())
 
 
 class CopyAhead:
@@ -164,7 +165,8 @@ class CopyAhead:
             self._raise()
 
     def __contains__(self, dst: os.PathLike) -> bool:
-        return Path(dst) in self._files
+        f = self._files.get(Path(dst))
+        return f is not None and not f.dropped
 
     # --- the copying thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -218,6 +220,18 @@ class CopyAhead:
                         f.state[i] = _SKIPPED
             self._settled_plan = True
             self._cond.notify_all()
+
+    def drop(self, dst: os.PathLike) -> None:
+        """Stop copying ``dst`` (its layout changes: a tensor's shape does); returns once no run of it is
+        being copied, so the caller may rewrite the file from its first byte."""
+        f = self._files[Path(dst)]
+        with self._cond:
+            f.dropped = True
+            f.state = [_SKIPPED if s == _PENDING else s for s in f.state]
+            self._cond.notify_all()
+            while _RUNNING in f.state:
+                self._raise()
+                self._cond.wait()
 
     def wait_clear(self, dst: os.PathLike, start: int, end: int) -> None:
         """Return once no run overlapping ``[start, end)`` is pending or being copied."""

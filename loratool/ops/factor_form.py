@@ -169,8 +169,8 @@ def to_factor_form(
             if tuple(up.shape[:1]) + tuple(down.shape[1:]) == shape:
                 return FactorForm(shape, wshape, up=up, down=down, scale=module.scale)
         # No smaller exact form (or an unusual stored layout): fall back to the definition.
-    else:
-        wshape = tuple(module.tensors["diff"].shape)
+    else:  # full, norm (and base-dependent kinds, for which delta_weight says why there is no ΔW)
+        wshape = tuple(module.weight_shape)
         shape = _matrix_shape(wshape, swap)
     delta = delta_weight(module, dtype=dtype, device=device)
     dense = delta.T if swap else delta.reshape(delta.shape[0], -1)

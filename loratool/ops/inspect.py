@@ -476,9 +476,15 @@ def inspect(
         broken = set(nonfinite_modules(adapter))
         if broken:
             warnings.append(f"{len(broken)} module(s) hold NaN or Inf, no stats for them: {', '.join(sorted(broken))}")
+        from loratool.delta import BASE_DEPENDENT
         from loratool.ops.device import ThreadPolicy
         from loratool.ops.factor_form import svd_flops
 
+        dependent = {f"{m.component}:{m.path}" for m in adapter if m.kind in BASE_DEPENDENT}
+        if dependent:
+            warnings.append(f"{len(dependent)} OFT / GLoRA / set module(s) change W by a function of W: no ΔW "
+                            f"without the base, no stats for them")
+        broken |= dependent
         todo = [(info, m) for info, m in zip(modules, adapter) if f"{m.component}:{m.path}" not in broken]
         if progress:
             progress("stats", 0, len(todo))
@@ -507,7 +513,7 @@ def inspect(
     return InfoReport(
         variant=dit.variant_of(family_name, list(adapter), metadata),
         path=str(path),
-        format=name,
+        format=adapter.source_format or name,
         size_bytes=sum(Path(f).stat().st_size for f in _files(src)),
         files=_files(src),
         family=family_name,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from loratool.adapter import Adapter, LoraModule
-from loratool.delta import _numel, _same_matrix, weight_shape
+from loratool.delta import _numel, _same_matrix, has_bias_delta, weight_shape
 from loratool.errors import MatchError
 from loratool.io.checkpoint import Checkpoint, Group, Hit, RowSlice
 from loratool.io.codecs import logical_shape
@@ -56,6 +56,8 @@ class MatchPlan:
     replacements: dict[tuple[Path, str], tuple[int, str, torch.Tensor]] = field(default_factory=dict)
     matched: dict[str, int] = field(default_factory=dict)  # adapter component -> modules placed
     unmatched: list[str] = field(default_factory=list)  # "component:path" (with the adapter when several)
+    # (file path, stored key) -> the larger shape a widening module gives it (Flux control LoRAs)
+    reshaped: dict[tuple[Path, str], tuple[int, ...]] = field(default_factory=dict)
     # unmatched modules the base's family explains, per group: {"group", "reason", "modules", "examples"}
     unmatched_groups: list[dict] = field(default_factory=list)
 
@@ -204,6 +206,11 @@ def match(
                 if err:
                     errors.append(err)
                     continue
+                if m.hints.get("widen") and tuple(weight_shape(m)) != tuple(shape):
+                    if rows is not None or transform is not None:
+                        errors.append(f"{label}: {key} is a slice of a fused tensor; it cannot be widened")
+                        continue
+                    plan.reshaped[(part.path, key)] = tuple(weight_shape(m))
             plan.applications.setdefault((part.path, key), []).append(
                 Application(ai, m, strengths[ai], rows, transform=transform))
             bias_key = key[: -len("weight")] + "bias" if key.endswith("weight") else None
@@ -248,7 +255,7 @@ def match(
 
 
 def _has_bias_delta(m: LoraModule) -> bool:
-    return (m.kind == "lora" and "bias" in m.tensors) or (m.kind == "full" and "diff_b" in m.tensors)
+    return has_bias_delta(m)
 
 
 def _check_shapes(m: LoraModule, shape: tuple[int, ...], strength: float, name: str, key: str) -> str | None:
@@ -264,4 +271,8 @@ def _check_shapes(m: LoraModule, shape: tuple[int, ...], strength: float, name: 
         return None
     if _numel(got) == _numel(shape) and (m.kind in ("loha", "lokr") or _same_matrix(got, shape)):
         return None
+    if len(got) == 1 and m.kind in ("oft", "boft") and got[0] == shape[0]:
+        return None  # OFT rotates the output rows; the rest of W's shape is its own
+    if m.hints.get("widen") and len(got) == len(shape) and all(a >= b for a, b in zip(got, shape)):
+        return None  # a control LoRA widens the weight (delta.widen)
     return f"{m.component}:{m.path}: adapter gives shape {got}, base weight {key} is {tuple(shape)}"

@@ -291,6 +291,30 @@ def _base_files(ckpt: Checkpoint) -> Iterator[Path]:
                 yield rel_dir / name
 
 
+# A widened weight changes its model's config (diffusers _MODULE_NAME_TO_ATTRIBUTE_MAP_FLUX): the
+# stored key -> the config.json field that holds its input width.
+WIDENED_CONFIG = {"x_embedder.weight": "in_channels"}
+
+
+def _widen_configs(ckpt: Checkpoint, reshaped: dict, tmp: Path) -> None:
+    """Update ``config.json`` beside a folder component whose weight a control LoRA widened, as diffusers does
+    (``x_embedder`` [D, 64] -> [D, 128] sets ``in_channels`` to 128), so the merged model loads."""
+    import json
+
+    for group in ckpt.groups:
+        for part in group.parts:
+            for (path, key), shape in reshaped.items():
+                field_name = WIDENED_CONFIG.get(key)
+                config = tmp / part.rel.parent / "config.json"
+                if path != part.path or field_name is None or not config.is_file():
+                    continue
+                data = json.loads(config.read_text(encoding="utf-8"))
+                if field_name == "in_channels" and data.get("out_channels") is None:
+                    data["out_channels"] = data.get("in_channels")  # Flux: out_channels defaults to in_channels
+                data[field_name] = int(shape[1])
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def merge(
     base: str | os.PathLike,
     loras: Sequence[str | os.PathLike | Adapter],
@@ -372,12 +396,16 @@ def merge(
                 check_quantized(ckpt, plan, policy)
                 if quantized_base is not None:
                     check_pair_values(quantized_base, ckpt, plan)
-                copier.settle(_rewrites(copies, rewritten(ckpt, plan)))
+                for part, dest in copies:  # a widened tensor changes the file's layout: written from scratch
+                    if any(fp == part.path for fp, _ in plan.reshaped):
+                        copier.drop(dest)
+                copier.settle(_rewrites([c for c in copies if c[1] in copier], rewritten(ckpt, plan)))
                 merger = merge_tensors.PartMerger(ckpt, plan, out_code, dev, allow_nonfinite, progress, copier,
                                                   policy, ThreadPolicy(threads, dev))
                 dropped: list[str] = []
                 if ckpt.is_folder:
                     files, dropped = _mirror_folder(ckpt, merger, tmp, DTYPE_NAMES.get(out_code))
+                    _widen_configs(ckpt, plan.reshaped, tmp)
                     if policy.dequantize is not None:
                         drop_quantization_config(ckpt, tmp, policy.dequantize)
                 else:

@@ -159,7 +159,8 @@ class PartMerger:
                 return TensorSpec(info.name, torch_dtypes()[self.policy.dequantize], entry.shape)
         if info.name in layout.entries or layout.hidden(info.name):
             raise ValueError(f"{f.path}: {info.name} keeps its kind but its file is rewritten in order")
-        return TensorSpec(info.name, self._target_dtype(info), info.shape)
+        # a control LoRA may widen the weight (matching records the new shape)
+        return TensorSpec(info.name, self._target_dtype(info), self.plan.reshaped.get((f.path, info.name), info.shape))
 
     def write_part(self, part: Part, dest: Path) -> None:
         order = sorted(part.file.header.tensors.values(), key=lambda i: (i.start, i.end))
@@ -265,7 +266,7 @@ class PartMerger:
         runs there, block by block; the stored and the written bytes stay in host memory).
         """
         key = (f.path, info.name)
-        if info.dtype_name not in CONVERTIBLE or key in self.plan.replacements:
+        if info.dtype_name not in CONVERTIBLE or key in self.plan.replacements or key in self.plan.reshaped:
             return None
         work_dtype = torch.float64 if info.dtype == torch.float64 else torch.float32
         out: list[tuple[int, int, RowMerge]] = []
@@ -429,7 +430,8 @@ class PartMerger:
 
     def write_index(self, group, dest: Path) -> None:
         src = self.ckpt.root / group.index_rel
-        if self.out_code is None and self.policy.dequantize is None:
+        widened = any(path == part.path for path, _ in self.plan.reshaped for part in group.parts)
+        if self.out_code is None and self.policy.dequantize is None and not widened:
             shutil.copyfile(src, dest)
             return
         index = dict(group.index)
