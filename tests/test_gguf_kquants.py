@@ -74,13 +74,13 @@ def test_dequantizes_in_gguf_within_the_types_error(weights, name):
     assert np.array_equal(K.quantize(weights.reshape(-1), name).reshape(q.shape), q)  # any leading shape
 
 
-@pytest.mark.parametrize("name", TYPES)
-def test_every_value_is_at_the_nearest_level_of_its_blocks_grid(weights, name):
-    """With the block's stored scales (read back through gguf's dequantizer with the quant bits set
-    to the lowest level, the next, the highest), each value lies within half a step of its level,
-    or at the end level when it lies past the grid."""
-    q = K.quantize(weights, name).reshape(-1, GGML_QUANT_SIZES[qtype(name)][1])
-    got = quants.dequantize(q, qtype(name)).reshape(-1)
+def nearest_level_holds(q: np.ndarray, name: str, x: np.ndarray) -> bool:
+    """Whether every value of ``x`` is stored (blocks ``q``) at the nearest level of its block's grid:
+    the grid read back through gguf's dequantizer with the quant bits set to the lowest level, the
+    next and the highest; within half a step of ``x`` clipped to the grid (at the end level when ``x``
+    lies past it); a block whose step is 0 holds its offset everywhere."""
+    q = q.reshape(-1, GGML_QUANT_SIZES[qtype(name)][1])
+    got = quants.dequantize(q, qtype(name)).reshape(-1).astype(np.float64)
     levels = []
     for pick in range(3):
         blocks = q.copy()
@@ -88,12 +88,16 @@ def test_every_value_is_at_the_nearest_level_of_its_blocks_grid(weights, name):
             blocks[:, a:b] = fill[pick]
         levels.append(quants.dequantize(blocks, qtype(name)).reshape(-1).astype(np.float64))
     low, step, high = levels[0], levels[1] - levels[0], levels[2]
-    x = np.clip(weights.reshape(-1).astype(np.float64), np.minimum(low, high), np.maximum(low, high))
+    x = np.clip(np.asarray(x, np.float64).reshape(-1), np.minimum(low, high), np.maximum(low, high))
     live = step != 0
     slack = np.abs(step) * 0.5 * (1 + 1e-5) + 1e-6 * np.abs(low)
-    assert live.mean() > 0.99
-    assert bool((np.abs(x - got) <= slack)[live].all())
-    assert np.array_equal(got[~live], low[~live])  # a zero step: every value is the block's offset
+    return bool(live.mean() > 0.99 and (np.abs(x - got) <= slack)[live].all()
+                and np.array_equal(got[~live], low[~live]))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_every_value_is_at_the_nearest_level_of_its_blocks_grid(weights, name):
+    assert nearest_level_holds(K.quantize(weights, name), name, weights)
 
 
 @pytest.mark.parametrize("name", TYPES)
