@@ -135,6 +135,17 @@ def adapter_for(shapes: dict[str, tuple[int, int]], seed=0, std=0.1) -> Adapter:
     return ad
 
 
+def assert_other_bytes_kept(base, out, reader: GGUFReader, rewritten) -> None:
+    """Every byte outside the rewritten tensors' data is the base's (header, key/values, padding, tensors)."""
+    old, new = bytearray(base.read_bytes()), bytearray(out.read_bytes())
+    assert len(old) == len(new)
+    for t in reader.tensors:
+        if t.name in rewritten:
+            span = slice(t.data_offset, t.data_offset + t.n_bytes)
+            old[span] = new[span] = bytes(t.n_bytes)
+    assert old == new
+
+
 def test_merge_requantizes_to_the_same_type_and_keeps_every_other_byte(tmp_path):
     mixed_base(tmp_path / "m.gguf")
     # the same weights as float32 safetensors: loratool's float32 merge of them, quantized by gguf, is the oracle
@@ -153,14 +164,7 @@ def test_merge_requantizes_to_the_same_type_and_keeps_every_other_byte(tmp_path)
             assert np.array_equal(np.asarray(t1.data).view(np.uint8), expected.view(np.uint8)), t0.name
         else:
             assert np.array_equal(t1.data, t0.data), t0.name
-    # every byte outside the four rewritten tensors is the base's (header, key/values, padding)
-    old, new = bytearray((tmp_path / "m.gguf").read_bytes()), bytearray((tmp_path / "o.gguf").read_bytes())
-    assert len(old) == len(new)
-    for t in before.tensors:
-        if t.name in touched:
-            span = slice(t.data_offset, t.data_offset + t.n_bytes)
-            old[span] = new[span] = bytes(t.n_bytes)
-    assert old == new
+    assert_other_bytes_kept(tmp_path / "m.gguf", tmp_path / "o.gguf", before, touched)
     assert {r["kind"] for r in result.kept["tensors"]} == {"Q8_0", "Q4_0"}  # F16 / BF16 are plain floats
 
 
@@ -208,13 +212,7 @@ def test_kquant_merge_requantizes_to_the_same_type_as_ggml_would(tmp_path):
         assert records[t0.name]["kept"] == pytest.approx(float((got - w).norm() / update.norm()), rel=1e-4)
         assert records[t0.name]["aligned"] == pytest.approx(float(((got - w) * update).sum() / update.norm() ** 2),
                                                             rel=1e-4)
-    old, new = bytearray((tmp_path / "k.gguf").read_bytes()), bytearray((tmp_path / "o.gguf").read_bytes())
-    assert len(old) == len(new)
-    for t in before.tensors:
-        if t.name in types:
-            span = slice(t.data_offset, t.data_offset + t.n_bytes)
-            old[span] = new[span] = bytes(t.n_bytes)
-    assert old == new  # header, key/values, padding and the untouched tensors
+    assert_other_bytes_kept(tmp_path / "k.gguf", tmp_path / "o.gguf", before, types)
 
 
 def test_iquants_ask_for_a_safetensors_output_which_dequantizes(tmp_path):
