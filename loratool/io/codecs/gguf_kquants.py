@@ -85,10 +85,6 @@ def _fp16(v: np.ndarray) -> np.ndarray:
     return v.astype(np.float16)
 
 
-def _err(diff: np.ndarray, mad: bool) -> np.ndarray:
-    return np.abs(diff) if mad else diff * diff
-
-
 def _levels(t: np.ndarray, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
     """``out = MAX(lo, MIN(hi, nearest_int(t)))`` as float32, in place (``t`` is overwritten)."""
     np.add(t, _MAGIC, out=t)
