@@ -27,16 +27,17 @@ from tiny_models import tiny_llama
 from loratool.adapter import Adapter, LoraModule
 from loratool.errors import FormatError, InputError
 from loratool.io.checkpoint import open_checkpoint
+from loratool.io.codecs import gguf_kquants as kq
 from loratool.io.codecs import layout_of, read_weight
 from loratool.ops.inspect import inspect_checkpoint
 from loratool.ops.merge import merge
 
-# bytes of one block and where its fp16 scales sit (d, dmin): gguf-py quants.py Q4_K / Q5_K / Q6_K
-K_SCALES = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+# where the fp16 scales of a block sit (d, dmin): gguf-py quants.py Q4_K / Q5_K / Q6_K / IQ4_NL
+K_SCALES = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_NL: (0,)}
 
 
 def kquant_bytes(shape, qtype, seed=0) -> np.ndarray:
-    """Random k-quant blocks with small fp16 scales (the package cannot quantize these types)."""
+    """Random blocks with small fp16 scales (any stored bytes are a valid tensor of these types)."""
     rng = np.random.default_rng(seed)
     byte_shape = quants.quant_shape_to_byte_shape(shape, qtype)
     data = rng.integers(0, 256, size=byte_shape, dtype=np.uint8)
@@ -76,6 +77,7 @@ def mixed_base(path) -> None:
         "f.weight": (kquant_bytes((8, 256), T.Q5_K, 6), T.Q5_K),
         "g.weight": (kquant_bytes((8, 256), T.Q6_K, 7), T.Q6_K), "h.bias": (rnd(64, seed=8), T.F32),
         "conv.weight": (rnd(32, 8 * 4 * 4, seed=9), T.Q8_0),  # reshaped by the converter, orig shape in the KV
+        "i.weight": (kquant_bytes((8, 256), T.IQ4_NL, 10), T.IQ4_NL),  # an i-quant: read, not written
     }, fields={"comfy.gguf.orig_shape.conv.weight": [32, 8, 4, 4]})
 
 
@@ -84,29 +86,30 @@ def test_dequantization_equals_gguf_quants_bit_for_bit(tmp_path):
     ckpt = open_checkpoint(tmp_path / "m.gguf")
     f = ckpt.groups[0].parts[0].file
     reader = GGUFReader(tmp_path / "m.gguf")
-    assert len(reader.tensors) == len(f.keys()) == 9
+    assert len(reader.tensors) == len(f.keys()) == 10
     for t in reader.tensors:
         ref = quants.dequantize(t.data, t.tensor_type)
         ours = read_weight(f, t.name)
         shape = (32, 8, 4, 4) if t.name == "conv.weight" else tuple(int(d) for d in reversed(t.shape))
         assert tuple(ours.shape) == shape, t.name
         assert np.array_equal(ours.float().numpy().reshape(ref.shape), ref.astype(np.float32)), t.name
-    assert set(layout_of(f).entries) == {"a.weight", "b.weight", "e.weight", "f.weight", "g.weight", "conv.weight"}
+    assert set(layout_of(f).entries) == {"a.weight", "b.weight", "e.weight", "f.weight", "g.weight", "conv.weight",
+                                         "i.weight"}
 
 
 def test_info_reads_the_tensor_table_alone_and_names_the_types(tmp_path):
     mixed_base(tmp_path / "m.gguf")
     report = inspect_checkpoint(tmp_path / "m.gguf")
-    assert report.container == "gguf" and report.tensor_count == 9
+    assert report.container == "gguf" and report.tensor_count == 10
     assert report.quantization == {"gguf: Q8_0": 2, "gguf: Q4_0": 1, "gguf: Q4_K": 1, "gguf: Q5_K": 1,
-                                   "gguf: Q6_K": 1}
+                                   "gguf: Q6_K": 1, "gguf: IQ4_NL": 1}
     assert report.dtypes["float16"] == 1 and report.dtypes["bfloat16"] == 1
     assert report.metadata["general.architecture"] == "flux"
     # the header, the names and the layout without torch
     code = ("import sys; from loratool.io.checkpoint import open_gguf; from loratool.io.codecs import layout_of;"
             f"f = open_gguf({str(tmp_path / 'm.gguf')!r}); print(len(layout_of(f).groups()), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["5", "False"]
+    assert out == ["6", "False"]
 
 
 def test_hostile_gguf_headers_are_refused(tmp_path):
@@ -132,6 +135,17 @@ def adapter_for(shapes: dict[str, tuple[int, int]], seed=0, std=0.1) -> Adapter:
     return ad
 
 
+def assert_other_bytes_kept(base, out, reader: GGUFReader, rewritten) -> None:
+    """Every byte outside the rewritten tensors' data is the base's (header, key/values, padding, tensors)."""
+    old, new = bytearray(base.read_bytes()), bytearray(out.read_bytes())
+    assert len(old) == len(new)
+    for t in reader.tensors:
+        if t.name in rewritten:
+            span = slice(t.data_offset, t.data_offset + t.n_bytes)
+            old[span] = new[span] = bytes(t.n_bytes)
+    assert old == new
+
+
 def test_merge_requantizes_to_the_same_type_and_keeps_every_other_byte(tmp_path):
     mixed_base(tmp_path / "m.gguf")
     # the same weights as float32 safetensors: loratool's float32 merge of them, quantized by gguf, is the oracle
@@ -150,21 +164,61 @@ def test_merge_requantizes_to_the_same_type_and_keeps_every_other_byte(tmp_path)
             assert np.array_equal(np.asarray(t1.data).view(np.uint8), expected.view(np.uint8)), t0.name
         else:
             assert np.array_equal(t1.data, t0.data), t0.name
-    # every byte outside the four rewritten tensors is the base's (header, key/values, padding)
-    old, new = bytearray((tmp_path / "m.gguf").read_bytes()), bytearray((tmp_path / "o.gguf").read_bytes())
-    assert len(old) == len(new)
-    for t in before.tensors:
-        if t.name in touched:
-            span = slice(t.data_offset, t.data_offset + t.n_bytes)
-            old[span] = new[span] = bytes(t.n_bytes)
-    assert old == new
+    assert_other_bytes_kept(tmp_path / "m.gguf", tmp_path / "o.gguf", before, touched)
     assert {r["kind"] for r in result.kept["tensors"]} == {"Q8_0", "Q4_0"}  # F16 / BF16 are plain floats
 
 
-def test_kquants_ask_for_a_safetensors_output_which_dequantizes(tmp_path):
+def kquant_base(path) -> None:
+    """Q4_K / Q5_K / Q6_K weights as llama.cpp quantizes them (ggml's reference, loratool's port:
+    tests/test_gguf_kquants.py), an untouched Q4_K and a float bias."""
+    write_gguf(path, {
+        "e.weight": (kq.quantize(rnd(32, 512, seed=11), "Q4_K"), T.Q4_K),
+        "f.weight": (kq.quantize(rnd(32, 512, seed=12), "Q5_K"), T.Q5_K),
+        "g.weight": (kq.quantize(rnd(32, 512, seed=13), "Q6_K"), T.Q6_K),
+        "u.weight": (kq.quantize(rnd(16, 256, seed=14), "Q4_K"), T.Q4_K), "h.bias": (rnd(32, seed=15), T.F32),
+    })
+
+
+def test_kquant_merge_requantizes_to_the_same_type_as_ggml_would(tmp_path):
+    """Merged Q4_K / Q5_K / Q6_K tensors are the quantizer applied to W + s·B·A, W read by gguf's own
+    dequantizer and the sum taken by torch here (addmm in float32, the order loratool uses); within
+    half a grid step of PEFT's float64 merge; every other byte is the base's; the kept figures match
+    an independent computation."""
+    from test_gguf_kquants import nearest_level_holds
+
+    kquant_base(tmp_path / "k.gguf")
+    types = {"e.weight": T.Q4_K, "f.weight": T.Q5_K, "g.weight": T.Q6_K}
+    ad = adapter_for({k[:-7]: (32, 512) for k in types}, seed=3, std=0.1)
+    result = merge(tmp_path / "k.gguf", [ad], tmp_path / "o.gguf", device="cpu")
+    before, after = GGUFReader(tmp_path / "k.gguf"), GGUFReader(tmp_path / "o.gguf")
+    records = {r["tensor"]: r for r in result.kept["tensors"]}
+    assert set(records) == set(types) and {r["kind"] for r in records.values()} == {"Q4_K", "Q5_K", "Q6_K"}
+    for t0, t1 in zip(before.tensors, after.tensors):
+        assert (t1.name, t1.tensor_type, t1.data_offset, t1.n_bytes) == (t0.name, t0.tensor_type, t0.data_offset,
+                                                                          t0.n_bytes)
+        if t0.name not in types:
+            assert np.array_equal(t1.data, t0.data), t0.name
+            continue
+        m = next(m for m in ad if m.path == t0.name[:-7])
+        up, down = m.tensors["up"], m.tensors["down"]
+        w = torch.from_numpy(quants.dequantize(t0.data, t0.tensor_type).copy())
+        merged32 = torch.addmm(w, up, down, alpha=m.scale)
+        expected = kq.quantize(merged32.numpy(), t0.tensor_type.name)
+        assert np.array_equal(np.asarray(t1.data), expected), t0.name
+        exact = w.double() + m.scale * up.double() @ down.double()  # PEFT's W + scaling · B @ A
+        assert nearest_level_holds(np.asarray(t1.data), t0.tensor_type.name, exact.numpy()), t0.name
+        got = torch.from_numpy(quants.dequantize(t1.data, t1.tensor_type).copy()).double()
+        update = exact - w.double()
+        assert records[t0.name]["kept"] == pytest.approx(float((got - w).norm() / update.norm()), rel=1e-4)
+        assert records[t0.name]["aligned"] == pytest.approx(float(((got - w) * update).sum() / update.norm() ** 2),
+                                                            rel=1e-4)
+    assert_other_bytes_kept(tmp_path / "k.gguf", tmp_path / "o.gguf", before, types)
+
+
+def test_iquants_ask_for_a_safetensors_output_which_dequantizes(tmp_path):
     mixed_base(tmp_path / "m.gguf")
-    ad = adapter_for({"e": (8, 256), "a": (64, 256)}, std=0.01)
-    with pytest.raises(FormatError, match="cannot quantize Q4_K.*safetensors"):
+    ad = adapter_for({"i": (8, 256), "a": (64, 256)}, std=0.01)
+    with pytest.raises(FormatError, match="i.weight: IQ4_NL cannot be requantized.*safetensors"):
         merge(tmp_path / "m.gguf", [ad], tmp_path / "o.gguf", device="cpu")
     assert not (tmp_path / "o.gguf").exists()
     result = merge(tmp_path / "m.gguf", [ad], tmp_path / "o.safetensors", device="cpu")
@@ -172,7 +226,7 @@ def test_kquants_ask_for_a_safetensors_output_which_dequantizes(tmp_path):
     f = open_checkpoint(tmp_path / "m.gguf").groups[0].parts[0].file
     for key in f.keys():
         base = read_weight(f, key)
-        if key in ("e.weight", "a.weight"):
+        if key in ("i.weight", "a.weight"):
             assert out[key].dtype == torch.bfloat16
             m = next(m for m in ad if m.path == key[:-7])
             exact = base.double() + m.scale * m.tensors["up"].double() @ m.tensors["down"].double()

@@ -8,10 +8,12 @@ stored row-permuted, permuted back to the Hugging Face row order::
     stored = P(W),  P(W) = W.reshape(h, 2, rows / h / 2, ...).swapaxes(1, 2).reshape(W.shape)
     W      = stored.reshape(h, rows / h / 2, 2, ...).swapaxes(1, 2).reshape(stored.shape)
 
-``encode``: the inverse, through ``gguf.quants.quantize`` to the same type (so the tensor keeps its
-byte size and place in the file). The package quantizes F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
-Q8_0 and a few more; it does not quantize the k-quants (Q2_K ... Q6_K) or the i-quants:
-:meth:`GGUFCodec.cannot_encode` says so and the merge offers a safetensors output instead.
+``encode``: the inverse, quantized to the same type (so the tensor keeps its byte size and place
+in the file): the k-quants Q2_K ... Q6_K by :mod:`loratool.io.codecs.gguf_kquants` (ggml's
+reference quantizers, bit for bit), the others by ``gguf.quants.quantize`` (F32, F16, BF16, Q4_0,
+Q4_1, Q5_0, Q5_1, Q8_0, TQ1_0, TQ2_0, MXFP4). The i-quants (IQ1_S ... IQ4_XS: lattice searches,
+below 4 bits with an importance matrix) are not ported: :meth:`GGUFCodec.cannot_encode` says so and
+the merge offers a safetensors output instead.
 
 Plain F16 / F32 / BF16 tensors that need no permutation are not entries: they are read and written
 like safetensors tensors (same bytes, same order).
@@ -34,7 +36,11 @@ def _can_quantize(ggml_type: int) -> bool:
     from gguf import quants
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    from loratool.io.codecs.gguf_kquants import QUANTIZERS
+
     qtype = GGMLQuantizationType(ggml_type)
+    if qtype.name in QUANTIZERS:
+        return True
     block, _ = GGML_QUANT_SIZES[qtype]
     try:
         quants.quantize(np.zeros((1, block), dtype=np.float32), qtype)
@@ -83,11 +89,16 @@ class GGUFCodec(Codec):
         from gguf import quants
         from gguf.constants import GGMLQuantizationType
 
+        from loratool.io.codecs import gguf_kquants
+
         value = value.detach().to("cpu", torch.float32)
         if self.heads:
             value = _permute(value, self.heads, inverse=False)
         data = np.ascontiguousarray(value.reshape(self.stored_shape).numpy())
-        q = quants.quantize(data, GGMLQuantizationType(self.ggml_type))
+        if self.type_name in gguf_kquants.QUANTIZERS:
+            q = gguf_kquants.quantize(data, self.type_name)
+        else:
+            q = quants.quantize(data, GGMLQuantizationType(self.ggml_type))
         out = torch.from_numpy(np.ascontiguousarray(q).view(np.uint8).reshape(-1).copy())
         if out.numel() != like.tensor.numel():
             raise ValueError(f"{entry.key}: {self.type_name} gave {out.numel()} bytes, {like.tensor.numel()} stored")
@@ -96,7 +107,8 @@ class GGUFCodec(Codec):
     def cannot_encode(self) -> str | None:
         if _can_quantize(self.ggml_type):
             return None
-        return (f"the gguf package cannot quantize {self.type_name}; write a safetensors output instead "
+        return (f"{self.type_name} cannot be requantized (loratool writes the k-quants Q2_K ... Q6_K and the types "
+                f"the gguf package quantizes, not the i-quants); write a safetensors output instead "
                 f"(-o <name>.safetensors, with --dtype bf16 / fp16 / fp32)")
 
 
