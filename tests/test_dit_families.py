@@ -2,7 +2,8 @@
 configurations of diffusers' own model classes, against diffusers' own code:
 
 * the native single file loratool maps equals what diffusers' single-file converter reads
-  (``diffusers.loaders.single_file_utils.convert_*``), tensor for tensor;
+  (``diffusers.loaders.single_file_utils.convert_*``; HunyuanVideo 1.5: diffusers' repository script
+  ``scripts/convert_hunyuan_video1_5_to_diffusers.py``, transcribed in ``tiny_dit_models``), tensor for tensor;
 * native (``diffusion_model.``), kohya / musubi (``lora_unet_``) and diffusers-layout LoRAs are read with
   every key placed;
 * ``convert`` to the diffusers layout gives, module for module, the ΔW PEFT builds from what diffusers'
@@ -10,7 +11,8 @@ configurations of diffusers' own model classes, against diffusers' own code:
 * ``merge`` into the native single file and into a diffusers ``transformer/`` folder equals ``fuse_lora``;
 * ``extract`` from both bases recovers the fine-tune; ``info`` names family and variant.
 
-Key names: see ``tiny_dit_models.CASES`` (each case cites its source).
+Key names: see ``tiny_dit_models.CASES`` (each case cites its source). A test is generated only for the families
+and layouts it has an oracle for (a single file diffusers reads, a converter for the layout): nothing is skipped.
 """
 
 from __future__ import annotations
@@ -202,7 +204,7 @@ def test_merge_equals_fuse_lora(built, base_kind, tmp_path):
         assert not result.unmatched, result.unmatched
         for k in state:
             if k in touched:
-                assert relerr(got[k], oracle[k], state[k]) <= 1e-14, (source, k)  # measured ≤ 2.1e-16
+                assert relerr(got[k], oracle[k], state[k]) <= 1e-14, (source, k)  # measured ≤ 2.3e-16
             else:
                 assert torch.equal(got[k], state[k]), (source, k)
 
