@@ -38,6 +38,10 @@ _HV = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_he
            num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
            qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
            rope_theta=256.0, rope_axes_dim=(16, 56, 56))
+_HV15 = dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+             num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm", text_embed_dim=3584,
+             text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+             use_meanflow=False, target_size=640, task_type="t2v")
 VARIANTS: dict[str, dict[str, dict]] = {
     # Wan-AI/Wan2.1-*-Diffusers and Wan2.2-*-Diffusers transformer/config.json
     "wan": {
@@ -113,13 +117,13 @@ VARIANTS: dict[str, dict[str, dict]] = {
     },
     # baidu ERNIE-Image transformer/config.json (diffusers' defaults)
     "ernie_image": {"ernie-image": dict()},
-    # hunyuanvideo-community/HunyuanVideo-1.5-Diffusers (diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py)
+    # hunyuanvideo-community/HunyuanVideo-1.5-Diffusers: the filled TRANSFORMER_CONFIGS of diffusers'
+    # scripts/convert_hunyuan_video1_5_to_diffusers.py (720p_i2v and the other distilled entries are empty there)
     "hunyuan_video_1_5": {
-        "480p_t2v": dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128,
-                         num_layers=54, num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1,
-                         qk_norm="rms_norm", text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152,
-                         rope_theta=256.0, rope_axes_dim=(16, 56, 56), use_meanflow=False, target_size=640,
-                         task_type="t2v"),
+        "480p_t2v": _HV15,
+        "480p_i2v": dict(_HV15, task_type="i2v"),
+        "720p_t2v": dict(_HV15, target_size=960),
+        "480p_t2v_distilled": _HV15,
     },
     # HiDream-ai/HiDream-I1-Full transformer/config.json
     "hidream": {

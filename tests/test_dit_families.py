@@ -2,7 +2,8 @@
 configurations of diffusers' own model classes, against diffusers' own code:
 
 * the native single file loratool maps equals what diffusers' single-file converter reads
-  (``diffusers.loaders.single_file_utils.convert_*``), tensor for tensor;
+  (``diffusers.loaders.single_file_utils.convert_*``; HunyuanVideo 1.5: diffusers' repository script
+  ``scripts/convert_hunyuan_video1_5_to_diffusers.py``, transcribed in ``tiny_dit_models``), tensor for tensor;
 * native (``diffusion_model.``), kohya / musubi (``lora_unet_``) and diffusers-layout LoRAs are read with
   every key placed;
 * ``convert`` to the diffusers layout gives, module for module, the ΔW PEFT builds from what diffusers'
@@ -10,7 +11,8 @@ configurations of diffusers' own model classes, against diffusers' own code:
 * ``merge`` into the native single file and into a diffusers ``transformer/`` folder equals ``fuse_lora``;
 * ``extract`` from both bases recovers the fine-tune; ``info`` names family and variant.
 
-Key names: see ``tiny_dit_models.CASES`` (each case cites its source).
+Key names: see ``tiny_dit_models.CASES`` (each case cites its source). A test is generated only for the families
+and layouts it has an oracle for (a single file diffusers reads, a converter for the layout): nothing is skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tiny_dit_models import (
     CASES,
     check_native_checkpoint,
+    converter,
     diffusers_fuse,
     kohya_lora,
     kohya_split_lora,
@@ -44,15 +47,57 @@ from loratool.ops.merge import merge
 FAMILIES = sorted(CASES)
 
 
+def layouts(case) -> list[str]:
+    """The LoRA files built for ``case``: native always, kohya / ComfyUI-spelled where the family has them."""
+    kohya = ["kohya"] if case.kohya_split or case.kohya_targets else []
+    return ["native", *kohya, *(["comfy"] if case.comfy else [])]
+
+
+def oracle_of(layout: str) -> str:
+    """The layout diffusers' converter is asked about: a ComfyUI-spelled file against the same LoRA in the original
+    naming (diffusers reads only that one)."""
+    return "native" if layout == "comfy" else layout
+
+
+def converter_for(case, layout: str):
+    return {"native": case.native_converter, "kohya": case.kohya_converter}[oracle_of(layout)]
+
+
+# parameters only where there is something to hold them against: families diffusers reads a single file of, and
+# layouts whose oracle layout diffusers (or, for HunyuanVideo 1.5, its conversion script) has a converter for
+SINGLE_FILE_FAMILIES = [f for f in FAMILIES if CASES[f].single_file is not None]
+CONVERT_CASES = [pytest.param(f, layout, id=f"{f}-{layout}") for f in FAMILIES for layout in layouts(CASES[f])
+                 if converter_for(CASES[f], layout) is not None]
+MERGE_CASES = [pytest.param(f, kind, id=f"{f}-{kind}") for f in FAMILIES
+               for kind in (["single_file"] if f in SINGLE_FILE_FAMILIES else []) + ["folder"]]
+
+
 def relerr(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor | None = None) -> float:
     ref = want - base if base is not None else want
     return float((got.double() - want.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def built(request, tmp_path_factory):
-    """A tiny model of the family, its native single file, a transformer/ folder and three LoRA files."""
-    case = CASES[request.param]
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Each family's files, built once per module whatever order the parametrized tests run in."""
+    cache: dict[str, tuple] = {}
+
+    def get(family: str) -> tuple:
+        if family not in cache:
+            cache[family] = build(CASES[family], tmp_path_factory)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def built(request, builds):
+    """The family the test is parametrized with (every family unless the test names its own list), built."""
+    return builds(request.param)
+
+
+def build(case, tmp_path_factory):
+    """A tiny model of the family, its native single file, a transformer/ folder and its LoRA files."""
     tmp = tmp_path_factory.mktemp(case.family)
     model = tiny_model(case)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -61,13 +106,13 @@ def built(request, tmp_path_factory):
         save_file(native, tmp / "base.safetensors")
     model.save_pretrained(tmp / "transformer", safe_serialization=True)
     factors = lora_factors(case, state, seed=3)
-    files = {"native": native_lora(case, factors)}
-    if case.kohya_split:
-        files["kohya"] = kohya_split_lora(case, factors, state)
-    elif case.kohya_targets:
-        files["kohya"] = kohya_lora({p: factors[p] for p in case.kohya_targets})
-    if case.comfy:
-        files["comfy"] = native_lora(case, factors, prefix="diffusion_model.", names=case.comfy)
+    builders = {
+        "native": lambda: native_lora(case, factors),
+        "kohya": lambda: kohya_split_lora(case, factors, state) if case.kohya_split
+        else kohya_lora({p: factors[p] for p in case.kohya_targets}),
+        "comfy": lambda: native_lora(case, factors, prefix="diffusion_model.", names=case.comfy),
+    }
+    files = {layout: builders[layout]() for layout in layouts(case)}
     for name, sd in files.items():
         save_file(sd, tmp / f"{name}.safetensors", metadata=case.metadata or None)
     return case, model, state, native, tmp, files
@@ -78,14 +123,9 @@ def expected_paths(case, natives) -> set[str]:
     return {t for n in natives for t in naming.diffusers_of(n)}
 
 
-def needs_single_file(case):
-    if case.single_file is None:
-        pytest.skip(f"{case.family}: diffusers reads no single file of it (read / info / convert only)")
-
-
+@pytest.mark.parametrize("built", SINGLE_FILE_FAMILIES, indirect=True)
 def test_native_single_file_is_what_diffusers_reads(built):
     case, _, state, native, _, _ = built
-    needs_single_file(case)
     check_native_checkpoint(case, native, state)
     targets = checkpoints.canonical_targets({k: tuple(v.shape) for k, v in native.items()}, transforms=True)
     assert checkpoints.checkpoint_family(native) == case.family
@@ -134,15 +174,12 @@ def load_deltas(case, tiny, lora_file=None, state=None, metadata=None):
     return peft_deltas(model)
 
 
-@pytest.mark.parametrize("layout", ["native", "kohya", "comfy"])
+@pytest.mark.parametrize("built, layout", CONVERT_CASES, indirect=["built"])
 def test_convert_to_diffusers_equals_diffusers_converter(built, layout, tmp_path):
     """ΔW for ΔW (PEFT's get_delta_weight on what diffusers loads). The ComfyUI-spelled file is held against
     diffusers' conversion of the same LoRA in the original naming (diffusers reads only that one)."""
     case, _, _, _, tmp, files = built
-    oracle = "native" if layout == "comfy" else layout
-    converter_of = {"native": case.native_converter, "kohya": case.kohya_converter}
-    if layout not in files or converter_of[oracle] is None:
-        pytest.skip(f"{case.family}: diffusers has no converter for {layout} keys")
+    oracle = oracle_of(layout)
     convert(tmp / f"{layout}.safetensors", "diffusers", tmp_path / "out.safetensors")
     ours = load_deltas(case, None, tmp_path / "out.safetensors")
     theirs = load_deltas(case, None, tmp / f"{oracle}.safetensors")
@@ -151,11 +188,9 @@ def test_convert_to_diffusers_equals_diffusers_converter(built, layout, tmp_path
     assert worst <= 1e-14, worst  # measured ≤ 1.6e-16 (float64)
 
 
-@pytest.mark.parametrize("base_kind", ["single_file", "folder"])
+@pytest.mark.parametrize("built, base_kind", MERGE_CASES, indirect=["built"])
 def test_merge_equals_fuse_lora(built, base_kind, tmp_path):
     case, _, state, native, tmp, files = built
-    if base_kind == "single_file":
-        needs_single_file(case)
     layout = case.oracle_layout
     oracle = diffusers_fuse(case, tiny_model(case), files[layout])
     touched = {k for k in oracle if not torch.equal(oracle[k], state[k])}
@@ -165,11 +200,11 @@ def test_merge_equals_fuse_lora(built, base_kind, tmp_path):
     # a split kohya file holds the native file's ΔW: both must merge to diffusers' result
     for source in {layout, "native"} if case.kohya_split else {layout}:
         result = merge(base, [tmp / f"{source}.safetensors"], out, force=True)
-        got = canonical_weights(out)
+        got = canonical_weights(out, case)
         assert not result.unmatched, result.unmatched
         for k in state:
             if k in touched:
-                assert relerr(got[k], oracle[k], state[k]) <= 1e-14, (source, k)  # measured ≤ 2.1e-16
+                assert relerr(got[k], oracle[k], state[k]) <= 1e-14, (source, k)  # measured ≤ 2.3e-16
             else:
                 assert torch.equal(got[k], state[k]), (source, k)
 
@@ -186,7 +221,7 @@ def test_extract_from_both_bases(built, tmp_path):
         assert result.modules and max(m.rel_error for m in result.modules) <= 1e-10
         back = tmp_path / f"back_{ft.name}" if base.is_dir() else tmp_path / f"back_{ft.name}.safetensors"
         merge(base, [out], back)
-        want, got = canonical_weights(ft), canonical_weights(back)
+        want, got = canonical_weights(ft, case), canonical_weights(back, case)
         assert set(want) == set(got) == set(state)
         # bias deltas (diff_b) are 1-D: reported as not extracted, never dropped silently
         skipped = {s.name for s in result.not_extracted}
@@ -196,18 +231,13 @@ def test_extract_from_both_bases(built, tmp_path):
                 assert torch.allclose(got[k], want[k], rtol=0, atol=1e-12), k
 
 
-def canonical_weights(path) -> dict[str, torch.Tensor]:
-    """{diffusers parameter: tensor} of a transformer/ folder or a native single file (through loratool's map,
-    itself checked against diffusers' converter by test_native_single_file_is_what_diffusers_reads)."""
+def canonical_weights(path, case) -> dict[str, torch.Tensor]:
+    """{diffusers parameter: tensor} of a transformer/ folder, or of a native single file as the family's single-file
+    converter reads it (diffusers' own; HunyuanVideo 1.5: its conversion script's rules), never through loratool's
+    map."""
     if path.is_dir():
         return load_file(path / "diffusion_pytorch_model.safetensors")
-    stored = load_file(path)
-    targets = checkpoints.canonical_targets({k: tuple(v.shape) for k, v in stored.items()}, transforms=True)
-    out = {}
-    for (_, param), t in targets.items():
-        tensor = stored[t.key] if t.rows is None else stored[t.key][t.rows[0]:t.rows[1]]
-        out[param] = checkpoints.to_stored(tensor, t)
-    return out
+    return converter(case, case.single_file)(load_file(path))
 
 
 def test_info_names_family_and_variant(built):

@@ -239,21 +239,14 @@ def test_wan22_a14b_pipeline_routes_a_lora_to_its_expert(tmp_path, timesteps, ex
     assert alone.matched == {"transformer": len(factors)}
 
 
-HV15_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-                 num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
-                 rope_axes_dim=(2, 2, 4))
-
-
 def test_hunyuan_video_1_5_musubi_and_comfy_names(tmp_path):
     """HunyuanVideo 1.5 has no diffusers LoRA converter. musubi-tuner names (split q / k / v: lora_unet_double_blocks_0
     _img_attn_q, img_mlp_fc1, img_mod_linear) and ComfyUI's (musubi-tuner's convert_hunyuan_video_1_5_lora_to_comfy.py:
     q / k / v concatenated into img_attn_qkv with a block-diagonal up and alpha × 3) read to the same modules; the
     diffusers file loratool writes loads into diffusers' HunyuanVideo15Transformer3DModel with every key placed,
     and PEFT's fuse of it equals loratool's merge into the transformer/ folder."""
-    import diffusers
-
-    torch.manual_seed(0)
-    model = diffusers.HunyuanVideo15Transformer3DModel(**HV15_TINY).double()
+    case = CASES["hunyuan_video_1_5"]
+    model = tiny_model(case)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.save_pretrained(tmp_path / "transformer", safe_serialization=True)
     gen = torch.Generator().manual_seed(3)
@@ -299,7 +292,7 @@ def test_hunyuan_video_1_5_musubi_and_comfy_names(tmp_path):
         import json
 
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
-    fresh = diffusers.HunyuanVideo15Transformer3DModel(**HV15_TINY).double()
+    fresh = tiny_model(case)
     fresh.load_state_dict(state)
     fresh.load_lora_adapter(peft_state, prefix="transformer", metadata=metadata)
     injected = {k for k in fresh.state_dict() if "lora_" in k}

@@ -79,6 +79,11 @@ class Case:
     # the kohya file names diffusers' modules (musubi-tuner's Z-Image): fused native modules are written as their
     # diffusers parts, with the rows of up each part holds in the weight (same ΔW as the native file)
     kohya_split: bool = False
+    # families diffusers has no LoRA loader for (HunyuanVideo 1.5): what converts the test LoRAs to diffusers names in
+    # place of ``pipeline``'s ``lora_state_dict`` (same signature)
+    lora_loader: object | None = None
+    # diffusers hard-codes a released width the tiny config cannot set: shrink that submodule (same class) in place
+    resize: Callable | None = None
 
 
 WAN_TINY = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
@@ -215,6 +220,191 @@ HIDREAM_TARGETS = [*(f"double_stream_blocks.0.block.attn1.{p}" for p in ("to_q",
                    "caption_projection.2.linear", "x_embedder.proj", "final_layer.linear"]
 
 
+# --- HunyuanVideo 1.5 ---------------------------------------------------------------------------------------------
+HV15_TINY = dict(in_channels=65, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                 num_refiner_layers=2, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=12,
+                 rope_axes_dim=(2, 2, 4))
+HV15_REFINER = "txt_in.individual_token_refiner.blocks"
+HV15_DOUBLE = [*(f"double_blocks.0.{s}_{p}" for s in ("img", "txt") for p in ("attn_q", "attn_k", "attn_v", "attn_proj",
+                                                                             "mlp.fc1", "mlp.fc2", "mod.linear")),
+               "double_blocks.1.img_attn_q", "double_blocks.1.txt_mlp.fc2"]
+HV15_TARGETS = [*HV15_DOUBLE, *(f"{HV15_REFINER}.0.{p}" for p in ("self_attn_qkv", "self_attn_proj", "mlp.fc1",
+                                                                  "adaLN_modulation.1")),
+                f"{HV15_REFINER}.1.self_attn_qkv", "txt_in.input_embedder", "txt_in.t_embedder.mlp.0",
+                "txt_in.c_embedder.linear_2", "time_in.mlp.0", "time_in.mlp.2", "byt5_in.fc1", "byt5_in.fc3",
+                "vision_in.proj.1", "vision_in.proj.3", "final_layer.linear", "final_layer.adaLN_modulation.1"]
+# (img_in.proj, a 1×1×1 Conv3d at HunyuanVideo 1.5's patch size 1, is left out: PEFT 0.21's get_delta_weight takes
+# every kernel whose size[2:4] is (1, 1) for a 1×1 Conv2d and fails on it; tests/test_dit_hunyuan_video_1_5.py holds
+# that merge against PEFT's forward instead)
+
+
+def hv15_small_byt5(model) -> None:
+    """diffusers hard-codes ByT5's hidden width (transformer_hunyuan_video15.py: ``HunyuanVideo15ByT5TextProjection(
+    text_embed_2_dim, 2048, inner_dim)``, Tencent's ``ByT5Mapper(hidden_dim=2048)``): the tiny model gets the same class
+    at width 24 (the released 2048 × 2048 float64 weight is 32 MB in every file the tests write)."""
+    from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15ByT5TextProjection
+
+    old = model.context_embedder_2
+    model.context_embedder_2 = HunyuanVideo15ByT5TextProjection(old.linear_1.in_features, 24,
+                                                                old.linear_3.out_features)
+
+
+# huggingface/diffusers scripts/convert_hunyuan_video1_5_to_diffusers.py, convert_hyvideo15_transformer_to_diffusers
+# (a repository script, not in the diffusers package: it cannot be imported), transcribed section by section as
+# (diffusers parameter, Tencent parameter, how): how None = renamed, 0 / 1 / 2 = that third of torch.chunk(source, 3)
+# (the refiner's self_attn_qkv), "swap" = its swap_scale_shift (final_layer.adaLN_modulation.1). The script hard-codes
+# the released depths (num_layers = 54, num_refiner_blocks = 2); here they are counted in the file (as
+# ``patched_converters`` puts the tiny widths into diffusers' converters).
+def _wb(diffusers: str, tencent: str, how=None, suffixes=("weight", "bias")) -> list[tuple[str, str, object]]:
+    return [(f"{diffusers}.{s}", f"{tencent}.{s}", how) for s in suffixes]
+
+
+def hv15_script_rules(double_blocks: int, refiner_blocks: int) -> list[tuple[str, str, object]]:
+    rules = []
+    # 1. time_embed.timestep_embedder <- time_in
+    rules += _wb("time_embed.timestep_embedder.linear_1", "time_in.mlp.0")
+    rules += _wb("time_embed.timestep_embedder.linear_2", "time_in.mlp.2")
+    # 2. context_embedder.time_text_embed.timestep_embedder <- txt_in.t_embedder
+    rules += _wb("context_embedder.time_text_embed.timestep_embedder.linear_1", "txt_in.t_embedder.mlp.0")
+    rules += _wb("context_embedder.time_text_embed.timestep_embedder.linear_2", "txt_in.t_embedder.mlp.2")
+    # 3. context_embedder.time_text_embed.text_embedder <- txt_in.c_embedder
+    rules += _wb("context_embedder.time_text_embed.text_embedder.linear_1", "txt_in.c_embedder.linear_1")
+    rules += _wb("context_embedder.time_text_embed.text_embedder.linear_2", "txt_in.c_embedder.linear_2")
+    # 4. context_embedder.proj_in <- txt_in.input_embedder
+    rules += _wb("context_embedder.proj_in", "txt_in.input_embedder")
+    # 5. context_embedder.token_refiner <- txt_in.individual_token_refiner
+    for i in range(refiner_blocks):
+        d, t = f"context_embedder.token_refiner.refiner_blocks.{i}.", f"txt_in.individual_token_refiner.blocks.{i}."
+        rules += _wb(d + "norm1", t + "norm1")
+        for part, name in enumerate(("to_q", "to_k", "to_v")):
+            rules += _wb(d + f"attn.{name}", t + "self_attn_qkv", part)
+        rules += _wb(d + "attn.to_out.0", t + "self_attn_proj")
+        rules += _wb(d + "norm2", t + "norm2")
+        rules += _wb(d + "ff.net.0.proj", t + "mlp.fc1") + _wb(d + "ff.net.2", t + "mlp.fc2")
+        rules += _wb(d + "norm_out.linear", t + "adaLN_modulation.1")
+    # 6. context_embedder_2 <- byt5_in
+    rules += _wb("context_embedder_2.norm", "byt5_in.layernorm")
+    rules += [r for i in (1, 2, 3) for r in _wb(f"context_embedder_2.linear_{i}", f"byt5_in.fc{i}")]
+    # 7. image_embedder <- vision_in
+    for d, t in (("norm_in", 0), ("linear_1", 1), ("linear_2", 3), ("norm_out", 4)):
+        rules += _wb(f"image_embedder.{d}", f"vision_in.proj.{t}")
+    # 8. x_embedder <- img_in; 9. cond_type_embed <- cond_type_embedding
+    rules += _wb("x_embedder.proj", "img_in.proj")
+    rules += _wb("cond_type_embed", "cond_type_embedding", suffixes=("weight",))
+    # 10. transformer_blocks <- double_blocks
+    for i in range(double_blocks):
+        d, t = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        rules += _wb(d + "norm1.linear", t + "img_mod.linear") + _wb(d + "norm1_context.linear", t + "txt_mod.linear")
+        rules += [r for p in "qkv" for r in _wb(d + f"attn.to_{p}", t + f"img_attn_{p}")]
+        rules += _wb(d + "attn.norm_q", t + "img_attn_q_norm", suffixes=("weight",))
+        rules += _wb(d + "attn.norm_k", t + "img_attn_k_norm", suffixes=("weight",))
+        rules += _wb(d + "attn.to_out.0", t + "img_attn_proj")
+        rules += [r for p in "qkv" for r in _wb(d + f"attn.add_{p}_proj", t + f"txt_attn_{p}")]
+        rules += _wb(d + "attn.norm_added_q", t + "txt_attn_q_norm", suffixes=("weight",))
+        rules += _wb(d + "attn.norm_added_k", t + "txt_attn_k_norm", suffixes=("weight",))
+        rules += _wb(d + "attn.to_add_out", t + "txt_attn_proj")
+        rules += _wb(d + "ff.net.0.proj", t + "img_mlp.fc1") + _wb(d + "ff.net.2", t + "img_mlp.fc2")
+        rules += _wb(d + "ff_context.net.0.proj", t + "txt_mlp.fc1") + _wb(d + "ff_context.net.2", t + "txt_mlp.fc2")
+    # 11. norm_out and proj_out <- final_layer
+    rules += _wb("norm_out.linear", "final_layer.adaLN_modulation.1", "swap")
+    rules += _wb("proj_out", "final_layer.linear")
+    return rules
+
+
+def _swap_scale_shift(x: torch.Tensor) -> torch.Tensor:
+    shift, scale = x.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def _apply(how, x: torch.Tensor) -> torch.Tensor:
+    if how == "swap":
+        return _swap_scale_shift(x)
+    return x if how is None else torch.chunk(x, 3, dim=0)[how]
+
+
+def _depths(keys) -> tuple[int, int]:
+    """(double blocks, refiner blocks) a state dict / LoRA (Tencent, kohya or diffusers keys) reaches."""
+    import re
+
+    def depth(pattern: str) -> int:
+        return 1 + max((int(m.group(1)) for k in keys for m in [re.search(pattern, k)] if m), default=-1)
+
+    return (depth(r"(?:double|transformer)_blocks[._](\d+)[._]"),
+            depth(r"(?:individual_token_refiner[._]blocks|refiner_blocks)[._](\d+)[._]"))
+
+
+def convert_hv15_by_script(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tencent's HunyuanVideo 1.5 transformer -> diffusers, by the script's rules; like the script, it pops what it
+    converts and leaves the rest in ``sd`` (keys it has no rule for)."""
+    out, used = {}, set()
+    for diffusers, tencent, how in hv15_script_rules(*_depths(sd)):
+        out[diffusers] = _apply(how, sd[tencent])
+        used.add(tencent)
+    for key in used:
+        sd.pop(key)
+    return out
+
+
+def split_comfy_qkv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's repackaged HunyuanVideo 1.5 file -> Tencent's: musubi-tuner's loader hook
+    (hunyuan_video_1_5_models.py comfyui_hunyuan_video_1_5_weight_split_hook) turns each ``img_attn_qkv`` /
+    ``txt_attn_qkv`` weight and bias into ``_q`` / ``_k`` / ``_v`` by torch.chunk(3)."""
+    out = {}
+    for key, value in sd.items():
+        if any(f"{s}_attn_qkv.{p}" in key for s in ("img", "txt") for p in ("weight", "bias")):
+            for suffix, part in zip(("_q", "_k", "_v"), torch.chunk(value, 3, dim=0)):
+                out[key.replace("_qkv", suffix)] = part
+        else:
+            out[key] = value
+    return out
+
+
+class Hv15ScriptLoader:
+    """``lora_state_dict`` for HunyuanVideo 1.5, which diffusers has no LoRA loader for: a native
+    (``diffusion_model.``) or musubi-tuner kohya (``lora_unet_``) LoRA goes to diffusers' module names by the script's
+    rules applied to ΔW = (alpha / r)·B·A — a rename moves the pair, a chunk keeps A and takes B's rows,
+    swap_scale_shift swaps B's row halves — with alpha / r folded into A (PEFT then loads it at scale 1). A
+    diffusers-layout file (``transformer.`` + diffusers path) passes as it is, with its ``lora_adapter_metadata``."""
+
+    @staticmethod
+    def lora_state_dict(source, return_lora_metadata: bool = False):
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        metadata = None
+        if isinstance(source, dict):
+            sd = dict(source)
+        else:
+            sd = load_file(source)
+            with safe_open(source, "pt") as f:
+                raw = (f.metadata() or {}).get("lora_adapter_metadata")
+            metadata = json.loads(raw) if raw else None
+        by_module: dict[str, list[tuple[str, object]]] = {}
+        for diffusers, tencent, how in hv15_script_rules(*_depths(sd)):
+            if diffusers.endswith(".weight"):
+                by_module.setdefault(tencent[:-len(".weight")], []).append((diffusers[:-len(".weight")], how))
+        kohya = {"lora_unet_" + t.replace(".", "_"): t for t in by_module}
+        diffusers_modules = {d for parts in by_module.values() for d, _ in parts}
+        out: dict[str, torch.Tensor] = {}
+        heads = {k.split(".lora_", 1)[0].removesuffix(".alpha") for k in sd}
+        for head in sorted(heads):
+            bare = head.removeprefix("transformer.")
+            if head.startswith("transformer.") and bare in diffusers_modules:
+                out.update({k: v for k, v in sd.items() if k.startswith(head + ".")})
+                continue
+            tencent = kohya.get(head) or head.removeprefix("diffusion_model.")
+            names = ("lora_down", "lora_up") if head in kohya else ("lora_A", "lora_B")
+            down, up = sd[f"{head}.{names[0]}.weight"], sd[f"{head}.{names[1]}.weight"]
+            alpha = sd.get(f"{head}.alpha")
+            scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+            for diffusers, how in by_module[tencent]:
+                out[f"transformer.{diffusers}.lora_A.weight"] = down * scale
+                out[f"transformer.{diffusers}.lora_B.weight"] = _apply(how, up).contiguous()
+        return (out, metadata) if return_lora_metadata else out
+
+
 def _comfy_name(path: str, rules) -> str:
     for old, new in rules:
         path = path.replace(old, new)
@@ -300,6 +490,20 @@ CASES: dict[str, Case] = {
         patches={"_convert_hunyuan_video_lora_to_diffusers": {"hidden_size = 3072": "hidden_size = 16"},
                  "convert_hunyuan_video_transformer_to_diffusers": {"hidden_size = 3072": "hidden_size = 16"}},
         source="Tencent/HunyuanVideo; diffusion-pipe; ComfyUI comfy/lora.py; diffusers HunyuanVideo converters",
+    ),
+    # Tencent-Hunyuan/HunyuanVideo-1.5 names (hyvideo/models/transformers/hunyuanvideo_1_5_transformer.py: img_attn_q /
+    # k / v separate, the refiner's self_attn_qkv fused; = musubi-tuner hunyuan_video_1_5_models.py, whose LoRAs are
+    # lora_unet_double_blocks_0_img_attn_q on the double blocks only: networks/lora_hv_1_5.py MMDoubleStreamBlock).
+    # diffusers ships neither a single-file nor a LoRA converter: both oracles are its repository script
+    # scripts/convert_hunyuan_video1_5_to_diffusers.py, transcribed above (convert_hv15_by_script, Hv15ScriptLoader).
+    "hunyuan_video_1_5": Case(
+        family="hunyuan_video_1_5", cls="HunyuanVideo15Transformer3DModel", config=HV15_TINY,
+        pipeline="HunyuanVideo15Pipeline", targets=HV15_TARGETS, single_file=convert_hv15_by_script, sf_prefix="",
+        native_converter=Hv15ScriptLoader.lora_state_dict, kohya_converter=Hv15ScriptLoader.lora_state_dict,
+        kohya_targets=HV15_DOUBLE, lora_loader=Hv15ScriptLoader, resize=hv15_small_byt5,
+        base_variant="T2V / I2V",
+        source="Tencent-Hunyuan/HunyuanVideo-1.5; musubi-tuner; diffusers "
+               "scripts/convert_hunyuan_video1_5_to_diffusers.py",
     ),
     # Lightricks LTX-Video names (diffusion-pipe models/ltx_video.py saves them behind diffusion_model., alpha = r);
     # diffusers convert_ltx_transformer_checkpoint_to_diffusers, _convert_non_diffusers_ltxv_lora_to_diffusers
@@ -422,7 +626,10 @@ def tiny_model(case: Case, config: dict | None = None, seed: int = 0):
     import diffusers
 
     torch.manual_seed(seed)
-    model = getattr(diffusers, case.cls)(**(config or case.config)).double().eval()
+    model = getattr(diffusers, case.cls)(**(config or case.config))
+    if case.resize is not None:
+        case.resize(model)
+    model = model.double().eval()
     # biases and norm scales start at 0 / 1 in some classes: randomise every parameter so a misplaced
     # row range or swapped half cannot pass by accident
     with torch.no_grad():
@@ -538,10 +745,13 @@ def fused_state(model) -> dict[str, torch.Tensor]:
 
 
 def pipeline_class(case: Case):
-    """The diffusers pipeline (or, where only a modular pipeline exists, its LoRA loader mixin) of ``case``."""
+    """The diffusers pipeline (or, where only a modular pipeline exists, its LoRA loader mixin) of ``case``; the
+    case's own loader where diffusers has none."""
     import diffusers
     from diffusers.loaders import lora_pipeline
 
+    if case.lora_loader is not None:
+        return case.lora_loader
     return getattr(diffusers, case.pipeline, None) or getattr(lora_pipeline, case.pipeline)
 
 

@@ -177,6 +177,8 @@ SPEC = dit.DitFamily(
     dotted_markers=(r"_attn_(qkv|proj)$",),
     needs_marker=True,  # ComfyUI's spelling is Flux.1's: attention-only files in it read as Flux.1
     single_file_marks=("txt_in.individual_token_refiner.blocks.0.norm1.weight",),
+    # HunyuanVideo 1.5 files share the token refiner; its image projection and condition-type embedding are new
+    single_file_not=("vision_in.proj.0.weight", "cond_type_embedding.weight"),
     variant=adapter_variant,
     base_variant=base_variant,
 )
@@ -190,6 +192,14 @@ SPEC = dit.DitFamily(
 # the double blocks' q / k / v and spells them Flux-style (musubi-tuner's networks/
 # convert_hunyuan_video_1_5_lora_to_comfy.py: img_attn_q/k/v -> img_attn_qkv, img_mlp_fc1 -> img_mlp_0,
 # img_mod_linear -> img_mod_lin): read as a second spelling.
+#
+# The same tables map the single files (loratool.arch.dit_checkpoints): Tencent's released transformer
+# (transformer/<480p|720p>_<t2v|i2v>/diffusion_pytorch_model.safetensors, bare Tencent names) parameter for parameter
+# as the script's convert_hyvideo15_transformer_to_diffusers: the refiner's self_attn_qkv chunked in thirds, the
+# final adaLN_modulation.1 through swap_scale_shift ([shift; scale] stored, diffusers [scale; shift]), the double
+# blocks' q / k / v norms weight-only. Keys the script maps to nothing stay unmapped and are listed per key by
+# ``info`` / ``extract`` (the super-resolution models' meanflow ``time_r_in``: diffusers' timestep_embedder_r has no
+# source in the script).
 DOUBLE_15 = {
     "img_mod.linear": ("norm1.linear",),
     **{f"img_attn_{p}": (f"attn.to_{p}",) for p in "qkv"},
@@ -225,16 +235,38 @@ NAMING_15 = fused.FusedNaming(
     swapped=lambda native, module: native == SWAPPED,
     split_rows=split_rows,
 )
+# ComfyUI's repackaged single files (Comfy-Org/HunyuanVideo_1.5_repackaged, hunyuanvideo1.5_*.safetensors) keep the
+# Tencent names but store the double blocks' q / k / v fused, [q; k; v] by rows: musubi-tuner's loader splits them
+# back (hunyuan_video_1_5_models.py comfyui_hunyuan_video_1_5_weight_split_hook, torch.chunk(3); its dtype probe names
+# "double_blocks.0.img_attn_k.weight" official, "double_blocks.0.img_attn_qkv.weight" ComfyUI repackaged) and ComfyUI
+# renames them onto Flux's fused DoubleStreamBlock (comfy/supported_models.py HunyuanVideo.process_unet_state_dict:
+# "_attn_qkv." -> "_attn.qkv."). Every other weight of that file has its Tencent name (NAMING_15).
+FUSED_QKV_15 = {"img_attn_qkv": QKV, "txt_attn_qkv": ADD_QKV}
 COMFY_15 = fused.FusedNaming(
     what="a HunyuanVideo 1.5 transformer module",
     blocks=(fused.Block("double_blocks", "transformer_blocks", {
-        "img_attn_qkv": QKV, "txt_attn_qkv": ADD_QKV, "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",),
+        **FUSED_QKV_15, "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",),
         "txt_mlp.0": ("ff_context.net.0.proj",), "txt_mlp.2": ("ff_context.net.2",),
         "img_mod.lin": ("norm1.linear",), "txt_mod.lin": ("norm1_context.linear",)}),),
     top={},
     swapped=lambda native, module: False,
     split_rows=split_rows,
 )
+# x_embedder input channels: 65 = 32 noisy latents + 32 condition latents + 1 mask for every T2V / I2V release (the
+# configs of diffusers' conversion script: 480p / 720p, t2v / i2v, distilled alike, so the weights cannot tell them
+# apart); 98 = the super-resolution models (ComfyUI comfy/supported_models.py HunyuanVideo15_SR_Distilled).
+TASKS_15 = {65: "T2V / I2V", 98: "super-resolution"}
+
+
+def adapter_variant_15(modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:
+    patch = dit.canonical_shapes(modules).get("x_embedder.proj")
+    return TASKS_15.get(patch[1]) if patch else None
+
+
+def base_variant_15(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    patch = shapes.get("x_embedder.proj.weight")
+    return TASKS_15.get(patch[1]) if patch else None
+
 HV15 = dit.DitFamily(
     name="hunyuan_video_1_5",
     title="HunyuanVideo 1.5",
@@ -247,7 +279,13 @@ HV15 = dit.DitFamily(
     markers=(r"_attn_[qkv]$", r"^(byt5_in|vision_in|cond_type_embedding)", r"^(context_embedder_2|image_embedder)\.",
              r"^cond_type_embed$"),
     dotted_markers=(),
-    single_file_marks=("byt5_in.fc1.weight", "double_blocks.0.img_attn_q.weight"),
+    # ComfyUI's comfy/model_detection.py: the token refiner makes a HunyuanVideo file, cond_type_embedding and
+    # vision_in.proj.0 a 1.5 one (comfy/supported_models.py HunyuanVideo15: vision_in_dim 1152). Tencent's release and
+    # ComfyUI's repackaged file (fused double-block q / k / v) both carry them.
+    single_file_marks=("txt_in.individual_token_refiner.blocks.0.norm1.weight", "cond_type_embedding.weight",
+                       "vision_in.proj.0.weight"),
+    variant=adapter_variant_15,
+    base_variant=base_variant_15,
 )
 SPECS = (SPEC, HV15)
 FAMILIES = [s.family for s in SPECS]
