@@ -90,6 +90,8 @@ class MergeResult:
     seed: int | None = None
     dequantized: str | None = None  # the dtype quantized weights were written in (None: kept in their kind)
     warnings: list[str] = field(default_factory=list)
+    # the unmatched modules by cause, one group each, as ``check`` reports them (loratool.ops.check.Group.to_json)
+    unmatched_groups: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -100,6 +102,7 @@ class MergeResult:
             "matched_total": sum(self.matched.values()),
             "unmatched": self.unmatched,
             "unmatched_count": len(self.unmatched),
+            "unmatched_groups": self.unmatched_groups,
             "merged_tensors": self.merged_tensors,
             "copied_tensors": self.skipped,
             "dropped_files": self.dropped_files,
@@ -385,6 +388,7 @@ def merge(
         strengths=values,
         matched=dict(plan.matched),
         unmatched=list(plan.unmatched),
+        unmatched_groups=list(plan.unmatched_groups),
         merged_tensors=merger.merged,
         skipped=merger.skipped,
         dropped_files=dropped,
