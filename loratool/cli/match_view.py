@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-
 EXAMPLES = 2  # module names shown per line (--json lists every one)
 
 

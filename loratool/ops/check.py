@@ -53,8 +53,8 @@ class Cause:
 
 CAUSES = {c.name: c for c in (
     Cause("matched", "would merge", ""),
-    Cause("family", "wrong family", "use a {family} base (merge --ignore-family would merge them into the {base_family} "
-          "weights of the same names anyway)"),
+    Cause("family", "wrong family", "use a {family} base (merge --ignore-family would merge them into the "
+          "{base_family} weights of the same names anyway)"),
     Cause("shape", "shape mismatch", "use the base the LoRA was trained for (it needs {needs}); the merge refuses "
           "the whole LoRA while any module does not fit"),
     Cause("component", "component not in the base",
@@ -323,10 +323,10 @@ def explain(adapters: Sequence[Adapter], names: Sequence[str], plan: MatchPlan, 
     widths = {i: _widths_text(arch.identity_of(a).widths) for i, a in enumerate(adapters)}
     for r in plan.rejected:
         add(_shape(r, widths[r.adapter]), r.label)
-    explained = [(ai, m.component, m.path, m) for ai, m in plan.unplaced]
-    explained += [(ai, comp, name.removesuffix(".weight"), None) for ai, comp, name, _ in plan.unplaced_extras]
+    explained = [(m.component, m.path, m) for _, m in plan.unplaced]
+    explained += [(comp, name.removesuffix(".weight"), None) for _, comp, name, _ in plan.unplaced_extras]
     labels = iter(plan.unmatched)
-    for ai, comp, path, module in explained:
+    for comp, path, module in explained:
         label = next(labels)
         finding = (_component(ctx, comp, path) or _variant(ctx, comp, path)
                    or (_dialect(ctx, module) if module is not None else None)

@@ -254,7 +254,8 @@ def match(
                 if transform == "transpose":
                     shape = tuple(shape)[::-1]  # the canonical weight is the stored tensor transposed
                 elif transform == "swap_halves" and shape[0] % 2:
-                    reject("halves", f"{label}: {key} {stored_shape} has an odd row count; its halves cannot be swapped")
+                    reject("halves", f"{label}: {key} {stored_shape} has an odd row count; "
+                           "its halves cannot be swapped")
                     continue
                 m = oriented(m, tuple(shape), part.path, key)  # [out, in] or Conv1D's [in, out]: the base decides
                 err = _check_shapes(m, shape, strengths[ai], names[ai], key)
