@@ -15,11 +15,11 @@ shape         a weight of its name exists but its shape is not ΔW's (both shape
               from :data:`SHAPE_RULES`: grouped-query key/value widths, cross-attention width, ...);
               the merge refuses then
 component     the base holds no weights of its component (a text-encoder module on a U-Net file)
+dialect       another naming of the same module is in the base (a family's native ↔ diffusers names:
+              BFL / SGM names in a diffusers-named folder)
 variant       the base's family says another variant lacks it (``Family.mismatches``: FLUX.1-dev guidance
               on schnell, Flux.1 modulation on Chroma, ``lm_head`` on a tied head; Wan 2.1 I2V image
               cross-attention on Wan 2.2 when that family lists it)
-dialect       another naming of the same module is in the base (a family's native ↔ diffusers names:
-              BFL / SGM names in a diffusers-named folder)
 fused         the base fuses what the LoRA holds split, or the reverse (:data:`FUSED`: ``qkv_proj`` ↔
               ``q_proj`` / ``k_proj`` / ``v_proj``, ...)
 prefix        the base has the same name behind another leading prefix that the matcher's prefix rule
@@ -55,19 +55,19 @@ CAUSES = {c.name: c for c in (
     Cause("matched", "would merge", ""),
     Cause("family", "wrong family", "use a {family} base (merge --ignore-family would merge them into the "
           "{base_family} weights of the same names anyway)"),
-    Cause("shape", "shape mismatch", "use the base the LoRA was trained for (it needs {needs}); the merge refuses "
-          "the whole LoRA while any module does not fit"),
+    Cause("shape", "shape mismatch", "use the base the LoRA was trained for (it needs {needs}); merge refuses "
+          "a LoRA while any module does not fit"),
     Cause("component", "component not in the base",
           "merge into a base that holds {component} (the pipeline folder or a single-file checkpoint), or leave them: "
           "merge skips them"),
-    Cause("variant", "wrong variant", "use a base of the variant the LoRA was trained for, or leave them: merge "
-          "skips them"),
     Cause("dialect", "layout dialect", "the base names the module in another naming: point merge at a base in "
           "{naming} naming (a single-file checkpoint maps both), or convert the base"),
+    Cause("variant", "wrong variant", "use a base of the variant the LoRA was trained for, or leave them: merge "
+          "skips them"),
     Cause("fused", "fused ↔ split", "the base and the LoRA group these projections differently: use the base "
           "the LoRA was trained for (or split / fuse the LoRA to the base's layout)"),
-    Cause("prefix", "wrong prefix", "rename the LoRA's modules ({lora_prefix} → {base_prefix}); the prefix rule "
-          "applies on its own only when one rule places at least two modules and half of a component"),
+    Cause("prefix", "wrong prefix", "{rename} (the matcher applies a prefix rule on its own only when it places "
+          "at least two modules and half of a component)"),
     Cause("missing", "no such weight", "the base lacks these weights: use the model the LoRA was trained for"),
 )}
 
@@ -231,11 +231,14 @@ def _variant(ctx: _Context, comp: str, path: str) -> tuple | None:
     return None
 
 
-def _dialect(ctx: _Context, m: LoraModule) -> tuple | None:
-    """The module's name in a family's other naming (native ↔ diffusers) is in the base."""
+def _dialect(ctx: _Context, m: LoraModule, family: str | None) -> tuple | None:
+    """The module's name in a family's other naming (native ↔ diffusers) is in the base: the base's family
+    asked first, then the LoRA's (``family``), then the others (SD3 and Flux.1 share some native names)."""
     from loratool import arch
 
-    for fam in arch.families().values():
+    fams = arch.families()
+    order = dict.fromkeys(n for n in (ctx.base_family, family, *fams) if n in fams)
+    for fam in (fams[n] for n in order):
         for naming, convert in (("native", fam.from_canonical), ("diffusers", fam.to_canonical)):
             try:
                 renamed = convert([replace(m, hints=dict(m.hints))])
@@ -272,11 +275,13 @@ def _prefix(ctx: _Context, comp: str, path: str, suffixes: dict[str, list[str]])
             hits.append(tail)
         hits = list(dict.fromkeys(hits))
         if len(hits) == 1:
-            base_prefix = hits[0][: -len(tail)] or "(none)"
-            lora_prefix = ".".join(segs[:strip]) + "." if strip else "(none)"
-            return _finding("prefix", f"LoRA prefix {lora_prefix} ↔ base prefix {base_prefix}",
-                            f"the base names {path} {hits[0].removesuffix('.weight')}",
-                            lora_prefix=lora_prefix, base_prefix=base_prefix)
+            base_prefix = hits[0][: -len(tail)]
+            lora_prefix = ".".join(segs[:strip]) + "." if strip else ""
+            rename = (f"strip {lora_prefix} from the LoRA's module names" if not base_prefix else
+                      f"prefix the LoRA's module names with {base_prefix}" if not lora_prefix else
+                      f"rename the LoRA's {lora_prefix} modules to {base_prefix}")
+            return _finding("prefix", f"LoRA prefix {lora_prefix or '(none)'} ↔ base prefix {base_prefix or '(none)'}",
+                            f"the base has {hits[0].removesuffix('.weight')} for {path}", rename=rename)
         if len(hits) > 1:
             break  # a shorter tail only matches more
     return None
@@ -298,7 +303,7 @@ def _shape(r: Rejected, identity_widths: str) -> tuple:
     fields.update({f"want{i}": v for i, v in enumerate(want)})
     rule = next(rule for rule in SHAPE_RULES if rule.applies(path, got, want))
     group = rule.group.format(**fields)
-    return _finding("shape", group, f"{rule.why} (e.g. {path}: LoRA {list(got)}, base {r.key} {list(want)})",
+    return _finding("shape", group, f"{rule.why}; {path}: LoRA {list(got)}, base {list(want)}",
                     needs=identity_widths)
 
 
@@ -323,14 +328,15 @@ def explain(adapters: Sequence[Adapter], names: Sequence[str], plan: MatchPlan, 
     widths = {i: _widths_text(arch.identity_of(a).widths) for i, a in enumerate(adapters)}
     for r in plan.rejected:
         add(_shape(r, widths[r.adapter]), r.label)
-    explained = [(m.component, m.path, m) for _, m in plan.unplaced]
-    explained += [(comp, name.removesuffix(".weight"), None) for _, comp, name, _ in plan.unplaced_extras]
+    explained = [(ai, m.component, m.path, m) for ai, m in plan.unplaced]
+    explained += [(ai, comp, name.removesuffix(".weight"), None) for ai, comp, name, _ in plan.unplaced_extras]
     labels = iter(plan.unmatched)
-    for comp, path, module in explained:
+    for ai, comp, path, module in explained:
         label = next(labels)
-        finding = (_component(ctx, comp, path) or _variant(ctx, comp, path)
-                   or (_dialect(ctx, module) if module is not None else None)
-                   or _fused(ctx, comp, path) or _prefix(ctx, comp, path, suffixes) or _missing(ctx, comp, path))
+        finding = (_component(ctx, comp, path)
+                   or (_dialect(ctx, module, adapters[ai].family) if module is not None else None)
+                   or _variant(ctx, comp, path) or _fused(ctx, comp, path) or _prefix(ctx, comp, path, suffixes)
+                   or _missing(ctx, comp, path))
         add(finding, label)
     order = list(CAUSES)
     return sorted(groups.values(), key=lambda g: (order.index(g.cause), -len(g.labels)))
