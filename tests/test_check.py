@@ -65,7 +65,7 @@ def _peft(model, folder: Path, targets: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    from tiny_models import tiny_llama, tiny_unet
+    from tiny_models import tiny_llama
     from transformers import Phi3Config, Phi3ForCausalLM
 
     root = tmp_path_factory.mktemp("check")

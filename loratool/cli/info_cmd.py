@@ -67,7 +67,12 @@ def _summary_rows(report: InfoReport) -> list[tuple[str, str]]:
     rows = [("format", fmt)]
     if report.trigger_phrases:
         rows.append(("trigger", " | ".join(report.trigger_phrases)))
-    rows.append(("family", report.family or "unknown"))
+    family = report.family or "unknown"
+    rows.append(("family", family + (f" ({report.family_evidence})" if report.family_evidence else "")))
+    if report.variant:
+        rows.append(("variant", report.variant))
+    if report.widths:
+        rows.append(("needs widths", ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in report.widths.items())))
     rows += [(k, _short(v)) for k, v in report.base_model.items()]
     files = ", ".join(display_path(f) for f in report.files)
     rows.append(("size", f"{human_size(report.size_bytes)} ({files})"))
@@ -124,6 +129,11 @@ def render(report: InfoReport, show_all: bool = False) -> None:
     fields(_summary_rows(report), title=Path(report.path).name)
     if report.modules:
         _module_table(report, show_all)
+    if report.block_stats:
+        from loratool.cli.charts import bar_chart
+
+        bar_chart([(b["block"], b["norm"], f"{b['module_count']} mod., eff. rank {b['effective_rank']:.1f}")
+                   for b in report.block_stats], title="‖ΔW‖F per block")
     if report.extras:
         rows = [[e["component"], e["name"], "×".join(map(str, e["shape"])), e["dtype"]] for e in report.extras]
         table([Column("component"), Column("name", path=True), Column("shape"), Column("dtype")], rows,

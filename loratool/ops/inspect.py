@@ -110,6 +110,13 @@ class InfoReport:
     warnings: list[str] = field(default_factory=list)
     header_only: bool = True
     stats: bool = False
+    # the base it needs, from names, shapes and metadata (loratool.arch.evidence.identify): the family's
+    # variant, the widths its weights fix ({name: values}) and what told the family
+    variant: str | None = None
+    widths: dict[str, list[int]] = field(default_factory=dict)
+    family_evidence: str | None = None
+    # with stats: ΔW per block ([{block, modules, norm, effective_rank}]), see loratool.ops.blocks
+    block_stats: list[dict[str, Any]] | None = None
 
     @property
     def ranks(self) -> dict[int, int]:
@@ -132,6 +139,9 @@ class InfoReport:
             "size_bytes": self.size_bytes,
             "files": self.files,
             "family": self.family,
+            "variant": self.variant,
+            "widths": self.widths,
+            "family_evidence": self.family_evidence,
             "trigger_phrases": self.trigger_phrases,
             "base_model": self.base_model,
             "components": self.components,
@@ -156,6 +166,7 @@ class InfoReport:
             "warnings": self.warnings,
             "header_only": self.header_only,
             "with_stats": self.stats,
+            "block_stats": self.block_stats,
             "modules": [_module_json(m) for m in self.modules],
         }
 
@@ -478,7 +489,19 @@ def inspect(
         {"component": c, "name": n, "shape": [int(x) for x in t.shape], "dtype": _dtype_name(t.dtype)}
         for (c, n), t in adapter.extras.items()
     ]
+    from loratool import arch
+
+    identity = arch.identity_of(adapter)
+    block_stats = None
+    if stats:
+        from loratool.ops.blocks import block_summary
+
+        block_stats = block_summary(modules)
     return InfoReport(
+        variant=identity.variant,
+        widths=identity.widths,
+        family_evidence=identity.why or None,
+        block_stats=block_stats,
         path=str(path),
         format=name,
         size_bytes=sum(Path(f).stat().st_size for f in _files(src)),
