@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from loratool.cli.app import command
-from loratool.cli.options import BaseModel, Family, FromLayout, Json, ShowAll, SidecarConfig
+from loratool.cli.options import BaseModel, Family, Force, FromLayout, Json, ShowAll, SidecarConfig
 from loratool.cli.render import (
     Column,
     counts,
@@ -20,6 +20,7 @@ from loratool.cli.render import (
     human_size,
     print_json,
     progress_bar,
+    say,
     table,
     warn,
 )
@@ -206,6 +207,10 @@ def info_command(
     family: Family = None,
     blocks: bool = typer.Option(False, "--blocks", help="List which modules each LoRA Block Weight entry "
                                 "(BASE, IN04, M00, OUT05 / Flux CLIP, D07, S12…) controls."),
+    plot: Path = typer.Option(None, "--plot", metavar="PNG", help="Draw ΔW norm and effective rank per block and "
+                              "the singular values of the largest modules into this PNG (reads the tensors, as "
+                              "--stats; needs the [plot] extra: matplotlib)."),
+    force: Force = False,
 ) -> None:
     """Show an adapter's format, trigger phrase, modules, ranks, alphas, dtypes, base model and training metadata.
 
@@ -219,13 +224,28 @@ def info_command(
 
         render_blocks(block_report(path, from_, base=base, config=config, family=family), json_out)
         return
+    if plot is not None:
+        from loratool.ops.plot import check_plot_path
+
+        check_plot_path(plot, inputs=[path], force=force)
+        stats = True
     with progress_bar(enabled=stats and not json_out) as progress:
         report = inspect(path, from_, base=base, config=config, family=family, stats=stats, progress=progress)
+    drawn = None
+    if plot is not None and isinstance(report, CheckpointReport):
+        warn(f"{path} is a base model: --plot draws adapters only; nothing drawn")
+    elif plot is not None:
+        from loratool.api import load
+        from loratool.ops.plot import plot_info
+
+        drawn = plot_info(report, load(path, from_, base=base, config=config, family=family), plot)
     if json_out:
-        print_json("info", report.to_json())
+        print_json("info", {**report.to_json(), **({"plot": drawn.to_json()} if drawn else {})})
         for w in report.warnings:
             warn(w)
     elif isinstance(report, CheckpointReport):
         render_checkpoint(report)
     else:
         render(report, show_all)
+        if drawn is not None:
+            say(f"plot: {display_path(drawn.path)} ({', '.join(drawn.panels)})")

@@ -348,8 +348,8 @@ def _num(x: float) -> float | int:
 # ---------------------------------------------------------------- stats
 
 
-def module_stats(module: LoraModule) -> ModuleStats:
-    """σ-based description of ΔW from the factors (see the module docstring for definitions)."""
+def singular_values(module: LoraModule) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(σ₁ ≥ σ₂ ≥ … of ΔW in float64, from the factors, and ΔW's matrix shape [out, in·k·k])."""
     from loratool.ops.factor_form import to_factor_form
     from loratool.ops.linalg import dense_svd, factor_svd
 
@@ -358,14 +358,19 @@ def module_stats(module: LoraModule) -> ModuleStats:
         svd = dense_svd(form.dense, dtype=torch.float64)
     else:
         svd = factor_svd(form.up, form.down, form.scale, dtype=torch.float64)
-    s = svd.S.clamp(min=0)
+    return svd.S.clamp(min=0), form.shape
+
+
+def module_stats(module: LoraModule) -> ModuleStats:
+    """σ-based description of ΔW from the factors (see the module docstring for definitions)."""
+    s, shape = singular_values(module)
     total = float(s.sum())
     smax = float(s[0]) if s.numel() else 0.0
     if total == 0.0:
         return ModuleStats(norm=0.0, effective_rank=0.0, numerical_rank=0, sigma_max=0.0)
     p = s[s > 0] / total
     erank = math.exp(float(-(p * p.log()).sum()))
-    tol = smax * max(form.shape) * torch.finfo(torch.float64).eps
+    tol = smax * max(shape) * torch.finfo(torch.float64).eps
     return ModuleStats(
         norm=float(s.pow(2).sum().sqrt()),
         effective_rank=erank,
