@@ -83,11 +83,17 @@ def test_figures_equal_a_float64_dense_computation(pairs, a, b):
             err = abs(getattr(m, name) - value)
             worst = max(worst, err)
             assert err <= 1e-8, (m.path, name, getattr(m, name), value)
-    # overall (and so per block): the modules' ΔW taken as one vector
-    vec_a = torch.cat([_dense(adapter_a[m.component, m.path]).flatten() for m in report.modules])
-    vec_b = torch.cat([_dense(adapter_b[m.component, m.path]).flatten() for m in report.modules])
-    assert abs(report.cosine - float(vec_a @ vec_b / (vec_a.norm() * vec_b.norm()))) <= 1e-8
-    assert abs(report.norm_ratio - float(vec_b.norm() / vec_a.norm())) <= 1e-8
+    # per block and overall: the modules' ΔW taken as one vector
+    from loratool.ops.blocks import block_of, label
+
+    groups = [(b, [m for m in report.modules if label(m.component, block_of(m.path)) == b.block])
+              for b in report.blocks]
+    for block, mods in [*groups, (report, report.modules)]:
+        vec_a = torch.cat([_dense(adapter_a[m.component, m.path]).flatten() for m in mods])
+        vec_b = torch.cat([_dense(adapter_b[m.component, m.path]).flatten() for m in mods])
+        assert abs(block.cosine - float(vec_a @ vec_b / (vec_a.norm() * vec_b.norm()))) <= 1e-8
+        assert abs(block.norm_ratio - float(vec_b.norm() / vec_a.norm())) <= 1e-8
+    assert sum(len(mods) for _, mods in groups) == len(report.modules)
     assert worst < 1e-13  # the issue asks ≤ 1e-8; measured ≤ 5.2e-15 on these pairs
 
 
