@@ -28,6 +28,7 @@ from loratool.cli.training_view import other_rows, training_rows
 
 if TYPE_CHECKING:
     from loratool.ops.inspect import CheckpointReport, InfoReport, ModuleInfo
+    from loratool.ops.scan import ScanReport
 
 MAX_VALUE_CHARS = 120
 MODULE_ROWS = 40
@@ -180,6 +181,41 @@ def render_checkpoint(report: CheckpointReport) -> None:
         warn(w)
 
 
+def _base_name(base_model: dict[str, str]) -> str:
+    for key in ("ss_sd_model_name", "base_model_name_or_path", "modelspec.architecture", "ss_base_model_version"):
+        if base_model.get(key):
+            return base_model[key]
+    return "-"
+
+
+def render_scan(report: ScanReport) -> None:
+    """One row per file of a library folder (errors named once, on stderr)."""
+    root = Path(report.path)
+    rows = []
+    for e in report.entries:
+        p = Path(e.path)
+        name = str(p.relative_to(root)) if p.is_relative_to(root) else e.path
+        if e.error is not None:
+            rows.append([name, "error", *["-"] * 5, human_size(e.size_bytes), "-"])
+            continue
+        fmt = (e.format or "-") + (f" ({e.dialect})" if e.dialect else "")
+        trigger = e.trigger_phrases[0] if e.trigger_phrases else "-"
+        digest = e.hashes.get("sshs_model_hash", "")[:10] or "-"
+        rows.append([name, fmt, e.family or "unknown", e.rank, e.alpha, _short(trigger)[:40],
+                     _short(_base_name(e.base_model))[:40], human_size(e.size_bytes), digest])
+    deep = any(e.modules is not None for e in report.entries)
+    table([Column("file", path=True, sep="/"), Column("format"), Column("family"), Column("rank", "right"),
+           Column("alpha", "right"), Column("trigger"), Column("base model"), Column("size", "right"),
+           Column("hash")], rows,
+          title=f"{display_path(report.path)}: {len(report.entries)} adapter(s), {report.errors} unreadable, "
+                f"{report.seconds:.2f} s",
+          notes=[("rank / alpha: " + ("the modules' (--modules)" if deep else "as declared (ss_network_dim / "
+                  "_alpha, PEFT r / lora_alpha); --modules reads each file's modules")),
+                 "hash: sshs_model_hash (sha256 of the tensor data, CivitAI AutoV3) as stored, first 10 digits"])
+    for w in report.warnings:
+        warn(w)
+
+
 def render_blocks(report, json_out: bool) -> None:
     if json_out:
         print_json("info", report.to_json())
@@ -211,12 +247,28 @@ def info_command(
                               "the singular values of the largest modules into this PNG (reads the tensors, as "
                               "--stats; needs the [plot] extra: matplotlib)."),
     force: Force = False,
+    modules: bool = typer.Option(False, "--modules", help="On a folder of LoRAs: read each file's modules too "
+                                 "(exact ranks, alphas, dialect; about ten times slower than the header scan)."),
 ) -> None:
     """Show an adapter's format, trigger phrase, modules, ranks, alphas, dtypes, base model and training metadata.
 
     On a base checkpoint (single-file SD/SDXL/Flux/SD3, diffusers component or pipeline folder, HF
     model): its model family, tensor count, dtype mix and size, from the headers alone. No tensor
     data is read without --stats."""
+    from loratool.ops.scan import is_library_folder
+
+    if is_library_folder(path):
+        from loratool.ops.scan import scan
+
+        with progress_bar(enabled=not json_out) as progress:
+            found = scan(path, family=family, modules=modules, progress=progress)
+        if json_out:
+            print_json("info", found.to_json())
+            for w in found.warnings:
+                warn(w)
+        else:
+            render_scan(found)
+        return
     from loratool.ops.inspect import CheckpointReport, inspect
 
     if blocks:
