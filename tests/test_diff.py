@@ -157,3 +157,10 @@ def test_info_plot_draws_blocks_and_spectra(tmp_path, capsys):
     assert main(["info", str(KOHYA), "--stats"]) == 0
     out = capsys.readouterr().out
     assert "‖ΔW‖F per block" in out and "█" in out and "mid " in out
+
+
+def test_readme_shows_a_committed_plot():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "![info --plot on the tiny SD LoRA](docs/info-plot.png)" in readme
+    data = (Path(__file__).resolve().parent.parent / "docs" / "info-plot.png").read_bytes()
+    assert _png_size(data) == (720, 624) and len(data) < 100_000

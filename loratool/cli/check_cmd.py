@@ -30,11 +30,12 @@ def check_command(
                                        "a LoRA of an unrelated family is no refusal."),
     as_json: Json = False,
 ) -> int:
-    """Say how much of a LoRA a merge into BASE would place, and why it would skip the rest (grouped by cause,
-    each with its fix); writes nothing. Exit 0 when every module would merge, 1 when any would be skipped.
+    """Say how much of a LoRA a merge into BASE would place and why it would skip the rest, one line per cause
+    with its fix, writing nothing.
 
     Causes: wrong family or variant, a component the base lacks, another naming (dialect) or prefix, fused ↔ split
-    projections, shape mismatches (both shapes and the likely cause), weights the base does not have."""
+    projections, shape mismatches (both shapes and the likely cause), weights the base does not have. Exit 0
+    when every module would merge, 1 when any would be skipped (or the merge refused), 2 on bad input."""
     from loratool.ops.check import check
 
     report = check(lora, base, ignore_family=ignore_family)
