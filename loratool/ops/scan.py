@@ -124,18 +124,26 @@ class ScanReport:
         }
 
 
+def _peft_folder(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() and any((folder / n).is_file() for n in PEFT_FILES[1:])
+
+
 def is_library_folder(path: str | os.PathLike) -> bool:
-    """A folder that is not one adapter (no PEFT files, not exactly one .safetensors file and no subfolder) and
-    not a base model (no ``model_index.json``, no shard index)."""
+    """A folder that is not one adapter (no PEFT files, not exactly one .safetensors file and no subfolder, not
+    PEFT folders named by component: ``P/unet``, ``P/text_encoder``) and not a base model (no
+    ``model_index.json``, no shard index, no ``config.json``)."""
+    from loratool.components import COMPONENTS
+
     p = Path(path)
-    if not p.is_dir() or any((p / n).is_file() for n in (*PEFT_FILES, "model_index.json")):
+    if not p.is_dir() or any((p / n).is_file() for n in (*PEFT_FILES, "model_index.json", "config.json")):
         return False
     if any(p.glob("*.safetensors.index.json")):
         return False
-    if (p / "config.json").is_file():  # a model component folder (config.json + weights)
-        return False
-    subfolders = any(d.is_dir() and not d.name.startswith(".") for d in p.iterdir())
-    return subfolders or len(list(p.glob("*.safetensors"))) != 1
+    subfolders = [d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if subfolders and not any(p.glob("*.safetensors")) and all(d.name in COMPONENTS and _peft_folder(d)
+                                                               for d in subfolders):
+        return False  # one adapter in component folders (what convert --to peft writes for a pipeline)
+    return bool(subfolders) or len(list(p.glob("*.safetensors"))) != 1
 
 
 def adapter_paths(folder: Path) -> list[Path]:
