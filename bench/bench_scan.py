@@ -27,28 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_info import _modules, best_of  # the sd1 module heads, best-of timing (same folder)
+
 RANK = 16
 WIDTH = 320  # the data area is a hole: widths only set the header's shapes and the file size
 
 
-def _heads() -> list[str]:
-    """kohya heads of every sd1 linear / conv module loratool's table knows (the library's typical LoRA)."""
-    from loratool import arch
-
-    fam = arch.get("sd1")
-    prefix_of = {c: p for p, c in fam.kohya_prefixes.items()}
-    out = []
-    for comp in fam.components:
-        for path in sorted(fam.native_paths(comp)):
-            if "norm" in path or "embedding" in path or (comp == "text_encoder" and not path.startswith("text_model.")):
-                continue
-            out.append(prefix_of[comp] + "_" + path.replace(".", "_"))
-    return out
-
-
 def write_library(folder: Path, files: int) -> tuple[int, int]:
     """``files`` kohya files in ``folder`` (subfolders of 100); returns (tensors per file, total header bytes)."""
-    heads = _heads()
+    heads = [head for head, _, _ in _modules()]
     header: dict[str, object] = {}
     pos = 0
     for head in heads:
@@ -73,15 +60,6 @@ def write_library(folder: Path, files: int) -> tuple[int, int]:
             fh.truncate(8 + len(raw) + pos)
         total += 8 + len(raw)
     return len(header), total
-
-
-def best_of(fn, n: int = 3) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

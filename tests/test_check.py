@@ -239,3 +239,28 @@ def test_ignore_family_checks_what_merge_ignore_family_merges(files, tmp_path, c
         assert rc == 0 and json.loads(captured.out)["matched_total"] == report.matched_total
     else:
         assert rc == 2
+
+
+def test_info_names_the_base_a_lora_needs(files, capsys):
+    """Family, variant and widths from the LoRA alone, against the configs of the models they were made on."""
+    llama = json.loads((LLAMA / "config.json").read_text())
+    head_dim = llama["hidden_size"] // llama["num_attention_heads"]
+    cases = [
+        (PEFT, "llm", "LlamaForCausalLM", {"hidden": [llama["hidden_size"]],
+                                           "q": [llama["hidden_size"]],
+                                           "kv": [llama["num_key_value_heads"] * head_dim]}),  # GQA: kv < q
+        (KOHYA, "sd1", None, {"cross_attention": [json.loads((SD / "unet" / "config.json").read_text())
+                                                  ["cross_attention_dim"]]}),
+        (files["flux_lora"], "flux", "FLUX.1-dev (guidance embedder)", {"hidden": [16], "context": [16]}),
+        (files["sdxl_lora"], "sdxl", None, {"cross_attention": [32]}),
+    ]
+    for path, family, variant, widths in cases:
+        assert main(["info", str(path), "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert (data["family"], data["variant"]) == (family, variant), path
+        for name, values in widths.items():
+            assert data["widths"][name] == values, (path, name, data["widths"])
+    # the tiny Flux: 2 heads × 8 = 16 wide, joint_attention_dim 16 (test_family_merge.tiny_flux's config)
+    assert main(["info", str(files["flux_lora"])]) == 0
+    out = capsys.readouterr().out
+    assert "FLUX.1-dev (guidance embedder)" in out and "needs widths" in out
