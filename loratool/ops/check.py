@@ -197,6 +197,7 @@ class _Context:
     base_family: str | None
     # canonical parameter names of every group (single files: through their key maps), for suffix searches
     params: list[str]
+    param_set: frozenset[str] = frozenset()
 
     def has(self, component: str, param: str) -> bool:
         return self.index.lookup(component, param) is not None
@@ -271,7 +272,7 @@ def _prefix(ctx: _Context, comp: str, path: str, suffixes: dict[str, list[str]])
     for strip in range(len(segs) - 1):
         tail = ".".join(segs[strip:]) + ".weight"
         hits = [k for k in suffixes.get(tail, ()) if k != tail or strip]
-        if strip and tail in ctx.params:
+        if strip and tail in ctx.param_set:
             hits.append(tail)
         hits = list(dict.fromkeys(hits))
         if len(hits) == 1:
@@ -311,12 +312,12 @@ def _widths_text(widths: dict[str, list[int]]) -> str:
     return ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in widths.items()) or "its own widths"
 
 
-def explain(adapters: Sequence[Adapter], names: Sequence[str], plan: MatchPlan, ckpt,
-            base_family: str | None = None) -> list[Group]:
+def explain(adapters: Sequence[Adapter], plan: MatchPlan, ckpt, base_family: str | None = None) -> list[Group]:
     """The modules ``plan`` did not merge (rejected and unplaced), grouped by cause (see the module docstring)."""
     from loratool import arch
 
-    ctx = _Context(ckpt, BaseIndex(list(adapters), ckpt), plan, base_family, _param_names(ckpt))
+    params = _param_names(ckpt)
+    ctx = _Context(ckpt, BaseIndex(list(adapters), ckpt), plan, base_family, params, frozenset(params))
     suffixes = _keys_by_suffix(ctx.params)
     groups: dict[tuple[str, str], Group] = {}
 
@@ -342,14 +343,14 @@ def explain(adapters: Sequence[Adapter], names: Sequence[str], plan: MatchPlan, 
     return sorted(groups.values(), key=lambda g: (order.index(g.cause), -len(g.labels)))
 
 
-def unmatched_groups(adapters: Sequence[Adapter], names: Sequence[str], plan: MatchPlan, ckpt) -> list[dict]:
+def unmatched_groups(adapters: Sequence[Adapter], plan: MatchPlan, ckpt) -> list[dict]:
     """:func:`explain` as JSON objects: what a merge reports for the modules it skipped."""
     from loratool.ops.family_check import base_family_of
 
     if not plan.unmatched and not plan.rejected:
         return []
     base, _ = base_family_of(ckpt)
-    return [g.to_json() for g in explain(adapters, names, plan, ckpt, base)]
+    return [g.to_json() for g in explain(adapters, plan, ckpt, base)]
 
 
 # ---------------------------------------------------------------- the report
@@ -388,7 +389,7 @@ def check(lora: str | os.PathLike | Adapter, base: str | os.PathLike, *, ignore_
     identity = arch.identity_of(adapter)
     total = len(adapter) + len(adapter.extras)
     placed = plan.total_matched
-    groups = explain(adapters, names, plan, ckpt, base_family)
+    groups = explain(adapters, plan, ckpt, base_family)
     refused = None
     _, wrong = family_mismatches(adapters, names, ckpt)
     if wrong and not ignore_family:
@@ -397,7 +398,8 @@ def check(lora: str | os.PathLike | Adapter, base: str | os.PathLike, *, ignore_
                    f"(--ignore-family merges the {placed} modules that fit by name and shape)")
         why = identity.why or "its names and shapes"
         everything = [lab for g in groups for lab in g.labels]
-        placed_labels = [lab for lab in _placed_labels(adapter, plan) if lab not in set(everything)]
+        skipped = set(everything)
+        placed_labels = [lab for lab in _placed_labels(plan) if lab not in skipped]
         groups = [Group("family", f"{fam} LoRA on a {base_family} base",
                         f"the LoRA is {fam} ({why}); the base is {base_family} ({architecture or 'its weights'})",
                         CAUSES["family"].fix.format(family=fam, base_family=base_family),
@@ -417,7 +419,7 @@ def check(lora: str | os.PathLike | Adapter, base: str | os.PathLike, *, ignore_
     )
 
 
-def _placed_labels(adapter: Adapter, plan: MatchPlan) -> list[str]:
+def _placed_labels(plan: MatchPlan) -> list[str]:
     """component:path of every module and whole tensor the plan placed."""
     out = [f"{app.module.component}:{app.module.path}" for apps in plan.applications.values() for app in apps
            if not app.bias]

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from loratool import formats
+from loratool import arch, formats
 from loratool.adapter import Adapter, LoraModule
 from loratool.api import base_vocabulary, read_source
 from loratool.delta_rank import delta_rank
@@ -115,7 +115,7 @@ class InfoReport:
     variant: str | None = None
     widths: dict[str, list[int]] = field(default_factory=dict)
     family_evidence: str | None = None
-    # with stats: ΔW per block ([{block, modules, norm, effective_rank}]), see loratool.ops.blocks
+    # with stats: ΔW per block ([{block, component, module_count, norm, effective_rank}]): loratool.ops.blocks
     block_stats: list[dict[str, Any]] | None = None
 
     @property
@@ -494,8 +494,6 @@ def inspect(
         {"component": c, "name": n, "shape": [int(x) for x in t.shape], "dtype": _dtype_name(t.dtype)}
         for (c, n), t in adapter.extras.items()
     ]
-    from loratool import arch
-
     identity = arch.identity_of(adapter)
     block_stats = None
     if stats:

@@ -491,7 +491,7 @@ def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: s
     plan = match(adapters, values, ckpt, names=names)
     from loratool.ops.check import unmatched_groups
 
-    plan.unmatched_groups = unmatched_groups(adapters, names, plan, ckpt)
+    plan.unmatched_groups = unmatched_groups(adapters, plan, ckpt)
     if block_weights or strength_patterns:
         from loratool.ops.block_weights import apply_to_plan, module_weights
 
