@@ -102,10 +102,12 @@ CHOICES = {
               "-w, --weights W", "-r, --rank N"],
     "resize": ["--dynamic sv_ratio|sv_fro|sv_cumulative", "--param P", "-r, --rank N"],
     "extract": ["--to kohya|diffusers|peft", "--save-dtype fp16|bf16|fp32", "--include REGEX"],
-    "info": ["--from kohya|diffusers|peft|loralib|lycoris", "--config CFG", "--all"],
+    "info": ["--from kohya|diffusers|peft|loralib|lycoris", "--config CFG", "--all", "--plot PNG"],
+    "check": ["--ignore-family", "--json"],
+    "diff": ["--plot PNG", "--all", "--json"],
 }
 ARGUMENTS = {"info": "PATH", "convert": "LORA", "merge": "BASE LORA...", "stack": "LORA...", "resize": "LORA",
-             "extract": "FINETUNED BASE"}
+             "extract": "FINETUNED BASE", "check": "LORA BASE", "diff": "A B"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -503,7 +505,18 @@ def _all_json(capsys, tmp_path) -> dict[str, dict]:
         "stack": run_json(capsys, "stack", KOHYA, DIFFUSERS, "-o", tmp_path / "s.safetensors"),
         "resize": run_json(capsys, "resize", KOHYA, "--rank", "2", "-o", tmp_path / "r.safetensors"),
         "extract": run_json(capsys, "extract", tmp_path / "m", tmp_path / "llama", "--rank", "4", "-o", tmp_path / "e"),
+        "check": run_json(capsys, "check", KOHYA, SD),
+        "check_skipping": _json_rc(capsys, 1, "check", KOHYA, SD / "unet"),
+        "diff": run_json(capsys, "diff", KOHYA, LOKR, "--plot", tmp_path / "d.png"),
+        "info_plot": run_json(capsys, "info", KOHYA, "--plot", tmp_path / "i.png"),
+        "info_folder": run_json(capsys, "info", FIXTURES),
     }
+
+
+def _json_rc(capsys, want: int, *args) -> dict:
+    rc, out, err = run(capsys, *args, "--json")
+    assert rc == want, err
+    return json.loads(out)
 
 
 # Objects whose keys are data (tensor names, metadata keys, values), not contract fields.

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.adapter import Adapter, LoraModule
-from loratool.arch.evidence import Evidence, best, conflict
+from loratool.arch.evidence import Evidence, Identity, Mismatch, Width, best, conflict, identify
 from loratool.errors import FormatError, UsageError
 
 DATA = Path(__file__).parent
@@ -53,6 +53,12 @@ class Family:
     evidence: Callable[[Evidence], tuple[int, str]] | None = None
     # other families / base kinds ("clip", "t5") this family's LoRAs may be merged into by name
     merges_into: tuple[str, ...] = ()
+    # the variant an adapter's evidence names (FLUX.1-dev from guidance modules...), None when it does not tell
+    variant: Callable[[Evidence], str | None] | None = None
+    # the widths its adapted weights fix (``info``, ``check``): see loratool.arch.evidence.Width
+    widths: tuple[Width, ...] = ()
+    # modules a base of this family may lack, explained per group (another variant's): ``check`` / ``merge``
+    mismatches: tuple[Mismatch, ...] = ()
 
     @property
     def components(self) -> list[str]:
@@ -122,6 +128,12 @@ def family_of(adapter: Adapter, kohya_keys: list[str] | tuple[str, ...] = ()) ->
     when it was read from a kohya-named file); None when unknown or ambiguous."""
     verdict = best(_evidence(adapter, kohya_keys), families())
     return None if verdict is None else verdict.family
+
+
+def identity_of(adapter: Adapter, kohya_keys: list[str] | tuple[str, ...] = ()) -> Identity:
+    """The family (``adapter.family`` when set), variant and widths of the base ``adapter`` needs
+    (:func:`loratool.arch.evidence.identify`)."""
+    return identify(_evidence(adapter, kohya_keys), families(), adapter.family)
 
 
 def check_family(name: str, adapter: Adapter | None, kohya_keys: list[str] | tuple[str, ...] = ()) -> Family:

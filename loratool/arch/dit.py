@@ -32,6 +32,7 @@ from functools import cache, cached_property
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, fused, load_table
+from loratool.arch.evidence import Mismatch
 from loratool.errors import MatchError
 from loratool.formats.kohya_names import template as template  # block indices as #
 
@@ -41,16 +42,6 @@ NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # kohya prefixes: musubi-tuner / sd-scripts ``lora_unet_``; VideoX-Fun (Wan-Fun) ``lora_unet__`` (an empty
 # module name before the path); SimpleTuner's LyCORIS export ``lycoris_`` is generic (see kohya_names).
 KOHYA_PREFIXES = {"lora_unet": COMPONENT, "lora_unet_": COMPONENT}
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    """Canonical modules matching ``pattern`` that a base lacks, explained: ``group`` names them,
-    ``reason`` says which variants have them."""
-
-    pattern: str
-    group: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -156,6 +147,7 @@ class DitFamily:
             detect=self.detect,
             evidence=self.evidence,
             merges_into=self.merges_into,
+            mismatches=self.mismatches,
         )
 
     def evidence(self, ev) -> tuple[int, str]:
@@ -219,16 +211,6 @@ class DitFamily:
                     dotted or not any(re.search(m, path) for m in self.dotted_markers)):
                 return 95
         return 0 if self.needs_marker else 60
-
-    def explain(self, unmatched: Iterable[str]) -> list[tuple[str, str, list[str]]]:
-        """[(group, reason, paths)] for the unmatched canonical paths a :class:`Mismatch` explains."""
-        groups: dict[str, tuple[str, list[str]]] = {}
-        for path in unmatched:
-            for mm in self.mismatches:
-                if re.search(mm.pattern, path):
-                    groups.setdefault(mm.group, (mm.reason, []))[1].append(path)
-                    break
-        return [(g, reason, paths) for g, (reason, paths) in groups.items()]
 
 
 def _is_diffusers(spec: DitFamily, path: str) -> bool:

@@ -130,25 +130,6 @@ def checkpoint_family(ckpt) -> str | None:
     return None
 
 
-def explain_unmatched(ckpt, labels: list[str]) -> list[dict]:
-    """Unmatched adapter modules (``component:path`` labels, maybe `` (adapter)``) that the base's family
-    explains — modules of another variant (Wan 2.1 I2V image cross-attention on a T2V base, Flux.1 per-block
-    modulation on Chroma) — grouped, each with its reason; the rest stay plain unmatched modules."""
-    spec = dit.find(checkpoint_family(ckpt)) if labels else None
-    if spec is None or not spec.mismatches:
-        return []
-    by_path: dict[str, list[str]] = {}
-    for label in labels:
-        comp, _, rest = label.partition(":")
-        if comp == dit.COMPONENT:
-            by_path.setdefault(rest.split(" (", 1)[0], []).append(label)
-    out = []
-    for group, reason, paths in spec.explain(by_path):
-        out.append({"group": group, "reason": reason, "module_count": len(paths), "examples": paths[:3],
-                    "labels": [lab for p in paths for lab in by_path[p]]})
-    return out
-
-
 def route_expert(ckpt, adapter):
     """A Wan 2.2 A14B pipeline folder holds two experts: ``transformer/`` (high noise, early steps) and
     ``transformer_2/`` (low noise). A LoRA whose metadata names the low-noise expert (musubi-tuner's

@@ -24,6 +24,13 @@ for files with kohya keys. A tie at the top between families that are not relate
 :func:`conflict` answers "is ``--family X`` plausible for this adapter": it refuses X when names or
 widths (declarations left out: the user may know better than a stale header) point at another
 family with a score of at least :data:`STRONG`.
+
+:func:`identify` names the base an adapter needs from the same evidence: the family (:func:`best`), its
+variant (``Family.variant``: e.g. FLUX.1-dev from its guidance-embedder modules) and the widths the adapted
+weights fix (``Family.widths``: a table of :class:`Width` rows, read from the modules' shapes). A family's
+:class:`Mismatch` rows (``Family.mismatches``) explain modules a base of the family may lack — another
+variant's (FLUX.1-dev guidance on schnell, Flux.1 modulation on Chroma, a tied ``lm_head``): ``check`` and
+``merge`` group unmatched modules by them.
 """
 
 from __future__ import annotations
@@ -131,6 +138,64 @@ class Evidence:
     def undeclared(self) -> Evidence:
         """The same names and shapes with no metadata and no configs."""
         return replace(self, metadata={}, configs=())
+
+
+@dataclass(frozen=True)
+class Width:
+    """A width the adapted weights fix: dim ``dim`` (0 out, 1 in) of the modules of ``component`` whose path
+    matches ``pattern``; ``what`` says what it is (``cross-attention (text) width``)."""
+
+    name: str
+    component: str
+    pattern: str
+    dim: int
+    what: str
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Canonical modules matching ``pattern`` that a base of the family may lack: ``group`` names them,
+    ``reason`` says which variants have them (DiT families list theirs in ``arch.dit.DitFamily.mismatches``)."""
+
+    pattern: str
+    group: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The base an adapter needs: family (None: unknown), variant, widths {name: sorted values}, and why."""
+
+    family: str | None
+    variant: str | None = None
+    widths: dict[str, list[int]] = field(default_factory=dict)
+    why: str = ""
+    score: int = 0
+
+
+def measured_widths(ev: Evidence, table: Sequence[Width]) -> dict[str, list[int]]:
+    """{width name: the sorted distinct values} of every :class:`Width` row the adapter's shapes show."""
+    out: dict[str, list[int]] = {}
+    for w in table:
+        pattern = re.compile(w.pattern)
+        values = {s[w.dim] for s in ev.shapes(w.component, pattern) if len(s) > w.dim}
+        if values:
+            out[w.name] = sorted(values)
+    return out
+
+
+def identify(ev: Evidence, families: Mapping[str, Family], family: str | None = None) -> Identity:
+    """Family, variant and widths of the base ``ev``'s adapter was trained for: the family as :func:`best`
+    decides it, or ``family`` when the reader / ``--family`` decided it already."""
+    top = best(ev, families)
+    name = family or (top.family if top is not None else None)
+    if name is None:
+        return Identity(None)
+    why, score = (top.why, top.score) if top is not None and top.family == name else ("as read", 0)
+    fam = families.get(name)
+    variant = fam.variant(ev) if fam is not None and fam.variant is not None else None
+    widths = measured_widths(ev, fam.widths) if fam is not None else {}
+    return Identity(name, variant, widths, why, score)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from functools import cache
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, fused, load_table
-from loratool.arch.evidence import DECLARED, UNIQUE, Evidence
+from loratool.arch.evidence import DECLARED, UNIQUE, Evidence, Mismatch, Width
 from loratool.arch.fused import swap_halves as swap_halves  # BFL shift/scale <-> diffusers scale/shift
 from loratool.errors import MatchError
 
@@ -188,6 +188,37 @@ def evidence(ev: Evidence) -> tuple[int, str]:
     return fused.dit_evidence(ev, PUBLISHED_WIDTHS, POOLED_WIDTH, T5, "T5")
 
 
+# Widths a Flux.1 LoRA fixes (released: hidden 3072, MLP 12288, T5 context 4096, pooled CLIP-L 768).
+FLUX_WIDTHS = (
+    Width("hidden", "transformer", r"(^|\.)attn\.to_q$", 1, "transformer width"),
+    Width("mlp", "transformer", r"(\.ff\.net\.0\.proj|\.proj_mlp)$", 0, "MLP width"),
+    Width("context", "transformer", r"^context_embedder$", 1, "text context width (T5)"),
+    Width("pooled", "transformer", r"^time_text_embed\.text_embedder\.linear_1$", 1, "pooled text width (CLIP-L)"),
+    Width("text_encoder", "text_encoder", r"\.self_attn\.q_proj$", 1, "CLIP text encoder width"),
+)
+GUIDANCE = re.compile(r"^time_text_embed\.guidance_embedder\.")
+SCHNELL_NAMES = re.compile(r"schnell")
+
+
+def variant(ev: Evidence) -> str | None:
+    """FLUX.1-dev when the adapter trains the guidance embedder (``guidance_in``: schnell has none), or what the
+    metadata declares; None when nothing tells dev from schnell."""
+    if ev.any_path("transformer", GUIDANCE):
+        return "FLUX.1-dev (guidance embedder)"
+    if ev.declares(SCHNELL_NAMES):
+        return "FLUX.1-schnell (declared)"
+    if ev.declares(re.compile(r"flux[.\-_ ]?1[.\-_ ]?dev|flux1-dev")):
+        return "FLUX.1-dev (declared)"
+    return None
+
+
+# Modules a Flux.1 base may lack: FLUX.1-schnell has no guidance embedder (diffusers' FluxTransformer2DModel
+# guidance_embeds=False). Chroma's (no per-block modulation, ...) are its own family's: loratool/arch/chroma.py.
+MISMATCHES = (
+    Mismatch(r"^time_text_embed\.guidance_embedder\.", "guidance embedder (guidance_in)",
+             "the base has no guidance embedder (FLUX.1-schnell): a FLUX.1-dev LoRA's guidance_in keys do not apply"),
+)
+
 FAMILY = Family(
     name="flux",
     kohya_prefixes={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te3": "text_encoder_2"},
@@ -197,4 +228,7 @@ FAMILY = Family(
     detect=detect,
     evidence=evidence,
     merges_into=("clip", "t5"),
+    variant=variant,
+    widths=FLUX_WIDTHS,
+    mismatches=MISMATCHES,
 )

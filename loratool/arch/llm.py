@@ -24,7 +24,7 @@ from functools import cache
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, identity, load_table
-from loratool.arch.evidence import DECLARED, UNIQUE, Evidence
+from loratool.arch.evidence import DECLARED, UNIQUE, Evidence, Mismatch, Width
 
 # No bare "lora": "lora_model_layers_0" would read both as lora + model.layers.0 and lora_model + layers.0.
 PREFIXES = {"lora_te": "model", "lora_model": "model", "lora_llm": "model"}
@@ -91,5 +91,47 @@ def evidence(ev: Evidence) -> tuple[int, str]:
     return 0, ""
 
 
+# Widths an HF language-model LoRA fixes: hidden size, query and key/value widths (n_kv_heads · head_dim: grouped-
+# query attention when smaller than the query's), MLP width, vocabulary.
+LLM_WIDTHS = (
+    Width("hidden", "model", r"(^|\.)(q_proj|query)$", 1, "hidden size"),
+    Width("q", "model", r"(^|\.)(q_proj|query)$", 0, "query width (heads · head_dim)"),
+    Width("kv", "model", r"(^|\.)(k_proj|v_proj|key|value)$", 0, "key/value width (kv heads · head_dim)"),
+    Width("intermediate", "model", r"(^|\.)(up_proj|gate_proj|fc1|c_fc)$", 0, "MLP width"),
+    Width("vocab", "model", r"(^|\.)(embed_tokens|wte|lm_head)$", 0, "vocabulary"),
+)
+# transformers ``architectures`` by the llm.json table they come from (for the variant line)
+_ARCH_TITLES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "phi": "Phi",
+                "gpt2": "GPT-2", "t5": "T5"}
+
+
+def variant(ev: Evidence) -> str | None:
+    """The base class a PEFT config names (``auto_mapping``), else the architectures whose module names cover
+    every path (``Llama / Mistral / Qwen2`` share theirs)."""
+    for cfg in ev.configs:
+        mapping = cfg.get("auto_mapping")
+        if isinstance(mapping, dict) and mapping.get("base_model_class"):
+            return str(mapping["base_model_class"])
+    from loratool.formats.kohya_names import template
+
+    tmpl = {template(p) for p in ev.paths("model")}
+    if not tmpl:
+        return None
+    fits = []
+    for name, title in _ARCH_TITLES.items():
+        known = {template(p) for p in paths(name)}
+        known |= {t.split(".", 1)[1] for t in known if "." in t}
+        if tmpl <= known:
+            fits.append(title)
+    return " / ".join(fits) or None
+
+
+# A LoRA on lm_head meets bases whose head is the input embedding (tie_word_embeddings: no lm_head.weight stored).
+MISMATCHES = (
+    Mismatch(r"(^|\.)lm_head$", "output head (lm_head)", "the base stores no lm_head weight: it ties the head to "
+             "the input embeddings (tie_word_embeddings) or has no head (a bare *Model)"),
+)
+
 FAMILY = Family(name="llm", kohya_prefixes=dict(PREFIXES), native_paths=native_paths, to_canonical=to_canonical,
-                from_canonical=identity, detect=detect, evidence=evidence, merges_into=("t5",))
+                from_canonical=identity, detect=detect, evidence=evidence, merges_into=("t5",), variant=variant,
+                widths=LLM_WIDTHS, mismatches=MISMATCHES)

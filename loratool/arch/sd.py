@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, identity, load_table
-from loratool.arch.evidence import DECLARED, LAYOUT, WEAK, Evidence
+from loratool.arch.evidence import DECLARED, LAYOUT, WEAK, Evidence, Width
 
 PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder"}
 _UNET_DIFFUSERS = re.compile(r"^(lora_unet|lycoris)_(down_blocks|up_blocks|mid_block)_")
@@ -110,9 +110,22 @@ def _evidence(family: str):
     return evidence
 
 
+# Widths an SD U-Net / CLIP LoRA fixes (released: cross-attention 768 SD 1.x, 1024 SD 2.x; channels 320/640/1280).
+UNET_WIDTHS = (
+    Width("cross_attention", "unet", r"\.attn2\.to_k$", 1, "cross-attention (text) width"),
+    Width("unet_channels", "unet", r"\.attentions\.\d+\.proj_in$", 0, "U-Net attention channels"),
+)
+TEXT_WIDTHS = (Width("text_encoder", "text_encoder", r"\.self_attn\.q_proj$", 1, "text encoder width"),)
+
+
+def _variant(ev: Evidence) -> str | None:
+    """SD 2.x v-prediction (768-v) models, as sd-scripts records the training (``ss_v_parameterization``)."""
+    return "v-prediction" if str(ev.metadata.get("ss_v_parameterization", "")).lower() == "true" else None
+
+
 FAMILIES = [
     Family(name=name, kohya_prefixes=dict(PREFIXES), native_paths=_paths(name), to_canonical=to_canonical,
            from_canonical=identity, detect=_detector(name), evidence=_evidence(name),
-           merges_into=(other, "clip"))
+           merges_into=(other, "clip"), variant=_variant, widths=UNET_WIDTHS + TEXT_WIDTHS)
     for name, other in (("sd1", "sd2"), ("sd2", "sd1"))
 ]

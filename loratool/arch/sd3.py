@@ -24,7 +24,7 @@ from functools import cache
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, fused, load_table
-from loratool.arch.evidence import DECLARED, UNIQUE, Evidence
+from loratool.arch.evidence import DECLARED, UNIQUE, Evidence, Width
 
 # native module inside ``joint_blocks.{i}.`` -> diffusers module(s) inside ``transformer_blocks.{i}.``
 BLOCK = {
@@ -187,6 +187,15 @@ def evidence(ev: Evidence) -> tuple[int, str]:
     return fused.dit_evidence(ev, PUBLISHED_WIDTHS, POOLED_WIDTH, CLIP, "CLIP")
 
 
+# Widths an SD3 LoRA fixes (released: hidden 1536 medium / 2432 3.5 large, context 4096, pooled 2048).
+SD3_WIDTHS = (
+    Width("hidden", "transformer", r"\.attn\.to_q$", 1, "transformer width"),
+    Width("context", "transformer", r"^context_embedder$", 1, "text context width (T5)"),
+    Width("pooled", "transformer", r"^time_text_embed\.text_embedder\.linear_1$", 1, "pooled text width"),
+    Width("text_encoder", "text_encoder", r"\.self_attn\.q_proj$", 1, "CLIP-L text encoder width"),
+    Width("text_encoder_2", "text_encoder_2", r"\.self_attn\.q_proj$", 1, "CLIP-G text encoder width"),
+)
+
 FAMILY = Family(
     name="sd3",
     kohya_prefixes={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
@@ -197,4 +206,5 @@ FAMILY = Family(
     detect=detect,
     evidence=evidence,
     merges_into=("clip", "t5"),
+    widths=SD3_WIDTHS,
 )

@@ -24,7 +24,7 @@ from functools import cache
 
 from loratool.adapter import LoraModule
 from loratool.arch import Family, load_table
-from loratool.arch.evidence import DECLARED, LAYOUT, STRUCTURE, UNIQUE, WIDTHS, Evidence
+from loratool.arch.evidence import DECLARED, LAYOUT, STRUCTURE, UNIQUE, WIDTHS, Evidence, Width
 from loratool.arch.fused import renamed
 from loratool.errors import MatchError
 
@@ -286,6 +286,15 @@ def evidence(ev: Evidence) -> tuple[int, str]:
     return 0, ""
 
 
+# Widths an SDXL LoRA fixes (released: cross-attention 2048, add_embedding input 2816; text encoders 768 / 1280).
+SDXL_WIDTHS = (
+    Width("cross_attention", "unet", r"\.attn2\.to_k$", 1, "cross-attention (text) width"),
+    Width("unet_channels", "unet", r"\.attentions\.\d+\.proj_in$", 0, "U-Net attention channels"),
+    Width("add_embedding", "unet", r"^add_embedding\.linear_1$", 1, "added text/time embedding input"),
+    Width("text_encoder", "text_encoder", r"\.self_attn\.q_proj$", 1, "text encoder width (CLIP-L)"),
+    Width("text_encoder_2", "text_encoder_2", r"\.self_attn\.q_proj$", 1, "second text encoder width (CLIP-G)"),
+)
+
 FAMILY = Family(
     name="sdxl",
     kohya_prefixes={"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"},
@@ -295,4 +304,5 @@ FAMILY = Family(
     detect=detect,
     evidence=evidence,
     merges_into=("sdxl_refiner", "clip"),
+    widths=SDXL_WIDTHS,
 )

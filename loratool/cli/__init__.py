@@ -25,7 +25,7 @@ import typer
 from loratool.cli.app import app, state
 from loratool.errors import LoratoolError
 
-COMMANDS = ("info", "convert", "merge", "stack", "resize", "extract")
+COMMANDS = ("info", "convert", "merge", "stack", "resize", "extract", "check", "diff")
 for _name in COMMANDS:
     try:
         importlib.import_module(f"loratool.cli.{_name}_cmd")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from loratool.cli.app import command
-from loratool.cli.options import BaseModel, Family, FromLayout, Json, ShowAll, SidecarConfig, Threads
+from loratool.cli.options import BaseModel, Family, Force, FromLayout, Json, ShowAll, SidecarConfig, Threads
 from loratool.cli.render import (
     Column,
     counts,
@@ -18,9 +18,9 @@ from loratool.cli.render import (
     fields,
     grouped,
     human_size,
-    natural_key,
     print_json,
     progress_bar,
+    say,
     table,
     warn,
 )
@@ -70,9 +70,12 @@ def _summary_rows(report: InfoReport) -> list[tuple[str, str]]:
     rows = [("format", fmt)]
     if report.trigger_phrases:
         rows.append(("trigger", " | ".join(report.trigger_phrases)))
-    rows.append(("family", report.family or "unknown"))
+    family = report.family or "unknown"
+    rows.append(("family", family + (f" ({report.family_evidence})" if report.family_evidence else "")))
     if report.variant:
         rows.append(("variant", report.variant))
+    if report.widths:
+        rows.append(("needs widths", ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in report.widths.items())))
     rows += [(k, _short(v)) for k, v in report.base_model.items()]
     files = ", ".join(display_path(f) for f in report.files)
     rows.append(("size", f"{human_size(report.size_bytes)} ({files})"))
@@ -129,6 +132,11 @@ def render(report: InfoReport, show_all: bool = False) -> None:
     fields(_summary_rows(report), title=Path(report.path).name)
     if report.modules:
         _module_table(report, show_all)
+    if report.block_stats:
+        from loratool.cli.charts import bar_chart
+
+        bar_chart([(b["block"], b["norm"], f"{b['module_count']} mod., eff. rank {b['effective_rank']:.1f}")
+                   for b in report.block_stats], title="‖ΔW‖F per block")
     if report.extras:
         rows = [[e["component"], e["name"], "×".join(map(str, e["shape"])), e["dtype"]] for e in report.extras]
         table([Column("component"), Column("name", path=True), Column("shape"), Column("dtype")], rows,
@@ -176,30 +184,37 @@ def render_checkpoint(report: CheckpointReport) -> None:
         warn(w)
 
 
+def _base_name(base_model: dict[str, str]) -> str:
+    for key in ("ss_sd_model_name", "base_model_name_or_path", "modelspec.architecture", "ss_base_model_version"):
+        if base_model.get(key):
+            return base_model[key]
+    return "-"
+
+
 def render_scan(report: ScanReport, show_all: bool = False) -> None:
-    """One row per file of a folder scan (header-only: what the headers and training metadata say)."""
-    deep = any(e.modules is not None for e in report.entries)
-    columns = [Column("file", path=True, sep="/"), Column("format"), Column("family"), Column("tensors", "right")]
-    columns += [Column("modules", "right"), Column("rank", "right")] if deep else \
-        [Column("dim", "right"), Column("alpha", "right")]
-    columns += [Column("dtype"), Column("size", "right")]
+    """One row per file of a library folder (errors named once, on stderr)."""
     root = Path(report.path)
     rows = []
-    for e in sorted(report.entries, key=lambda e: natural_key(e.path)):
-        name = str(Path(e.path).relative_to(root)) if Path(e.path).is_relative_to(root) else e.path
+    for e in report.entries:
+        p = Path(e.path)
+        name = str(p.relative_to(root)) if p.is_relative_to(root) else e.path
         if e.error is not None:
-            rows.append([name, "error", *["-"] * (len(columns) - 3), human_size(e.size_bytes)])
+            rows.append([name, "error", *["-"] * 5, human_size(e.size_bytes), "-"])
             continue
-        if deep:
-            lo, hi = (e.ranks or {}).get("min"), (e.ranks or {}).get("max")
-            middle = ["-" if e.modules is None else str(e.modules),
-                      "-" if lo is None else str(lo) if lo == hi else f"{lo}–{hi}"]
-        else:  # what the training metadata says (kohya ss_network_dim / _alpha)
-            middle = [e.training.get("ss_network_dim", "-"), e.training.get("ss_network_alpha", "-")]
-        rows.append([name, e.format or "-", e.family or "unknown", str(e.tensors), *middle, counts(e.dtypes),
-                     human_size(e.size_bytes)])
-    table(columns, rows, title=f"{display_path(report.path)}: {len(report.entries)} files",
-          limit=None if show_all else SCAN_ROWS, what="files")
+        fmt = (e.format or "-") + (f" ({e.dialect})" if e.dialect else "")
+        trigger = e.trigger_phrases[0] if e.trigger_phrases else "-"
+        digest = e.hashes.get("sshs_model_hash", "")[:10] or "-"
+        rows.append([name, fmt, e.family or "unknown", e.rank, e.alpha, _short(trigger)[:40],
+                     _short(_base_name(e.base_model))[:40], human_size(e.size_bytes), digest])
+    deep = any(e.modules is not None for e in report.entries)
+    table([Column("file", path=True, sep="/"), Column("format"), Column("family"), Column("rank", "right"),
+           Column("alpha", "right"), Column("trigger"), Column("base model"), Column("size", "right"),
+           Column("hash")], rows, limit=None if show_all else SCAN_ROWS, what="files",
+          title=f"{display_path(report.path)}: {len(report.entries)} adapter(s), {report.errors} unreadable, "
+                f"{report.seconds:.2f} s",
+          notes=[("rank / alpha: " + ("the modules' (--modules)" if deep else "as declared (ss_network_dim / "
+                  "_alpha, PEFT r / lora_alpha); --modules reads each file's modules")),
+                 "hash: sshs_model_hash (sha256 of the tensor data, CivitAI AutoV3) as stored, first 10 digits"])
     for w in report.warnings:
         warn(w)
 
@@ -233,12 +248,32 @@ def info_command(
     blocks: bool = typer.Option(False, "--blocks", help="List which modules each LoRA Block Weight entry "
                                 "(BASE, IN04, M00, OUT05 / Flux CLIP, D07, S12…) controls."),
     threads: Threads = None,
+    plot: Path = typer.Option(None, "--plot", metavar="PNG", help="Draw ΔW norm and effective rank per block and "
+                              "the singular values of the largest modules into this PNG (reads the tensors, as "
+                              "--stats; needs the [plot] extra: matplotlib)."),
+    force: Force = False,
+    modules: bool = typer.Option(False, "--modules", help="On a folder of LoRAs: read each file's modules too "
+                                 "(exact ranks, alphas, dialect; about ten times slower than the header scan)."),
 ) -> None:
     """Show an adapter's format, trigger phrase, modules, ranks, alphas, dtypes, base model and training metadata.
 
     On a base checkpoint (single-file SD/SDXL/Flux/SD3, diffusers component or pipeline folder, HF
     model): its model family, tensor count, dtype mix and size, from the headers alone. No tensor
     data is read without --stats."""
+    from loratool.ops.scan import is_library_folder
+
+    if is_library_folder(path):
+        from loratool.ops.scan import scan
+
+        with progress_bar(enabled=not json_out) as progress:
+            found = scan(path, family=family, modules=modules, progress=progress)
+        if json_out:
+            print_json("info", found.to_json())
+            for w in found.warnings:
+                warn(w)
+        else:
+            render_scan(found, show_all)
+        return
     from loratool.ops.inspect import CheckpointReport, inspect
     from loratool.ops.scan import ScanReport
 
@@ -247,11 +282,24 @@ def info_command(
 
         render_blocks(block_report(path, from_, base=base, config=config, family=family), json_out)
         return
+    if plot is not None:
+        from loratool.ops.plot import check_plot_path
+
+        check_plot_path(plot, inputs=[path], force=force)
+        stats = True
     with progress_bar(enabled=(stats or Path(path).is_dir()) and not json_out) as progress:
         report = inspect(path, from_, base=base, config=config, family=family, stats=stats, threads=threads,
                          progress=progress)
+    drawn = None
+    if plot is not None and isinstance(report, CheckpointReport):
+        warn(f"{path} is a base model: --plot draws adapters only; nothing drawn")
+    elif plot is not None:
+        from loratool.api import load
+        from loratool.ops.plot import plot_info
+
+        drawn = plot_info(report, load(path, from_, base=base, config=config, family=family), plot)
     if json_out:
-        print_json("info", report.to_json())
+        print_json("info", {**report.to_json(), **({"plot": drawn.to_json()} if drawn else {})})
         for w in report.warnings:
             warn(w)
     elif isinstance(report, CheckpointReport):
@@ -260,3 +308,5 @@ def info_command(
         render_scan(report, show_all)
     else:
         render(report, show_all)
+        if drawn is not None:
+            say(f"plot: {display_path(drawn.path)} ({', '.join(drawn.panels)})")

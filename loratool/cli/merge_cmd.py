@@ -7,10 +7,9 @@ from pathlib import Path
 import typer
 
 from loratool.cli.app import command
+from loratool.cli.match_view import print_groups
 from loratool.cli.options import FLOAT_DTYPES, BlockWeights, Device, Force, Json, Strength, Threads
 from loratool.cli.render import Column, display_path, print_json, progress_bar, say, table, warn
-
-UNMATCHED_SHOWN = 20
 
 
 @command("merge", number_lists=["--alpha", "-a"], examples=[
@@ -75,14 +74,10 @@ def merge_command(
     if as_json:
         print_json("merge", result.to_json())
         return
-    explained = {m for g in result.unmatched_groups for m in g["labels"]}
-    for g in result.unmatched_groups:
-        warn(f"{g['module_count']} adapter modules skipped, {g['group']}: {g['reason']}")
-    rest = [u for u in result.unmatched if u not in explained]
-    if rest:
-        shown = ", ".join(rest[:UNMATCHED_SHOWN])
-        more = f" and {len(rest) - UNMATCHED_SHOWN} more (--json lists them)" if len(rest) > UNMATCHED_SHOWN else ""
-        warn(f"{len(rest)} adapter modules match no base weight and were skipped: {shown}{more}")
+    if result.unmatched:
+        warn(f"{len(result.unmatched)} adapter modules match no base weight and were skipped (--json lists them; "
+             f"loratool check explains them the same way):")
+        print_groups(result.unmatched_groups, warn)
     if result.dropped_files:
         warn(f"weight files not merged and not copied: {', '.join(result.dropped_files)}")
     rows = [[display_path(a), f"{s:g}"] for a, s in zip(result.adapters, result.strengths)]

@@ -48,20 +48,28 @@ def base_family_of(ckpt: Checkpoint, shapes: Mapping[str, tuple[int, ...]] | Non
     return base_family(shapes, config=json_object(folder / "config.json"))
 
 
-def check_families(adapters: Sequence[Adapter], names: Sequence[str], ckpt: Checkpoint) -> None:
-    """Refuse (:class:`MatchError`) an adapter whose known family is not the known family of ``ckpt``."""
+def family_mismatches(adapters: Sequence[Adapter], names: Sequence[str], ckpt: Checkpoint
+                      ) -> tuple[str | None, list[tuple[int, str]]]:
+    """(the base's family, [(adapter index, its family)] for every adapter whose known family is not related
+    to the known family of ``ckpt``); the base family is None when unknown (then nothing is refused)."""
     from loratool import arch
     from loratool.arch.evidence import related
 
-    known = [(a.family, n) for a, n in zip(adapters, names) if a.family is not None]
-    if not known:
-        return
+    if not any(a.family is not None for a in adapters):
+        return None, []
     base, _ = base_family_of(ckpt)
     if base is None:
-        return
-    for family, name in known:
-        if not related(family, base, arch.families()):
-            raise MatchError(
-                f"{name} is a LoRA for the {family} family, but the base {ckpt.root} is of the {base} family: its "
-                f"modules would land on unrelated weights; use the right base (or --ignore-family to merge anyway)"
-            )
+        return None, []
+    return base, [(i, a.family) for i, a in enumerate(adapters)
+                  if a.family is not None and not related(a.family, base, arch.families())]
+
+
+def check_families(adapters: Sequence[Adapter], names: Sequence[str], ckpt: Checkpoint) -> None:
+    """Refuse (:class:`MatchError`) an adapter whose known family is not the known family of ``ckpt``."""
+    base, wrong = family_mismatches(adapters, names, ckpt)
+    if wrong:
+        i, family = wrong[0]
+        raise MatchError(
+            f"{names[i]} is a LoRA for the {family} family, but the base {ckpt.root} is of the {base} family: its "
+            f"modules would land on unrelated weights; use the right base (or --ignore-family to merge anyway)"
+        )

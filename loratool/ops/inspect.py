@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool import formats
+from loratool import arch, formats
 from loratool.adapter import Adapter, LoraModule
 from loratool.api import base_vocabulary, read_source
 from loratool.delta_rank import delta_rank
@@ -113,8 +113,13 @@ class InfoReport:
     warnings: list[str] = field(default_factory=list)
     header_only: bool = True
     stats: bool = False
-    # the family's variant as far as keys, shapes and metadata tell (Wan "Wan 2.1 I2V 14B"...); DiT families
+    # the base it needs, from names, shapes and metadata (loratool.arch.evidence.identify): the family's
+    # variant, the widths its weights fix ({name: values}) and what told the family
     variant: str | None = None
+    widths: dict[str, list[int]] = field(default_factory=dict)
+    family_evidence: str | None = None
+    # with stats: ΔW per block ([{block, component, module_count, norm, effective_rank}]): loratool.ops.blocks
+    block_stats: list[dict[str, Any]] | None = None
 
     @property
     def ranks(self) -> dict[int, int]:
@@ -137,8 +142,10 @@ class InfoReport:
             "size_bytes": self.size_bytes,
             "files": self.files,
             "family": self.family,
-            "trigger_phrases": self.trigger_phrases,
             "variant": self.variant,
+            "widths": self.widths,
+            "family_evidence": self.family_evidence,
+            "trigger_phrases": self.trigger_phrases,
             "base_model": self.base_model,
             "components": self.components,
             "component_modules": self.component_modules,
@@ -162,6 +169,7 @@ class InfoReport:
             "warnings": self.warnings,
             "header_only": self.header_only,
             "with_stats": self.stats,
+            "block_stats": self.block_stats,
             "modules": [_module_json(m) for m in self.modules],
         }
 
@@ -342,19 +350,25 @@ def _num(x: float) -> float | int:
 # ---------------------------------------------------------------- stats
 
 
-def module_stats(module: LoraModule) -> ModuleStats:
-    """σ-based description of ΔW from the factors (see the module docstring for definitions)."""
-    from loratool.ops.factor_form import singular_values, to_factor_form
+def singular_values(module: LoraModule) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(σ₁ ≥ σ₂ ≥ … of ΔW in float64, from the factors, and ΔW's matrix shape [out, in·k·k])."""
+    from loratool.ops.factor_form import singular_values as form_singular_values
+    from loratool.ops.factor_form import to_factor_form
 
     form = to_factor_form(module, dtype=torch.float64)
-    s = singular_values(form, dtype=torch.float64).clamp(min=0)
+    return form_singular_values(form, dtype=torch.float64).clamp(min=0), form.shape
+
+
+def module_stats(module: LoraModule) -> ModuleStats:
+    """σ-based description of ΔW from the factors (see the module docstring for definitions)."""
+    s, shape = singular_values(module)
     total = float(s.sum())
     smax = float(s[0]) if s.numel() else 0.0
     if total == 0.0:
         return ModuleStats(norm=0.0, effective_rank=0.0, numerical_rank=0, sigma_max=0.0)
     p = s[s > 0] / total
     erank = math.exp(float(-(p * p.log()).sum()))
-    tol = smax * max(form.shape) * torch.finfo(torch.float64).eps
+    tol = smax * max(shape) * torch.finfo(torch.float64).eps
     return ModuleStats(
         norm=float(s.pow(2).sum().sqrt()),
         effective_rank=erank,
@@ -401,7 +415,7 @@ def base_model_hints(src: Source, adapter: Adapter | None, metadata: dict[str, s
 # ---------------------------------------------------------------- the report
 
 
-def _module_info(m: LoraModule) -> ModuleInfo:
+def module_info(m: LoraModule) -> ModuleInfo:
     rank = m.rank
     alpha = m.alpha if m.alpha not in (None, 0) else (float(rank) if rank else None)
     return ModuleInfo(
@@ -470,7 +484,7 @@ def inspect(
         adapter, header_only = read_header_only(src, name, opts, path, view=view)
     metadata = dict(adapter.metadata or src.metadata)
     warnings: list[str] = []
-    modules = [_module_info(m) for m in adapter]
+    modules = [module_info(m) for m in adapter]
     if stats:
         # NaN/Inf factors have no SVD: name those modules instead of computing stats for them.
         broken = set(nonfinite_modules(adapter))
@@ -510,8 +524,17 @@ def inspect(
     family_name = adapter_family(view or src, adapter, metadata, family)
     from loratool.arch import dit
 
+    identity = arch.identity_of(adapter)
+    block_stats = None
+    if stats:
+        from loratool.ops.blocks import block_summary
+
+        block_stats = block_summary(modules)
     return InfoReport(
-        variant=dit.variant_of(family_name, list(adapter), metadata),
+        variant=identity.variant or dit.variant_of(family_name, list(adapter), metadata),
+        widths=identity.widths,
+        family_evidence=identity.why or None,
+        block_stats=block_stats,
         path=str(path),
         format=adapter.source_format or name,
         size_bytes=sum(Path(f).stat().st_size for f in _files(src)),

@@ -49,6 +49,20 @@ class Application:
 
 
 @dataclass
+class Rejected:
+    """A module placed by name on a stored tensor that cannot take it (a merge refuses the whole merge)."""
+
+    adapter: int
+    module: LoraModule | None  # None: a whole tensor (PEFT modules_to_save)
+    label: str
+    key: str  # the stored tensor it was placed on
+    reason: str  # "shape", "rows", "halves", "bias", "widen" or "factors"
+    message: str
+    got: tuple[int, ...] | None = None  # ΔW's shape (reason "shape")
+    want: tuple[int, ...] | None = None  # the base weight's canonical shape
+
+
+@dataclass
 class MatchPlan:
     # (file path, stored key) -> what to apply, in order
     applications: dict[tuple[Path, str], list[Application]] = field(default_factory=dict)
@@ -58,7 +72,14 @@ class MatchPlan:
     unmatched: list[str] = field(default_factory=list)  # "component:path" (with the adapter when several)
     # (file path, stored key) -> the larger shape a widening module gives it (Flux control LoRAs)
     reshaped: dict[tuple[Path, str], tuple[int, ...]] = field(default_factory=dict)
-    # unmatched modules the base's family explains, per group: {"group", "reason", "modules", "examples"}
+    # the modules behind ``unmatched``, in its order: (adapter index, module); and the unplaced whole tensors:
+    # (adapter index, component, tensor name, shape)
+    unplaced: list[tuple[int, LoraModule]] = field(default_factory=list)
+    unplaced_extras: list[tuple[int, str, str, tuple[int, ...]]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)  # placed by name, refused (shape, rows, bias)
+    # the components the base serves once bare files took the component they fit (see :func:`match`)
+    base_components: set[str] = field(default_factory=set)
+    # the unmatched modules by cause, one group each (:func:`loratool.ops.check.unmatched_groups`)
     unmatched_groups: list[dict] = field(default_factory=list)
 
     @property
@@ -108,48 +129,79 @@ def _apply_rule(path: str, rule: tuple[int, str]) -> str:
     return prefix + ".".join(path.split(".")[strip:])
 
 
-def match(
-    adapters: list[Adapter],
-    strengths: list[float],
-    ckpt: Checkpoint,
-    *,
-    names: list[str] | None = None,
-) -> MatchPlan:
-    """Place every module of every adapter; raise :class:`MatchError` on a shape mismatch or zero matches."""
-    names = names or [f"adapter {i + 1}" for i in range(len(adapters))]
-    plan = MatchPlan()
+class BaseIndex:
+    """Where a canonical parameter of an adapter component lives in ``ckpt``, as :func:`match` looks it up.
 
-    # Unknown-component groups take the adapter component they hold most modules of.
-    assigned: dict[int, str | None] = {}
-    for gi, group in enumerate(ckpt.groups):
-        if group.component is not None or group.targets is not None:
-            continue
-        score: Counter = Counter()
-        for adapter in adapters:
-            for m in adapter:
-                score[m.component] += f"{m.path}.weight" in group.key_to_part
-        if not any(score.values()):
-            # nothing matches as named: fall back to the component the prefix rule places most
-            for comp in dict.fromkeys(m.component for a in adapters for m in a):
-                rule = _prefix_rule(group, [m.path for a in adapters for m in a if m.component == comp])
-                if rule is not None:
-                    score[comp] += 1
-        assigned[gi] = score.most_common(1)[0][0] if score and any(score.values()) else None
+    Groups whose component is unknown (a bare ``model.safetensors``) take the adapter component
+    they hold most modules of (``assigned``); ``check`` asks the same index why a module found no place.
+    """
 
-    def owner(group_index: int, group: Group, component: str) -> bool:
-        if group_index in assigned:
-            return assigned[group_index] == component
+    def __init__(self, adapters: list[Adapter], ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.assigned: dict[int, str | None] = {}
+        for gi, group in enumerate(ckpt.groups):
+            if group.component is not None or group.targets is not None:
+                continue
+            score: Counter = Counter()
+            for adapter in adapters:
+                for m in adapter:
+                    score[m.component] += f"{m.path}.weight" in group.key_to_part
+            if not any(score.values()):
+                # nothing matches as named: fall back to the component the prefix rule places most
+                for comp in dict.fromkeys(m.component for a in adapters for m in a):
+                    rule = _prefix_rule(group, [m.path for a in adapters for m in a if m.component == comp])
+                    if rule is not None:
+                        score[comp] += 1
+            self.assigned[gi] = score.most_common(1)[0][0] if score and any(score.values()) else None
+
+    def owner(self, group_index: int, group: Group, component: str) -> bool:
+        if group_index in self.assigned:
+            return self.assigned[group_index] == component
         return group.serves(component)
 
-    def lookup(component: str, param: str) -> Hit | None:
-        for gi, group in enumerate(ckpt.groups):
-            if not owner(gi, group, component):
+    def lookup(self, component: str, param: str) -> Hit | None:
+        for gi, group in enumerate(self.ckpt.groups):
+            if not self.owner(gi, group, component):
                 continue
             hit = group.lookup(group.component or component, param) if group.targets is None \
                 else group.lookup(component, param)
             if hit is not None:
                 return hit
         return None
+
+    def components(self) -> set[str]:
+        """The adapter components some group of the base serves."""
+        out: set[str] = set()
+        for gi, group in enumerate(self.ckpt.groups):
+            if gi in self.assigned:
+                if self.assigned[gi] is not None:
+                    out.add(self.assigned[gi])
+            elif group.targets is not None:
+                out |= {c for c, _ in group.targets}
+            elif group.component is not None:
+                out.add(group.component)
+        return out
+
+
+def match(
+    adapters: list[Adapter],
+    strengths: list[float],
+    ckpt: Checkpoint,
+    *,
+    names: list[str] | None = None,
+    refuse: bool = True,
+) -> MatchPlan:
+    """Place every module of every adapter.
+
+    ``refuse`` (a merge): raise :class:`MatchError` on a shape mismatch or zero matches. Without it (``check``)
+    the plan records them (``rejected``, empty ``applications``) and nothing is raised.
+    """
+    names = names or [f"adapter {i + 1}" for i in range(len(adapters))]
+    plan = MatchPlan()
+
+    index = BaseIndex(adapters, ckpt)
+    owner, lookup = index.owner, index.lookup
+    plan.base_components = index.components()
 
     # First pass: names as they are; then one prefix rule per (group, component) for the rest.
     placed: dict[tuple[int, str], Hit] = {}
@@ -178,37 +230,43 @@ def match(
                 if hit is not None:
                     placed[(ai, m.path + "\0" + m.component)] = hit
 
-    errors: list[str] = []
+    errors: list[Rejected] = []
     for ai, adapter in enumerate(adapters):
         for m in adapter:
             hit = placed.get((ai, m.path + "\0" + m.component))
             label = f"{m.component}:{m.path}" + (f" ({names[ai]})" if len(adapters) > 1 else "")
             if hit is None:
                 plan.unmatched.append(label)
+                plan.unplaced.append((ai, m))
                 continue
             part, key, rows = hit
             transform = getattr(hit, "transform", None)
+
+            def reject(reason: str, message: str, got=None, want=None, *, m=m, ai=ai, label=label, key=key) -> None:
+                errors.append(Rejected(ai, m, label, key, reason, message, got, want))
+
             # the weight as the model uses it (quantized kinds store it otherwise); None: the kind
             # hides it, and the merge refuses that kind with its own message
             stored_shape = logical_shape(part.file, key)
             if stored_shape is not None:
                 shape = stored_shape if rows is None else (rows[1] - rows[0], *stored_shape[1:])
                 if rows is not None and not (0 <= rows[0] < rows[1] <= stored_shape[0]):
-                    errors.append(f"{label}: rows {rows} lie outside {key} {stored_shape}")
+                    reject("rows", f"{label}: rows {rows} lie outside {key} {stored_shape}")
                     continue
                 if transform == "transpose":
                     shape = tuple(shape)[::-1]  # the canonical weight is the stored tensor transposed
                 elif transform == "swap_halves" and shape[0] % 2:
-                    errors.append(f"{label}: {key} {stored_shape} has an odd row count; its halves cannot be swapped")
+                    reject("halves", f"{label}: {key} {stored_shape} has an odd row count; "
+                           "its halves cannot be swapped")
                     continue
                 m = oriented(m, tuple(shape), part.path, key)  # [out, in] or Conv1D's [in, out]: the base decides
                 err = _check_shapes(m, shape, strengths[ai], names[ai], key)
                 if err:
-                    errors.append(err)
+                    reject(err[0], err[1], err[2], tuple(shape))
                     continue
                 if m.hints.get("widen") and tuple(weight_shape(m)) != tuple(shape):
                     if rows is not None or transform is not None:
-                        errors.append(f"{label}: {key} is a slice of a fused tensor; it cannot be widened")
+                        reject("widen", f"{label}: {key} is a slice of a fused tensor; it cannot be widened")
                         continue
                     plan.reshaped[(part.path, key)] = tuple(weight_shape(m))
             plan.applications.setdefault((part.path, key), []).append(
@@ -217,7 +275,7 @@ def match(
             if _has_bias_delta(m):
                 if bias_key is None or bias_key not in part.file:
                     where = bias_key or f"bias for {key}"
-                    errors.append(f"{label}: the adapter changes a bias but the base has no {where}")
+                    reject("bias", f"{label}: the adapter changes a bias but the base has no {where}")
                     continue
                 # a bias has no transpose; swapped halves apply to it as to the weight's rows
                 plan.applications.setdefault((part.path, bias_key), []).append(Application(
@@ -229,6 +287,7 @@ def match(
             label = f"{comp}:{name}" + (f" ({names[ai]})" if len(adapters) > 1 else "")
             if hit is None:
                 plan.unmatched.append(label)
+                plan.unplaced_extras.append((ai, comp, name, tuple(int(x) for x in tensor.shape)))
                 continue
             part, key, rows = hit
             base_shape = logical_shape(part.file, key)
@@ -237,13 +296,19 @@ def match(
 
                 tensor = to_stored(tensor, hit.target)  # the file holds this weight transposed / halves swapped
             if rows is not None or tuple(tensor.shape) != base_shape:
-                errors.append(f"{label}: saved tensor is {tuple(tensor.shape)}, base {key} is {base_shape}")
+                errors.append(Rejected(ai, None, label, key, "shape",
+                                       f"{label}: saved tensor is {tuple(tensor.shape)}, base {key} is {base_shape}",
+                                       tuple(int(x) for x in tensor.shape),
+                                       None if base_shape is None else tuple(base_shape)))
                 continue
             plan.replacements[(part.path, key)] = (ai, label, tensor)
             plan.matched[comp] = plan.matched.get(comp, 0) + 1
+    plan.rejected = errors
+    if not refuse:
+        return plan
     if errors:
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise MatchError("; ".join(errors[:3]) + more)
+        raise MatchError("; ".join(e.message for e in errors[:3]) + more)
     if not plan.total_matched:
         comps = ", ".join(str(g.component or "unknown") for g in ckpt.groups)
         sample = ", ".join(plan.unmatched[:3])
@@ -258,15 +323,18 @@ def _has_bias_delta(m: LoraModule) -> bool:
     return has_bias_delta(m)
 
 
-def _check_shapes(m: LoraModule, shape: tuple[int, ...], strength: float, name: str, key: str) -> str | None:
-    """Whether ΔW fits the base tensor under the same reshape rules :func:`delta_weight` applies.
+def _check_shapes(m: LoraModule, shape: tuple[int, ...], strength: float, name: str, key: str
+                  ) -> tuple[str, str, tuple[int, ...] | None] | None:
+    """Whether ΔW fits the base tensor under the same reshape rules :func:`delta_weight` applies:
+    None, or (reason, message, ΔW's shape).
 
     (lora / full shapes come from the factors' shapes; LoHa / LoKr from their product.)
     """
     try:
         got = tuple(weight_shape(m))
     except (RuntimeError, ValueError, IndexError, KeyError) as exc:
-        return f"{m.component}:{m.path} ({name}): cannot form ΔW ({exc.__class__.__name__}: {str(exc)[:160]})"
+        return ("factors", f"{m.component}:{m.path} ({name}): cannot form ΔW "
+                f"({exc.__class__.__name__}: {str(exc)[:160]})", None)
     if got == tuple(shape):
         return None
     if _numel(got) == _numel(shape) and (m.kind in ("loha", "lokr") or _same_matrix(got, shape)):
@@ -275,4 +343,4 @@ def _check_shapes(m: LoraModule, shape: tuple[int, ...], strength: float, name: 
         return None  # OFT rotates the output rows; the rest of W's shape is its own
     if m.hints.get("widen") and len(got) == len(shape) and all(a >= b for a, b in zip(got, shape)):
         return None  # a control LoRA widens the weight (delta.widen)
-    return f"{m.component}:{m.path}: adapter gives shape {got}, base weight {key} is {tuple(shape)}"
+    return "shape", f"{m.component}:{m.path}: adapter gives shape {got}, base weight {key} is {tuple(shape)}", got

@@ -92,6 +92,8 @@ class MergeResult:
     seed: int | None = None
     dequantized: str | None = None  # the dtype quantized weights were written in (None: kept in their kind)
     warnings: list[str] = field(default_factory=list)
+    # the unmatched modules by cause, one group each, as ``check`` reports them (loratool.ops.check.Group.to_json)
+    unmatched_groups: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {

@@ -452,6 +452,23 @@ class PartMerger:
         dest.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
+def load_adapters(ckpt: Checkpoint, loras: Sequence) -> tuple[list[Adapter], list[str]]:
+    """The adapters (paths / ``hf://`` refs read with ``ckpt``'s names as vocabulary, or Adapter objects) and
+    their names (the path as given, ``adapter N`` for an object)."""
+    from loratool.api import load
+
+    adapters: list[Adapter] = []
+    names: list[str] = []
+    for i, item in enumerate(loras):
+        if isinstance(item, Adapter):
+            adapters.append(item)
+            names.append(f"adapter {i + 1}")
+        else:
+            adapters.append(load(item, base=ckpt.root))
+            names.append(str(item))
+    return adapters, names
+
+
 def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: str, strict: bool,
                allow_nonfinite: bool, block_weights: Sequence[str] | None = None,
                strength_patterns: Sequence[str] | None = None,
@@ -462,27 +479,20 @@ def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: s
 
     ``block_weights`` / ``strength_patterns`` scale each application (:mod:`loratool.ops.block_weights`);
     their warnings are appended to ``warnings``."""
-    from loratool.api import load
-
     dev = pick_device(device)
-    adapters: list[Adapter] = []
-    names: list[str] = []
-    for i, item in enumerate(loras):
-        if isinstance(item, Adapter):
-            adapters.append(item)
-            names.append(f"adapter {i + 1}")
-        else:
-            adapters.append(load(item, base=ckpt.root))
-            names.append(str(item))
+    adapters, names = load_adapters(ckpt, loras)
     if not ignore_family:
         check_families(adapters, names, ckpt)
     if not allow_nonfinite:
         for adapter, name in zip(adapters, names):
             _check_adapter_finite(adapter, name)
-    from loratool.arch.dit_checkpoints import explain_unmatched, route_expert
+    from loratool.arch.dit_checkpoints import route_expert
 
     adapters = [route_expert(ckpt, a) for a in adapters]
     plan = match(adapters, values, ckpt, names=names)
+    from loratool.ops.check import unmatched_groups
+
+    plan.unmatched_groups = unmatched_groups(adapters, plan, ckpt)
     if block_weights or strength_patterns:
         from loratool.ops.block_weights import apply_to_plan, module_weights
 
@@ -491,7 +501,6 @@ def plan_merge(ckpt: Checkpoint, loras: Sequence, values: list[float], device: s
         if warnings is not None:
             warnings.extend(weights.warnings())
 
-    plan.unmatched_groups = explain_unmatched(ckpt, plan.unmatched)
     if strict and plan.unmatched:
         more = f" and {len(plan.unmatched) - 10} more" if len(plan.unmatched) > 10 else ""
         raise MatchError(

@@ -5,12 +5,15 @@ Every ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` file under th
 beside its weights) is summarised from its header alone (no tensor data, no torch):
 
 * always: the layout (``formats.detect``), the model family (``arch.detect`` on the keys and
-  metadata, as ``info`` decides it), tensor and parameter counts, stored dtypes, size, and the
-  training metadata a library listing shows (``ss_network_dim`` / ``_alpha`` / ``_module``, base
-  model, title, output name);
-* with ``modules=True``: also what ``info`` says about the modules (count, kinds, ranks, alphas),
-  through the layout's own reader on the header (:func:`loratool.header_only.read_header_only`)
-  — exact, and about ten times slower (a reader builds every module).
+  metadata, as ``info`` decides it), tensor and parameter counts, stored dtypes, size, the
+  training metadata a library listing shows (``ss_network_dim`` / ``_alpha`` as ``network_dim`` /
+  ``network_alpha``, PEFT ``r`` / ``lora_alpha``; ``ss_network_module``, base model, title, output
+  name), trigger phrases, and the model hashes sd-scripts stores (``sshs_model_hash``: sha256 of the
+  tensor data, CivitAI's AutoV3; ``sshs_legacy_hash``);
+* with ``modules=True``: also what ``info`` says about the modules (count, kinds, ranks, alphas,
+  dialect), through the layout's own reader on the header
+  (:func:`loratool.header_only.read_header_only`) — exact, and about ten times slower (a reader
+  builds every module).
 
 A file no layout claims is reported as a base checkpoint when its keys carry no LoRA marker, and
 any file that cannot be read is listed with its one-line error instead of stopping the scan.
@@ -32,12 +35,14 @@ from loratool.formats.peft import CONFIG_NAME
 from loratool.formats.source import PEFT_WEIGHTS, PICKLE_SUFFIXES, header_view, open_source
 from loratool.header_only import DTYPES, dtype_name, read_header_only
 from loratool.ops import Progress
-from loratool.ops.inspect import adapter_family, base_model_hints, looks_like_base
+from loratool.ops.inspect import adapter_family, base_model_hints, looks_like_base, module_info
+from loratool.ops.training_metadata import trigger_phrases
 
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # Metadata a library listing shows (kohya ss_* and modelspec.* keys).
 SUMMARY_KEYS = ("ss_output_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
                 "modelspec.title", "modelspec.author", "modelspec.trigger_phrase")
+HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
 
 @dataclass
@@ -46,11 +51,16 @@ class ScanEntry:
     size_bytes: int
     format: str | None = None  # a layout, "checkpoint" (a base model), or None when unreadable
     family: str | None = None
+    dialect: str | None = None  # modules=True only (the reader names it)
     tensors: int = 0
     parameters: int = 0
     dtypes: dict[str, int] = field(default_factory=dict)  # stored dtype -> tensors
     training: dict[str, str] = field(default_factory=dict)  # the metadata of SUMMARY_KEYS the file has
     base_model: dict[str, str] = field(default_factory=dict)
+    trigger_phrases: list[str] = field(default_factory=list)
+    network_dim: str | None = None  # as declared (ss_network_dim, PEFT r): "16", "Dynamic"
+    network_alpha: str | None = None
+    hashes: dict[str, str] = field(default_factory=dict)  # the sshs_* hashes stored in the header
     # with modules=True (None otherwise): what the layout's reader builds
     modules: int | None = None
     kinds: dict[str, int] | None = None
@@ -60,8 +70,24 @@ class ScanEntry:
     header_only: bool = True
     error: str | None = None
 
+    @property
+    def rank(self) -> str:
+        """The rank a listing shows: the modules' (``4`` or ``4–16``), else the declared one, else ``-``."""
+        if self.ranks and self.ranks.get("min") is not None:
+            lo, hi = self.ranks["min"], self.ranks["max"]
+            return str(lo) if lo == hi else f"{lo}–{hi}"
+        return self.network_dim or "-"
+
+    @property
+    def alpha(self) -> str:
+        if self.alphas:
+            return "/".join(self.alphas)
+        return self.network_alpha or "-"
+
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["module_count"] = out.pop("modules")  # "modules" is a list of objects in every other document
+        return out
 
 
 @dataclass
@@ -69,6 +95,7 @@ class ScanReport:
     path: str
     entries: list[ScanEntry]
     format: str = "folder"
+    seconds: float = 0.0
 
     @property
     def errors(self) -> int:
@@ -88,16 +115,23 @@ class ScanReport:
             "formats": dict(Counter(e.format or "error" for e in self.entries).most_common()),
             "families": dict(Counter(e.family or "unknown" for e in self.entries if e.error is None).most_common()),
             "size_bytes": sum(e.size_bytes for e in self.entries),
+            "seconds": round(self.seconds, 3),
             "entries": [e.to_json() for e in self.entries],
+            "warnings": self.warnings,
         }
 
 
 def is_library_folder(path: str | os.PathLike) -> bool:
-    """A folder that is not one adapter (no PEFT weights, not exactly one .safetensors file)."""
+    """A folder that is not one adapter (no PEFT weights, not exactly one .safetensors file and no subfolder,
+    not PEFT folders named by component: ``P/unet``, ``P/text_encoder``) and not a base model (no
+    ``model_index.json``, no shard index, no ``config.json``)."""
     from loratool.formats.source import component_folders
 
     p = Path(path)
-    if not p.is_dir() or any((p / n).is_file() for n in (*PEFT_WEIGHTS, CONFIG_NAME)) or component_folders(p):
+    if not p.is_dir() or any((p / n).is_file() for n in (*PEFT_WEIGHTS, CONFIG_NAME, "model_index.json",
+                                                          "config.json")):
+        return False
+    if component_folders(p) or any(p.glob("*.safetensors.index.json")):
         return False
     return len(list(p.glob("*.safetensors"))) != 1 or any(d.is_dir() for d in p.iterdir() if not d.name.startswith("."))
 
@@ -122,6 +156,16 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
+def _declared_rank(metadata: dict[str, str], config: dict | None) -> tuple[str | None, str | None]:
+    """(network dim, network alpha) as the file declares them: kohya ``ss_network_*``, PEFT ``r`` / ``lora_alpha``."""
+    if metadata.get("ss_network_dim"):
+        return metadata["ss_network_dim"], metadata.get("ss_network_alpha") or None
+    if isinstance(config, dict) and config.get("r") is not None:
+        alpha = config.get("lora_alpha")
+        return str(config["r"]), None if alpha is None else f"{alpha:g}" if isinstance(alpha, float) else str(alpha)
+    return None, None
+
+
 def scan_file(path: str | os.PathLike, family: str | None = None, modules: bool = False) -> ScanEntry:
     """The header-only summary of one adapter file or PEFT folder (errors in ``error``)."""
     path = Path(path)
@@ -139,6 +183,9 @@ def scan_file(path: str | os.PathLike, family: str | None = None, modules: bool 
         entry.dtypes = dict(Counter(d for _, d in infos).most_common())
         metadata = dict(src.metadata)
         entry.training = {k: metadata[k] for k in SUMMARY_KEYS if metadata.get(k)}
+        entry.hashes = {k: metadata[k] for k in HASH_KEYS if metadata.get(k)}
+        entry.trigger_phrases = trigger_phrases(metadata)
+        entry.network_dim, entry.network_alpha = _declared_rank(metadata, src.config)
         try:
             name = formats.detect(keyed)
         except FormatError:
@@ -168,14 +215,18 @@ def scan_file(path: str | os.PathLike, family: str | None = None, modules: bool 
     entry.modules = len(found)
     entry.kinds = dict(Counter(m.kind for m in found).most_common())
     entry.ranks = {"min": min(ranks, default=None), "max": max(ranks, default=None)}
-    entry.alphas = dict(Counter(f"{m.effective_alpha:g}" for m in found).most_common())
+    entry.alphas = dict(Counter(str(module_info(m).alpha) for m in found).most_common())  # as info counts them
     entry.components = adapter.components
+    entry.dialect = adapter.dialect
     return entry
 
 
 def scan(folder: str | os.PathLike, *, family: str | None = None, modules: bool = False,
          progress: Progress | None = None) -> ScanReport:
     """:func:`scan_file` for every adapter under ``folder`` (see the module docstring)."""
+    import time
+
+    start = time.perf_counter()
     root = Path(folder)
     paths = adapter_paths(root)
     entries = []
@@ -183,4 +234,4 @@ def scan(folder: str | os.PathLike, *, family: str | None = None, modules: bool 
         entries.append(scan_file(p, family, modules))
         if progress is not None:
             progress("scanning", i + 1, len(paths))
-    return ScanReport(path=str(root), entries=entries)
+    return ScanReport(path=str(root), entries=entries, seconds=time.perf_counter() - start)
