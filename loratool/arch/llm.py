@@ -126,6 +126,11 @@ def variant(ev: Evidence) -> str | None:
     return " / ".join(fits) or None
 
 
+# Stored tensors with one row per token (transformers' input / output embeddings): a PEFT adapter trained after
+# ``resize_token_embeddings`` saves them whole with more rows, and the merged model's config then says so.
+VOCAB_TENSORS = r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|embed_out|lm_head|shared)\.weight$"
+VOCAB_FIELD = "vocab_size"
+
 # A LoRA on lm_head meets bases whose head is the input embedding (tie_word_embeddings: no lm_head.weight stored).
 MISMATCHES = (
     Mismatch(r"(^|\.)lm_head$", "output head (lm_head)", "the base stores no lm_head weight: it ties the head to "

@@ -230,6 +230,10 @@ def match(
                 if hit is not None:
                     placed[(ai, m.path + "\0" + m.component)] = hit
 
+    # whole tensors replace their base weights before modules add to them (PEFT: the saved base layer is loaded,
+    # then merged); a vocabulary-resized embedding replaces with more rows
+    resized = _resized_weights(adapters, lookup)
+
     errors: list[Rejected] = []
     for ai, adapter in enumerate(adapters):
         for m in adapter:
@@ -247,7 +251,7 @@ def match(
 
             # the weight as the model uses it (quantized kinds store it otherwise); None: the kind
             # hides it, and the merge refuses that kind with its own message
-            stored_shape = logical_shape(part.file, key)
+            stored_shape = resized.get((part.path, key)) or logical_shape(part.file, key)
             if stored_shape is not None:
                 shape = stored_shape if rows is None else (rows[1] - rows[0], *stored_shape[1:])
                 if rows is not None and not (0 <= rows[0] < rows[1] <= stored_shape[0]):
@@ -283,7 +287,7 @@ def match(
             plan.matched[m.component] = plan.matched.get(m.component, 0) + 1
     for ai, adapter in enumerate(adapters):
         for (comp, name), tensor in adapter.extras.items():
-            hit = lookup(comp, name)
+            hit = lookup(comp, base_weight_name(name))
             label = f"{comp}:{name}" + (f" ({names[ai]})" if len(adapters) > 1 else "")
             if hit is None:
                 plan.unmatched.append(label)
@@ -295,7 +299,9 @@ def match(
                 from loratool.arch.checkpoints import to_stored
 
                 tensor = to_stored(tensor, hit.target)  # the file holds this weight transposed / halves swapped
-            if rows is not None or tuple(tensor.shape) != base_shape:
+            if (part.path, key) in resized:
+                plan.reshaped[(part.path, key)] = resized[(part.path, key)]
+            elif rows is not None or tuple(tensor.shape) != base_shape:
                 errors.append(Rejected(ai, None, label, key, "shape",
                                        f"{label}: saved tensor is {tuple(tensor.shape)}, base {key} is {base_shape}",
                                        tuple(int(x) for x in tensor.shape),
@@ -317,6 +323,35 @@ def match(
             f"adapter modules such as {sample}); is this the right base model?"
         )
     return plan
+
+
+def base_weight_name(name: str) -> str:
+    """The base weight a saved whole tensor replaces: PEFT saves the wrapped layer's own weight of a LoRA module
+    (``save_embedding_layers``) as ``<path>.base_layer.weight`` (``BaseTunerLayer.base_layer``)."""
+    return name.replace(".base_layer.", ".")
+
+
+def _resized_weights(adapters: list[Adapter], lookup) -> dict[tuple[Path, str], tuple[int, ...]]:
+    """(file, stored key) -> the new shape, for whole tensors that replace a vocabulary-sized base weight
+    (:data:`loratool.arch.llm.VOCAB_TENSORS`) with another row count and the same width."""
+    import re
+
+    from loratool.arch.llm import VOCAB_TENSORS
+
+    out: dict[tuple[Path, str], tuple[int, ...]] = {}
+    for adapter in adapters:
+        for (comp, name), tensor in adapter.extras.items():
+            hit = lookup(comp, base_weight_name(name))
+            if hit is None:
+                continue
+            part, key, rows = hit
+            if rows is not None or getattr(hit, "transform", None) is not None or not re.search(VOCAB_TENSORS, key):
+                continue
+            base = logical_shape(part.file, key)
+            got = tuple(int(x) for x in tensor.shape)
+            if base is not None and len(got) == len(base) == 2 and got[1] == base[1] and got[0] != base[0]:
+                out[(part.path, key)] = got
+    return out
 
 
 def _has_bias_delta(m: LoraModule) -> bool:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from loratool.arch.llm import VOCAB_FIELD, VOCAB_TENSORS
 from loratool.errors import LoratoolError, UsageError
 from loratool.float_dtypes import float_code
 from loratool.io.atomic import atomic_path, check_output
@@ -293,27 +294,31 @@ def _base_files(ckpt: Checkpoint) -> Iterator[Path]:
                 yield rel_dir / name
 
 
-# A widened weight changes its model's config (diffusers _MODULE_NAME_TO_ATTRIBUTE_MAP_FLUX): the
-# stored key -> the config.json field that holds its input width.
-WIDENED_CONFIG = {"x_embedder.weight": "in_channels"}
+# A reshaped weight changes its model's config: the stored key (regex) -> (config.json field, the axis that
+# holds it). A control LoRA widens x_embedder's input (diffusers _MODULE_NAME_TO_ATTRIBUTE_MAP_FLUX); a PEFT
+# adapter trained after resize_token_embeddings brings embeddings with more rows (transformers vocab_size).
+RESHAPED_CONFIG = ((r"^x_embedder\.weight$", "in_channels", 1), (VOCAB_TENSORS, VOCAB_FIELD, 0))
 
 
 def _widen_configs(ckpt: Checkpoint, reshaped: dict, tmp: Path) -> None:
-    """Update ``config.json`` beside a folder component whose weight a control LoRA widened, as diffusers does
-    (``x_embedder`` [D, 64] -> [D, 128] sets ``in_channels`` to 128), so the merged model loads."""
+    """Update ``config.json`` beside a folder component whose weight changed shape, as diffusers / transformers
+    would write it (``x_embedder`` [D, 64] -> [D, 128] sets ``in_channels`` to 128; 72 embedding rows set
+    ``vocab_size`` to 72), so the merged model loads."""
     import json
+    import re
 
     for group in ckpt.groups:
         for part in group.parts:
             for (path, key), shape in reshaped.items():
-                field_name = WIDENED_CONFIG.get(key)
                 config = tmp / part.rel.parent / "config.json"
-                if path != part.path or field_name is None or not config.is_file():
+                found = next(((f, axis) for pattern, f, axis in RESHAPED_CONFIG if re.search(pattern, key)), None)
+                if path != part.path or found is None or not config.is_file():
                     continue
+                field_name, axis = found
                 data = json.loads(config.read_text(encoding="utf-8"))
                 if field_name == "in_channels" and data.get("out_channels") is None:
                     data["out_channels"] = data.get("in_channels")  # Flux: out_channels defaults to in_channels
-                data[field_name] = int(shape[1])
+                data[field_name] = int(shape[axis])
                 config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
