@@ -10,7 +10,9 @@ every singular value above the usual rounding tolerance (:func:`~loratool.ops.fa
   once, to the up side only (never to both factors, never by summing factors of equal rank,
   which would create cross terms). Negative weights subtract.
 * ``svd``: the best rank-N approximation of the same sum, from the SVD of the stacked factors
-  (QR of the stacked up and downᵀ, then a small core SVD; ΔW is never formed).
+  (QR of the stacked up and downᵀ, then a small core SVD; ΔW is never formed). The parts of a fused
+  native module (Flux ``qkv``, ``linear1``) are truncated together as the one matrix the file holds
+  (:func:`stack_fused`), so it gets rank N, not N per part.
 
 Output scale s': the common scale when every contribution is a plain LoRA with the same scale
 (so alpha/r keeps its meaning, alpha' = s' · R); otherwise 1 (alpha' = R). rsLoRA is kept
@@ -133,6 +135,32 @@ def _output_scale(modules: list[LoraModule]) -> tuple[float, bool]:
     return 1.0, rslora
 
 
+def _contributions(key: tuple[str, str], entries: list[tuple[int, LoraModule]], weights: list[float],
+                   labels: list[str], device: torch.device):
+    """(template module, its form, the modules, ups, downs, coefficients): Σ cᵢ · upᵢ @ downᵢ is Σ wᵢ ΔMᵢ."""
+    work = compute_dtype(device, 0)
+    forms = [(i, m, to_factor_form(m, dtype=work, device=device)) for i, m in entries]
+    template, template_form = _check_same_target(key, forms, labels)
+    ups, downs, coefs = [], [], []
+    for i, _m, form in forms:
+        up, down, s = explicit_factors(form)
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise NonFiniteError(f"{key[0]}:{key[1]} in {labels[i]}: factors hold NaN or Inf")
+        ups.append(up)
+        downs.append(down)
+        coefs.append(weights[i] * s)
+    return template, template_form, [m for _, m, _ in forms], ups, downs, coefs
+
+
+def _with_bias(out: LoraModule, entries: list[tuple[int, LoraModule]], weights: list[float], scale: float,
+               dtype: torch.dtype) -> LoraModule:
+    biases = [(weights[i], delta_bias(m, dtype=torch.float64)) for i, m in entries]
+    biases = [(w, b) for w, b in biases if b is not None]
+    if biases:  # s' · bias' = Σ wᵢ Δbᵢ
+        out.tensors["bias"] = (sum(w * b for w, b in biases) / scale).to(dtype)
+    return out
+
+
 def stack_module(
     key: tuple[str, str],
     entries: list[tuple[int, LoraModule]],
@@ -143,36 +171,76 @@ def stack_module(
     device: torch.device,
 ) -> tuple[LoraModule, ModuleStack]:
     """One output module from the inputs' modules at ``key``."""
-    work = compute_dtype(device, 0)
-    forms = [(i, m, to_factor_form(m, dtype=work, device=device)) for i, m in entries]
-    template, template_form = _check_same_target(key, forms, labels)
-    modules = [m for _, m, _ in forms]
+    template, template_form, modules, ups, downs, coefs = _contributions(key, entries, weights, labels, device)
     scale, rslora = _output_scale(modules)
-    ups, downs, coefs = [], [], []
-    for i, _m, form in forms:
-        up, down, s = explicit_factors(form)
-        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-            raise NonFiniteError(f"{key[0]}:{key[1]} in {labels[i]}: factors hold NaN or Inf")
-        ups.append(up)
-        downs.append(down)
-        coefs.append(weights[i] * s)
     shape = template_form.weight_shape
     if method == "concat":
         up = torch.cat([u * (c / scale) for u, c in zip(ups, coefs)], dim=1)
         down = torch.cat(downs, dim=0)
         kept = 1.0
     else:
-        svd = stacked_factor_svd(ups, downs, coefs, dtype=work)
+        svd = stacked_factor_svd(ups, downs, coefs, dtype=compute_dtype(device, 0))
         k = select_rank(svd.S, rank)
         kept = svd.fro_kept(k)
         up, down = split_factors(svd.truncate(k), scale)
     out = to_module(template, shape, up, down, scale=scale, rslora=rslora, dtype=template.dtype)
-    biases = [(weights[i], delta_bias(m, dtype=torch.float64)) for i, m in entries]
-    biases = [(w, b) for w, b in biases if b is not None]
-    if biases:  # s' · bias' = Σ wᵢ Δbᵢ
-        out.tensors["bias"] = (sum(w * b for w, b in biases) / scale).to(template.dtype)
+    _with_bias(out, entries, weights, scale, template.dtype)
     report = ModuleStack(key[0], key[1], [i for i, _ in entries], int(up.shape[1]), kept)
     return out, report
+
+
+def stack_fused(
+    items: list[tuple[tuple[str, str], list[tuple[int, LoraModule]], list[float]]],
+    rank: int,
+    labels: list[str],
+    device: torch.device,
+) -> list[tuple[LoraModule, ModuleStack]]:
+    """``svd`` for the parts of one fused native module (row blocks in order: Flux ``qkv`` / ``linear1``), as
+    :func:`loratool.ops.resize.resize_fused` does for one input: the native Σ wᵢ [ΔMᵢ₁; ΔMᵢ₂; …] is truncated
+    as one matrix, each (input, part) contributing its up padded to its rows, so every part gets the shared
+    down' and its rows of up' (rank k for the module the file holds, not G·k). ``fro_kept`` of a part is
+    ‖its rows of U_k·S_k‖ / ‖its rows of U·S‖."""
+    parts = [_contributions(key, entries, weights, labels, device) for key, entries, weights in items]
+    rows = [int(form.shape[0]) for _, form, *_ in parts]
+    if len({int(form.shape[1]) for _, form, *_ in parts}) != 1:
+        names = ", ".join(f"{k[0]}:{k[1]}" for k, _, _ in items)
+        raise UsageError(f"{names}: the parts of one fused module differ in input width")
+    total, ups, downs, coefs = sum(rows), [], [], []
+    for g, (_, _, _, part_ups, part_downs, part_coefs) in enumerate(parts):
+        for up, down, c in zip(part_ups, part_downs, part_coefs):
+            padded = up.new_zeros(total, up.shape[1])
+            padded[sum(rows[:g]):sum(rows[:g + 1])] = up
+            ups.append(padded)
+            downs.append(down)
+            coefs.append(c)
+    svd = stacked_factor_svd(ups, downs, coefs, dtype=compute_dtype(device, 0))
+    k = select_rank(svd.S, rank)
+    scale, rslora = _output_scale([m for part in parts for m in part[2]])
+    up, down = split_factors(svd.truncate(k), scale)
+    us = svd.U * svd.S
+    out = []
+    for g, ((key, entries, weights), (template, form, *_)) in enumerate(zip(items, parts)):
+        a, b = sum(rows[:g]), sum(rows[:g + 1])
+        full = float(us[a:b].double().norm())
+        kept = float(us[a:b, :k].double().norm()) / full if full > 0 else 1.0
+        module = to_module(template, form.weight_shape, up[a:b], down, scale=scale, rslora=rslora,
+                           dtype=template.dtype)
+        _with_bias(module, entries, weights, scale, template.dtype)
+        out.append((module, ModuleStack(key[0], key[1], [i for i, _ in entries], k, kept)))
+    return out
+
+
+def _fused_work(work: list) -> tuple[list, list[list]]:
+    """``work`` split into single modules and the parts of fused native modules (``hints["fused"]`` of the
+    first input holding each, every part present), each group in row order."""
+    groups: dict[tuple[str, str, int], dict[int, Any]] = {}
+    for item in work:
+        fused = item[1][0][1].hints.get("fused")
+        if fused is not None and int(fused[2]) > 1:
+            groups.setdefault((item[0][0], str(fused[0]), int(fused[2])), {})[int(fused[1])] = item
+    whole = [[parts[i] for i in sorted(parts)] for (_, _, n), parts in groups.items() if len(parts) == n]
+    taken = {id(item) for group in whole for item in group}
+    return [item for item in work if id(item) not in taken], whole
 
 
 @single_threaded_op
@@ -262,17 +330,27 @@ def stack(
             )
         work.append((key, entries, mod_weights))
 
-    def one(item: tuple[tuple[str, str], list[tuple[int, LoraModule]], list[float]]) -> tuple[LoraModule, ModuleStack]:
-        return stack_module(item[0], item[1], item[2], method, rank, labels, dev)
+    singles, fused = _fused_work(work) if method == "svd" else (work, [])
+    tasks: list = [[item] for item in singles] + fused
 
-    def cost(item: tuple[tuple[str, str], list[tuple[int, LoraModule]], list[float]]) -> float:
-        return sum(svd_flops(m) for _, m in item[1])
+    def one(task: list) -> list[tuple[LoraModule, ModuleStack]]:
+        if len(task) > 1:
+            return stack_fused(task, int(rank), labels, dev)
+        key, entries, mod_weights = task[0]
+        return [stack_module(key, entries, mod_weights, method, rank, labels, dev)]
 
-    for done, (module, report) in enumerate(ThreadPolicy(threads, dev).map(one, work, cost=cost), start=1):
-        out.add(module)
-        reports.append(report)
-        if progress is not None:
-            progress("stacking", done, len(work))
+    def cost(task: list) -> float:
+        return sum(svd_flops(m) for item in task for _, m in item[1])
+
+    stacked: dict[tuple[str, str], tuple[LoraModule, ModuleStack]] = {}
+    for results in ThreadPolicy(threads, dev).map(one, tasks, cost=cost):
+        for module, report in results:
+            stacked[module.key] = (module, report)
+            if progress is not None:
+                progress("stacking", len(stacked), len(work))
+    for key, _, _ in work:  # the inputs' module order
+        out.add(stacked[key][0])
+        reports.append(stacked[key][1])
 
     result = StackResult(adapter=out, modules=reports, method=method, rank=int(rank) if rank else None,
                          weights=weights, labels=labels, device=str(dev), warnings=warnings)
