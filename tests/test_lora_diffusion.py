@@ -132,3 +132,39 @@ def test_lora_diffusion_to_diffusers_and_refusals(tmp_path, orders):
     save_file(swapped, tmp_path / "swapped.safetensors", metadata=meta)
     with pytest.raises(FormatError, match="first misfit at unet:0"):
         loratool.load(tmp_path / "swapped.safetensors")
+
+
+def pt_lists(weights: dict[str, torch.Tensor], name: str, n: int) -> list[torch.Tensor]:
+    """What ``save_lora_weight`` (lora_diffusion/lora.py) saves: [up₀, down₀, up₁, down₁, …]; its own
+    converter (cli_pt_to_safetensors → convert_loras_to_safeloras_with_embeds) maps entry 2i to
+    ``<name>:i:up`` and 2i+1 to ``<name>:i:down``, which is what this list inverts."""
+    return [weights[f"{name}:{i}:{slot}"] for i in range(n) for slot in ("up", "down")]
+
+
+@pytest.mark.parametrize("targets", ["default", "no_geglu"])
+def test_save_lora_weight_pickles_read_as_their_safetensors_conversion(tmp_path, orders, targets):
+    unet_order, te_order = orders
+    if targets == "no_geglu":  # the first releases trained ["CrossAttention", "Attention"] only
+        unet_order = [(p, s) for p, s in unet_order if ".ff." not in p]
+    weights, meta = safeloras(unet_order, te_order, {})
+    if targets == "no_geglu":
+        meta["unet"] = json.dumps(["CrossAttention", "Attention"])
+    save_file(weights, tmp_path / "lora.safetensors", metadata=meta)
+    torch.save(pt_lists(weights, "unet", len(unet_order)), tmp_path / "lora_weight.pt")
+    torch.save(pt_lists(weights, "text_encoder", len(te_order)), tmp_path / "lora_weight_e9_s90.text_encoder.pt")
+
+    want = loratool.load(tmp_path / "lora.safetensors")
+    for name, comp, n in (("lora_weight.pt", "unet", len(unet_order)),
+                          ("lora_weight_e9_s90.text_encoder.pt", "text_encoder", len(te_order))):
+        got = loratool.load(tmp_path / name)
+        assert got.source_format == "lora_diffusion" and got.family == "sd1" and got.components == [comp]
+        expected = want.by_component(comp)
+        assert [m.path for m in got] == [m.path for m in expected]
+        for m, e in zip(got, expected):
+            assert torch.equal(m.tensors["up"], e.tensors["up"]) and torch.equal(m.tensors["down"], e.tensors["down"])
+            assert m.scale == e.scale == 1.0
+        info = inspect(tmp_path / name).to_json()  # header-only: the pickle's tensor table, not its data
+        assert (info["format"], info["module_count"], info["header_only"]) == ("lora_diffusion", n, True)
+    convert(tmp_path / "lora_weight.pt", "kohya", tmp_path / "k.safetensors")
+    head = "lora_unet_" + unet_order[0][0].replace(".", "_")
+    assert torch.equal(load_file(tmp_path / "k.safetensors")[head + ".lora_up.weight"], weights["unet:0:up"])

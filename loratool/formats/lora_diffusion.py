@@ -13,6 +13,10 @@ ff): both orders are tried and the one every stored shape fits is taken. When no
 fits every shape, the module order cannot be known and the file is refused, naming the first index that
 does not fit.
 
+``save_lora_weight`` pickles (``lora_weight.pt``, ``lora_weight.text_encoder.pt``: a list [up₀, down₀, up₁,
+…]) are read as lora_diffusion's own ``cli_pt_to_safetensors`` converts them: the component from the file
+name, the targets its scripts train (:data:`LIST_TARGETS`, the one whose order fits).
+
 Embeddings become whole tensors ``bundle_emb.<token>.string_to_param.*`` of the text encoder: the name
 A1111 and kohya-style files bundle embeddings under, so ``--to kohya`` keeps them.
 """
@@ -38,16 +42,35 @@ COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder"}
 # lora_diffusion's target classes -> the class name the order table records ("CrossAttention" was
 # diffusers' name for Attention before 0.14).
 TARGET_ALIASES = {"CrossAttention": "Attention"}
+# ``save_lora_weight`` pickles name no targets: the ones its scripts train, newest first (lora.py
+# UNET_DEFAULT_TARGET_REPLACE with GEGLU; the first releases' ["CrossAttention", "Attention"];
+# TEXT_ENCODER_DEFAULT_TARGET_REPLACE). The one whose module order fits every stored shape is taken.
+LIST_TARGETS = {"unet": ({"Attention", "GEGLU"}, {"Attention"}), "text_encoder": ({"CLIPAttention"},)}
+LIST_SUFFIXES = (".pt", ".pth")
 
 
 def _is_embedding(key: str, metadata: dict[str, str]) -> bool:
     return metadata.get(key) == EMBED_FLAG
 
 
+def _is_list(src) -> bool:
+    """A ``save_lora_weight`` pickle: a list [up₀, down₀, up₁, down₁, …] (read with indices as names)."""
+    keys = src.keys
+    return (src.path.suffix.lower() in LIST_SUFFIXES and len(keys) >= 2 and len(keys) % 2 == 0
+            and keys == [str(i) for i in range(len(keys))])
+
+
 def detect(src) -> bool:
     keys = src.keys
-    return bool(keys) and any(_KEY.match(k) for k in keys) and all(
-        _KEY.match(k) or _is_embedding(k, src.metadata) for k in keys)
+    return bool(keys) and (_is_list(src) or any(_KEY.match(k) for k in keys) and all(
+        _KEY.match(k) or _is_embedding(k, src.metadata) for k in keys))
+
+
+def list_component(file_name: str) -> str:
+    """The model a ``.pt`` list is for, as lora_diffusion's ``cli_pt_to_safetensors.convert`` names it: the
+    second-to-last dot part (``lora_weight.text_encoder.pt`` -> text_encoder), else unet."""
+    parts = file_name.split(".")
+    return parts[-2] if len(parts) > 2 else "unet"
 
 
 def embedding_name(token: str) -> str:
@@ -100,30 +123,37 @@ def _fits(order: list[list], shapes: list[tuple[int, ...]]) -> int | None:
     return None
 
 
-def _place(comp: str, targets: set[str], shapes: list[tuple[int, ...]], where: str) -> tuple[str, list[str]]:
-    """(family, module path of each index)."""
+def _place(comp: str, candidates: tuple[set[str], ...], shapes: list[tuple[int, ...]],
+           where: str) -> tuple[str, list[str]]:
+    """(family, module path of each index) for the first target set of ``candidates`` whose order fits."""
     misses = []
-    for family in ("sd1", "sd2"):
-        for order in _orders(family, comp, targets):
-            bad = _fits(order, shapes)
-            if bad is None:
-                return family, [e[0] for e in order]
-            misses.append((family, bad, len(order)))
+    for targets in candidates:
+        for family in ("sd1", "sd2"):
+            for order in _orders(family, comp, targets):
+                bad = _fits(order, shapes)
+                if bad is None:
+                    return family, [e[0] for e in order]
+                misses.append((family, bad, len(order)))
     family, bad, n = max(misses, key=lambda m: m[1])
     got = shapes[bad] if bad < len(shapes) else "none"
+    named = " or ".join(str(sorted(t)) for t in candidates)
     raise FormatError(
         f"{where}: the module order of {comp} cannot be known: lora_diffusion numbers modules by walking the "
-        f"model, and no SD 1.x / 2.x order for targets {sorted(targets)} fits the file ({len(shapes)} modules; "
+        f"model, and no SD 1.x / 2.x order for targets {named} fits the file ({len(shapes)} modules; "
         f"closest {family} with {n}, first misfit at {comp}:{bad}, shape {got})"
     )
 
 
-def read(src, opts=None) -> Adapter:
-    where = str(src.path)
-    meta = src.metadata
-    tensors = src.tensors
+def _slots(src, where: str) -> tuple[dict[str, dict[int, dict[str, torch.Tensor]]], dict[str, torch.Tensor],
+                                     dict[str, tuple[set[str], ...]]]:
+    """(component -> index -> {"up", "down"}, embeddings, component -> candidate target sets)."""
+    tensors, meta = src.tensors, src.metadata
     slots: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    adapter = Adapter(source_format=NAME, dialect=DIALECT)
+    if _is_list(src):  # as cli_pt_to_safetensors converts it: even entries up, odd ones down
+        comp = list_component(src.path.name)
+        for key, tensor in tensors.items():
+            slots.setdefault(comp, {}).setdefault(int(key) // 2, {})["down" if int(key) % 2 else "up"] = tensor
+        return slots, {}, {comp: LIST_TARGETS.get(comp, ())}
     embeddings = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)
@@ -131,27 +161,36 @@ def read(src, opts=None) -> Adapter:
             embeddings[key] = tensor
             continue
         slots.setdefault(m["comp"], {}).setdefault(int(m["i"]), {})[m["slot"]] = tensor
+    targets = {}
+    for comp in slots:
+        try:
+            targets[comp] = ({TARGET_ALIASES.get(t, t) for t in json.loads(meta.get(comp, "null"))},)
+        except (TypeError, json.JSONDecodeError):
+            raise FormatError(f"{where}: header {comp!r} does not hold lora_diffusion's JSON target list") from None
+    return slots, embeddings, targets
+
+
+def read(src, opts=None) -> Adapter:
+    where = str(src.path)
+    meta = src.metadata
+    adapter = Adapter(source_format=NAME, dialect=DIALECT)
+    slots, embeddings, targets = _slots(src, where)
     families = set()
     for comp, items in slots.items():
         if comp not in COMPONENTS:
             raise FormatError(f"{where}: lora_diffusion component {comp!r} is not unet or text_encoder")
-        try:
-            targets = {TARGET_ALIASES.get(t, t) for t in json.loads(meta.get(comp, "null"))}
-        except (TypeError, json.JSONDecodeError):
-            raise FormatError(f"{where}: header {comp!r} does not hold lora_diffusion's JSON target list") from None
         if sorted(items) != list(range(len(items))):
             raise FormatError(f"{where}: {comp} indices are not 0..{len(items) - 1}")
         for i, parts in items.items():
             if set(parts) != {"up", "down"}:
                 raise FormatError(f"{where}: {comp}:{i} lacks its {'up' if 'up' not in parts else 'down'} factor")
         shapes = [_shape(items[i], f"{where}: {comp}:{i}") for i in range(len(items))]
-        family, paths = _place(comp, targets, shapes, where)
+        family, paths = _place(comp, targets[comp], shapes, where)
         families.add(family)
         for i, path in enumerate(paths):
+            # the factors' shapes give the rank: the header's ``<comp>:<i>:rank`` is what lora_diffusion built
+            # the layer with, and cli_pt_to_safetensors writes 4 whatever the rank (the layer's weights replace it)
             up, down = items[i]["up"], items[i]["down"]
-            rank = meta.get(f"{comp}:{i}:rank")
-            if rank is not None and rank.isdigit() and int(rank) != down.shape[0]:
-                raise FormatError(f"{where}: {comp}:{i} has rank {down.shape[0]}, the header says {rank}")
             layer = "conv" if down.dim() == 4 else "linear"
             adapter.add(LoraModule(component=COMPONENTS[comp], path=path, layer=layer,
                                    tensors={"down": down, "up": up}, alpha=float(down.shape[0]),

@@ -98,9 +98,18 @@ def pickle_shapes(path: str | os.PathLike) -> dict[str, ShapeTensor] | None:
     except (_Refused, NeedsTorch, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, KeyError,
             ValueError, TypeError, AttributeError, IndexError, RecursionError, MemoryError):
         return None
+    return named_tensors(obj, lambda v: isinstance(v, ShapeTensor))
+
+
+def named_tensors(obj, is_tensor) -> dict | None:
+    """{name: tensor} of what a tensor checkpoint's pickle holds: a dict (or ``{"state_dict": dict}``) of
+    named tensors, or a list of tensors named by their index ("0", "1", …: lora_diffusion's
+    ``save_lora_weight`` saves [up₀, down₀, up₁, …]); None for anything else."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, ShapeTensor) for k, v in obj.items()):
+    if isinstance(obj, (list, tuple)) and obj and all(is_tensor(v) for v in obj):
+        return {str(i): v for i, v in enumerate(obj)}
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and is_tensor(v) for k, v in obj.items()):
         return None
     return dict(obj)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from loratool.errors import InputError
 from loratool.header_only import torch
+from loratool.io.pickle_header import named_tensors
 
 _REASON = re.compile(r"(unsupported global[^\n]*|unsupported operand[^\n]*|[^\n]*GLOBAL [^\n]*)", re.IGNORECASE)
 
@@ -52,6 +53,7 @@ def load_pickle_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a readable torch checkpoint ({exc.__class__.__name__}: {detail})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
+    obj = named_tensors(obj, lambda v: isinstance(v, torch.Tensor)) or obj  # a list of tensors: indices as names
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     out: dict[str, torch.Tensor] = {}
