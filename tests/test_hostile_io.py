@@ -181,9 +181,11 @@ def test_unreadable_pickle_is_an_input_error(content, tmp_path):
 
 def test_pickle_of_non_tensors_is_refused(tmp_path):
     path = tmp_path / "list.pt"
-    torch.save([torch.ones(2)], path)
+    torch.save([torch.ones(2), "x"], path)
     with pytest.raises(InputError, match="expected a dict of tensors"):
         load_pickle_state_dict(path)
+    torch.save([torch.ones(2)], path)  # a list of tensors (lora_diffusion's save_lora_weight): indices as names
+    assert list(load_pickle_state_dict(path)) == ["0"]
     torch.save({"a": 3}, path)
     with pytest.raises(InputError, match="not a named tensor"):
         load_pickle_state_dict(path)
