@@ -12,6 +12,10 @@ table holds, for block 0 only (kohya name restoration templates block indices):
 * ``native_modules``: the same modules in the family's native naming;
 * ``spelling_modules``: in the other native spellings the family reads (musubi-tuner's);
 * ``variants``: the published configs.
+
+A family's sub-models (``DitFamily.submodels``: Anima's ``llm_adapter`` = diffusers' ``AnimaTextConditioner``)
+get a table of their own (``<table>.json``: ``class``, ``variants``, every weight-owning module path of block 0
+in diffusers' naming; the native names are those paths under the sub-model's prefix), from ``SUBMODEL_VARIANTS``.
 """
 
 from __future__ import annotations
@@ -141,6 +145,33 @@ VARIANTS: dict[str, dict[str, dict]] = {
 }
 
 
+# published configs of the sub-models, by table name
+SUBMODEL_VARIANTS: dict[str, dict[str, dict]] = {
+    # Anima's LLM adapter: ComfyUI comfy/ldm/anima/model.py builds ``LLMAdapter()`` with its defaults (source, target
+    # and model width 1024, 6 blocks, 16 heads, self-attention, RMSNorm, a 32128-token T5 vocabulary), which are
+    # diffusers' AnimaTextConditioner defaults; in_proj exists only when model_dim != target_dim (not released)
+    "anima_text_conditioner_modules": {"anima-llm-adapter": dict()},
+}
+
+
+def submodel_table(sub: dit.SubModel) -> dict:
+    import diffusers
+
+    paths: set[str] = set()
+    variants = SUBMODEL_VARIANTS[sub.table]
+    for cfg in variants.values():
+        model = meta_model(lambda c=cfg: getattr(diffusers, sub.diffusers_class)(**c))
+        paths |= set(weight_paths(model))
+    blocks = {"blocks"}
+    return {
+        "class": sub.diffusers_class,
+        "component": sub.component,
+        "native_prefix": sub.native_prefix,
+        "variants": {name: _jsonable(cfg) for name, cfg in variants.items()},
+        "diffusers_modules": sorted(p for p in paths if block_zero(p, blocks)),
+    }
+
+
 def block_zero(path: str, blocks: set[str]) -> bool:
     """Paths outside indexed blocks, and those of block 0."""
     parts = path.split(".")
@@ -219,6 +250,10 @@ def main(names: list[str]) -> None:
         path = ARCH / f"{spec.table}.json"
         path.write_text(json.dumps(family_table(spec), indent=1) + "\n", encoding="utf-8")
         print(f"wrote {path}")
+        for sub in spec.submodels:
+            path = ARCH / f"{sub.table}.json"
+            path.write_text(json.dumps(submodel_table(sub), indent=1) + "\n", encoding="utf-8")
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

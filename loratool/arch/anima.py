@@ -2,8 +2,13 @@
 (ComfyUI ``comfy/ldm/anima``, ``comfy/ldm/cosmos/predict2.py``; LoRAs as ``diffusion_model.blocks.0.self_attn.q_proj``)
 and its map to diffusers' ``CosmosTransformer3DModel`` (diffusers' ``_convert_non_diffusers_anima_lora_to_diffusers``
 spells it). Read, ``info`` and convert; the naming covers what that converter maps (attention, MLP, adaLN-LoRA
-modulation, embedders), not the norms. ``llm_adapter.*`` modules belong to diffusers' ``AnimaTextConditioner``,
-another model: they are refused by name.
+modulation, embedders), not the norms.
+
+``llm_adapter.*`` modules are ComfyUI's ``LLMAdapter`` inside the diffusion model (``comfy/ldm/anima/model.py``;
+ComfyUI loads ``diffusion_model.llm_adapter.…`` and ``lora_unet_llm_adapter_…`` keys by its generic map,
+``comfy/lora.py`` ``model_lora_keys_unet``). diffusers holds them in another model, ``AnimaTextConditioner``, the
+pipeline's ``text_conditioner`` component, under the same names (``_convert_non_diffusers_anima_lora_to_diffusers``
+maps ``llm_adapter.X`` to ``text_conditioner.X``): a :class:`~loratool.arch.dit.SubModel` with its own table.
 """
 
 from __future__ import annotations
@@ -37,9 +42,13 @@ SPEC = dit.DitFamily(
     title="Anima",
     table="anima_modules",
     diffusers_class="CosmosTransformer3DModel",
+    pipelines=("Anima",),  # diffusers' AnimaModularPipeline (modular_model_index.json)
     naming=NAMING,
     metadata=("anima",),
-    markers=(r"\.(self_attn|cross_attn)\.(q|k|v|output)_proj$", r"adaln_modulation_", r"\.mlp\.layer[12]$"),
+    markers=(r"\.(self_attn|cross_attn)\.(q|k|v|output)_proj$", r"adaln_modulation_", r"\.mlp\.layer[12]$",
+             r"^llm_adapter\."),
     partial=True,
+    submodels=(dit.SubModel(native_prefix="llm_adapter", component="text_conditioner",
+                            table="anima_text_conditioner_modules", diffusers_class="AnimaTextConditioner"),),
 )
 FAMILY = SPEC.family

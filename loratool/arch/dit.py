@@ -21,13 +21,18 @@ holds:
 
 Families whose native names are diffusers' own (Qwen-Image, HiDream, ERNIE-Image) or differ by a few words
 (LTX-Video, LTX-2: ``renames``) give no ``naming``: it is built from the table.
+
+A native diffusion model may hold a second diffusers model under one of its modules (Anima's ``llm_adapter``
+is diffusers' ``AnimaTextConditioner``, the pipeline's ``text_conditioner`` component): a :class:`SubModel`.
+Native and kohya files name its modules ``<native prefix>.<path>`` inside the diffusion model; canonically they
+are ``<path>`` in their own component, checked against the sub-model's generated table.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 
 from loratool.adapter import LoraModule
@@ -42,6 +47,41 @@ NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # kohya prefixes: musubi-tuner / sd-scripts ``lora_unet_``; VideoX-Fun (Wan-Fun) ``lora_unet__`` (an empty
 # module name before the path); SimpleTuner's LyCORIS export ``lycoris_`` is generic (see kohya_names).
 KOHYA_PREFIXES = {"lora_unet": COMPONENT, "lora_unet_": COMPONENT}
+
+
+@dataclass(frozen=True)
+class SubModel:
+    """A second diffusers model the native diffusion model holds under ``native_prefix`` with the same module
+    names below it (Anima: ``llm_adapter.blocks.0.self_attn.q_proj`` is ``text_conditioner``'s
+    ``blocks.0.self_attn.q_proj``)."""
+
+    native_prefix: str  # "llm_adapter"
+    component: str  # the diffusers pipeline component: "text_conditioner"
+    table: str  # JSON table generated from ``diffusers_class`` by scripts/gen_dit_tables.py
+    diffusers_class: str  # "AnimaTextConditioner"
+
+    @cached_property
+    def data(self) -> dict:
+        return load_table(self.table)
+
+    @cached_property
+    def templates(self) -> frozenset[str]:
+        return frozenset(template(p) for p in self.data["diffusers_modules"])
+
+    def knows(self, path: str) -> bool:
+        """Whether ``path`` (canonical, no prefix) is a module of the sub-model."""
+        return template(path) in self.templates
+
+    def inner(self, native: str) -> str | None:
+        """The canonical path of a native ``<prefix>.<path>``; None when it is not one of the sub-model's."""
+        head = self.native_prefix + "."
+        if not native.startswith(head):
+            return None
+        rest = native[len(head):]
+        return rest if self.knows(rest) else None
+
+    def native(self, path: str) -> str:
+        return f"{self.native_prefix}.{path}"
 
 
 @dataclass(frozen=True)
@@ -89,6 +129,8 @@ class DitFamily:
     # (HunyuanVideo's ``img_attn_qkv`` and Flux.1's ``img_attn.qkv`` are both ``img_attn_qkv``)
     dotted_markers: tuple[str, ...] = ()
     extra_kohya_prefixes: dict[str, str] = field(default_factory=dict)
+    # second diffusers models inside the native diffusion model (Anima's llm_adapter = text_conditioner)
+    submodels: tuple[SubModel, ...] = ()
 
     # --- namings -----------------------------------------------------------------------------
     @cached_property
@@ -121,10 +163,29 @@ class DitFamily:
         data = self.data
         out = set(data["native_modules"]) | set(data["diffusers_modules"])
         flat = {p.replace(".", "_") for p in out}
-        return out | {p for p in data.get("spelling_modules", ()) if p.replace(".", "_") not in flat}
+        out |= {p for p in data.get("spelling_modules", ()) if p.replace(".", "_") not in flat}
+        return out | {sub.native(p) for sub in self.submodels for p in sub.data["diffusers_modules"]}
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The pipeline components this family's LoRAs adapt: ``transformer`` and the sub-models'."""
+        return (COMPONENT, *(sub.component for sub in self.submodels))
+
+    def submodel(self, component: str) -> SubModel | None:
+        return next((sub for sub in self.submodels if sub.component == component), None)
+
+    def inner_of(self, native: str) -> tuple[SubModel, str] | None:
+        """(sub-model, canonical path) of a native path inside a sub-model; None otherwise."""
+        for sub in self.submodels:
+            inner = sub.inner(native)
+            if inner is not None:
+                return sub, inner
+        return None
 
     def knows(self, path: str) -> bool:
-        """Whether ``path`` is a module of this family in any naming."""
+        """Whether ``path`` is a module of this family in any naming (sub-models' under their native prefix)."""
+        if self.inner_of(path) is not None:
+            return True
         return any(n.diffusers_of(path) is not None or n.native_of(path) is not None for n in self.namings)
 
     def native_only(self, path: str) -> bool:
@@ -136,6 +197,8 @@ class DitFamily:
     @cached_property
     def family(self) -> Family:
         def native_paths(component: str) -> set[str]:
+            # sub-models have no kohya prefix of their own: their modules are the diffusion model's
+            # (``lora_unet_llm_adapter_...``), restored from ``native_module_paths``
             return self.native_module_paths() if component == COMPONENT else set()
 
         return Family(
@@ -160,10 +223,12 @@ class DitFamily:
         if self.metadata_says(ev.metadata):
             return DECLARED + 5, f"{self.title} named in its metadata"
         paths = ev.paths(COMPONENT)
-        if not paths or ev.components != {COMPONENT}:
+        subs = [(sub, p) for sub in self.submodels for p in ev.paths(sub.component)]
+        if not (paths or subs) or not ev.components <= set(self.components):
             return 0, ""
         shapes = {p: s for p in paths for s in [ev.modules[(COMPONENT, p)]] if s is not None}
-        score = self.detect([f"transformer.{p}.lora_A.weight" for p in paths], {}, shapes)
+        keys = [f"transformer.{p}.lora_A.weight" for p in [*paths, *(sub.native(p) for sub, p in subs)]]
+        score = self.detect(keys, {}, shapes)
         if score >= 95:
             return UNIQUE + 5, f"modules only {self.title} has"
         if score > 0:
@@ -171,12 +236,20 @@ class DitFamily:
         return 0, ""
 
     def to_canonical(self, modules: list[LoraModule]) -> list[LoraModule]:
-        """Native paths (any spelling) -> diffusers paths, fused modules split exactly."""
+        """Native paths (any spelling) -> diffusers paths, fused modules split exactly; sub-model modules
+        (``llm_adapter.…``) move to their own component."""
         out: list[LoraModule] = []
         for m in modules:
             if m.component != COMPONENT:
                 out.append(m)
                 continue
+            inner = self.inner_of(m.path)
+            if inner is not None:
+                out.append(replace(fused.renamed(m, inner[1]), component=inner[0].component))
+                continue
+            if m.path.split(".", 1)[0] in {sub.native_prefix for sub in self.submodels}:
+                raise MatchError(f"{COMPONENT}:{m.path}: not a module of {self.title}'s "
+                                 f"{self.inner_component(m.path)}")
             naming = next((n for n in self.namings if n.diffusers_of(m.path) is not None), None)
             if naming is None:
                 if not _is_diffusers(self, m.path):
@@ -186,9 +259,25 @@ class DitFamily:
             out.extend(fused.to_canonical([m], naming))
         return out
 
+    def inner_component(self, native: str) -> str:
+        head = native.split(".", 1)[0]
+        sub = next(s for s in self.submodels if s.native_prefix == head)
+        return f"{sub.diffusers_class} ({sub.native_prefix}.*)"
+
     def from_canonical(self, modules: list[LoraModule]) -> list[LoraModule]:
-        """diffusers paths -> native paths of the primary naming; split parts fuse exactly."""
-        return fused.from_canonical(modules, self.primary)
+        """diffusers paths -> native paths of the primary naming; split parts fuse exactly. Sub-model modules go
+        back into the diffusion model under their native prefix."""
+        out: list[LoraModule] = []
+        rest: list[LoraModule] = []
+        for m in modules:
+            sub = self.submodel(m.component)
+            if sub is None:
+                (out if m.component == COMPONENT and self.inner_of(m.path) is not None else rest).append(m)
+                continue  # (a sub-model module already in its native place passes through)
+            if not sub.knows(m.path):
+                raise MatchError(f"{m.component}:{m.path}: not a module of {sub.diffusers_class}")
+            out.append(replace(fused.renamed(m, sub.native(m.path)), component=COMPONENT))
+        return fused.from_canonical(rest, self.primary) + out
 
     # --- detection ---------------------------------------------------------------------------
     def metadata_says(self, metadata: Mapping[str, str]) -> bool:

@@ -1,6 +1,6 @@
 """diffusers LoRA files (``pytorch_lora_weights.safetensors``): one file, keys behind a
 pipeline-component prefix (``unet.``, ``transformer.``, ``text_encoder.``, ``text_encoder_2.``,
-``text_encoder_3.``).
+``text_encoder_3.``, Anima's ``text_conditioner.``).
 
 Three key styles are read (``C`` = component, A = down, B = up):
 
@@ -45,7 +45,7 @@ from loratool.header_only import torch
 from loratool.io.atomic import atomic_path
 
 NAME = "diffusers"
-PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "text_conditioner")
 METADATA_KEY = "lora_adapter_metadata"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 

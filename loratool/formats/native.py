@@ -21,7 +21,9 @@ Key = prefix + native module path + suffix. Suffixes and the canonical tensor ea
 
 The family (and so the map to canonical diffusers names) comes from ``--family`` or from the module
 paths, shapes and metadata (:func:`loratool.arch.dit.detect_native`; Flux.1 / SD3 BFL / MMDiT names are
-recognised by their vocabulary). Writing uses ``diffusion_model.`` + the family's native names +
+recognised by their vocabulary). Modules of a family's sub-model (Anima's ``llm_adapter.*``) are read into its own
+component (``text_conditioner``) and written back under the prefix. Writing uses ``diffusion_model.`` + the
+family's native names +
 ``lora_A`` / ``lora_B`` + ``alpha`` (what ComfyUI loads); ``bias`` is written as ``diff_b = scale · bias``.
 """
 
@@ -215,11 +217,19 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
     out = check_output(out, opts.inputs, opts.force)
     if adapter.extras:
         raise FormatError(f"{out}: the native layout holds LoRA modules only; this adapter has whole tensors too")
-    others = sorted({m.component for m in adapter} - {COMPONENT})
-    if others:
-        raise FormatError(f"{out}: the native layout holds the transformer only; this adapter also adapts "
-                          f"{', '.join(others)} (write kohya or diffusers instead)")
+    from loratool.arch import dit
+
+    def refuse_others(held: set[str]) -> None:
+        others = sorted({m.component for m in adapter} - held)
+        if others:
+            raise FormatError(f"{out}: the native layout holds the transformer only; this adapter also adapts "
+                              f"{', '.join(others)} (write kohya or diffusers instead)")
+
+    # sub-models live inside the diffusion model (Anima's text_conditioner: diffusion_model.llm_adapter.*)
+    refuse_others({c for spec in dit.specs().values() for c in spec.components})
     family = _family_for_write(adapter, opts)
+    spec = dit.find(family.name)
+    refuse_others(set(spec.components) if spec is not None else {COMPONENT})
     widening = next((m for m in adapter if m.kind == "set" or m.hints.get("widen")), None)
     if widening is not None:
         raise FormatError(f"{out}: {widening.component}:{widening.path} sets or widens a base weight (a Flux control "

@@ -9,7 +9,8 @@ Accepted layouts:
   presented under the names of :mod:`loratool.io.gguf_names`;
 * a sharded folder holding ``*.safetensors.index.json``;
 * a diffusers component folder (``config.json`` + one ``*.safetensors``);
-* a diffusers pipeline folder (``model_index.json``), each component folder as above;
+* a diffusers pipeline folder (``model_index.json``, or a modular pipeline's ``modular_model_index.json``:
+  Anima's), each component folder as above;
 * an ``hf://`` reference to any of these (:func:`loratool.io.hub.resolve`).
 
 A checkpoint is a list of :class:`Group` s, one per component: a single file or a shard set.
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
 # Folder names that say which model part a weights file is.
 KNOWN_COMPONENTS = frozenset(COMPONENTS) | {"vae", "prior", "decoder", "image_encoder", "controlnet", "transformer_2"}
+# The index files of a diffusers pipeline folder (a modular pipeline writes the second: Anima's).
+PIPELINE_INDEXES = ("model_index.json", "modular_model_index.json")
 # Preferred weight file names when a folder holds several (diffusers variants, duplicates).
 STANDARD_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 # Files that hold weights: a mirrored folder drops those it does not merge (a stale unmerged
@@ -357,6 +360,11 @@ def _folder_group(folder: Path, rel_folder: Path, component: str | None) -> Grou
     return Group(component, [Part(component, rel_folder / chosen.name, SafetensorsFile(chosen))])
 
 
+def pipeline_index(folder: Path) -> Path | None:
+    """The ``model_index.json`` (or ``modular_model_index.json``) of a diffusers pipeline folder; None if none."""
+    return next((folder / n for n in PIPELINE_INDEXES if (folder / n).is_file()), None)
+
+
 def _component_of(name: str) -> str | None:
     return name if name in KNOWN_COMPONENTS else None
 
@@ -374,6 +382,12 @@ def _component_from_config(folder: Path) -> str | None:
         return "transformer"
     if cls.startswith("UNet") and cls.endswith("ConditionModel"):
         return "unet"
+    from loratool.arch import dit
+
+    for spec in dit.specs().values():  # sub-models: Anima's AnimaTextConditioner is a text_conditioner
+        for sub in spec.submodels:
+            if cls == sub.diffusers_class:
+                return sub.component
     return None
 
 
@@ -392,8 +406,8 @@ def open_checkpoint(ref: str | os.PathLike) -> Checkpoint:
             opener = _gguf_group if gguf else _file_group
             group = opener(root, Path(root.name), _component_of(root.parent.name))
             return Checkpoint(root, [group], is_folder=False, kind="file")
-    model_index = root / "model_index.json"
-    if model_index.is_file():
+    model_index = pipeline_index(root)
+    if model_index is not None:
         try:
             spec = json.loads(model_index.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -416,7 +430,7 @@ def open_checkpoint(ref: str | os.PathLike) -> Checkpoint:
     if group is None:
         raise InputError(
             f"{root}: no safetensors weights here (expected a .safetensors file, a *.safetensors.index.json, "
-            f"or a diffusers model_index.json)"
+            f"or a diffusers model_index.json / modular_model_index.json)"
         )
     group.single_file = group.index is None and group.component is None
     kind = "sharded" if group.index is not None else "component"

@@ -72,7 +72,8 @@ def local_kind(ref: str | os.PathLike) -> str | None:
     if path.is_dir():
         if any((path / n).is_file() for n in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")):
             return "lora"
-        if (path / "model_index.json").is_file() or any(path.glob("*.safetensors.index.json")):
+        if any((path / n).is_file() for n in ("model_index.json", "modular_model_index.json")) \
+                or any(path.glob("*.safetensors.index.json")):
             return "model"
         files = sorted(path.glob("*.safetensors"))
         return _kind_of_keys(_header_keys(files[0])) if (path / "config.json").is_file() and files else None

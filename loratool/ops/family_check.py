@@ -43,7 +43,10 @@ def base_family_of(ckpt: Checkpoint, shapes: Mapping[str, tuple[int, ...]] | Non
     if shapes is None:
         shapes = {key: tuple(f.info(key).shape) for _, _, f in ckpt.parts() for key in f.keys()}
     if ckpt.kind == "pipeline":
-        return base_family(shapes, pipeline=json_object(ckpt.root / "model_index.json"))
+        from loratool.io.checkpoint import pipeline_index
+
+        index = pipeline_index(ckpt.root)
+        return base_family(shapes, pipeline=json_object(index) if index is not None else None)
     folder = ckpt.root if ckpt.is_folder else ckpt.root.parent
     return base_family(shapes, config=json_object(folder / "config.json"))
 

@@ -249,7 +249,9 @@ def is_base_folder(folder: Path) -> bool:
     if not folder.is_dir() or any((folder / n).is_file() for n in ("adapter_config.json", "adapter_model.safetensors",
                                                                     "adapter_model.bin")):
         return False
-    return (folder / "model_index.json").is_file() or any(folder.glob("*.safetensors.index.json"))
+    from loratool.io.checkpoint import pipeline_index
+
+    return pipeline_index(folder) is not None or any(folder.glob("*.safetensors.index.json"))
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointReport:

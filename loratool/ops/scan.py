@@ -129,7 +129,7 @@ def is_library_folder(path: str | os.PathLike) -> bool:
 
     p = Path(path)
     if not p.is_dir() or any((p / n).is_file() for n in (*PEFT_WEIGHTS, CONFIG_NAME, "model_index.json",
-                                                          "config.json")):
+                                                          "modular_model_index.json", "config.json")):
         return False
     if component_folders(p) or any(p.glob("*.safetensors.index.json")):
         return False
