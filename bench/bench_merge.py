@@ -128,7 +128,7 @@ def main() -> int:
         ratio = merge_s / cp_mean
         print(f"cp: {cp1:.2f} s then {cp2:.2f} s (mean {cp_mean:.2f} s), {cp_cpu:.2f} CPU-s   ({load()})")
         print(f"loratool merge: {merge_s:.2f} s wall (inside merge(): {summary['seconds']:.2f} s), "
-              f"{merge_cpu:.2f} CPU-s; {summary['merged_tensors']} tensors merged, {summary['skipped']} copied")
+              f"{merge_cpu:.2f} CPU-s; {summary['merged_tensors']} tensors merged, {summary['copied_tensors']} copied")
         print(f"ratio merge/cp: {ratio:.2f} (target <= 1.5)  {'OK' if ratio <= 1.5 else 'OVER'}   ({load()})")
         print(f"peak RSS of the merge process: {peak_mb:.0f} MB (target < 1024)  {'OK' if peak_mb < 1024 else 'OVER'}")
         if args.sync_run:

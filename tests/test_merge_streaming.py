@@ -25,7 +25,7 @@ from loratool.adapter import Adapter, LoraModule
 from loratool.delta import merge_weight, row_merge
 from loratool.errors import NonFiniteError, OutputError
 from loratool.io import checkpoint as ckmod
-from loratool.io import copy_ahead, patch_writer
+from loratool.io import copy_ahead, patch_writer, staging
 from loratool.io import safetensors_writer as writer_mod
 from loratool.io.safetensors_file import SafetensorsFile
 from loratool.io.safetensors_writer import StreamingWriter, TensorSpec
@@ -260,8 +260,10 @@ def test_a_full_disk_in_a_writer_thread_is_an_output_error(tmp_path, monkeypatch
     dtype = None
     if where == "copy-ahead thread":
         monkeypatch.setattr(copy_ahead, "copy_at", _enospc)
-    elif where == "patch writer thread":
+    elif where == "patch writer thread":  # segments go out with sendfile, small tensors with pwrite
         monkeypatch.setattr(patch_writer, "pwrite_all", _enospc)
+        monkeypatch.setattr(staging, "pwrite_all", _enospc)
+        monkeypatch.setattr(os, "sendfile", _enospc, raising=False)
     else:  # a dtype change rewrites the file in order
         real = writer_mod._write_all
 
@@ -271,6 +273,8 @@ def test_a_full_disk_in_a_writer_thread_is_an_output_error(tmp_path, monkeypatch
             real(fd, data)
 
         monkeypatch.setattr(writer_mod, "_write_all", full)
+        monkeypatch.setattr(staging, "write_all", _enospc)
+        monkeypatch.setattr(os, "sendfile", _enospc, raising=False)
         monkeypatch.setattr(writer_mod, "copy_range", _enospc)
         dtype = "bf16"
     out = tmp_path / "o.safetensors"

@@ -16,7 +16,16 @@ from pathlib import Path
 import torch
 
 from loratool.io.copy_ahead import CopyAhead, pwrite_all, start_writeback
-from loratool.io.safetensors_writer import SegmentPool, Worker, tensor_bytes
+from loratool.io.safetensors_writer import (
+    STAGE_MIN_BYTES,
+    SegmentPool,
+    Worker,
+    flat_bytes,
+    send_segment,
+    staged_pieces,
+    tensor_bytes,
+)
+from loratool.io.staging import kernel_send_available
 
 
 class PatchWriter:
@@ -46,6 +55,7 @@ class PatchWriter:
             if worker is not None:
                 worker.cancelled = exc_type is not None
                 worker.stop()
+            self._pool.close()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -63,26 +73,33 @@ class PatchWriter:
                 raise ValueError(f"{self.path}: tensor {name!r} is missing its last {end - at} bytes")
             self._open = None
 
-    def _submit(self, data: memoryview, at: int, after) -> None:
+    def _submit(self, put, at: int, nbytes: int, after) -> None:
+        """Queue ``put(fd)``, which writes ``nbytes`` at ``at``, behind any copy run overlapping them."""
         fd, copier, path = self._fd, self._copier, self.path
 
         def write() -> None:
-            copier.wait_clear(path, at, at + len(data))
-            pwrite_all(fd, data, at)
+            copier.wait_clear(path, at, at + nbytes)
+            put(fd)
             if copier.sync:
-                start_writeback(fd, at, len(data))
+                start_writeback(fd, at, nbytes)
 
         self._worker.submit(write, after)
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         self._close_open()
         start, end = self._spans[name]
-        data = tensor_bytes(tensor)
-        if len(data) != end - start:
-            raise ValueError(f"{self.path}: tensor {name!r} needs {end - start} bytes, got {len(data)}")
+        raw = flat_bytes(tensor)
+        if raw.numel() != end - start:
+            raise ValueError(f"{self.path}: tensor {name!r} needs {end - start} bytes, got {raw.numel()}")
         self._check()
+        if raw.numel() >= STAGE_MIN_BYTES and kernel_send_available():
+            self._open = (name, start, end)
+            staged_pieces(raw, self.segment, self.write_segment)
+            self._close_open()
+            return
+        data = tensor_bytes(tensor)
         self._whole.acquire()  # one whole tensor in flight: memory holds at most two
-        self._submit(data, start, self._whole.release)
+        self._submit(lambda fd: pwrite_all(fd, data, start), start, len(data), self._whole.release)
 
     def begin_tensor(self, name: str) -> int:
         """Start tensor ``name``; its bytes follow through :meth:`write_segment`. Returns its size."""
@@ -104,7 +121,8 @@ class PatchWriter:
             raise ValueError(f"{self.path}: tensor {name!r} gets {at + nbytes - end} bytes too many")
         self._open = (name, at + nbytes, end)
         self._check()
-        self._submit(memoryview(buf.numpy())[:nbytes], at, lambda: self._pool.give_back(buf))
+        pool = self._pool
+        self._submit(lambda fd: send_segment(pool, fd, buf, nbytes, at), at, nbytes, lambda: pool.give_back(buf))
 
     def give_back(self, buf: torch.Tensor) -> None:
         """Return an unused buffer from :meth:`segment`."""

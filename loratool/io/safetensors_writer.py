@@ -33,6 +33,7 @@ import torch
 from loratool.errors import OutputError
 from loratool.io.atomic import open_output
 from loratool.io.safetensors_file import dtype_codes, itemsize, parse_header
+from loratool.io.staging import Staged, kernel_send_available, write_all
 
 _CHUNK = 16 * 1024 * 1024
 # copy_file_range per call: big calls keep the per-call overhead negligible.
@@ -41,6 +42,10 @@ _COPY_CALL = 1 << 30
 # the caller fills the next one, small next to any model.
 SEGMENT_BYTES = 8 * 1024 * 1024
 _POOL = 3
+# Whole tensors of at least this many bytes go out through segment buffers too (one memcpy into
+# them, then the kernel's page-cache copy: :mod:`loratool.io.staging`); smaller ones are written
+# from their own memory.
+STAGE_MIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -104,17 +109,31 @@ def header_matches(prefix: bytes, specs: Sequence[TensorSpec]) -> bool:
 
 
 def _write_all(fd: int, data: memoryview) -> None:
-    while len(data):
-        n = os.write(fd, data)
-        data = data[n:]
+    write_all(fd, data)
+
+
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The little-endian C-order bytes of a CPU tensor as a 1-D uint8 tensor (no copy when contiguous)."""
+    t = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The little-endian C-order bytes of a CPU tensor, without a copy when it is contiguous."""
-    t = tensor.detach().to("cpu").contiguous().reshape(-1)
+    t = flat_bytes(tensor)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.numpy()).cast("B")
+
+
+def staged_pieces(raw: torch.Tensor, take, put) -> None:
+    """Copy ``raw`` (1-D uint8) into buffers from ``take(nbytes)``, handing each to ``put(buf, nbytes)``."""
+    n = raw.numel()
+    for a in range(0, n, SEGMENT_BYTES):
+        k = min(SEGMENT_BYTES, n - a)
+        buf = take(k)
+        buf[:k].copy_(raw[a:a + k])
+        put(buf, k)
 
 
 class Worker:
@@ -160,28 +179,62 @@ class Worker:
 class SegmentPool:
     """Buffers lent to a caller to fill with tensor bytes, a few at a time (memory stays bounded).
 
-    ``take`` waits for a buffer to come back once ``_POOL`` are out; ``check`` is called while
-    waiting so a writer error surfaces instead of a hang.
+    Each is a :class:`~loratool.io.staging.Staged` buffer (memfd-backed where the kernel can send
+    it to the output itself); callers see its uint8 tensor. ``take`` waits for a buffer to come
+    back once ``_POOL`` are out; ``check`` is called while waiting so a writer error surfaces
+    instead of a hang.
     """
 
     def __init__(self, check) -> None:
         self._free: queue.Queue = queue.Queue()
         self._lent = 0
         self._check = check
+        self._staged: dict[int, Staged] = {}  # data_ptr of a lent tensor -> its buffer
+        self._lock = threading.Lock()
+
+    def _new(self, nbytes: int) -> torch.Tensor:
+        staged = Staged(nbytes)
+        with self._lock:
+            self._staged[staged.tensor.data_ptr()] = staged
+        return staged.tensor
 
     def take(self, nbytes: int) -> torch.Tensor:
         self._check()
         if self._free.empty() and self._lent < _POOL:
             self._lent += 1
-            return torch.empty(max(nbytes, SEGMENT_BYTES), dtype=torch.uint8)
+            return self._new(max(nbytes, SEGMENT_BYTES))
         buf = self._free.get()
         self._check()
         if buf.numel() < nbytes:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
+            self._drop(buf)
+            buf = self._new(nbytes)
         return buf
+
+    def staged(self, buf: torch.Tensor) -> Staged:
+        """The buffer behind a tensor this pool lent."""
+        with self._lock:
+            return self._staged[buf.data_ptr()]
 
     def give_back(self, buf: torch.Tensor) -> None:
         self._free.put(buf)
+
+    def _drop(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            staged = self._staged.pop(buf.data_ptr(), None)
+        if staged is not None:
+            staged.close()
+
+    def close(self) -> None:
+        """Release every buffer's memfd (called once the writer thread has stopped)."""
+        with self._lock:
+            staged, self._staged = list(self._staged.values()), {}
+        for s in staged:
+            s.close()
+
+
+def send_segment(pool: SegmentPool, fd: int, buf: torch.Tensor, nbytes: int, offset: int | None) -> None:
+    """Write the first ``nbytes`` of ``buf`` (lent by ``pool``) to ``fd`` at ``offset`` (None: its position)."""
+    pool.staged(buf).write_to(fd, nbytes, offset)
 
 
 class StreamingWriter:
@@ -245,6 +298,7 @@ class StreamingWriter:
             for fd in self._sources.values():
                 os.close(fd)
             self._sources.clear()
+            self._pool.close()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -280,6 +334,14 @@ class StreamingWriter:
                 f"{self.path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                 f"the header says {spec.dtype} {spec.shape}"
             )
+        raw = flat_bytes(tensor)
+        if raw.numel() >= STAGE_MIN_BYTES and kernel_send_available():
+            self._expect(name, raw.numel())
+            self._flush_copy()
+            self._open = (name, raw.numel())
+            staged_pieces(raw, self.segment, self.write_segment)
+            self._close_open()
+            return
         self.write_bytes(name, tensor_bytes(tensor))
 
     def write_bytes(self, name: str, data) -> None:
@@ -320,9 +382,8 @@ class StreamingWriter:
             raise ValueError(f"{self.path}: tensor {name!r} gets {nbytes - due} bytes too many")
         self._open = (name, due - nbytes)
         self._check()
-        fd = self._fd
-        view = memoryview(buf.numpy())[:nbytes]
-        self._worker.submit(lambda: _write_all(fd, view), lambda: self._pool.give_back(buf))
+        fd, pool = self._fd, self._pool
+        self._worker.submit(lambda: send_segment(pool, fd, buf, nbytes, None), lambda: pool.give_back(buf))
 
     def give_back(self, buf: torch.Tensor) -> None:
         """Return an unused buffer from :meth:`segment`."""
