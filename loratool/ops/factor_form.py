@@ -19,10 +19,12 @@ A LoHa product whose rank reaches min(out, in·k·k) is returned dense instead: 
 than the matrix. ``delta.delta_weight`` stays the definition; tests check these forms against it.
 
 :func:`form_svd` is the one SVD of any form: :func:`~loratool.ops.linalg.factor_svd` for factors
-(QR / Gram of the thin factors plus a small core SVD), :func:`~loratool.ops.linalg.kron_svd` for
-Kronecker products (the SVD of kron(W₁, W₂) is the Kronecker product of the factors' SVDs: no
-dense ΔM), a dense SVD only for ``dense``. :func:`singular_values` gives the spectrum alone and
-:func:`explicit_factors` an exact (up, down) pair of minimal rank for any form.
+(QR / Gram of the thin factors plus a small core SVD, or for wide LoHa factors the Gram–eigen route
+with the Grams of the Khatri–Rao factors from :func:`~loratool.ops.linalg.face_split_gram`),
+:func:`~loratool.ops.linalg.kron_svd` for Kronecker products (the SVD of kron(W₁, W₂) is the
+Kronecker product of the factors' SVDs: no dense ΔM), a dense SVD only for ``dense``.
+:func:`singular_values` gives the spectrum alone and :func:`explicit_factors` an exact (up, down)
+pair of minimal rank for any form.
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ import torch
 
 from loratool.adapter import LoraModule
 from loratool.delta import delta_weight
-from loratool.ops.linalg import LowRankSVD, compute_dtype, dense_svd, factor_svd, kron_svd, numerical_rank
+from loratool.ops.linalg import (
+    EIGH_MIN_RANK,
+    LowRankSVD,
+    compute_dtype,
+    dense_svd,
+    face_split_gram,
+    factor_svd,
+    kron_svd,
+    numerical_rank,
+)
 from loratool.shapes import lokr_factor_shapes
 
 # Hints that carry maths (the DoRA axis and strength semantics) survive re-factoring.
@@ -54,6 +65,8 @@ class FactorForm:
     dense: torch.Tensor | None = None
     # ΔM = scale · kron(A, B), each factor a FactorForm of its own (factors or dense)
     kron: tuple[FactorForm, FactorForm] | None = None
+    # LoHa: (A₁, A₂, B₁, B₂) with up = A₁ • A₂ and down rows B₁[p] ⊙ B₂[p'] (their Grams come cheaper)
+    khatri_rao: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def is_dense(self) -> bool:
@@ -167,7 +180,7 @@ def to_factor_form(
             up = torch.einsum("op,oq->opq", a1, a2).reshape(a1.shape[0], -1)
             down = torch.einsum("pj,qj->pqj", b1, b2).reshape(-1, b1.shape[1])
             if tuple(up.shape[:1]) + tuple(down.shape[1:]) == shape:
-                return FactorForm(shape, wshape, up=up, down=down, scale=module.scale)
+                return FactorForm(shape, wshape, up=up, down=down, scale=module.scale, khatri_rao=(a1, a2, b1, b2))
         # No smaller exact form (or an unusual stored layout): fall back to the definition.
     else:  # full, norm (and base-dependent kinds, for which delta_weight says why there is no ΔW)
         wshape = tuple(module.weight_shape)
@@ -203,7 +216,11 @@ def form_svd(
         a, b = (form_svd(f, dtype=dtype) for f in form.kron)
         return kron_svd(a, b, form.scale, rank=rank, choose=choose)
     work = dtype or compute_dtype(form.up.device, sum(form.shape) * form.rank)
-    return factor_svd(form.up, form.down, form.scale, rank=rank, choose=choose, dtype=work)
+    grams = None
+    if form.khatri_rao is not None and work == torch.float64 and form.rank >= EIGH_MIN_RANK:
+        a1, a2, b1, b2 = (t.to(work) for t in form.khatri_rao)
+        grams = (face_split_gram(a1, a2), face_split_gram(b1.T, b2.T))
+    return factor_svd(form.up, form.down, form.scale, rank=rank, choose=choose, dtype=work, grams=grams)
 
 
 def singular_values(form: FactorForm, *, dtype: torch.dtype | None = None) -> torch.Tensor:

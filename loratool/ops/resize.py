@@ -120,7 +120,10 @@ def resize_module(
     name = f"{module.component}:{module.path}"
     form = to_factor_form(module, dtype=compute_dtype(device, 0), device=device)
     try:
-        svd = form_svd(form, choose=lambda S: select_rank(S, max_rank, rule))
+        if rule is None or rule.method is None:  # a fixed rank: only the kept triplets need resolving
+            svd = form_svd(form, rank=max(1, int(max_rank)))  # = select_rank's fixed rule
+        else:
+            svd = form_svd(form, choose=lambda S: select_rank(S, max_rank, rule))
     except FloatingPointError:
         raise NonFiniteError(f"{name}: {'ΔW holds' if form.is_dense else 'LoRA factors hold'} NaN or Inf") from None
     method = "dense" if form.is_dense else "kron" if form.is_kron else "factor"
