@@ -26,7 +26,7 @@ Families whose native names are diffusers' own (Qwen-Image, HiDream, ERNIE-Image
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 
@@ -201,8 +201,12 @@ class DitFamily:
         marker only we have is among them, 60 when every module is ours, else 0."""
         if self.metadata_says(metadata):
             return 120
-        found = lora_paths(keys, self)
-        if not found or any(p is None for p, _ in found):
+        found = []
+        for path, dotted in iter_lora_paths(keys, self):
+            if path is None:  # one module that is not ours decides: no need to restore the others
+                return 0
+            found.append((path, dotted))
+        if not found:
             return 0
         if self.shapes_fit is not None and shapes and not self.shapes_fit(shapes):
             return 0
@@ -317,30 +321,38 @@ def lora_paths(keys: Iterable[str], spec: DitFamily) -> list[tuple[str | None, b
 
     Dotted keys (native ``diffusion_model.``, diffusers ``transformer.``) give their path; kohya heads
     (``lora_unet_...``, ``lycoris_...``) are restored through this family's table."""
-    heads: dict[str, None] = {}
+    return list(iter_lora_paths(keys, spec))
+
+
+def iter_lora_paths(keys: Iterable[str], spec: DitFamily) -> Iterator[tuple[str | None, bool]]:
+    """:func:`lora_paths` one module at a time: detection stops at the first module that is not ours (every
+    family is asked about every file, and most files are no DiT family's)."""
+    seen: set[str] = set()
+    index = None
     for key in keys:
         m = _LORA_SUFFIX.search(key)
         if m is None:
             continue
-        heads[key[: m.start()]] = None
-    index = _kohya_index(spec.name)
-    out: list[tuple[str | None, bool]] = []
-    for head in heads:
+        head = key[: m.start()]
+        if head in seen:
+            continue
+        seen.add(head)
         dotted = next((head[len(p):] for p in _DOTTED_PREFIXES if head.startswith(p)), None)
         if dotted is not None:
-            out.append((dotted if spec.knows(dotted) else None, True))
+            yield (dotted if spec.knows(dotted) else None, True)
             continue
         body = next((head[len(p) + 1:] for p in ("lora_unet_", "lora_unet", "lycoris") if head.startswith(p + "_")),
                     None)
         if body is None:
-            out.append((None, False))
+            yield (None, False)
             continue
+        if index is None:
+            index = _kohya_index(spec.name)
         try:
             path = index.restore(body)
         except Exception:  # an ambiguous body is not evidence either way
             path = None
-        out.append((path if path is not None and spec.knows(path) else None, False))
-    return out
+        yield (path if path is not None and spec.knows(path) else None, False)
 
 
 @cache
