@@ -42,6 +42,8 @@ NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # kohya prefixes: musubi-tuner / sd-scripts ``lora_unet_``; VideoX-Fun (Wan-Fun) ``lora_unet__`` (an empty
 # module name before the path); SimpleTuner's LyCORIS export ``lycoris_`` is generic (see kohya_names).
 KOHYA_PREFIXES = {"lora_unet": COMPONENT, "lora_unet_": COMPONENT}
+# Module paths each family remembers the answer of knows() for (a library's files share their paths).
+KNOWN_PATHS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,20 @@ class DitFamily:
         flat = {p.replace(".", "_") for p in out}
         return out | {p for p in data.get("spelling_modules", ()) if p.replace(".", "_") not in flat}
 
+    @cached_property
+    def _known(self) -> dict[str, bool]:
+        return {}
+
     def knows(self, path: str) -> bool:
         """Whether ``path`` is a module of this family in any naming."""
-        return any(n.diffusers_of(path) is not None or n.native_of(path) is not None for n in self.namings)
+        known = self._known  # every family is asked about every module of every file a folder scan reads
+        hit = known.get(path)
+        if hit is None:
+            if len(known) >= KNOWN_PATHS:
+                known.clear()
+            hit = known[path] = any(n.diffusers_of(path) is not None or n.native_of(path) is not None
+                                    for n in self.namings)
+        return hit
 
     def native_only(self, path: str) -> bool:
         """A native name that is not also a diffusers name of this family."""
@@ -210,11 +223,19 @@ class DitFamily:
             return 0
         if self.shapes_fit is not None and shapes and not self.shapes_fit(shapes):
             return 0
-        for path, dotted in found:
-            if any(re.search(m, path) for m in self.markers) and (
-                    dotted or not any(re.search(m, path) for m in self.dotted_markers)):
-                return 95
+        marker, dotted_only = _any_of(self.markers), _any_of(self.dotted_markers)
+        if marker is not None:
+            for path, dotted in found:
+                if marker.search(path) and (dotted or dotted_only is None or not dotted_only.search(path)):
+                    return 95
         return 0 if self.needs_marker else 60
+
+
+@cache
+def _any_of(patterns: tuple[str, ...]) -> re.Pattern | None:
+    """One regex matching where any of ``patterns`` does (None for none): a search per path, not per marker.
+    Markers are plain regexes (no backreferences, no inline flags), so joining them changes no match."""
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
 
 def _is_diffusers(spec: DitFamily, path: str) -> bool:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cache
+from itertools import repeat
 
 # Suffix spellings -> the kohya / LyCORIS suffix (:data:`loratool.formats.kohya.SUFFIXES`) the module
 # builder knows, or a special slot: BIAS (PEFT ``lora_B.bias``, Δb = scale · bias), SET (a weight
@@ -259,7 +260,7 @@ def _group_matches(group, keys: list[str], metadata: dict[str, str]) -> bool:
         if isinstance(m, str):
             if m[len("meta:"):] not in metadata:
                 return False
-        elif not any(m.search(k) for k in keys):
+        elif next(filter(m.search, keys), None) is None:  # any(m.search(k) ...) without a Python frame per key
             return False
     return True
 
@@ -272,9 +273,10 @@ def detect(src) -> Dialect | None:
     if not keys:
         return None
     for c in _compiled():
-        if not any(_group_matches(g, keys, src.metadata) for g in c.markers):
+        # the scopes first: a foreign key ends that test at once, where a marker search reads every key
+        if not ("" in c.prefixes or all(map(str.startswith, keys, repeat(c.prefixes)))):
             continue
-        if all(k.startswith(c.prefixes) for k in keys) and not _deferred(c.dialect, src):
+        if any(_group_matches(g, keys, src.metadata) for g in c.markers) and not _deferred(c.dialect, src):
             return c.dialect
     return None
 
