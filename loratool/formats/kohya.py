@@ -106,7 +106,7 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 def _shaped(keys: list[str]) -> list[tuple[str, str]]:
-    return [s for s in (split_key(k) for k in keys) if s is not None]
+    return [s for s in map(split_key, keys) if s is not None]
 
 
 def claims(keys: list[str]) -> bool:

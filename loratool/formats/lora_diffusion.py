@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch stays unimported for header-only info
@@ -46,7 +47,8 @@ def _is_embedding(key: str, metadata: dict[str, str]) -> bool:
 
 def detect(src) -> bool:
     keys = src.keys
-    return bool(keys) and any(_KEY.match(k) for k in keys) and all(
+    # its keys hold a ':' (``unet:0:up``); looked for first, at C speed: every file of a folder scan is asked
+    return bool(keys) and any(map(str.__contains__, keys, repeat(":"))) and any(_KEY.match(k) for k in keys) and all(
         _KEY.match(k) or _is_embedding(k, src.metadata) for k in keys)
 
 
