@@ -229,10 +229,12 @@ def _type_flattened_conv(m: LoraModule, family: str | None) -> None:
 
 
 def read(src, opts, source_format: str = NAME) -> Adapter:
-    from loratool.formats import dialect_read, dialects
+    from loratool.formats import dialects
 
     dialect = dialects.detect(src)
     if dialect is not None:  # a trainer's variant of this layout (formats.dialects)
+        from loratool.formats import dialect_read
+
         return dialect_read.read(src, opts, dialect)
     family = _family_for_read(src, opts)
     resolver = HeadResolver(family, opts.vocabulary)
