@@ -40,8 +40,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import re
 from dataclasses import replace
+from itertools import repeat
 from pathlib import Path
 
 from loratool import arch
@@ -116,7 +118,8 @@ def claims(keys: list[str]) -> bool:
 
 
 def has_lycoris_keys(keys: list[str]) -> bool:
-    return any(suffix.startswith(LYCORIS_ONLY) for _, suffix in _shaped(keys))
+    suffixes = map(operator.itemgetter(1), _shaped(keys))
+    return any(map(str.startswith, suffixes, repeat(LYCORIS_ONLY)))  # C-level: every file of a scan asks
 
 
 def detect(src) -> bool:
