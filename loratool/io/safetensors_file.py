@@ -82,6 +82,8 @@ class Header:
     file_size: int
 
 
+# TensorInfo(...) without the Python-level __new__ a NamedTuple has (the loop below makes one per tensor).
+_new_info = functools.partial(tuple.__new__, TensorInfo)
 # A dimension product above this cannot be a tensor torch can describe (strides are int64).
 _MAX_ELEMENTS = 2**62
 # More dimensions than any weight has; bounds the work a hostile shape list can cause.
@@ -202,7 +204,7 @@ def _parse_header(raw: bytes, file_size: int, path: Path) -> Header:
                     and all(type(x) is int and x > 0 for x in shape):
                 numel = math.prod(shape)
                 if numel <= _MAX_ELEMENTS and 0 <= start and start + numel * size == end <= data_size:
-                    tensors[name] = TensorInfo(name, dtype_name, tuple(shape), start, end)
+                    tensors[name] = _new_info((name, dtype_name, tuple(shape), start, end))
                     continue
         except (TypeError, KeyError, ValueError):
             pass
