@@ -12,7 +12,9 @@ metadata. Measured, best of ``--repeat``:
 1. One file (the SDXL template): a fresh ``python -c`` that opens the file, unpacks
    the 8-byte length and ``json.loads`` the header (the floor for any tool), against a fresh
    ``python -m loratool info FILE --json``; target ≤ 5×. Also: whether torch was imported
-   (it must not be), and ``inspect()`` in-process.
+   (it must not be), and ``inspect()`` in-process. Where PYTHONDONTWRITEBYTECODE is set (every fresh
+   process then compiles loratool's sources, which no installed copy does), both again with the bytecode
+   kept in a temporary PYTHONPYCACHEPREFIX.
 2. A folder of ``--files`` LoRAs (60 % SD 1.5, 25 % SDXL, 15 % Flux, each a template's header
    with its own ``ss_output_name``, tensor data left as a sparse hole so the folder costs no
    disk; alpha scalars written for real): a fresh ``loratool info DIR --json``; target
@@ -110,10 +112,18 @@ def sparse_copy(template: Path, dest: Path, output_name: str) -> None:
             fh.write(data)
 
 
-def fresh(cmd: list[str]) -> float:
+def fresh(cmd: list[str], env: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - t0
+
+
+def cached_bytecode_env(folder: Path) -> dict[str, str]:
+    """The environment with bytecode written to (and read from) ``folder``: what an installed copy has,
+    where PYTHONDONTWRITEBYTECODE makes every fresh process compile loratool's sources again."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(folder)
+    return env
 
 
 def main() -> None:
@@ -149,6 +159,14 @@ def main() -> None:
         print(f"  loratool info --json, fresh process      {info * 1000:8.1f} ms   ratio {info / bare:.2f} "
               f"(target ≤ 5); torch imported: {torch_used} (rc {rc})")
         print(f"  in-process: read_header {header_t * 1000:.1f} ms, inspect() {inspect_t * 1000:.1f} ms")
+        if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+            env = cached_bytecode_env(tmp / "pycache")
+            fresh([py, "-m", "loratool", "info", str(big), "--json"], env)  # writes the bytecode
+            bare_c = best_of(lambda: fresh([py, "-c", BARE, str(big)], env), args.repeat)
+            info_c = best_of(lambda: fresh([py, "-m", "loratool", "info", str(big), "--json"], env), args.repeat)
+            print(f"  PYTHONDONTWRITEBYTECODE is set: each fresh process above compiled loratool's sources; with "
+                  f"bytecode cached (an installed copy): bare {bare_c * 1000:.1f} ms, info {info_c * 1000:.1f} ms, "
+                  f"ratio {info_c / bare_c:.2f}   ({load()})")
 
         lib = tmp / "library"
         lib.mkdir()

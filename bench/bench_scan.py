@@ -27,10 +27,27 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_info import _modules, best_of  # the sd1 module heads, best-of timing (same folder)
+from bench_common import best_of
 
 RANK = 16
 WIDTH = 320  # the data area is a hole: widths only set the header's shapes and the file size
+
+
+def _modules() -> list[tuple[str, int, int]]:
+    """(kohya head, 0, 0) for every linear module of the sd1 family's table (U-Net and CLIP text encoder)."""
+    from loratool import arch
+
+    fam = arch.get("sd1")
+    prefix_of = {c: p for p, c in fam.kohya_prefixes.items()}
+    out = []
+    for comp in fam.components:
+        for path in sorted(fam.native_paths(comp)):
+            if "norm" in path or "embedding" in path or path.endswith(("conv_in", "conv_out")):
+                continue
+            if comp == "text_encoder" and not path.startswith("text_model."):
+                continue  # the table also lists CLIP paths without text_model.; kohya uses it
+            out.append((prefix_of[comp] + "_" + path.replace(".", "_"), 0, 0))
+    return out
 
 
 def write_library(folder: Path, files: int) -> tuple[int, int]:
@@ -79,10 +96,10 @@ def main() -> None:
               f"in {time.perf_counter() - t0:.1f} s")
         paths = adapter_paths(folder)
         assert len(paths) == args.files
-        t_header = best_of(lambda: [read_header(p) for p in paths])
+        t_header = best_of(lambda: [read_header(p) for p in paths], 3)
         report = scan(folder)
         assert report.errors == 0 and {e.family for e in report.entries} == {"sd1"}, report.warnings[:3]
-        t_scan = best_of(lambda: scan(folder))
+        t_scan = best_of(lambda: scan(folder), 3)
         sample = paths[: args.modules_sample]
         t_modules = best_of(lambda: [scan_file(p, modules=True) for p in sample], n=1) * len(paths) / len(sample)
         t0 = time.perf_counter()

@@ -340,6 +340,7 @@ def test_tables_fit_80_columns(capsys, narrow, tmp_path):
 
 def test_piped_output_follows_columns(capsys, monkeypatch):
     """A console made off a terminal (stdout piped, as under pytest) is COLUMNS wide, else PIPE_WIDTH."""
+    assert render_mod.console is not None  # made (on first use) before COLUMNS changes: the one restored after
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setattr(render_mod, "console", render_mod._console())
     assert render_mod.console.width == 80

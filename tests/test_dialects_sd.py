@@ -321,3 +321,30 @@ def test_onetrainer_sd3_mixture_merges_as_peft(tmp_path):
         changed += not torch.equal(v, native[k])
         torch.testing.assert_close(merged[k], v, rtol=1e-10, atol=1e-12)
     assert changed
+
+
+def test_marker_texts_are_in_every_match():
+    """Detection rules a marker out when no key holds one of its texts (dialects.required_literals): those texts
+    are in every match, of every marker, on every fixture's keys, and quantified or grouped text is none."""
+    from pathlib import Path
+
+    from loratool.formats import dialects
+    from loratool.formats.source import open_source
+
+    assert dialects.required_literals(r"^(double|single)_blocks\.\d+\..*(query|key)_norm\.scale$") == \
+        ("_norm.scale", "_blocks.", ".")
+    assert dialects.required_literals(r"a{2}bc") == ("bc",)
+    assert dialects.required_literals(r"ab?c") == ("a", "c")
+    assert dialects.required_literals(r"x[.]y\.z") == ("y.z", "x")
+    for unknown in (r"a|b", r"(?i)abc", r"[\]a]b", r"\x41b", r"a{"):
+        assert dialects.required_literals(unknown) == ()
+    keys = [k for f in sorted(Path(loratool.__file__).parent.parent.glob("fixtures/**/*.safetensors"))
+            for k in open_source(f).keys]
+    markers = [m for c in dialects._compiled() for g in c.markers for m in g if not isinstance(m, str)]
+    matched = 0
+    for m in markers:
+        for k in keys:
+            if m.pattern.search(k):
+                matched += 1
+                assert all(lit in k for lit in m.literals), (m.pattern.pattern, k)
+    assert matched

@@ -31,7 +31,7 @@ are ``<path>`` in their own component, checked against the sub-model's generated
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache, cached_property
 
@@ -47,6 +47,8 @@ NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # kohya prefixes: musubi-tuner / sd-scripts ``lora_unet_``; VideoX-Fun (Wan-Fun) ``lora_unet__`` (an empty
 # module name before the path); SimpleTuner's LyCORIS export ``lycoris_`` is generic (see kohya_names).
 KOHYA_PREFIXES = {"lora_unet": COMPONENT, "lora_unet_": COMPONENT}
+# Module paths each family remembers the answer of knows() for (a library's files share their paths).
+KNOWN_PATHS = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -182,11 +184,20 @@ class DitFamily:
                 return sub, inner
         return None
 
+    @cached_property
+    def _known(self) -> dict[str, bool]:
+        return {}
+
     def knows(self, path: str) -> bool:
         """Whether ``path`` is a module of this family in any naming (sub-models' under their native prefix)."""
-        if self.inner_of(path) is not None:
-            return True
-        return any(n.diffusers_of(path) is not None or n.native_of(path) is not None for n in self.namings)
+        known = self._known  # every family is asked about every module of every file a folder scan reads
+        hit = known.get(path)
+        if hit is None:
+            if len(known) >= KNOWN_PATHS:
+                known.clear()
+            hit = known[path] = self.inner_of(path) is not None or any(
+                n.diffusers_of(path) is not None or n.native_of(path) is not None for n in self.namings)
+        return hit
 
     def native_only(self, path: str) -> bool:
         """A native name that is not also a diffusers name of this family."""
@@ -290,16 +301,28 @@ class DitFamily:
         marker only we have is among them, 60 when every module is ours, else 0."""
         if self.metadata_says(metadata):
             return 120
-        found = lora_paths(keys, self)
-        if not found or any(p is None for p, _ in found):
+        found = []
+        for path, dotted in iter_lora_paths(keys, self):
+            if path is None:  # one module that is not ours decides: no need to restore the others
+                return 0
+            found.append((path, dotted))
+        if not found:
             return 0
         if self.shapes_fit is not None and shapes and not self.shapes_fit(shapes):
             return 0
-        for path, dotted in found:
-            if any(re.search(m, path) for m in self.markers) and (
-                    dotted or not any(re.search(m, path) for m in self.dotted_markers)):
-                return 95
+        marker, dotted_only = _any_of(self.markers), _any_of(self.dotted_markers)
+        if marker is not None:
+            for path, dotted in found:
+                if marker.search(path) and (dotted or dotted_only is None or not dotted_only.search(path)):
+                    return 95
         return 0 if self.needs_marker else 60
+
+
+@cache
+def _any_of(patterns: tuple[str, ...]) -> re.Pattern | None:
+    """One regex matching where any of ``patterns`` does (None for none): a search per path, not per marker.
+    Markers are plain regexes (no backreferences, no inline flags), so joining them changes no match."""
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
 
 def _is_diffusers(spec: DitFamily, path: str) -> bool:
@@ -406,30 +429,38 @@ def lora_paths(keys: Iterable[str], spec: DitFamily) -> list[tuple[str | None, b
 
     Dotted keys (native ``diffusion_model.``, diffusers ``transformer.``) give their path; kohya heads
     (``lora_unet_...``, ``lycoris_...``) are restored through this family's table."""
-    heads: dict[str, None] = {}
+    return list(iter_lora_paths(keys, spec))
+
+
+def iter_lora_paths(keys: Iterable[str], spec: DitFamily) -> Iterator[tuple[str | None, bool]]:
+    """:func:`lora_paths` one module at a time: detection stops at the first module that is not ours (every
+    family is asked about every file, and most files are no DiT family's)."""
+    seen: set[str] = set()
+    index = None
     for key in keys:
         m = _LORA_SUFFIX.search(key)
         if m is None:
             continue
-        heads[key[: m.start()]] = None
-    index = _kohya_index(spec.name)
-    out: list[tuple[str | None, bool]] = []
-    for head in heads:
+        head = key[: m.start()]
+        if head in seen:
+            continue
+        seen.add(head)
         dotted = next((head[len(p):] for p in _DOTTED_PREFIXES if head.startswith(p)), None)
         if dotted is not None:
-            out.append((dotted if spec.knows(dotted) else None, True))
+            yield (dotted if spec.knows(dotted) else None, True)
             continue
         body = next((head[len(p) + 1:] for p in ("lora_unet_", "lora_unet", "lycoris") if head.startswith(p + "_")),
                     None)
         if body is None:
-            out.append((None, False))
+            yield (None, False)
             continue
+        if index is None:
+            index = _kohya_index(spec.name)
         try:
             path = index.restore(body)
         except Exception:  # an ambiguous body is not evidence either way
             path = None
-        out.append((path if path is not None and spec.knows(path) else None, False))
-    return out
+        yield (path if path is not None and spec.knows(path) else None, False)
 
 
 @cache

@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 
 from loratool.adapter import LoraModule
 from loratool.errors import FormatError, MatchError
@@ -292,6 +292,16 @@ def _in_block(path: str, block: str) -> tuple[str, str] | None:
     return (index, rest) if index.isdigit() else None
 
 
+def _parts(table: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, int]]:
+    """The inverse of a naming table (every family's detection asks it of every module path, a dict look-up
+    instead of a scan of the table)."""
+    out: dict[str, tuple[str, int]] = {}
+    for native, targets in table.items():
+        for target in targets:
+            out.setdefault(target, (native, targets.index(target)))
+    return out
+
+
 def join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
@@ -303,6 +313,11 @@ class Block:
     native: str  # "double_blocks"
     diffusers: str  # "transformer_blocks"
     table: dict[str, tuple[str, ...]]  # native module inside a block -> diffusers modules, in row order
+
+    @cached_property
+    def parts(self) -> dict[str, tuple[str, int]]:
+        """diffusers module inside a block -> (native module, part index), the first native listing it."""
+        return _parts(self.table)
 
 
 @dataclass(frozen=True)
@@ -321,6 +336,10 @@ class FusedNaming:
     part_widths: Callable[[str, int, int], list[int]] = equal_widths
     component: str = "transformer"
 
+    @cached_property
+    def top_parts(self) -> dict[str, tuple[str, int]]:
+        return _parts(self.top)
+
     def native_of(self, path: str) -> tuple[str, int] | None:
         """(native module, part index) of a diffusers module path."""
         for block in self.blocks:
@@ -328,14 +347,9 @@ class FusedNaming:
             if hit is None:
                 continue
             index, rest = hit
-            for native, targets in block.table.items():
-                if rest in targets:
-                    return join(block.native, index, native), targets.index(rest)
-            return None
-        for native, targets in self.top.items():
-            if path in targets:
-                return native, targets.index(path)
-        return None
+            part = block.parts.get(rest)
+            return None if part is None else (join(block.native, index, part[0]), part[1])
+        return self.top_parts.get(path)
 
     def diffusers_of(self, native: str) -> tuple[str, ...] | None:
         """Diffusers module paths (in row order) of a native module path."""

@@ -26,12 +26,28 @@ from loratool.cli.app import app, state
 from loratool.errors import LoratoolError
 
 COMMANDS = ("info", "convert", "merge", "stack", "resize", "extract", "check", "diff")
-for _name in COMMANDS:
-    try:
-        importlib.import_module(f"loratool.cli.{_name}_cmd")
-    except ModuleNotFoundError as _exc:  # a command still being built must not break the others
-        if _exc.name != f"loratool.cli.{_name}_cmd":
-            raise
+
+
+def load_commands(names: tuple[str, ...] = COMMANDS) -> None:
+    """Import (register) the command modules ``names``; the app lists its commands in :data:`COMMANDS`
+    order, whichever were imported first."""
+    for name in names:
+        try:
+            importlib.import_module(f"loratool.cli.{name}_cmd")
+        except ModuleNotFoundError as exc:  # a command still being built must not break the others
+            if exc.name != f"loratool.cli.{name}_cmd":
+                raise
+    rank = {name: i for i, name in enumerate(COMMANDS)}
+    app.registered_commands.sort(key=lambda info: rank.get(info.name, len(rank)))
+
+
+def commands_for(args: list[str]) -> tuple[str, ...]:
+    """The command modules a command line needs: the one it names (the first word that is no option: the
+    app's own options take no value), else every one (help, a misspelt command). typer builds every
+    registered command's parameters on each call, and each module is imports of its own: ``info FILE``
+    pays for ``info`` alone."""
+    first = next((a for a in args if not a.startswith("-")), None)
+    return (first,) if first in COMMANDS else COMMANDS
 
 
 def _classes(attr: str) -> tuple[type[BaseException], ...]:
@@ -88,6 +104,7 @@ def _signals() -> Iterator[None]:
 
 def _run(args: list[str]) -> int:
     debug = "--debug" in args
+    load_commands(commands_for(args))
     try:
         # Not standalone, typer returns what the command returned, or the code of an Exit it
         # caught; a KeyboardInterrupt comes back as 130 (typer turns it into Exit(130)).

@@ -76,6 +76,8 @@ class LoratoolCommand(TyperCommand):
     number_lists: ClassVar[frozenset[str]] = frozenset()
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        for param in self.get_params(ctx):
+            defer_coercion(param)
         args = strip_debug(list(args))
         if self.number_lists:
             args = expand_number_lists(args, self.number_lists)
@@ -118,6 +120,39 @@ class LoratoolCommand(TyperCommand):
                 formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
 
 
+class _DeferredCoercion:
+    """typer's coercion of one parameter's value, built only for a value that needs it.
+
+    typer >= 0.2x coerces every value through a pydantic ``TypeAdapter`` it builds per parameter, unset
+    ones included: importing pydantic and building a dozen adapters is most of a fresh ``loratool info``.
+    An unset value is what typer makes it (None, or () for a multi-value parameter) and a string given to a
+    plain ``str`` parameter is that string (typer's adapter is ``str(value)``); anything else goes to
+    typer's own coercion, built on first use."""
+
+    def __init__(self) -> None:
+        self._real: Any = None
+
+    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
+        multi = param.multiple or param.nargs == -1
+        if value is None:
+            return () if multi else None
+        desc = param.type_descriptor
+        if (type(value) is str and not multi and desc.annotation is str and desc.file_annotation is None
+                and desc.parameter_info.parser is None):
+            return value
+        if self._real is None:
+            from typer._coercion import build_runtime_param
+
+            self._real = build_runtime_param(desc)
+        return self._real.coerce(value, param=param, ctx=ctx)
+
+
+def defer_coercion(param: Any) -> None:
+    """Give ``param`` a :class:`_DeferredCoercion` (typer versions without per-parameter adapters: no change)."""
+    if getattr(param, "_runtime_param", False) is None and hasattr(param, "type_descriptor"):
+        param._runtime_param = _DeferredCoercion()
+
+
 def argument_name(param: Any) -> str:
     """``BASE``, ``LORA...``: the metavar, with ``...`` when the argument takes several values."""
     name = param.metavar or param.name.upper()
@@ -126,6 +161,11 @@ def argument_name(param: Any) -> str:
 
 class LoratoolGroup(TyperGroup):
     """The top-level ``loratool``: every command listed with its whole first sentence."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        for param in self.get_params(ctx):
+            defer_coercion(param)
+        return super().parse_args(ctx, args)
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
         rows = []

@@ -18,13 +18,10 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.cells import cell_len
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # The ``--json`` contract's version: bumped when a field changes meaning or type (docs/commands.md).
 SCHEMA = 1
@@ -36,14 +33,37 @@ ELLIPSIS = "…"
 
 
 def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
     con = Console(stderr=stderr, highlight=False)
     if not con.is_terminal and not os.environ.get("COLUMNS"):
         con.width = PIPE_WIDTH
     return con
 
 
-console = _console()
-err_console = _console(stderr=True)
+def __getattr__(name: str) -> Any:
+    """``console`` (stdout) and ``err_console`` (stderr), made on first use: importing rich is a fifth of a
+    fresh ``info --json``, which prints neither."""
+    if name in ("console", "err_console"):
+        con = globals()[name] = _console(stderr=name == "err_console")
+        return con
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _out() -> Console:
+    con = globals().get("console")  # a test may have put its own here
+    return __getattr__("console") if con is None else con
+
+
+def _err() -> Console:
+    con = globals().get("err_console")
+    return __getattr__("err_console") if con is None else con
+
+
+def cell_len(text: str) -> int:
+    from rich.cells import cell_len as rich_cell_len
+
+    return rich_cell_len(text)
 
 
 def print_json(command: str, data: dict[str, Any]) -> None:
@@ -57,17 +77,19 @@ def print_json(command: str, data: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Any]:
     """Yield a callback ``(description, done, total)`` that drives a rich progress bar on stderr."""
-    if not enabled or not err_console.is_terminal:
+    if not enabled or not _err().is_terminal:
         # Off a terminal a bar is noise, and rich's transient bar still leaves a blank line
         # on stderr (an error would no longer be the one line a script reads).
         yield lambda description, done, total: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err_console,
+        console=_err(),
         transient=True,
     )
     tasks: dict[str, Any] = {}
@@ -82,12 +104,16 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
 
 
 def warn(message: str) -> None:
-    err_console.print(Text.assemble(("warning:", "yellow"), " ", message))
+    from rich.text import Text
+
+    _err().print(Text.assemble(("warning:", "yellow"), " ", message))
 
 
 def say(message: str) -> None:
     """A line of result text on stdout (no markup, no highlighting), wrapped between words."""
-    console.print(Text(message))
+    from rich.text import Text
+
+    _out().print(Text(message))
 
 
 # ---------------------------------------------------------------- names
@@ -202,10 +228,13 @@ def table(
     if paths:
         i = paths[0]
         others = _table_width([w for j, w in enumerate(widths) if j != i])
-        budget = max(MIN_PATH_WIDTH, console.width - others - 3, max(headings, default=0))
+        budget = max(MIN_PATH_WIDTH, _out().width - others - 3, max(headings, default=0))
         if widths[i] > budget:
             short = dict(zip((r[i] for r in data), shorten_tails([r[i] for r in data], budget, columns[i].sep)))
             shown = [r if isinstance(r, Heading) else [*r[:i], short[r[i]], *r[i + 1:]] for r in shown]
+    from rich.table import Table
+    from rich.text import Text
+
     if title:
         heading(title)
     out = Table(show_header=show_header, header_style="bold")
@@ -216,7 +245,7 @@ def table(
             out.add_row(Text(r.text, style="bold"), *[""] * (len(columns) - 1))
         else:
             out.add_row(*(Text(str(c)) for c in r))
-    console.print(out)
+    _out().print(out)
     if total > body:
         say(f"{ELLIPSIS} {total - body} more {what} (--all lists them; --json has every one)")
     for note in notes:
@@ -255,6 +284,9 @@ def human_size(n: int) -> str:
 
 def fields(items: Sequence[tuple[str, str]], *, title: str | None = None) -> None:
     """A two-column key / value table (no header); values wrap, keys never do."""
+    from rich.table import Table
+    from rich.text import Text
+
     if title:
         heading(title)
     out = Table(show_header=False)
@@ -262,13 +294,16 @@ def fields(items: Sequence[tuple[str, str]], *, title: str | None = None) -> Non
     out.add_column("value", overflow="fold")
     for k, v in items:
         out.add_row(Text(k), Text(v))
-    console.print(out)
+    _out().print(out)
 
 
 def heading(text: str) -> None:
     """A table's title: its own line, bold, broken between words only (a word wider than the
     terminal, a long path, keeps its tail)."""
-    width = max(console.width, MIN_PATH_WIDTH)
+    from rich.text import Text
+
+    con = _out()
+    width = max(con.width, MIN_PATH_WIDTH)
     words = [w if cell_len(w) <= width else display_path(w, width) if os.sep in w else ELLIPSIS + w[-(width - 1):]
              for w in text.split(" ")]
-    console.print(Text(" ".join(words), style="bold"))
+    con.print(Text(" ".join(words), style="bold"))

@@ -51,6 +51,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cache
+from itertools import compress, repeat
 
 # Suffix spellings -> the kohya / LyCORIS suffix (:data:`loratool.formats.kohya.SUFFIXES`) the module
 # builder knows, or a special slot: BIAS (PEFT ``lora_B.bias``, Δb = scale · bias), SET (a weight
@@ -239,27 +240,90 @@ DIALECTS: tuple[Dialect, ...] = (
 
 
 @dataclass(frozen=True)
+class _Marker:
+    pattern: re.Pattern
+    literals: tuple[str, ...]  # texts every match contains (none known: ()), the longest first
+
+
+@dataclass(frozen=True)
 class _Compiled:
     dialect: Dialect
-    markers: tuple[tuple[re.Pattern | str, ...], ...] = field(default=())
+    markers: tuple[tuple[_Marker | str, ...], ...] = field(default=())
     prefixes: tuple[str, ...] = ()
+
+
+_REGEX_SYNTAX = set(".^$*+?{}[]|()\\")
+_CLASS_ESCAPES = set("dwsDWSbBAZ")  # escapes that match a class of characters or a position
+
+
+def required_literals(pattern: str) -> tuple[str, ...]:
+    """The runs of plain characters outside any group, class or quantifier of ``pattern``, longest first: texts
+    every match contains. () when the pattern has a top-level ``|``, inline flags or escapes not read here."""
+    if "(?" in pattern.replace("(?:", ""):
+        return ()
+    runs, run, depth, i = [], "", 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+            char, width = pattern[i + 1], 2  # an escaped punctuation mark: itself
+        elif c in _REGEX_SYNTAX:
+            char, width = None, 1
+            if c == "\\":
+                if pattern[i + 1:i + 2] not in _CLASS_ESCAPES:
+                    return ()  # \x41, \1...: not worth reading
+                width = 2
+            elif c == "[":
+                start = i + 1 + (pattern[i + 1:i + 2] == "^")
+                end = pattern.find("]", start + 1)
+                if end < 0 or "\\" in pattern[i:end]:
+                    return ()
+                width = end - i + 1
+            elif c == "{":
+                end = pattern.find("}", i)
+                if end < 0:
+                    return ()
+                width = end - i + 1  # a repeat count, not text
+            elif c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+            elif c == "|" and depth == 0:
+                return ()
+        else:
+            char, width = c, 1
+        quantified = pattern[i + width:i + width + 1] in ("?", "*", "+", "{")
+        if char is not None and depth == 0 and not quantified:
+            run += char
+        else:
+            runs.append(run)
+            run = ""
+        i += width
+    return tuple(sorted({r for r in [*runs, run] if r and "\n" not in r}, key=lambda r: (-len(r), r)))
 
 
 @cache
 def _compiled() -> tuple[_Compiled, ...]:
     out = []
     for d in DIALECTS:
-        groups = tuple(tuple(m if m.startswith("meta:") else re.compile(m) for m in g) for g in d.markers)
+        groups = tuple(tuple(m if m.startswith("meta:") else _Marker(re.compile(m), required_literals(m)) for m in g)
+                       for g in d.markers)
         out.append(_Compiled(d, groups, tuple(s.prefix for s in d.scopes)))
     return tuple(out)
 
 
-def _group_matches(group, keys: list[str], metadata: dict[str, str]) -> bool:
+def _group_matches(group, keys: list[str], joined: str, metadata: dict[str, str]) -> bool:
+    """Whether every marker of ``group`` matches some key (``joined``: the keys, one a line)."""
     for m in group:
         if isinstance(m, str):
             if m[len("meta:"):] not in metadata:
                 return False
-        elif not any(m.search(k) for k in keys):
+            continue
+        # Every file of a folder scan is asked about every marker: a text no key holds rules a marker out with
+        # one substring search; else the regex runs on the keys holding its longest text (C-level loops).
+        if any(lit not in joined for lit in m.literals):
+            return False
+        found = compress(keys, map(str.__contains__, keys, repeat(m.literals[0]))) if m.literals else keys
+        if next(filter(m.pattern.search, found), None) is None:
             return False
     return True
 
@@ -271,10 +335,12 @@ def detect(src) -> Dialect | None:
     keys = src.keys
     if not keys:
         return None
+    joined = "\n".join(keys)
     for c in _compiled():
-        if not any(_group_matches(g, keys, src.metadata) for g in c.markers):
+        # the scopes first: a foreign key ends that test at once, where a marker search reads every key
+        if not ("" in c.prefixes or all(map(str.startswith, keys, repeat(c.prefixes)))):
             continue
-        if all(k.startswith(c.prefixes) for k in keys) and not _deferred(c.dialect, src):
+        if any(_group_matches(g, keys, joined, src.metadata) for g in c.markers) and not _deferred(c.dialect, src):
             return c.dialect
     return None
 

@@ -139,10 +139,12 @@ def parse_metadata(metadata: dict[str, str], components: list[str], where: str) 
 
 
 def read(src, opts: ReadOptions | None = None) -> Adapter:
-    from loratool.formats import dialect_read, dialects
+    from loratool.formats import dialects
 
     dialect = dialects.detect(src)
     if dialect is not None:  # a trainer's variant of this layout (formats.dialects)
+        from loratool.formats import dialect_read
+
         return dialect_read.read(src, opts, dialect)
     where = str(src.path)
     lokr = peft_lycoris.read_diffusers(src, where)  # LoKr adapters (diffusers loads them through LoKrConfig)

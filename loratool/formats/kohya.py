@@ -40,8 +40,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import re
 from dataclasses import replace
+from itertools import repeat
 from pathlib import Path
 
 from loratool import arch
@@ -106,7 +108,7 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 def _shaped(keys: list[str]) -> list[tuple[str, str]]:
-    return [s for s in (split_key(k) for k in keys) if s is not None]
+    return [s for s in map(split_key, keys) if s is not None]
 
 
 def claims(keys: list[str]) -> bool:
@@ -116,7 +118,8 @@ def claims(keys: list[str]) -> bool:
 
 
 def has_lycoris_keys(keys: list[str]) -> bool:
-    return any(suffix.startswith(LYCORIS_ONLY) for _, suffix in _shaped(keys))
+    suffixes = map(operator.itemgetter(1), _shaped(keys))
+    return any(map(str.startswith, suffixes, repeat(LYCORIS_ONLY)))  # C-level: every file of a scan asks
 
 
 def detect(src) -> bool:
@@ -229,10 +232,12 @@ def _type_flattened_conv(m: LoraModule, family: str | None) -> None:
 
 
 def read(src, opts, source_format: str = NAME) -> Adapter:
-    from loratool.formats import dialect_read, dialects
+    from loratool.formats import dialects
 
     dialect = dialects.detect(src)
     if dialect is not None:  # a trainer's variant of this layout (formats.dialects)
+        from loratool.formats import dialect_read
+
         return dialect_read.read(src, opts, dialect)
     family = _family_for_read(src, opts)
     resolver = HeadResolver(family, opts.vocabulary)

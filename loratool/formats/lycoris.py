@@ -10,6 +10,7 @@ full ``diff``; s = alpha / r.
 
 from __future__ import annotations
 
+from itertools import repeat
 from pathlib import Path
 
 from loratool.adapter import Adapter
@@ -21,7 +22,7 @@ NAME = "lycoris"
 def detect(src) -> bool:
     """Kohya-named files with any LyCORIS-only key (hada_, lokr_, diff, lora_mid) or ``lycoris_`` prefix."""
     keys = src.keys
-    return kohya.claims(keys) and (kohya.has_lycoris_keys(keys) or any(k.startswith("lycoris_") for k in keys))
+    return kohya.claims(keys) and (kohya.has_lycoris_keys(keys) or any(map(str.startswith, keys, repeat("lycoris_"))))
 
 
 def read(src, opts) -> Adapter:

@@ -148,10 +148,12 @@ def _bias_from_diff_b(module: LoraModule, diff_b: torch.Tensor) -> torch.Tensor:
 
 
 def read(src, opts) -> Adapter:
-    from loratool.formats import dialect_read, dialects
+    from loratool.formats import dialects
 
     dialect = dialects.detect(src)
     if dialect is not None:  # ComfyUI files this layout does not hold (U-Nets, text encoders): formats.dialects
+        from loratool.formats import dialect_read
+
         return dialect_read.read(src, opts, dialect)
     groups = _group(src)
     family = _family(src, opts, groups)

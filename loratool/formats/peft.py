@@ -179,10 +179,12 @@ def _written_fan_in_fan_out(metadata: dict[str, str], where: str) -> set[str] | 
 
 
 def read(src, opts: ReadOptions | None = None) -> Adapter:
-    from loratool.formats import dialect_read, dialects
+    from loratool.formats import dialects
 
     dialect = dialects.detect(src)
     if dialect is not None:  # a trainer's variant of this layout (formats.dialects)
+        from loratool.formats import dialect_read
+
         return dialect_read.read(src, opts, dialect)
     where = str(src.folder or src.path)
     config = dict(src.config or {})

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from loratool.errors import InputError
@@ -44,6 +41,11 @@ def parse_ref(ref: str) -> tuple[str, str | None, str]:
 @functools.cache
 def unreachable(endpoint: str) -> str | None:
     """Why ``endpoint`` cannot be reached (one short connection attempt), or None when it can."""
+    # imported here: urllib.request pulls in http.client and ssl, a tenth of a fresh `info` on a local file
+    import socket
+    import urllib.parse
+    import urllib.request
+
     url = urllib.parse.urlsplit(endpoint)
     host = url.hostname or ""
     proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(url.scheme)

@@ -175,12 +175,16 @@ def scan_file(path: str | os.PathLike, family: str | None = None, modules: bool 
         view = header_view(src) if modules or src._safetensors is None else None
         keyed = view or src
         if src._safetensors is not None:  # dtype codes from the header: no torch dtypes looked up
-            infos = [(i.shape, DTYPES[i.dtype_name][0]) for i in src._safetensors.header.tensors.values()]
+            infos = src._safetensors.header.tensors.values()
+            shapes = [i.shape for i in infos]
+            dtypes = [DTYPES[i.dtype_name][0] for i in infos]
         else:
-            infos = [(shape, dtype_name(d)) for shape, d in keyed.tensor_infos().values()]
-        entry.tensors = len(infos)
-        entry.parameters = sum(math.prod(shape) for shape, _ in infos)
-        entry.dtypes = dict(Counter(d for _, d in infos).most_common())
+            infos = keyed.tensor_infos().values()
+            shapes = [shape for shape, _ in infos]
+            dtypes = [dtype_name(d) for _, d in infos]
+        entry.tensors = len(shapes)
+        entry.parameters = sum(map(math.prod, shapes))
+        entry.dtypes = dict(Counter(dtypes).most_common())
         metadata = dict(src.metadata)
         entry.training = {k: metadata[k] for k in SUMMARY_KEYS if metadata.get(k)}
         entry.hashes = {k: metadata[k] for k in HASH_KEYS if metadata.get(k)}
