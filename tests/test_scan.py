@@ -110,3 +110,15 @@ def test_a_folder_with_one_adapter_is_that_adapter(tmp_path):
     shutil.copy(FIXTURES / "kohya_tiny_sd.safetensors", tmp_path / "only.safetensors")
     assert not is_library_folder(tmp_path)
     assert not isinstance(inspect(tmp_path), ScanReport)
+
+
+def test_worker_processes_give_the_same_rows(tmp_path):
+    """A large folder is scanned by worker processes (spawned): the rows, their order and the errors equal the
+    in-process scan's."""
+    from loratool.ops.scan import PARALLEL_FROM, scan_workers
+
+    lib = _library(tmp_path)
+    one, two = scan(lib, workers=1).to_json(), scan(lib, workers=2).to_json()
+    one.pop("seconds"), two.pop("seconds")
+    assert one == two and one["file_count"] == 6
+    assert scan_workers(PARALLEL_FROM - 1) == 1 and scan_workers(10, workers=3) == 3 and scan_workers(2, 8) == 2

@@ -266,7 +266,7 @@ def info_command(
         from loratool.ops.scan import scan
 
         with progress_bar(enabled=not json_out) as progress:
-            found = scan(path, family=family, modules=modules, progress=progress)
+            found = scan(path, family=family, modules=modules, progress=progress, workers=threads)
         if json_out:
             print_json("info", found.to_json())
             for w in found.warnings:
