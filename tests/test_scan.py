@@ -122,3 +122,23 @@ def test_worker_processes_give_the_same_rows(tmp_path):
     one.pop("seconds"), two.pop("seconds")
     assert one == two and one["file_count"] == 6
     assert scan_workers(PARALLEL_FROM - 1) == 1 and scan_workers(10, workers=3) == 3 and scan_workers(2, 8) == 2
+
+
+def test_header_rows_name_the_dialect_info_names(tmp_path):
+    """The dialect column comes from the keys (formats.detect_dialect), no reader run: it equals what ``info``
+    reports after reading each file — a trainer dialect, a layout's fixed one (MLX), or none."""
+    from test_arch_checkpoints import sd1_unet
+    from test_dialects_sd import processor_lora
+
+    from loratool.ops.convert import convert
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    save_file(processor_lora(sd1_unet(), seed=3), lib / "old_diffusers.safetensors")
+    shutil.copy(FIXTURES / "kohya_tiny_sd.safetensors", lib / "kohya.safetensors")
+    convert(FIXTURES / "peft_tiny_llama", "mlx", lib / "mlx_adapter")
+    rows = {Path(e.path).name: e for e in scan(lib, workers=1).entries}
+    assert {n: e.dialect for n, e in rows.items()} == {"old_diffusers.safetensors": "diffusers-old",
+                                                       "kohya.safetensors": None, "mlx_adapter": "mlx-lm"}
+    for name, entry in rows.items():
+        assert entry.error is None and entry.dialect == inspect(lib / name).dialect, name

@@ -52,18 +52,26 @@ def layout(name: str) -> ModuleType:
 
 
 def detect(src) -> str:
+    return detect_dialect(src)[0]
+
+
+def detect_dialect(src) -> tuple[str, str | None]:
+    """(layout, dialect) of ``src`` from its keys and metadata: the dialect ``info`` reports (a trainer's
+    variant of the layout, or the layout's own fixed one: lora_diffusion's, MLX's), None for the plain form."""
     if src.parts:  # a folder of component folders: one layout for all of them
-        names = {detect(part) for part in src.parts}
+        found = {detect_dialect(part) for part in src.parts}
+        names = {name for name, _ in found}
         if len(names) != 1:
             raise FormatError(f"{src.path}: component folders hold different layouts ({', '.join(sorted(names))})")
-        return names.pop()
+        return found.pop() if len(found) == 1 else (names.pop(), None)
     from loratool.formats import dialects
 
     dialect = dialects.detect(src)  # a trainer's variant of a layout (its reader hands it to dialect_read)
     if dialect is not None:
-        return dialect.layout
+        return dialect.layout, dialect.name
     for name in DETECT_ORDER:
-        if layout(name).detect(src):
-            return name
+        module = layout(name)
+        if module.detect(src):
+            return name, getattr(module, "DIALECT", None)
     sample = ", ".join(src.keys[:3]) or "no tensors"
     raise FormatError(f"{src.path}: unknown LoRA layout (first keys: {sample})")

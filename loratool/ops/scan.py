@@ -4,14 +4,15 @@ Every ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` file under th
 (subfolders included, hidden ones skipped) and every PEFT folder (``adapter_config.json``
 beside its weights) is summarised from its header alone (no tensor data, no torch):
 
-* always: the layout (``formats.detect``), the model family (``arch.detect`` on the keys and
+* always: the layout and its dialect (``formats.detect_dialect``: a trainer's variant, from the keys),
+  the model family (``arch.detect`` on the keys and
   metadata, as ``info`` decides it), tensor and parameter counts, stored dtypes, size, the
   training metadata a library listing shows (``ss_network_dim`` / ``_alpha`` as ``network_dim`` /
   ``network_alpha``, PEFT ``r`` / ``lora_alpha``; ``ss_network_module``, base model, title, output
   name), trigger phrases, and the model hashes sd-scripts stores (``sshs_model_hash``: sha256 of the
   tensor data, CivitAI's AutoV3; ``sshs_legacy_hash``);
-* with ``modules=True``: also what ``info`` says about the modules (count, kinds, ranks, alphas,
-  dialect), through the layout's own reader on the header
+* with ``modules=True``: also what ``info`` says about the modules (count, kinds, ranks, alphas),
+  through the layout's own reader on the header
   (:func:`loratool.header_only.read_header_only`) — exact, and about ten times slower (a reader
   builds every module).
 
@@ -51,7 +52,7 @@ class ScanEntry:
     size_bytes: int
     format: str | None = None  # a layout, "checkpoint" (a base model), or None when unreadable
     family: str | None = None
-    dialect: str | None = None  # modules=True only (the reader names it)
+    dialect: str | None = None  # a trainer's variant of the layout, from the keys (as info names it)
     tensors: int = 0
     parameters: int = 0
     dtypes: dict[str, int] = field(default_factory=dict)  # stored dtype -> tensors
@@ -191,7 +192,7 @@ def scan_file(path: str | os.PathLike, family: str | None = None, modules: bool 
         entry.trigger_phrases = trigger_phrases(metadata)
         entry.network_dim, entry.network_alpha = _declared_rank(metadata, src.config)
         try:
-            name = formats.detect(keyed)
+            name, entry.dialect = formats.detect_dialect(keyed)
         except FormatError:
             if looks_like_base(keyed.keys):
                 entry.format = "checkpoint"
@@ -205,7 +206,7 @@ def scan_file(path: str | os.PathLike, family: str | None = None, modules: bool 
                 return entry
             # keys and metadata do not say: the reader's module names and shapes do (as info decides it)
             adapter, entry.header_only = read_header_only(src, name, formats.ReadOptions(), path, view=view)
-            entry.family = adapter.family
+            entry.family, entry.dialect = adapter.family, adapter.dialect
             return entry
         adapter, entry.header_only = read_header_only(src, name, formats.ReadOptions(family=family), path, view=view)
     except LoratoolError as exc:
