@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from loratool.errors import InputError
+from loratool.io.read_errors import os_errors_as_input
 from loratool.io.safetensors_file import Header, SafetensorsFile, torch_dtypes
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ def read_gguf_header(path: str | os.PathLike, names: dict[str, str] | None = Non
     ``names`` renames tensors (stored name -> presented name); unnamed tensors keep their names.
     """
     path = Path(path)
-    try:
+    with os_errors_as_input(path, "a .gguf file"):
         size = path.stat().st_size
         with open(path, "rb") as fh:
             cur = _Cursor(fh, size, path)
@@ -184,14 +185,6 @@ def read_gguf_header(path: str | os.PathLike, names: dict[str, str] | None = Non
                 ne = [cur.unpack("<Q", 8) for _ in range(n_dims)]
                 raw_tensors.append((name, ne, cur.unpack("<I", 4), cur.unpack("<Q", 8)))
             header_end = cur.pos
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, expected a .gguf file") from None
-    except PermissionError:
-        raise InputError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     where = f"{path}: not a valid GGUF file:"
     alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from loratool.errors import InputError
+from loratool.io.read_errors import os_errors_as_input
 
 if TYPE_CHECKING:
     import torch
@@ -259,7 +260,7 @@ def not_safetensors(head: bytes) -> str | None:
 def read_header(path: str | os.PathLike) -> Header:
     """Read and validate the header of ``path``; never reads tensor data."""
     path = Path(path)
-    try:
+    with os_errors_as_input(path, "a .safetensors file"):
         if path.is_dir():
             raise InputError(f"{path}: is a folder, expected a .safetensors file")
         if path.exists() and not path.is_file():
@@ -287,14 +288,6 @@ def read_header(path: str | os.PathLike) -> Header:
             raw = fh.read(n)
             if len(raw) != n:
                 raise InputError(f"{path}: file shrank while its header was read")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, expected a .safetensors file") from None
-    except PermissionError:
-        raise InputError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     return parse_header(raw, size, path)
 
 
