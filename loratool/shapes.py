@@ -106,3 +106,21 @@ def weight_shape(module) -> tuple[int, ...]:
         shape = (up[0], down[1])
         return shape[::-1] if module.fan_in_fan_out else shape
     return product_shape(module)
+
+
+# (up key suffix, down key suffix) of plain LoRA pairs: kohya / LyCORIS, PEFT / diffusers
+LORA_PAIRS = ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight"))
+
+
+def module_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """{key head: (rows, in-features)} of the plain LoRA pairs among stored ``shapes`` (up [out, r],
+    down [r, in, …]): what :func:`loratool.arch.detect` needs to tell look-alike families apart by name."""
+    out: dict[str, tuple[int, int]] = {}
+    for key, up in shapes.items():
+        for up_suffix, down_suffix in LORA_PAIRS:
+            if key.endswith(up_suffix):
+                head = key[: -len(up_suffix)]
+                down = shapes.get(head + down_suffix)
+                if down is not None and len(up) >= 2 and len(down) >= 2:
+                    out[head] = (int(up[0]), int(down[1]))
+    return out

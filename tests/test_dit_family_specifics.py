@@ -96,6 +96,37 @@ def test_flux2_and_flux1_native_loras_are_told_apart_by_shape(tmp_path, family, 
     assert loratool.load(tmp_path / "l.safetensors").family == expect
 
 
+@pytest.mark.parametrize("family, rows", [("flux2", 9), ("flux", 7)])
+def test_flux2_and_flux1_kohya_loras_are_told_apart_by_shape(tmp_path, family, rows):
+    """The same file in kohya names (musubi-tuner / sd-scripts: ``lora_unet_single_blocks_0_linear1``; no
+    metadata, no FLUX.2-only module): the rows of linear1 decide, in a full read, header-only ``info`` and the
+    folder scan, and the modules equal those of the BFL-named twin the test above tells apart."""
+    d = 16
+    gen = torch.Generator().manual_seed(4)
+    shapes = {"single_blocks.0.linear1": (rows * d, d), "double_blocks.0.img_attn.qkv": (3 * d, d)}
+    kohya, native = {}, {}
+    for path, (out, inp) in shapes.items():
+        down, up = torch.randn(2, inp, generator=gen), torch.randn(out, 2, generator=gen)
+        head = "lora_unet_" + path.replace(".", "_")
+        kohya.update({f"{head}.lora_down.weight": down, f"{head}.lora_up.weight": up,
+                      f"{head}.alpha": torch.tensor(2.0)})
+        native.update({f"diffusion_model.{path}.lora_A.weight": down, f"diffusion_model.{path}.lora_B.weight": up})
+    save_file(kohya, tmp_path / "k.safetensors")
+    save_file(native, tmp_path / "n.safetensors")
+    got, want = loratool.load(tmp_path / "k.safetensors"), loratool.load(tmp_path / "n.safetensors")
+    assert got.family == want.family == family
+    from loratool.delta import delta_weight
+    from loratool.ops.inspect import inspect
+    from loratool.ops.scan import scan
+
+    assert {m.path for m in got} == {m.path for m in want}
+    for m in want:  # both scale 1 (kohya alpha 2 = rank; BFL names store no alpha)
+        assert torch.equal(delta_weight(got.modules[m.key], dtype=torch.float64), delta_weight(m, dtype=torch.float64))
+    assert inspect(tmp_path / "k.safetensors").family == family  # header-only
+    assert {e.path.rsplit("/", 1)[1]: e.family for e in scan(tmp_path, workers=1).entries} == {
+        "k.safetensors": family, "n.safetensors": family}
+
+
 def test_ltx_video_renamed_modules_land_where_diffusers_puts_the_weights(tmp_path):
     """A native LTX-Video LoRA on ``patchify_proj`` / ``adaln_single.linear`` (Lightricks names; diffusers' LoRA
     converter does not rename them): merged into the native single file it changes exactly what diffusers'

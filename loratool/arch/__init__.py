@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -59,6 +59,9 @@ class Family:
     widths: tuple[Width, ...] = ()
     # modules a base of this family may lack, explained per group (another variant's): ``check`` / ``merge``
     mismatches: tuple[Mismatch, ...] = ()
+    # {kohya head or module path: (rows, in-features)} -> False when the widths are a look-alike family's
+    # (FLUX.2 and Flux.1 share kohya names, not linear1's rows): vetoes a :attr:`detect` score from names
+    shapes_fit: Callable[[Mapping[str, tuple[int, ...]]], bool] | None = None
 
     @property
     def components(self) -> list[str]:
@@ -107,11 +110,20 @@ def get(name: str) -> Family:
     return fams[name]
 
 
-def detect(keys: list[str], metadata: dict[str, str]) -> Family | None:
-    """The family scoring highest on these kohya keys and metadata (None when all score 0)."""
+# detect() scores at or above this come from the metadata naming the family: shapes do not overrule them
+DECLARED_SCORE = 100
+
+
+def detect(keys: list[str], metadata: dict[str, str],
+           shapes: Mapping[str, tuple[int, ...]] | None = None) -> Family | None:
+    """The family scoring highest on these kohya keys and metadata (None when all score 0); ``shapes``
+    ({key head: (rows, in-features)}: :func:`loratool.shapes.module_shapes`) rule out a family whose widths
+    they contradict (``Family.shapes_fit``)."""
     best, best_score = None, 0
     for fam in families().values():
         score = fam.detect(keys, metadata)
+        if 0 < score < DECLARED_SCORE and shapes and fam.shapes_fit is not None and not fam.shapes_fit(shapes):
+            score = 0
         if score > best_score:
             best, best_score = fam, score
     return best

@@ -222,6 +222,7 @@ class DitFamily:
             evidence=self.evidence,
             merges_into=self.merges_into,
             mismatches=self.mismatches,
+            shapes_fit=self.shapes_fit,
         )
 
     def evidence(self, ev) -> tuple[int, str]:

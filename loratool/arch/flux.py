@@ -219,6 +219,14 @@ MISMATCHES = (
              "the base has no guidance embedder (FLUX.1-schnell): a FLUX.1-dev LoRA's guidance_in keys do not apply"),
 )
 
+def shapes_fit(shapes) -> bool:
+    """Flux.1 against FLUX.2 (same kohya / BFL names): linear1 holds [q; k; v; mlp] = 3·D + 4·D rows
+    (mlp_ratio 4; FLUX.2: 3·D + 2·3·D, loratool.arch.flux2.shapes_fit)."""
+    from loratool.arch.dit import rows_fit
+
+    return rows_fit(shapes, {("linear1",): 7})
+
+
 FAMILY = Family(
     name="flux",
     kohya_prefixes={"lora_unet": "transformer", "lora_te1": "text_encoder", "lora_te3": "text_encoder_2"},
@@ -231,4 +239,5 @@ FAMILY = Family(
     variant=variant,
     widths=FLUX_WIDTHS,
     mismatches=MISMATCHES,
+    shapes_fit=shapes_fit,
 )

@@ -57,7 +57,7 @@ from loratool.formats.kohya_names import HeadResolver, to_head
 from loratool.formats.outputs import check_target
 from loratool.header_only import torch
 from loratool.io.atomic import atomic_path
-from loratool.shapes import product_shape
+from loratool.shapes import module_shapes, product_shape
 
 NAME = "kohya"
 
@@ -133,7 +133,7 @@ def _family_for_read(src, opts):
     if opts.family:
         # refused here when the keys are another family's (read_source checks names and shapes too)
         return arch.check_family(opts.family, None, src.keys)
-    fam = arch.detect(src.keys, src.metadata)
+    fam = arch.detect(src.keys, src.metadata, module_shapes(src.shapes()))
     if fam is None and not opts.vocabulary:
         raise FormatError(
             f"{src.path}: cannot tell which model family this kohya file is for "

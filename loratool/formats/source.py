@@ -64,6 +64,14 @@ class Source:
     def file_size(self) -> int:
         return sum(f.stat().st_size for f in self.files) if self.parts else self.path.stat().st_size
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape (from the header when there is one: no torch dtypes looked up)."""
+        if self.parts:
+            return {k: v for part in self.parts for k, v in part.shapes().items()}
+        if self._safetensors is not None:
+            return {k: v.shape for k, v in self._safetensors.header.tensors.items()}
+        return {k: tuple(v.shape) for k, v in self.tensors.items()}
+
     def tensor_infos(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shapes and dtypes of every tensor, from the header when there is one."""
         if self.parts:

@@ -395,8 +395,9 @@ def adapter_family(src: Source, adapter: Adapter | None, metadata: dict[str, str
         return given or adapter.family
     try:
         from loratool import arch
+        from loratool.shapes import module_shapes
 
-        fam = arch.detect(src.keys, metadata)
+        fam = arch.detect(src.keys, metadata, module_shapes(src.shapes()))
         if fam is not None:
             return fam.name
     except ImportError:  # naming tables not installed: metadata alone decides
