@@ -62,6 +62,9 @@ class Family:
     # {kohya head or module path: (rows, in-features)} -> False when the widths are a look-alike family's
     # (FLUX.2 and Flux.1 share kohya names, not linear1's rows): vetoes a :attr:`detect` score from names
     shapes_fit: Callable[[Mapping[str, tuple[int, ...]]], bool] | None = None
+    # (canonical modules, metadata) -> the modules in the naming the kohya writer uses, where that depends on the
+    # adapter (HunyuanVideo: FramePack LoRAs keep diffusers' names); None: from_canonical
+    kohya_from_canonical: Callable[[list[LoraModule], Mapping[str, str]], list[LoraModule]] | None = None
 
     @property
     def components(self) -> list[str]:

@@ -133,6 +133,10 @@ class DitFamily:
     extra_kohya_prefixes: dict[str, str] = field(default_factory=dict)
     # second diffusers models inside the native diffusion model (Anima's llm_adapter = text_conditioner)
     submodels: tuple[SubModel, ...] = ()
+    # (canonical modules, metadata) -> True for an adapter of a variant whose kohya files keep diffusers' names
+    # (HunyuanVideo's FramePack: musubi-tuner's networks/lora_framepack.py): the kohya writer writes those; the
+    # kohya reader records heads that were diffusers names of the family as ``hints["kohya_names"] = "diffusers"``
+    diffusers_named: Callable[[list[LoraModule], Mapping[str, str]], bool] | None = None
 
     # --- namings -----------------------------------------------------------------------------
     @cached_property
@@ -199,6 +203,10 @@ class DitFamily:
                 n.diffusers_of(path) is not None or n.native_of(path) is not None for n in self.namings)
         return hit
 
+    def diffusers_only(self, path: str) -> bool:
+        """A diffusers module path of this family that no native naming spells the same way."""
+        return _is_diffusers(self, path) and all(n.diffusers_of(path) is None for n in self.namings)
+
     def native_only(self, path: str) -> bool:
         """A native name that is not also a diffusers name of this family."""
         return (any(n.diffusers_of(path) is not None for n in self.namings)
@@ -218,6 +226,7 @@ class DitFamily:
             native_paths=native_paths,
             to_canonical=self.to_canonical,
             from_canonical=self.from_canonical,
+            kohya_from_canonical=self.kohya_from_canonical if self.diffusers_named is not None else None,
             detect=self.detect,
             evidence=self.evidence,
             merges_into=self.merges_into,
@@ -290,6 +299,16 @@ class DitFamily:
                 raise MatchError(f"{m.component}:{m.path}: not a module of {sub.diffusers_class}")
             out.append(replace(fused.renamed(m, sub.native(m.path)), component=COMPONENT))
         return fused.from_canonical(rest, self.primary) + out
+
+    def kohya_from_canonical(self, modules: list[LoraModule], metadata: Mapping[str, str]) -> list[LoraModule]:
+        """:meth:`from_canonical` for the kohya writer: an adapter of a variant that keeps diffusers' names
+        (:attr:`diffusers_named`) stays in them (kohya heads are then the diffusers paths flattened)."""
+        if self.diffusers_named is None or not self.diffusers_named(modules, metadata):
+            return self.from_canonical(modules)
+        for m in modules:
+            if m.component != COMPONENT or not _is_diffusers(self, m.path):
+                raise MatchError(f"{m.component}:{m.path}: not a module of {self.title}")
+        return list(modules)
 
     # --- detection ---------------------------------------------------------------------------
     def metadata_says(self, metadata: Mapping[str, str]) -> bool:

@@ -15,7 +15,13 @@ Fused weights (split exactly, :mod:`loratool.arch.fused`):
 
 FramePack (lllyasviel/FramePack, diffusers' ``HunyuanVideoFramepackTransformer3DModel``) is HunyuanVideo with
 an image projection and clean-latent embedders; it was written in diffusers' names, which musubi-tuner's FramePack
-LoRAs keep (``lora_unet_transformer_blocks_0_attn_to_q``): diffusers names are read as they are.
+LoRAs keep (``lora_unet_transformer_blocks_0_attn_to_q``): diffusers names are read as they are. musubi-tuner's
+``networks/lora_framepack.py`` builds them as ``"lora_unet." + <module path in frame_pack/hunyuan_video_packed.py>``
+with ``.`` turned into ``_`` (``networks/lora.py`` ``create_modules``), over the ``HunyuanVideoTransformerBlock`` /
+``HunyuanVideoSingleTransformerBlock`` modules (``transformer_blocks_0_attn_to_q``, ``attn_add_q_proj``,
+``attn_to_add_out``, ``ff_net_0_proj``, ``single_transformer_blocks_0_proj_mlp``, ...; norms excluded). The kohya
+writer keeps a FramePack adapter in those names (:func:`diffusers_named`), a plain HunyuanVideo one gets the
+Tencent names.
 """
 
 from __future__ import annotations
@@ -151,7 +157,15 @@ def adapter_variant(modules: list[LoraModule], metadata: Mapping[str, str]) -> s
         return "FramePack"
     shapes = dit.canonical_shapes(modules)
     patch = shapes.get("x_embedder.proj")
-    return _describe(patch[1] if patch else None, any(p.startswith(FRAMEPACK[:2]) for p in shapes))
+    return _describe(patch[1] if patch else None, any(p in FRAMEPACK for p in shapes))
+
+
+def diffusers_named(modules: list[LoraModule], metadata: Mapping[str, str]) -> bool:
+    """A FramePack adapter, written by the kohya writer in musubi-tuner's FramePack names (diffusers paths): its
+    metadata or modules say FramePack (image projection, clean-latent embedders), or it was read from a kohya file
+    whose heads were diffusers names of the family (``hints["kohya_names"]``, the kohya reader)."""
+    return (adapter_variant(modules, metadata) == "FramePack"
+            or any(m.hints.get("kohya_names") == "diffusers" for m in modules))
 
 
 def base_variant(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
@@ -181,6 +195,7 @@ SPEC = dit.DitFamily(
     single_file_not=("vision_in.proj.0.weight", "cond_type_embedding.weight"),
     variant=adapter_variant,
     base_variant=base_variant,
+    diffusers_named=diffusers_named,
 )
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from loratool import arch
 from loratool.adapter import Adapter, LoraModule
+from loratool.arch import dit
 from loratool.arch.clip import canonical_clip_path
 from loratool.arch.layer_kinds import conv_kernel
 from loratool.errors import FormatError, UsageError
@@ -241,6 +242,8 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
         return dialect_read.read(src, opts, dialect)
     family = _family_for_read(src, opts)
     resolver = HeadResolver(family, opts.vocabulary)
+    spec = dit.find(family.name) if family is not None else None
+    spec = spec if spec is not None and spec.diffusers_named is not None else None
     tensors = src.tensors
     modules: list[LoraModule] = []
     for head, parts in _group(src).items():
@@ -255,6 +258,8 @@ def read(src, opts, source_format: str = NAME) -> Adapter:
         module.hints.update(kohya_head=head, kohya_prefix=prefix, kohya_native=(component, path))
         if family is not None:
             module.hints["kohya_family"] = family.name
+            if spec is not None and component == dit.COMPONENT and spec.diffusers_only(path):
+                module.hints["kohya_names"] = "diffusers"  # FramePack's musubi-tuner names: written back so
         modules.append(module)
     if family is not None:
         modules = family.to_canonical(modules)
@@ -439,7 +444,9 @@ def write(adapter: Adapter, out: Path, opts) -> list[Path]:
     family = _family_for_write(adapter, opts)
     # from_canonical may fuse several canonical modules into one native module (Flux / SD3 q, k, v),
     # so heads are derived from the native modules themselves, never by pairing the two lists.
-    native = family.from_canonical(list(adapter))
+    # (FramePack in HunyuanVideo keeps diffusers' names: Family.kohya_from_canonical)
+    native = (family.kohya_from_canonical(list(adapter), adapter.metadata) if family.kohya_from_canonical
+              else family.from_canonical(list(adapter)))
     resolver = HeadResolver(family, None)
     tensors: dict[str, torch.Tensor] = {}
     for nat in native:
