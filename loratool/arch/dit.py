@@ -116,8 +116,8 @@ class DitFamily:
     single_file_marks: tuple[str, ...] = ()
     # stored keys whose presence says it is not (another family sharing the marks)
     single_file_not: tuple[str, ...] = ()
-    # (adapter, metadata) -> variant text for ``info``
-    variant: Callable[[list[LoraModule], Mapping[str, str]], str | None] | None = None
+    # ({canonical transformer module path: adapted weight shape}, metadata) -> variant text for ``info``
+    variant: Callable[[Mapping[str, tuple[int, ...]], Mapping[str, str]], str | None] | None = None
     # (shapes by stored key) -> variant text of a base checkpoint
     base_variant: Callable[[Mapping[str, tuple[int, ...]]], str | None] | None = None
     # shapes of canonical modules -> True when they fit this family (tie-breaks look-alike families)
@@ -229,10 +229,17 @@ class DitFamily:
             kohya_from_canonical=self.kohya_from_canonical if self.diffusers_named is not None else None,
             detect=self.detect,
             evidence=self.evidence,
+            variant=self.evidence_variant if self.variant is not None else None,
             merges_into=self.merges_into,
             mismatches=self.mismatches,
             shapes_fit=self.shapes_fit,
         )
+
+    def evidence_variant(self, ev) -> str | None:
+        """:attr:`variant` of an adapter's evidence (:class:`loratool.arch.evidence.Evidence`): the shapes of
+        its transformer modules and its metadata."""
+        shapes = {p: s for (c, p), s in ev.modules.items() if c == COMPONENT and p and s is not None}
+        return self.variant(shapes, ev.metadata)
 
     def evidence(self, ev) -> tuple[int, str]:
         """:meth:`detect` on the :mod:`loratool.arch.evidence` scale, from canonical names and shapes (any
@@ -515,16 +522,8 @@ def rows_fit(shapes: Mapping[str, tuple[int, ...]], rules: Mapping[tuple[str, ..
     return True
 
 
-def variant_of(family: str | None, modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:
-    """The variant text ``info`` shows for an adapter of ``family`` (None when not a DiT family or unknown)."""
-    spec = find(family)
-    if spec is None or spec.variant is None:
-        return None
-    return spec.variant([m for m in modules if m.component == COMPONENT], metadata)
-
-
 def canonical_shapes(modules: Iterable[LoraModule]) -> dict[str, tuple[int, ...]]:
-    """{canonical path: adapted weight shape} of the transformer modules."""
+    """{canonical path: adapted weight shape} of the transformer modules (what :attr:`DitFamily.variant` takes)."""
     out = {}
     for m in modules:
         if m.component != COMPONENT:

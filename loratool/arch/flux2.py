@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from loratool.adapter import LoraModule
 from loratool.arch import dit, fused
 
 DOUBLE_BLOCK = {
@@ -79,8 +78,7 @@ def _variant(width: int | None, metadata: Mapping[str, str] | None = None) -> st
     return WIDTHS.get(width) if width else None
 
 
-def adapter_variant(modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:
-    shapes = dit.canonical_shapes(modules)
+def adapter_variant(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> str | None:
     width = next((s[1] for p, s in shapes.items() if p.endswith(("attn.to_q", "attn.to_qkv_mlp_proj", "to_out.0"))),
                  None)
     return _variant(width, metadata)

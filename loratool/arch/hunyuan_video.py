@@ -152,10 +152,9 @@ def _describe(in_channels: int | None, framepack: bool) -> str | None:
     return TASKS.get(in_channels) if in_channels else None
 
 
-def adapter_variant(modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:
+def adapter_variant(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> str | None:
     if "framepack" in metadata.get("modelspec.architecture", "").lower():
         return "FramePack"
-    shapes = dit.canonical_shapes(modules)
     patch = shapes.get("x_embedder.proj")
     return _describe(patch[1] if patch else None, any(p in FRAMEPACK for p in shapes))
 
@@ -164,7 +163,7 @@ def diffusers_named(modules: list[LoraModule], metadata: Mapping[str, str]) -> b
     """A FramePack adapter, written by the kohya writer in musubi-tuner's FramePack names (diffusers paths): its
     metadata or modules say FramePack (image projection, clean-latent embedders), or it was read from a kohya file
     whose heads were diffusers names of the family (``hints["kohya_names"]``, the kohya reader)."""
-    return (adapter_variant(modules, metadata) == "FramePack"
+    return (adapter_variant(dit.canonical_shapes(modules), metadata) == "FramePack"
             or any(m.hints.get("kohya_names") == "diffusers" for m in modules))
 
 
@@ -273,8 +272,8 @@ COMFY_15 = fused.FusedNaming(
 TASKS_15 = {65: "T2V / I2V", 98: "super-resolution"}
 
 
-def adapter_variant_15(modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:
-    patch = dit.canonical_shapes(modules).get("x_embedder.proj")
+def adapter_variant_15(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> str | None:
+    patch = shapes.get("x_embedder.proj")
     return TASKS_15.get(patch[1]) if patch else None
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from loratool.adapter import LoraModule
 from loratool.arch import dit
 
 _NORMS = ((r"\.norm_q$", ".q_norm"), (r"\.norm_k$", ".k_norm"))
@@ -42,8 +41,7 @@ LTX2_RENAMES = (
 SIZES = {2048: "2B", 4096: "13B"}  # LTX-Video attention width
 
 
-def ltxv_variant(modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:
-    shapes = dit.canonical_shapes(modules)
+def ltxv_variant(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> str | None:
     width = next((s[1] for p, s in shapes.items() if p.endswith("attn1.to_q")), None)
     return SIZES.get(width) if width else None
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from loratool.adapter import LoraModule
 from loratool.arch import dit
 
 # modelspec.architecture names (musubi-tuner utils/sai_model_spec.py), most specific first
@@ -26,7 +25,7 @@ TITLES = {"qwen-image-edit-2511": "Qwen-Image-Edit-2511", "qwen-image-edit-plus"
           "qwen-image-edit": "Qwen-Image-Edit", "qwen-image-layered": "Qwen-Image-Layered", "qwen-image": "Qwen-Image"}
 
 
-def adapter_variant(modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:
+def adapter_variant(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> str | None:
     arch_ = metadata.get("modelspec.architecture", "").lower()
     return next((TITLES[v] for v in VARIANTS if v in arch_), None)
 

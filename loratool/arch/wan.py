@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from loratool.adapter import LoraModule
 from loratool.arch import dit, fused
 
 BLOCK = {
@@ -98,9 +97,8 @@ def _describe(dim: int | None, in_channels: int | None, image_attention: bool, e
     return None
 
 
-def adapter_variant(modules: list[LoraModule], metadata: Mapping[str, str]) -> str | None:
+def adapter_variant(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> str | None:
     """Task / size / expert of a Wan LoRA from its modules' shapes and its metadata."""
-    shapes = dit.canonical_shapes(modules)
     dim = next((s[1] for p, s in shapes.items() if p.endswith(("attn1.to_q", "attn1.to_k", "attn2.to_q"))), None)
     dim = dim or next((s[0] for p, s in shapes.items() if p.endswith("attn1.to_out.0")), None)
     patch = shapes.get("patch_embedding")

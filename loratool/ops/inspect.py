@@ -533,8 +533,6 @@ def inspect(
         for (c, n), t in adapter.extras.items()
     ]
     family_name = adapter_family(view or src, adapter, metadata, family)
-    from loratool.arch import dit
-
     identity = arch.identity_of(adapter)
     block_stats = None
     if stats:
@@ -542,7 +540,7 @@ def inspect(
 
         block_stats = block_summary(modules)
     return InfoReport(
-        variant=identity.variant or dit.variant_of(family_name, list(adapter), metadata),
+        variant=identity.variant,
         widths=identity.widths,
         family_evidence=identity.why or None,
         block_stats=block_stats,
