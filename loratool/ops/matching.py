@@ -232,7 +232,9 @@ def match(
 
     # whole tensors replace their base weights before modules add to them (PEFT: the saved base layer is loaded,
     # then merged); a vocabulary-resized embedding replaces with more rows
-    resized = _resized_weights(adapters, lookup)
+    extra_hits = {(ai, key): lookup(key[0], base_weight_name(key[1]))
+                  for ai, adapter in enumerate(adapters) for key in adapter.extras}
+    resized = _resized_weights(adapters, extra_hits)
 
     errors: list[Rejected] = []
     for ai, adapter in enumerate(adapters):
@@ -287,7 +289,7 @@ def match(
             plan.matched[m.component] = plan.matched.get(m.component, 0) + 1
     for ai, adapter in enumerate(adapters):
         for (comp, name), tensor in adapter.extras.items():
-            hit = lookup(comp, base_weight_name(name))
+            hit = extra_hits[(ai, (comp, name))]
             label = f"{comp}:{name}" + (f" ({names[ai]})" if len(adapters) > 1 else "")
             if hit is None:
                 plan.unmatched.append(label)
@@ -331,17 +333,18 @@ def base_weight_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def _resized_weights(adapters: list[Adapter], lookup) -> dict[tuple[Path, str], tuple[int, ...]]:
+def _resized_weights(adapters: list[Adapter], hits: dict) -> dict[tuple[Path, str], tuple[int, ...]]:
     """(file, stored key) -> the new shape, for whole tensors that replace a vocabulary-sized base weight
-    (:data:`loratool.arch.llm.VOCAB_TENSORS`) with another row count and the same width."""
+    (:data:`loratool.arch.llm.VOCAB_TENSORS`) with another row count and the same width; ``hits``: where each
+    (adapter index, extras key) is stored."""
     import re
 
     from loratool.arch.llm import VOCAB_TENSORS
 
     out: dict[tuple[Path, str], tuple[int, ...]] = {}
-    for adapter in adapters:
-        for (comp, name), tensor in adapter.extras.items():
-            hit = lookup(comp, base_weight_name(name))
+    for ai, adapter in enumerate(adapters):
+        for key, tensor in adapter.extras.items():
+            hit = hits[(ai, key)]
             if hit is None:
                 continue
             part, key, rows = hit
