@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,6 +38,7 @@ from typing import TypeVar
 
 import torch
 
+from loratool.cpus import usable_cpus
 from loratool.errors import UsageError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -80,14 +80,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise UsageError(f"--device {name}: choose one of {', '.join(DEVICE_CHOICES)}")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def check_threads(threads: int | None) -> int | None:

@@ -240,8 +240,9 @@ def scan_workers(files: int, workers: int | None = None) -> int:
         return max(1, min(int(workers), files))
     if files < PARALLEL_FROM:
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, MAX_WORKERS))
+    from loratool.cpus import usable_cpus
+
+    return min(usable_cpus(), MAX_WORKERS)
 
 
 def _scan_chunk(paths: list[str], family: str | None, modules: bool) -> list[ScanEntry]:
