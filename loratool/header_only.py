@@ -76,10 +76,6 @@ class forbid_torch:
         _state.forbidden -= 1
 
 
-def torch_imported() -> bool:
-    return "torch" in sys.modules
-
-
 def is_tensor(x: object) -> bool:
     """A tensor or a :class:`ShapeTensor`, without importing torch to find out."""
     if isinstance(x, ShapeTensor):
